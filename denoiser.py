@@ -1,0 +1,149 @@
+"""x-prediction flow-matching diffusion around a JiT network: training loss, EMA, and sampler.
+
+Conventions (Li & He, arXiv 2511.13720): time t in [0, 1] with t = 1 the clean image,
+z_t = t·x + (1 - t)·e with e ~ N(0, noise_scale²), images x in [-1, 1]. The network predicts x̂;
+velocities are v = (x - z)/(1 - t) and the loss is taken on them.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def velocity(x_pred, z, t, t_eps: float):
+    """v̂ = (x̂ - z) / max(1 - t, t_eps). x_pred, z: (B, C, H, W); t broadcastable to them."""
+    return (x_pred - z) / (1.0 - t).clamp_min(t_eps)
+
+
+class Denoiser(nn.Module):
+    """Owns the network `net(z, t, y) -> x̂` and the diffusion objective.
+
+    forward(x, labels, t=None, noise=None) returns the scalar training loss; `t` (B,) and `noise`
+    (like x, already scaled by noise_scale) may be given to make it deterministic. Labels are
+    replaced by the null class `num_classes` with probability `label_drop_prob` in training mode.
+    """
+
+    def __init__(self, net, num_classes: int, P_mean=-0.8, P_std=0.8, noise_scale=1.0, t_eps=0.05, label_drop_prob=0.1):
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.noise_scale = noise_scale
+        self.t_eps = t_eps
+        self.label_drop_prob = label_drop_prob
+
+    def sample_t(self, n: int, device):
+        """Logit-normal training times: t = sigmoid(n), n ~ N(P_mean, P_std²). Returns (n,)."""
+        return torch.sigmoid(torch.randn(n, device=device) * self.P_std + self.P_mean)
+
+    def drop_labels(self, labels):
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, x, labels, t=None, noise=None):
+        if self.training and self.label_drop_prob > 0:
+            labels = self.drop_labels(labels)
+        if t is None:
+            t = self.sample_t(x.shape[0], x.device)
+        if noise is None:
+            noise = torch.randn_like(x) * self.noise_scale
+        t = t.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        z = t * x + (1 - t) * noise
+        v = (x - z) / (1 - t).clamp_min(self.t_eps)
+        x_pred = self.net(z, t.flatten(), labels)
+        v_pred = velocity(x_pred, z, t, self.t_eps)
+        return ((v - v_pred) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()
+
+    @torch.no_grad()
+    def generate(self, labels, *, noise=None, net=None, **sampler_kwargs):
+        """Sample images (B, C, H, W) in about [-1, 1] for `labels` (B,) with this denoiser's net.
+
+        noise: the initial z₀ (B, C, H, W), already scaled; default noise_scale·N(0, I) at the
+        net's resolution. net: a stand-in for self.net with the same weights (a compiled one).
+        sampler_kwargs go to `sample` (steps, method, cfg, interval_min, interval_max).
+        """
+        if noise is None:
+            size = self.net.input_size
+            shape = (labels.shape[0], self.net.in_channels, size, size)
+            noise = torch.randn(shape, device=labels.device) * self.noise_scale
+        return sample(net or self.net, noise, labels, null_label=self.num_classes, t_eps=self.t_eps, **sampler_kwargs)
+
+
+def time_grid(steps: int):
+    """The sampler's times linspace(0, 1, steps + 1) as a float32 CPU tensor."""
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
+
+
+def cfg_scale_at(t: torch.Tensor, cfg: float, interval_min: float, interval_max: float) -> float:
+    """Guidance scale at time t (a float32 scalar tensor): `cfg` when t < interval_max and
+    (interval_min == 0 or t > interval_min), else 1. Compared in float32, as the reference does."""
+    inside = bool(t < interval_max) and (interval_min == 0 or bool(t > interval_min))
+    return cfg if inside else 1.0
+
+
+def guided_velocity(net, z, t, labels, *, null_label: int, cfg: float, t_eps: float):
+    """v = v_u + cfg·(v_c - v_u) at one time t (0-dim tensor). Conditional and unconditional passes
+    share one batch; with cfg == 1 the unconditional pass is skipped (v = v_c)."""
+    B = z.shape[0]
+    if cfg == 1.0:
+        return velocity(net(z, t.expand(B), labels), z, t, t_eps)
+    x_pred = net(torch.cat([z, z]), t.expand(2 * B), torch.cat([labels, torch.full_like(labels, null_label)]))
+    v_cond, v_uncond = velocity(x_pred, torch.cat([z, z]), t, t_eps).chunk(2)
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def sample(net, z, labels, *, null_label: int, t_eps: float = 0.05, steps: int = 50, method: str = "heun",
+           cfg: float = 1.0, interval_min: float = 0.0, interval_max: float = 1.0):
+    """Integrate dz/dt = v(z, t) from t = 0 (noise z) to t = 1 (image).
+
+    Heun (2nd order) or Euler on linspace(0, 1, steps + 1) for the first steps - 1 intervals, and a
+    final Euler step (the velocity at t = 1 is undefined). net(z, t, y) -> x̂ is any callable.
+    z: (B, C, H, W) initial noise; labels: (B,). Returns (B, C, H, W).
+    """
+    if method not in ("heun", "euler"):
+        raise ValueError(f"sampling method must be 'heun' or 'euler', got {method!r}")
+    grid = time_grid(steps)
+    ts = grid.to(z.device)
+
+    def v_at(z_, i):
+        scale = cfg_scale_at(grid[i], cfg, interval_min, interval_max)
+        return guided_velocity(net, z_, ts[i], labels, null_label=null_label, cfg=scale, t_eps=t_eps)
+
+    for i in range(steps):
+        dt = ts[i + 1] - ts[i]
+        v = v_at(z, i)
+        if method == "heun" and i < steps - 1:
+            v_next = v_at(z + dt * v, i + 1)
+            v = 0.5 * (v + v_next)
+        z = z + dt * v
+    return z
+
+
+class EMA:
+    """Exponential moving average of all parameters of a module: p_ema ← d·p_ema + (1 - d)·p.
+
+    Holds a frozen copy of the module (`self.module`), used directly for sampling. The state dict
+    is the copy's full state dict, as the reference stores `model_ema1` / `model_ema2`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema = list(self.module.parameters())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, weight=None):
+        """One EMA step towards `model`'s parameters. `weight` (default 1 - decay) may be a 0-dim
+        tensor, so that a skipped step (weight 0) costs no host synchronisation."""
+        params = [p.detach() for p in model.parameters()]
+        if weight is None:
+            torch._foreach_lerp_(self._ema, params, 1.0 - self.decay)
+        else:
+            torch._foreach_lerp_(self._ema, params, [weight] * len(params))
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.module.load_state_dict(state_dict)

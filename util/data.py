@@ -1,0 +1,106 @@
+"""ImageNet-style training data: ADM center crop, a resumable sampler, and tolerant image loading.
+
+All randomness of the data pipeline (order and horizontal flips) is drawn by the sampler from
+(seed, epoch), so a run resumed at any step sees exactly the batches it would have seen.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.datasets import ImageFolder
+
+from util.distributed import print_all
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM center crop: BOX-halve while the short side >= 2·size, BICUBIC-resize the short side to
+    size, center crop. Returns (size, size, 3) uint8."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+class CenterCropFolder(Dataset):
+    """ImageFolder tree -> (uint8 (3, size, size) image, label, number of unreadable files met).
+
+    Indexed by (index, flip) pairs from `ResumableSampler`. An image that cannot be read is logged
+    with its path and the reason, and replaced by the next readable one in index order.
+    """
+
+    def __init__(self, root: str, image_size: int):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"training data folder {root} does not exist (expected an ImageFolder tree: {root}/<class>/<image>)")
+        folder = ImageFolder(root)  # raises if it holds no images
+        self.samples = folder.samples
+        self.classes = folder.classes
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, index: int) -> np.ndarray:
+        path = self.samples[index][0]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img = img.convert("RGB")
+        return center_crop_arr(img, self.image_size)
+
+    def __getitem__(self, key):
+        index, flip = key
+        bad = 0
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                arr = self._load(i)
+                break
+            except Exception as e:  # PIL raises several types for bad files
+                bad += 1
+                print_all(f"warning: unreadable image {self.samples[i][0]} ({type(e).__name__}: {e}); using another sample")
+        else:
+            raise RuntimeError("no readable image in the dataset")
+        if flip:
+            arr = arr[:, ::-1]
+        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W) uint8
+        return img, self.samples[i][1], bad
+
+
+class ResumableSampler(Sampler):
+    """DistributedSampler-like shuffling that also draws the flips and can start mid-epoch.
+
+    Per epoch: a permutation of the dataset (padded to a multiple of world_size) and one flip bit
+    per position, both from a generator seeded with seed + epoch; rank r takes positions
+    r, r + world_size, ... . `set_position(epoch, start)` skips the first `start` samples of this
+    rank's share. Yields (index, flip) pairs.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, flip: bool = True):
+        self.n, self.rank, self.world_size, self.seed, self.flip = n, rank, world_size, seed, flip
+        self.num_samples = math.ceil(n / world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def set_epoch(self, epoch: int):
+        self.set_position(epoch, 0)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        total = self.num_samples * self.world_size
+        order = order.repeat(math.ceil(total / self.n))[:total]  # pad like DistributedSampler
+        flips = torch.rand(total, generator=g) < 0.5 if self.flip else torch.zeros(total, dtype=torch.bool)
+        pos = torch.arange(self.rank, total, self.world_size)[self.start :]
+        return iter(zip(order[pos].tolist(), flips[pos].tolist()))
+
+    def __len__(self):
+        return self.num_samples - self.start

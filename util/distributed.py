@@ -1,0 +1,146 @@
+"""The one owner of device, precision and distributed state.
+
+Every helper works without torch.distributed: get_rank() is 0, barrier() is a no-op and the
+reductions return their input. Launchers: torchrun (RANK / WORLD_SIZE / LOCAL_RANK), SLURM
+(SLURM_PROCID, as the reference reads it) and OpenMPI (--dist_on_itp).
+"""
+import builtins
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+_control_group = None  # a gloo group for small host-side collectives (no GPU synchronisation)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (flushed, so logs interleave correctly under torchrun)."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        builtins.print(*args, **kwargs)
+
+
+def print_all(*args, **kwargs):
+    """print on every rank, prefixed with the rank when distributed."""
+    prefix = (f"[rank {get_rank()}]",) if is_dist() else ()
+    kwargs.setdefault("flush", True)
+    builtins.print(*prefix, *args, **kwargs)
+
+
+def barrier():
+    if is_dist():
+        dist.barrier(group=_control_group)
+
+
+def _launcher_env(dist_on_itp: bool):
+    """(rank, world_size, local_rank) from the launcher's environment, or None for one process."""
+    env = os.environ
+    if dist_on_itp:
+        rank, world, local = (int(env[k]) for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return rank, world, local
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank = int(env["SLURM_PROCID"])
+        local = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
+        return rank, int(env["SLURM_NTASKS"]), local
+    return None
+
+
+def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://") -> torch.device:
+    """Pick the device once and join the process group if a launcher started us.
+
+    device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available). Under a launcher each process
+    takes GPU `local_rank`; the backend is NCCL on CUDA and gloo on CPU. Returns the device.
+    """
+    global _control_group
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    launch = _launcher_env(dist_on_itp)
+    if launch is None:
+        return device
+    rank, world_size, local_rank = launch
+    if dist_url == "env://":
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise SystemExit(f"error: distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=dist_url,
+        world_size=world_size,
+        rank=rank,
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    _control_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    barrier()
+    return device
+
+
+def shutdown():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device):
+    """The training/sampling precision context: bf16 autocast on CUDA, plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def host_all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few host numbers over all ranks through the gloo control group (no GPU sync)."""
+    if not is_dist():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_control_group)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (through the control group)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj, group=_control_group)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a device tensor over ranks (a new tensor)."""
+    if not is_dist():
+        return t.clone()
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / get_world_size()
+
+
+def fail(msg: str):
+    """Stop with a clear one-line message (exit code 1), from any rank."""
+    print_all(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(1)
