@@ -1,0 +1,215 @@
+"""The diffusion wrapper: loss, label dropout, sampler (Heun/Euler, CFG interval), EMA."""
+import numpy as np
+import pytest
+import torch
+
+from denoiser import EMA, Denoiser, cfg_scale_at, sample, time_grid
+from model_jit import JiT, JiT_models
+
+
+def golden_denoiser(golden):
+    net = JiT(**golden["config"])
+    net.load_state_dict(golden["state_dict"])
+    return Denoiser(net, num_classes=golden["config"]["num_classes"], noise_scale=1.0, t_eps=0.05).eval()
+
+
+def test_loss_matches_reference_release(golden):
+    d = golden_denoiser(golden)
+    with torch.no_grad():
+        loss = d(golden["x"], golden["loss_labels"], t=golden["t"], noise=golden["loss_noise"])
+    torch.testing.assert_close(loss, golden["loss"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["heun", "euler"])
+def test_samples_match_reference_release(golden, method):
+    d = golden_denoiser(golden)
+    out = d.generate(golden["sample_labels"], noise=golden["sample_z0"], steps=4, method=method,
+                     cfg=2.0, interval_min=0.1, interval_max=1.0)
+    torch.testing.assert_close(out, golden[f"sample_{method}"], rtol=0, atol=1e-4)
+
+
+def naive_sample(net, z, labels, null, steps, method, cfg, lo, hi, t_eps):
+    """SPEC's sampler written out literally: separate cond/uncond passes at every evaluation."""
+    ts = torch.linspace(0, 1, steps + 1)
+
+    def v(z, t):
+        tb = t.expand(z.shape[0])
+        vc = (net(z, tb, labels) - z) / (1 - t).clamp_min(t_eps)
+        vu = (net(z, tb, torch.full_like(labels, null)) - z) / (1 - t).clamp_min(t_eps)
+        s = cfg if (t < hi) and (lo == 0 or t > lo) else 1.0
+        return vu + s * (vc - vu)
+
+    for i in range(steps - 1):
+        t, tn = ts[i], ts[i + 1]
+        vt = v(z, t)
+        if method == "heun":
+            z = z + (tn - t) * (0.5 * (vt + v(z + (tn - t) * vt, tn)))
+        else:
+            z = z + (tn - t) * vt
+    return z + (ts[-1] - ts[-2]) * v(z, ts[-2])
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.3, 0.7), (0.1, 1.0)])
+def test_batched_and_skipping_sampler_equals_naive_sampler(golden, interval):
+    d = golden_denoiser(golden)
+    z0, labels = golden["sample_z0"], golden["sample_labels"]
+    with torch.no_grad():
+        fast = sample(d.net, z0, labels, null_label=3, steps=6, method="heun", cfg=3.0,
+                      interval_min=interval[0], interval_max=interval[1])
+        slow = naive_sample(d.net, z0, labels, 3, 6, "heun", 3.0, *interval, 0.05)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
+
+
+class RecordingNet:
+    """Returns x̂ = 0 and records (t, batch size) of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, z, t, y):
+        self.calls.append((round(float(t[0]), 6), z.shape[0]))
+        return torch.zeros_like(z)
+
+
+def test_cfg_interval_edges():
+    grid = time_grid(10)  # 0, 0.1, ..., 1 in float32
+    assert grid[2] == torch.tensor(0.2) and grid[8] == torch.tensor(0.8)
+    assert cfg_scale_at(grid[2], 3.0, 0.2, 0.8) == 1.0  # t == interval_min: outside
+    assert cfg_scale_at(grid[3], 3.0, 0.2, 0.8) == 3.0
+    assert cfg_scale_at(grid[8], 3.0, 0.2, 0.8) == 1.0  # t == interval_max: outside
+    assert cfg_scale_at(grid[0], 3.0, 0.0, 0.8) == 3.0  # interval_min == 0 includes t = 0
+    assert cfg_scale_at(grid[0], 3.0, 0.1, 0.8) == 1.0
+
+
+def test_unconditional_pass_only_inside_the_interval():
+    net = RecordingNet()
+    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), null_label=5, steps=10, method="euler",
+           cfg=2.0, interval_min=0.2, interval_max=0.8)
+    assert net.calls == [(round(i / 10, 6), 4 if 2 < i < 8 else 2) for i in range(10)]
+    net = RecordingNet()
+    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), null_label=5, steps=4, method="heun", cfg=1.0)
+    assert all(b == 2 for _, b in net.calls)  # cfg 1: never an unconditional pass
+    assert [t for t, _ in net.calls] == [0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]  # Heun, last step Euler
+
+
+def test_guidance_formula():
+    """v = v_u + cfg·(v_c - v_u) with x̂_c = 1 and x̂_u = -1 at t = 0 (v = x̂ - z)."""
+    null = 4
+    net = lambda z, t, y: torch.where((y == null).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(z)  # noqa: E731
+    z = torch.zeros(1, 1, 1, 1)
+    out = sample(net, z, torch.tensor([0]), null_label=null, steps=1, method="euler", cfg=3.0)
+    assert out.item() == pytest.approx(-1 + 3.0 * 2)  # one Euler step of size 1 from t = 0
+
+
+class GaussianDenoiser:
+    """Ideal x̂(z, t) = E[x | z_t] for data x ~ N(m, s²) and z_t = t·x + (1 - t)·e, e ~ N(0, σ²)."""
+
+    def __init__(self, m, s, sigma):
+        self.m, self.s, self.sigma = m, s, sigma
+
+    def __call__(self, z, t, y):
+        t = t.view(-1, 1, 1, 1).double()
+        gain = t * self.s**2 / (t**2 * self.s**2 + (1 - t) ** 2 * self.sigma**2)
+        return (self.m + gain * (z.double() - t * self.m)).to(z.dtype)
+
+
+def test_sampler_transports_noise_to_the_gaussian_data():
+    """For Gaussian data the exact flow maps z₀ to m + (s/σ)·z₀. 50-step Heun must land there
+    (t_eps tiny here: the reference's clamp at 0.05 is a deliberate bias near t = 1)."""
+    m, s, sigma = 0.3, 0.5, 1.0
+    net = GaussianDenoiser(m, s, sigma)
+    z0 = torch.randn(2048, 3, 8, 8, dtype=torch.float64) * sigma
+    y = torch.zeros(2048, dtype=torch.long)
+    kw = dict(null_label=1, t_eps=1e-6, steps=50)
+    heun = sample(net, z0, y, method="heun", **kw)
+    euler = sample(net, z0, y, method="euler", **kw)
+    exact = m + s / sigma * z0
+    assert abs(heun.mean().item() - m) < 5e-3 and abs(heun.std().item() - s) < 5e-3
+    err_heun, err_euler = (heun - exact).abs().max().item(), (euler - exact).abs().max().item()
+    assert err_heun < 3e-3
+    assert err_heun * 5 < err_euler  # second order beats first order at equal steps
+
+
+def test_loss_matches_hand_computation():
+    net = lambda z, t, y: 0.5 * z + 0.1 * y.view(-1, 1, 1, 1)  # noqa: E731
+    d = Denoiser(net, num_classes=10, t_eps=0.05, label_drop_prob=0.5).eval()  # eval: labels kept
+    x = torch.rand(3, 3, 4, 4) * 2 - 1
+    t = torch.tensor([0.2, 0.6, 0.99])  # the last one hits the t_eps clamp
+    e = torch.randn(3, 3, 4, 4)
+    y = torch.tensor([1, 2, 3])
+    loss = d(x, y, t=t, noise=e)
+    xn, tn, en, yn = x.double().numpy(), t.double().numpy()[:, None, None, None], e.double().numpy(), y.numpy()
+    z = tn * xn + (1 - tn) * en
+    denom = np.maximum(1 - tn, 0.05)
+    v = (xn - z) / denom
+    v_hat = (0.5 * z + 0.1 * yn[:, None, None, None] - z) / denom
+    expected = ((v - v_hat) ** 2).reshape(3, -1).mean(axis=1).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+class CaptureNet:
+    def __call__(self, z, t, y):
+        self.z, self.t, self.y = z, t, y
+        return z
+
+
+def test_label_dropout_only_in_training():
+    net = CaptureNet()
+    d = Denoiser(net, num_classes=7, label_drop_prob=1.0)
+    x, y = torch.zeros(64, 3, 2, 2), torch.arange(64) % 7
+    d.train()(x, y)
+    assert (net.y == 7).all()
+    d.eval()(x, y)
+    assert torch.equal(net.y, y)
+    d = Denoiser(net, num_classes=7, label_drop_prob=0.1).train()
+    d(torch.zeros(20000, 1, 1, 1), torch.zeros(20000, dtype=torch.long))
+    assert abs((net.y == 7).float().mean().item() - 0.1) < 0.01
+
+
+def test_training_time_and_noise_distribution():
+    net = CaptureNet()
+    d = Denoiser(net, num_classes=2, P_mean=-0.8, P_std=0.8, noise_scale=2.0).eval()
+    x = torch.zeros(40000, 1, 1, 1)
+    d(x, torch.zeros(40000, dtype=torch.long))
+    t = net.t
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() + 0.8) < 0.02 and abs(logit.std().item() - 0.8) < 0.02
+    noise = net.z.flatten() / (1 - t)  # x = 0, so z = (1 - t)·e
+    assert abs(noise.std().item() - 2.0) < 0.03
+
+
+def test_ema_update_arithmetic_and_independence():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    expected = 0.9 * start["weight"] + 0.1 * model.weight.detach()
+    torch.testing.assert_close(ema.state_dict()["weight"], expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(ema.state_dict()["bias"], start["bias"], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert ema.module.weight.data_ptr() != model.weight.data_ptr()
+
+
+def test_ema_state_dict_is_a_full_denoiser_state_dict():
+    d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
+    ema = EMA(d, 0.999)
+    assert list(ema.state_dict()) == list(d.state_dict())
+    assert all(k.startswith("net.") for k in ema.state_dict())
+
+
+def test_a_few_optimiser_steps_reduce_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3).eval()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    y = torch.randint(0, 3, (8,))
+    t, e = torch.rand(8) * 0.9, torch.randn(8, 3, 16, 16)
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    first = d(x, y, t=t, noise=e)
+    assert torch.isfinite(first)
+    for _ in range(10):
+        opt.zero_grad()
+        d(x, y, t=t, noise=e).backward()
+        opt.step()
+    assert d(x, y, t=t, noise=e).item() < 0.8 * first.item()
