@@ -46,6 +46,12 @@ def save_atomic(obj, path: str):
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str):
+    """Delete temporary files left by a save that was killed (they are never read)."""
+    for tmp in glob.glob(os.path.join(folder, ".checkpoint-*.pth.tmp-*")):
+        os.remove(tmp)
+
+
 def load(path: str) -> dict:
     """Load a checkpoint with weights_only=True; `args` comes back as a dict. Raises
     CheckpointError naming the file if it is missing, truncated or not a checkpoint."""

@@ -1,0 +1,155 @@
+"""The training loop (one epoch, resumable at any step) and the evaluation entry point."""
+import contextlib
+import math
+import time
+
+import torch
+
+from util import distributed as D
+from util.evaluation import evaluate  # noqa: F401  (engine_jit.evaluate, as in the reference)
+from util.lr_sched import lr_at, set_lr
+
+
+class StopRun(Exception):
+    """Raised to end training cleanly; `code` is the process exit status."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
+def nonfinite_flag(params) -> torch.Tensor:
+    """0-dim float tensor on the params' device: 1.0 if any gradient holds inf/NaN, else 0.0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.stack(torch._foreach_norm(grads)).sum()
+    return (~torch.isfinite(total)).float()
+
+
+def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum_iter: int = 1):
+    """One optimiser step over `accum_iter` micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
+
+    The step is applied on the device only if every gradient is finite (AdamW's `found_inf`), so a
+    non-finite loss never reaches the weights, the optimizer state, or the EMAs, and no host
+    synchronisation is needed. Returns (mean loss, skipped flag) as 0-dim device tensors.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for j, (x, labels) in enumerate(micro_batches):
+        x = x.to(device, non_blocking=True).float().div_(255).mul_(2).sub_(1)  # uint8 -> [-1, 1]
+        labels = labels.to(device, non_blocking=True)
+        sync = j == accum_iter - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()), D.autocast(device):
+            loss = model(x, labels)
+        (loss / accum_iter).backward()
+        loss_sum += loss.detach()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    skipped = nonfinite_flag(params)
+    optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for ema in emas:  # towards unchanged weights on a skipped step, so they stay finite
+        ema.update(denoiser)
+    return loss_sum / accum_iter, skipped
+
+
+class StepMonitor:
+    """Device-side counters read back only every `print_freq` steps (no per-step host sync)."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.streak = torch.zeros((), device=device)
+        self.max_streak = torch.zeros((), device=device)
+        self.steps = 0
+
+    def add(self, loss, skipped):
+        self.loss_sum += torch.where(skipped > 0, 0.0, loss)
+        self.skipped += skipped
+        self.streak.mul_(skipped).add_(skipped)
+        torch.maximum(self.max_streak, self.streak, out=self.max_streak)
+        self.steps += 1
+
+    def read(self):
+        """(mean finite loss, skipped steps, longest run of skipped steps), and reset the window."""
+        loss_sum, skipped, max_streak = D.all_reduce_mean(torch.stack([self.loss_sum, self.skipped, self.max_streak])).tolist()
+        good = self.steps - skipped
+        out = (loss_sum / good if good else float("nan"), round(skipped), round(max_streak))
+        self.loss_sum.zero_(), self.skipped.zero_(), self.max_streak.copy_(self.streak)
+        self.steps = 0
+        return out
+
+
+def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, start_step: int, steps_per_epoch: int,
+                    device, args, log_writer=None, metrics=None, stopper=None, save_fn=None):
+    """Train from step `start_step` to the end of `epoch`.
+
+    loader yields (images, labels, bad-file counts) micro-batches from the sampler's position;
+    `save_fn(epoch, next_step)` writes a resumable checkpoint; `stopper.requested` is set by
+    SIGTERM/SIGUSR1. Raises StopRun after saving when a stop is requested, and without saving
+    when too many non-finite steps come in a row or too many images are unreadable.
+    Returns a dict of epoch statistics ('saved_at_end': a step checkpoint was written after the
+    last step).
+    """
+    model.train()
+    monitor = StepMonitor(device)
+    it = iter(loader)
+    bad_files = 0
+    bad_limit = args.max_bad_frac * steps_per_epoch * args.accum_iter * args.batch_size * D.get_world_size()
+    images_per_step = args.batch_size * args.accum_iter * D.get_world_size()
+    t_window, t_epoch, window_steps = time.time(), time.time(), 0
+    lr, saved_at_end = 0.0, False
+    for step in range(start_step, steps_per_epoch):
+        lr = lr_at(epoch + step / steps_per_epoch, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                   schedule=args.lr_schedule, epochs=args.epochs, min_lr=args.min_lr)
+        set_lr(optimizer, lr)
+        micro, step_bad = [], 0
+        for _ in range(args.accum_iter):
+            x, labels, bad = next(it)
+            micro.append((x, labels))
+            step_bad += int(bad.sum())
+        loss, skipped = train_step(model, denoiser, optimizer, emas, micro, device=device, accum_iter=args.accum_iter)
+        monitor.add(loss, skipped)
+        window_steps += 1
+
+        # One small host-side collective per step: stop requests and unreadable files of all ranks.
+        stop_votes, step_bad = D.host_all_reduce_sum([float(stopper.requested if stopper else 0), step_bad])
+        bad_files += round(step_bad)
+        last = step + 1 == steps_per_epoch
+        if bad_files > bad_limit:
+            raise StopRun(f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
+                          f"{args.max_bad_frac} of the epoch); fix the dataset", code=1)
+        if (step + 1) % args.print_freq == 0 or last or stop_votes:
+            loss_avg, n_skipped, max_streak = monitor.read()
+            elapsed = time.time() - t_window
+            img_s = window_steps * images_per_step / max(elapsed, 1e-9)
+            eta = (steps_per_epoch - step - 1) * elapsed / window_steps
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            D.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
+                     f"{img_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                     + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
+            global_step = epoch * steps_per_epoch + step + 1
+            if metrics is not None:
+                metrics.write({"kind": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
+                               "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped})
+            if log_writer is not None:
+                x1000 = int((epoch + (step + 1) / steps_per_epoch) * 1000)
+                if not math.isnan(loss_avg):
+                    log_writer.add_scalar("train_loss", loss_avg, x1000)
+                log_writer.add_scalar("lr", lr, x1000)
+                log_writer.add_scalar("img_per_s", img_s, x1000)
+                if mem:
+                    log_writer.add_scalar("peak_mem_gib", mem, x1000)
+            if max_streak >= args.max_nonfinite_steps:
+                raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
+                              f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)
+            t_window, window_steps = time.time(), 0
+        if stop_votes:
+            if save_fn:
+                save_fn(epoch, step + 1)
+            raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}: checkpoint saved; "
+                          "rerun the same command to continue")
+        if args.save_every_steps and (epoch * steps_per_epoch + step + 1) % args.save_every_steps == 0 and save_fn:
+            save_fn(epoch, step + 1)
+            saved_at_end = last
+    if bad_files:
+        D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
+    return {"lr": lr, "bad_files": bad_files, "time": time.time() - t_epoch, "saved_at_end": saved_at_end}

@@ -1,0 +1,226 @@
+"""Preemption and faults: atomic saves, exact resume after SIGTERM / SIGKILL, corrupt checkpoints and
+images, non-finite losses."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import main_jit
+from denoiser import EMA, Denoiser
+from engine_jit import train_step
+from model_jit import JiT_models
+from util import checkpoint as ckpt_util
+from helpers import MAIN, ROOT, TINY, env, make_image_folder, run_main, torchrun
+
+# 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
+# that a signal sent after the first progress line lands well before the end of the run.
+SLOW = [*TINY, "--model", "JiT-T/4", "--img_size", "32", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), per_class=16)
+
+
+def final_state(out):
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ckpt["resume"] == {"epoch": 3, "step": 0}
+    return ckpt
+
+
+def assert_bit_identical(a, b):
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    for i, s in a["optimizer"]["state"].items():
+        for k, t in s.items():
+            assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)
+
+
+def start_main(*args):
+    return subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc, marker):
+    """Read the child's output line by line until a line contains `marker`; returns all lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"'{marker}' never printed:\n{''.join(lines)}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_main(*SLOW, "--data_path", data, "--output_dir", out)
+    return final_state(out)
+
+
+def test_sigterm_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out]
+    proc = start_main(*args)
+    read_until(proc, "Epoch [0] [1/12]")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "stop requested" in rest and "rerun the same command" in rest
+    stopped = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
+    assert stopped != {"epoch": 3, "step": 0}  # really stopped early
+    p = run_main(*args)
+    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
+    assert_bit_identical(final_state(out), uninterrupted)
+
+
+def test_sigkill_with_step_checkpoints_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out, "--save_every_steps", "5"]
+    proc = start_main(*args)
+    read_until(proc, "step 10)")  # the second step checkpoint
+    proc.kill()
+    proc.wait()
+    p = run_main(*args)
+    assert "resumed from" in p.stdout
+    assert_bit_identical(final_state(out), uninterrupted)
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    ckpt_util.save_atomic({"model": {"w": torch.ones(4)}}, str(path))
+    child = textwrap.dedent(f"""
+        import io, sys, time, torch
+        sys.path.insert(0, {ROOT!r})
+        from util import checkpoint
+        real_save = torch.save
+        def slow_save(obj, f):  # write half of the file, then hang until killed
+            buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
+            f.write(data[: len(data) // 2]); f.flush(); print("half written", flush=True); time.sleep(60)
+        torch.save = slow_save
+        checkpoint.save_atomic({{"model": {{"w": torch.zeros(100000)}}}}, {str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "half written"
+    proc.kill()
+    proc.wait()
+    assert torch.equal(ckpt_util.load(str(path))["model"]["w"], torch.ones(4))
+    leftovers = [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    assert leftovers  # the killed save's temporary file ...
+    ckpt_util.remove_stale_temporaries(str(tmp_path))  # ... is cleaned up at the next start
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_failed_write_is_reported_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.pth")
+    ckpt_util.save_atomic({"model": {"w": torch.ones(2)}}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt_util.save_atomic({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(ckpt_util.load(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_training_goes_on_when_a_checkpoint_cannot_be_written(data, tmp_path, monkeypatch, capsys):
+    def fail(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_util, "save_atomic", fail)
+    args = main_jit.parse_args([*TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data,
+                                "--output_dir", str(tmp_path)])
+    assert main_jit.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("could not write") == 2 and "Epoch [1] [12/12]" in out and "training done" in out
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_a_folder_falls_back(data, tmp_path):
+    out = tmp_path / "out"
+    run_main(*TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data, "--output_dir", out)
+    last = out / "checkpoint-last.pth"
+    older = out / "checkpoint-1.pth"
+    os.rename(last, older)
+    os.utime(older, (1, 1))  # make it the older one
+    run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out)
+    blob = last.read_bytes()
+    last.write_bytes(blob[: len(blob) // 2])
+    p = run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False)
+    assert p.returncode != 0 and f"cannot read checkpoint {last}" in p.stdout and "Traceback" not in p.stdout
+    p = run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run")
+    assert f"cannot read checkpoint {last}" in p.stdout
+    assert f"resuming from the older checkpoint {older}" in p.stdout and "epoch 2, step 0" in p.stdout
+
+
+def test_unreadable_images_are_replaced_and_reported(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"))
+    (tmp_path / "data" / "train" / "c0" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "train" / "c1" / "notes.png").write_text("not an image")
+    out = tmp_path / "out"
+    p = run_main(*TINY, "--epochs", "1", "--batch_size", "2", "--max_bad_frac", "0.2", "--data_path", data,
+                 "--output_dir", out)
+    assert "empty.jpg" in p.stdout and "notes.png" in p.stdout
+    assert "2 unreadable images were replaced" in p.stdout
+    assert (out / "checkpoint-last.pth").exists()
+    p = run_main(*TINY, "--epochs", "1", "--batch_size", "2", "--data_path", data, "--output_dir", tmp_path / "o2",
+                 check=False)
+    assert p.returncode == 1 and "unreadable images in epoch 0" in p.stdout and "--max_bad_frac" in p.stdout
+
+
+def tiny_training_objects():
+    torch.manual_seed(0)
+    d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
+    opt = main_jit.build_optimizer(d, 1e-3, 0.0)
+    return d, opt, [EMA(d, 0.9), EMA(d, 0.5)]
+
+
+def test_a_nan_loss_is_skipped_and_leaves_weights_optimizer_and_emas_finite():
+    d, opt, emas = tiny_training_objects()
+    cpu = torch.device("cpu")
+    x, y = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    train_step(d, d, opt, emas, [(x, y)], device=cpu)  # one good step
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    opt_before = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    real_forward = d.net.forward
+    d.net.forward = lambda z, t, y_: real_forward(z, t, y_) * float("nan")  # inject a NaN loss
+    loss, skipped = train_step(d, d, opt, emas, [(x, y)], device=cpu)
+    assert math.isnan(loss.item()) and skipped.item() == 1.0
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, opt_before[i][k]), (i, k)
+    assert all(torch.isfinite(p).all() for e in emas for p in e.module.parameters())
+    d.net.forward = real_forward
+    _, skipped = train_step(d, d, opt, emas, [(x, y)], device=cpu)
+    assert skipped.item() == 0.0 and float(next(iter(opt.state.values()))["step"]) == 2.0
+
+
+def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
+    args = main_jit.parse_args([*TINY, "--epochs", "2", "--max_nonfinite_steps", "3", "--data_path", data,
+                                "--output_dir", str(tmp_path)])
+    run = main_jit.setup(args)
+    real_forward = run.denoiser.net.forward
+    run.denoiser.net.forward = lambda z, t, y: real_forward(z, t, y) * float("nan")
+    assert main_jit.train(run) == 1
+    out = capsys.readouterr().out
+    assert "not finite for 3 steps in a row" in out
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+
+
+def test_resume_with_another_world_size_works_and_says_so(data, tmp_path):
+    out = tmp_path / "out"
+    run_main(*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    p = torchrun(MAIN, *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out)
+    assert "written by 1 processes, this run has 2" in p.stdout and "not bit-exactly" in p.stdout
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1

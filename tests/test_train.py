@@ -1,0 +1,177 @@
+"""The training entry point: checkpoints, resume, DDP, LR schedule, fail-fast input checks."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import main_jit
+from denoiser import Denoiser
+from engine_jit import train_step
+from model_jit import JiT_models
+from util.checkpoint import load
+from util.lr_sched import lr_at
+from helpers import TINY, make_image_folder, run_main, torchrun
+
+REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+def tiny_denoiser():
+    return Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
+
+
+def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
+    out = tmp_path / "out"
+    p = run_main(*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    assert "Epoch [0] [6/6]" in p.stdout
+    ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)  # plain data only
+    assert REF_KEYS <= set(ckpt)
+    assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "JiT-XS/4"
+    fresh = tiny_denoiser()
+    fresh.load_state_dict(ckpt["model"], strict=True)
+    fresh.load_state_dict(ckpt["model_ema1"], strict=True)
+    assert not torch.equal(ckpt["model"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"])
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+
+
+def test_lr_is_set_every_iteration_with_warmup(data, tmp_path):
+    out = tmp_path / "out"
+    run_main(*TINY, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.002", "--data_path", data, "--output_dir", out)
+    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    expected = [lr_at(e + s / 6, lr=0.002, warmup_epochs=1) for e in range(2) for s in range(6)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_lr_schedule_values():
+    kw = dict(lr=1e-3, warmup_epochs=5, epochs=100, min_lr=1e-5)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(2.5, **kw) == pytest.approx(5e-4)
+    assert lr_at(5, **kw) == pytest.approx(1e-3)  # warmup end
+    assert lr_at(60, **kw) == pytest.approx(1e-3)  # constant after
+    assert lr_at(5, schedule="cosine", **kw) == pytest.approx(1e-3)
+    assert lr_at(52.5, schedule="cosine", **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(100, schedule="cosine", **kw) == pytest.approx(1e-5)
+
+
+def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
+    args = main_jit.parse_args([*TINY[:-2], "--blr", "1e-4", "--accum_iter", "2", "--data_path", data,
+                                "--output_dir", str(tmp_path), "--dry_run"])
+    run = main_jit.setup(args)
+    assert args.lr == pytest.approx(1e-4 * 4 * 2 / 256)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(args.lr)
+
+
+def make_reference_checkpoint(path, epoch=0):
+    """A checkpoint exactly as the reference writes it: args is an argparse.Namespace."""
+    d = tiny_denoiser()
+    opt = main_jit.build_optimizer(d, 1e-3, 0.0)
+    d(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    for g in opt.param_groups:
+        g["fused"] = None  # what the reference's AdamW stores
+    ns = argparse.Namespace(model="JiT-XS/4", img_size=16, epochs=600, batch_size=4, lr=1e-3, class_num=3)
+    state = d.state_dict()
+    torch.save({"model": state, "model_ema1": state, "model_ema2": state, "optimizer": opt.state_dict(),
+                "epoch": epoch, "args": ns}, path)
+    return state
+
+
+def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
+    path = tmp_path / "ref.pth"
+    make_reference_checkpoint(path, epoch=0)
+    ckpt = load(str(path))  # weights_only loading of an argparse.Namespace
+    assert ckpt["args"]["model"] == "JiT-XS/4"
+    out = tmp_path / "out"
+    p = run_main(*TINY, "--epochs", "2", "--resume", path, "--data_path", data, "--output_dir", out)
+    assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
+    assert "Epoch [0]" not in p.stdout and "Epoch [1] [6/6]" in p.stdout
+    new = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert new["epoch"] == 1
+    steps = {float(s["step"]) for s in new["optimizer"]["state"].values()}
+    assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here: the optimizer state was loaded
+
+
+def test_resume_from_an_empty_folder_trains_from_scratch(data, tmp_path):
+    out = tmp_path / "out"
+    p = run_main(*TINY, "--epochs", "1", "--resume", out, "--output_dir", out, "--data_path", data)
+    assert "training from scratch" in p.stdout and (out / "checkpoint-last.pth").exists()
+    p = run_main(*TINY, "--epochs", "2", "--resume", out, "--output_dir", out, "--data_path", data)
+    assert "epoch 1, step 0" in p.stdout and "Epoch [0]" not in p.stdout
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 4 with accum_iter 2 take the same step as one batch of 8 (the loss has
+    no randomness here: fixed t with P_std 0, noise_scale 0, no label dropout)."""
+    def make():
+        torch.manual_seed(0)
+        d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3, P_std=0.0,
+                     noise_scale=0.0, label_drop_prob=0.0)
+        with torch.no_grad():
+            for p in d.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        return d, main_jit.build_optimizer(d, 1e-3, 0.0)
+
+    (d1, o1), (d2, o2) = make(), make()
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.randint(0, 3, (8,))
+    cpu = torch.device("cpu")
+    train_step(d1, d1, o1, [], [(x, y)], device=cpu, accum_iter=1)
+    train_step(d2, d2, o2, [], [(x[:4], y[:4]), (x[4:], y[4:])], device=cpu, accum_iter=2)
+    moved = False
+    for (n, a), b, c in zip(d1.named_parameters(), d2.parameters(), make()[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+        moved |= not torch.equal(a, c)
+    assert moved
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model", "JiT-Q/16"], "invalid choice"),
+        (["--img_size", "18"], "not divisible by the patch size"),
+        (["--data_path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+        (["--resume", "/nonexistent/ckpt.pth"], "no such file or folder"),
+        (["--evaluate_gen"], "--evaluate_gen needs trained weights"),
+        (["--class_num", "2"], "has 3 classes but --class_num is 2"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(data, tmp_path, extra, message):
+    out = tmp_path / "out"
+    args = [*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out]
+    p = run_main(*args, *extra, check=False, timeout=60)
+    assert p.returncode != 0 and message in p.stdout, p.stdout
+    assert "Traceback" not in p.stdout
+    assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    dump.mkdir()
+    torchrun("tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert r0["code"] == 0 and r1["code"] == 0
+    for key in ("model", "ema1", "ema2"):
+        for name in r0[key]:
+            assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+    for i in r0["optimizer"]:
+        assert torch.equal(r0["optimizer"][i]["exp_avg"], r1["optimizer"][i]["exp_avg"])
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seed + rank per process
+
+
+def test_ddp_gradient_equals_single_process_gradient_of_the_union(tmp_path):
+    torchrun("tests/ddp_script.py", "grad", tmp_path)
+    g0, g1 = torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt")
+    for name, single in g0["single"].items():
+        torch.testing.assert_close(g0["ddp"][name], single, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(g0["ddp"][name], g1["ddp"][name])
+    assert any(g.abs().sum() > 0 for g in g0["single"].values())

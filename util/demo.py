@@ -1,0 +1,56 @@
+"""What the built-in demo leaves in its output folder: a class-by-row sample grid and a loss curve."""
+import json
+import os
+
+import torch
+
+from util.distributed import autocast
+from util.evaluation import quantize
+from util.viz import save_grid
+
+
+@torch.no_grad()
+def write_demo_outputs(denoiser, args, device, per_class: int = 8):
+    """Write samples.png (one row per class, EMA weights) and loss_curve.png to args.output_dir."""
+    labels = torch.arange(args.class_num, device=device).repeat_interleave(per_class)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(len(labels), 3, args.img_size, args.img_size, generator=g, device=device) * denoiser.noise_scale
+    with autocast(device):
+        images = denoiser.generate(labels, noise=noise, steps=args.num_sampling_steps, method=args.sampling_method,
+                                   cfg=args.cfg, interval_min=args.interval_min, interval_max=args.interval_max)
+    path = os.path.join(args.output_dir, "samples.png")
+    save_grid(quantize(images).cpu(), nrow=per_class, path=path)
+    print(f"wrote {path} (one row per class, cfg {args.cfg}, {args.num_sampling_steps} {args.sampling_method} steps)")
+    curve = plot_loss_curve(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "loss_curve.png"))
+    if curve:
+        print(f"wrote {curve}")
+
+
+def plot_loss_curve(metrics_path: str, out_path: str):
+    """Plot training loss against optimiser steps from metrics.jsonl; returns out_path or None."""
+    if not os.path.exists(metrics_path):
+        return None
+    points = {}
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "train" and rec["loss"] == rec["loss"]:  # skip NaN windows
+                points[rec["global_step"]] = rec["loss"]  # a resumed run overwrites replayed steps
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(points)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, [points[s] for s in steps])
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss (velocity MSE)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
