@@ -1,0 +1,180 @@
+"""Generation for evaluation: quantisation, class balance, per-image seeds, the batch / process split,
+and the command-line paths (main_jit.py --evaluate_gen on a reference checkpoint, sample.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval_helpers import (ROOT, TINY, PerSample, free_port, run_python, save_reference_checkpoint, standin_weights,
+                          tiny_denoiser)
+from util import fid
+from util.evaluation import (class_labels, generate_batches, generate_images, image_folder_name, initial_noise, quantize,
+                             rank_batches)
+
+SAMPLER = dict(steps=2, method="heun", cfg=2.0, interval_min=0.1, interval_max=1.0)
+CPU = torch.device("cpu")
+
+
+def reference_quantize(x: torch.Tensor) -> np.ndarray:
+    """SPEC: imgs = (x + 1) / 2 as a float32 tensor, then np.round(np.clip(img * 255, 0, 255)).astype(np.uint8)."""
+    imgs = (x + 1) / 2
+    return np.round(np.clip(imgs.numpy() * 255, 0, 255)).astype(np.uint8)
+
+
+def test_quantize_matches_reference():
+    x = torch.cat([
+        torch.randn(10000) * 0.7,
+        torch.linspace(-1.2, 1.2, 4097),
+        (torch.arange(256) + 0.5) / 255 * 2 - 1,  # values near the rounding boundaries (ties go to even)
+        torch.tensor([-1.0, 1.0, 0.0, -5.0, 5.0]),
+    ]).float()
+    assert np.array_equal(quantize(x).numpy(), reference_quantize(x))
+    assert quantize(x).dtype == torch.uint8
+
+
+def test_class_labels_are_balanced_in_reference_layout():
+    labels = class_labels(torch.arange(12), num_images=12, class_num=3)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_rank_batches_cover_every_index_once_in_order(world_size):
+    ranges = [r for rank in range(world_size) for r in rank_batches(23, 4, rank, world_size)]
+    assert [i for a, b in ranges for i in range(a, b)] == list(range(23))
+    assert all(b - a == 4 for a, b in ranges[:-1])  # the global batches do not depend on world_size
+
+
+def test_initial_noise_is_per_image():
+    full = initial_noise(7, range(6), (3, 4, 4), noise_scale=2.0)
+    assert torch.equal(initial_noise(7, [3, 4], (3, 4, 4), noise_scale=2.0), full[3:5])
+    assert not torch.equal(initial_noise(8, range(6), (3, 4, 4), noise_scale=2.0), full)
+    assert torch.equal(full[2], 2.0 * torch.from_numpy(np.random.default_rng([7, 2]).standard_normal((3, 4, 4), dtype=np.float32)))
+    with pytest.raises(ValueError):
+        initial_noise(-1, [0], (3, 4, 4), 1.0)
+
+
+class RecordingDenoiser:
+    """Records what generation asks for; returns tanh(noise) as the 'image'."""
+
+    noise_scale = 1.0
+
+    def __init__(self):
+        self.labels, self.calls = [], []
+
+    def generate(self, labels, *, noise, net=None, **sampler):
+        self.labels.append(labels)
+        self.calls.append(sampler)
+        return torch.tanh(noise)
+
+
+def test_generated_set_is_class_balanced():
+    d = RecordingDenoiser()
+    out = list(generate_batches(d, device=CPU, num_images=12, class_num=3, gen_bsz=5, seed=0, sampler=SAMPLER, img_size=8))
+    labels = torch.cat(d.labels)
+    assert torch.bincount(labels).tolist() == [4, 4, 4] and labels.tolist() == sorted(labels.tolist())
+    assert [s for s, _ in out] == [0, 5, 10] and all(c == SAMPLER for c in d.calls)
+    noise = initial_noise(0, range(12), (3, 8, 8), 1.0)
+    assert torch.equal(torch.cat([x for _, x in out]), quantize(torch.tanh(noise)))
+
+
+def test_gen_bsz_changes_only_kernel_rounding():
+    """The same 9 images with batches of 4 and of 3: bit-identical through a batch-invariant net;
+    with the real (batched) net at most one uint8 level apart (CPU GEMMs round per batch shape)."""
+    d = tiny_denoiser()
+    common = dict(device=CPU, num_images=9, class_num=3, seed=1, sampler=SAMPLER, img_size=TINY["img_size"])
+    a = generate_images(d, gen_bsz=4, **common)
+    b = generate_images(d, gen_bsz=3, **common)
+    assert a.shape == (9, 3, 16, 16) and a.float().std() > 10  # images differ from one another
+    assert (a.int() - b.int()).abs().max() <= 1
+    wrapped = PerSample(d.net)
+    assert torch.equal(generate_images(d, net=wrapped, gen_bsz=4, **common), generate_images(d, net=wrapped, gen_bsz=3, **common))
+
+
+@pytest.fixture(scope="module")
+def synthetic_stats(tmp_path_factory):
+    """Reference statistics of a random Gaussian (no Inception pass needed)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((fid.FEATURE_DIM, 16)) * 0.1
+    path = str(tmp_path_factory.mktemp("stats") / "ref.npz")
+    fid.save_stats(path, {"mu": (rng.random(fid.FEATURE_DIM) * 0.5).astype(np.float32), "sigma": a @ a.T})
+    return path
+
+
+def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, tmp_path_factory, synthetic_stats):
+    """12 images: 1 process vs 2 processes (gloo). Same gen_bsz: the real net's images are
+    bit-identical (same global batches) and so are FID / IS on every rank; a different gen_bsz with
+    a batch-invariant net: bit-identical too."""
+    weights = standin_weights(tmp_path_factory)
+    runs = {}
+    for nproc, per_sample_bsz in ((1, 4), (2, 3)):
+        out = tmp_path / f"run{nproc}.pt"
+        run_python([os.path.join("tests", "eval_worker.py"), "--out", out, "--num_images", 12, "--gen_bsz", 4,
+                    "--gen_bsz_per_sample", per_sample_bsz, "--fid_stats", synthetic_stats, "--inception_weights", weights,
+                    "--output_dir", tmp_path / f"out{nproc}"], nproc=nproc)
+        runs[nproc] = torch.load(out, weights_only=True)
+    one, two = runs[1], runs[2]
+    assert one["images"].shape == (12, 3, 16, 16)
+    assert torch.equal(one["images"], two["images"])
+    assert torch.equal(one["per_sample"], two["per_sample"])
+    assert len(two["results"]) == 2 and two["results"][0] == two["results"][1]
+    for key in ("fid", "inception_score", "inception_score_std"):
+        assert one["results"][0][key] == two["results"][0][key]
+    with open(tmp_path / "out2" / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 1  # written by rank 0 only
+
+
+MAIN = os.path.join(ROOT, "main_jit.py")
+needs_main = pytest.mark.skipif(not os.path.exists(MAIN), reason="main_jit.py not written yet")
+
+
+@needs_main
+def test_reference_checkpoint_evaluates_end_to_end(tmp_path, tmp_path_factory, synthetic_stats):
+    """main_jit.py --evaluate_gen on a reference-format checkpoint whose three weight sets differ:
+    the saved images are the EMA-1 ones, and the metrics are logged with the checkpoint epoch."""
+    ema1 = tiny_denoiser(seed=0)
+    ckpt = tmp_path / "checkpoint-last.pth"
+    save_reference_checkpoint(str(ckpt), ema1, model=tiny_denoiser(seed=1), ema2=tiny_denoiser(seed=2), epoch=7)
+    out = tmp_path / "out"
+    proc = run_python(["main_jit.py", "--model", TINY["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
+                       "--gen_bsz", 4, "--num_sampling_steps", 2, "--cfg", 2.0, "--interval_min", 0.1, "--seed", 0,
+                       "--evaluate_gen", "--save_images", "--resume", ckpt, "--output_dir", out, "--device", "cpu",
+                       "--fid_stats", synthetic_stats, "--inception_weights", standin_weights(tmp_path_factory)])
+    with open(out / "metrics.jsonl") as f:
+        (line,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+    assert line["checkpoint_epoch"] == 7 and line["num_images"] == 12 and line["steps"] == 2, proc.stdout
+    assert np.isfinite(line["fid"]) and line["inception_score"] > 1
+    expected = generate_images(ema1, device=CPU, num_images=12, class_num=3, gen_bsz=4, seed=0, sampler=SAMPLER, img_size=16)
+    folder = out / image_folder_name(SAMPLER, 12, 16)
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png"))).permute(2, 0, 1) for i in range(12)])
+    assert (saved.int() - expected.int()).abs().max() <= 1  # this process runs 2 threads, the child 1
+
+
+@needs_main
+def test_evaluate_gen_without_network_or_weights_flag_fails_fast(tmp_path, synthetic_stats):
+    ckpt = tmp_path / "checkpoint-last.pth"
+    save_reference_checkpoint(str(ckpt), tiny_denoiser())
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": closed, "HTTPS_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
+    proc = run_python(["main_jit.py", "--model", TINY["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
+                       "--evaluate_gen", "--resume", ckpt, "--output_dir", tmp_path / "out", "--device", "cpu",
+                       "--fid_stats", synthetic_stats], env=env, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "--inception_weights" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sample_grid_from_reference_checkpoint(tmp_path):
+    d = tiny_denoiser()
+    ckpt = tmp_path / "checkpoint-last.pth"
+    save_reference_checkpoint(str(ckpt), d)
+    grid = tmp_path / "grid.png"
+    run_python(["sample.py", "--resume", ckpt, "--classes", 2, 0, 1, "--per_class", 2, "--num_sampling_steps", 2,
+                "--cfg", 2.0, "--interval_min", 0.1, "--seed", 3, "--output", grid, "--device", "cpu"])
+    img = torch.from_numpy(np.array(Image.open(grid))).permute(2, 0, 1)  # (3, H, W) uint8
+    assert img.shape == (3, 3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
+    noise = initial_noise(3, range(6), (3, 16, 16), 1.0)
+    x = quantize(d.generate(torch.tensor([2, 2, 0, 0, 1, 1]), noise=noise, **SAMPLER))
+    cell = img[:, 2 + 18 : 18 + 18, 2 + 18 : 18 + 18]  # row 1 (class 0), column 1 -> image 3
+    assert (cell.int() - x[3].int()).abs().max() <= 1

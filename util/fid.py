@@ -1,0 +1,124 @@
+"""FID and Inception Score with stock torch-fidelity, on uint8 images held in memory.
+
+torch-fidelity's own pieces are used unchanged: its Inception-v3 feature extractor
+('inception-v3-compat', features '2048' and 'logits_unbiased', float32), `fid_features_to_statistics`,
+`fid_statistics_to_metric` and `isc_features_to_metric` (10 splits, shuffle seed 2020). Fed the same
+uint8 images in the same order, the numbers equal `torch_fidelity.calculate_metrics` on PNG files.
+
+Reference statistics are an .npz file with `mu` (2048,) and `sigma` (2048, 2048), the layout of the
+reference release's `fid_stats/jit_in{size}_stats.npz`.
+"""
+import os
+import socket
+
+import numpy as np
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+FEATURE_DIM = 2048  # Inception pool features (FID)
+LOGITS_DIM = 1008  # Inception logits without bias (IS)
+ISC_SPLITS = 10
+ISC_SEED = 2020  # torch-fidelity's default rng_seed for the IS shuffle
+
+
+def cached_weights_path() -> str:
+    """Where torch-fidelity's first use stores the downloaded Inception weights (torch hub cache)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def resolve_inception_weights(path: str | None = None, timeout_s: float = 60.0) -> str:
+    """Path of a local Inception-v3 weights file (torch-fidelity's format).
+
+    An explicit `path` must exist. Without one, the torch hub cache is used, downloading the file
+    there first as torch-fidelity does. Raises FileNotFoundError with a message naming
+    `--inception_weights` when the file is missing or the download fails (e.g. no network); the
+    download gives up after `timeout_s` seconds without data instead of hanging.
+    """
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--inception_weights {path}: no such file")
+        return path
+    cached = cached_weights_path()
+    if os.path.isfile(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, cached, progress=False)
+    except OSError as e:  # URLError (no network, refused proxy), timeout, disk full
+        raise FileNotFoundError(
+            f"the Inception-v3 weights for FID/IS are not available: downloading {URL_INCEPTION_V3} failed ({e}). "
+            f"On a machine without network access, copy that file here and pass --inception_weights PATH "
+            f"(or place it at {cached})."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return cached
+
+
+def build_inception(weights_path: str, device: torch.device) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception-v3 (float32, eval) on `device`, giving ('2048', 'logits_unbiased')."""
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path)
+    return net.to(device)
+
+
+@torch.no_grad()
+def inception_features(extractor, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) on the extractor's device -> (B, 2048 + 1008) float32 on the CPU:
+    pool features then unbiased logits. Always float32 (no autocast), as torch-fidelity runs."""
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        pool, logits = extractor(images)
+    return torch.cat([pool, logits], dim=1).cpu()
+
+
+def statistics(pool: torch.Tensor) -> dict:
+    """(N, 2048) float32 CPU features -> {'mu': float32 (2048,), 'sigma': float64 (2048, 2048)}."""
+    return fid_features_to_statistics(pool.contiguous())
+
+
+def save_stats(path: str, stats: dict):
+    """Write `mu` and `sigma` to an .npz file at exactly `path` (via a temporary file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
+    os.replace(tmp, path)
+
+
+def load_stats(path: str) -> dict:
+    """Read reference statistics ({'mu': (2048,), 'sigma': (2048, 2048)}); clear errors if bad."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"FID reference statistics {path} not found: pass --fid_stats PATH, or make the file with "
+            f"`python prepare_ref.py --stats {path} ...` (see fid_stats/README.md)"
+        )
+    try:
+        with np.load(path) as f:
+            stats = {"mu": f["mu"], "sigma": f["sigma"]}
+    except Exception as e:  # not a zip, missing key, truncated
+        raise ValueError(f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
+    if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
+        raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
+                         f"got {stats['mu'].shape} and {stats['sigma'].shape}")
+    return stats
+
+
+def frechet_distance(stats1: dict, stats2: dict) -> float:
+    """||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½) (Heusel et al. 2017), by
+    torch-fidelity. Arrays of different float types (e.g. a float64 `mu` from another tool) are
+    promoted to the common type; equal types are left untouched."""
+    a, b = dict(stats1), dict(stats2)
+    for key in ("mu", "sigma"):
+        dtype = np.result_type(a[key], b[key])
+        a[key], b[key] = a[key].astype(dtype, copy=False), b[key].astype(dtype, copy=False)
+    return fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits: torch.Tensor) -> tuple[float, float]:
+    """(N, 1008) unbiased logits, in image order -> (IS mean, IS std) over 10 splits of a shuffle
+    with seed 2020, as torch-fidelity. Needs N >= 10 (NaN otherwise)."""
+    out = isc_features_to_metric(logits.contiguous(), splits=ISC_SPLITS, shuffle=True, rng_seed=ISC_SEED)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
