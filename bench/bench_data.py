@@ -1,0 +1,154 @@
+"""Throughput of the training data pipeline: JPEG decode, ADM center crop, flip, collation.
+
+    python bench/bench_data.py --workers 0 1 2 4 8                    # synthetic ImageNet-like JPEGs
+    python bench/bench_data.py --data_path ./data/imagenet --workers 8 12 16
+
+Runs util.data.CenterCropFolder with ResumableSampler through main_jit.make_loader (the training
+loader: pinned memory on CUDA, persistent workers), and reports images/s for each worker count and
+how many workers one GPU needs to be fed `--target` images/s. With --workers 0 the main process
+loads alone (one process). Files are read through the page cache: a dataset larger than memory
+also waits on the disk, which this does not measure unless run on that dataset.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch.utils.data import Sampler  # noqa: E402
+
+from main_jit import make_loader  # noqa: E402
+from util.data import CenterCropFolder, ResumableSampler  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("JiT data pipeline benchmark", add_help=True)
+    a = p.add_argument
+    a("--data_path", default=None, help="holds an ImageFolder tree under train/ (default: synthetic JPEGs in a temporary folder)")
+    a("--num_images", default=256, type=int, help="synthetic images to write")
+    a("--img_size", default=256, type=int)
+    a("--batch_size", default=128, type=int)
+    a("--workers", default=[0, 1, 2], type=int, nargs="+", help="DataLoader num_workers values to measure")
+    a("--batches", default=8, type=int, help="timed batches per setting (rounded up to a multiple of the workers)")
+    a("--target", default=2600.0, type=float, help="images/s one GPU consumes")
+    a("--device", default=None, help="pin memory for this device, as training does (default: cuda when available)")
+    a("--seed", default=0, type=int)
+    a("--json", default=None, metavar="PATH")
+    return p
+
+
+def synthetic_image(rng: np.random.Generator) -> Image.Image:
+    """An RGB image of ImageNet-like size (long side 500, 10% 600–1000; aspect 1–1.5) with
+    a colour ramp, a few flat shapes and sensor-like noise, so that JPEG sizes resemble photos."""
+    long_side = 500 if rng.random() < 0.9 else int(rng.integers(600, 1001))
+    short_side = int(long_side / rng.uniform(1.0, 1.5))
+    w, h = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
+    yy, xx = np.ogrid[0:h, 0:w]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx / w + np.sin(angle) * yy / h).astype(np.float32)[..., None]  # (h, w, 1)
+    lo, hi = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    img = Image.fromarray(np.clip(lo + (hi - lo) * ramp, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(5, 15)):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, min(w, h) / 3)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    arr = np.asarray(img, dtype=np.float32) + 20 * rng.standard_normal((h, w, 3), dtype=np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_synthetic_folder(root: str, num_images: int, seed: int = 0, classes: int = 10) -> str:
+    """Write `num_images` JPEGs (quality 90) to root/train/c{k}/{i}.jpg. Returns root."""
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        folder = os.path.join(root, "train", f"c{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        synthetic_image(rng).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    return root
+
+
+class EpochStream(Sampler):
+    """`total` items of the sampler's epochs 0, 1, ... back to back: one DataLoader pass never drains
+    at an epoch end, however small the folder."""
+
+    def __init__(self, sampler: ResumableSampler, total: int):
+        self.sampler, self.total = sampler, total
+
+    def __iter__(self):
+        left, epoch = self.total, 0
+        while left > 0:
+            self.sampler.set_epoch(epoch)
+            for item in self.sampler:
+                if left == 0:
+                    return
+                yield item
+                left -= 1
+            epoch += 1
+
+    def __len__(self):
+        return self.total
+
+
+def measure(dataset, workers: int, args, device) -> dict:
+    """Images/s of the loader once running: the first round of batches (one per worker, which start
+    together) is untimed, then `batches` (a multiple of the workers) are timed."""
+    procs = max(workers, 1)
+    timed = procs * math.ceil(args.batches / procs)
+    stream = EpochStream(ResumableSampler(len(dataset), seed=args.seed), (procs + timed) * args.batch_size)
+    loader = make_loader(dataset, stream, argparse.Namespace(batch_size=args.batch_size, num_workers=workers,
+                                                             pin_mem=True, seed=args.seed), device)
+    it = iter(loader)
+    for _ in range(procs):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(timed):
+        next(it)
+    elapsed = time.perf_counter() - start
+    del it, loader  # stops the workers
+    img_s = timed * args.batch_size / elapsed
+    return {"workers": workers, "img_per_s": img_s, "img_per_s_per_process": img_s / procs,
+            "workers_for_target": math.ceil(args.target / (img_s / procs))}
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.batches < 1 or args.batch_size < 1 or min(args.workers) < 0:
+        raise SystemExit("error: --batches and --batch_size must be at least 1, --workers at least 0")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_path is None:
+            start = time.perf_counter()
+            make_synthetic_folder(tmp, args.num_images, args.seed)
+            print(f"wrote {args.num_images} synthetic JPEGs in {time.perf_counter() - start:.1f} s", flush=True)
+        dataset = CenterCropFolder(os.path.join(args.data_path or tmp, "train"), args.img_size)
+        sizes = [os.path.getsize(path) for path, _ in dataset.samples]
+        print(f"{len(dataset)} images, mean file {np.mean(sizes) / 1e3:.0f} kB, {args.img_size}px, batch {args.batch_size}, "
+              f"{os.cpu_count()} CPUs", flush=True)
+        results = []
+        for w in args.workers:
+            r = measure(dataset, w, args, device)
+            results.append(r)
+            print(f"workers {w:3d}: {r['img_per_s']:8.1f} img/s, {r['img_per_s_per_process']:7.1f} per process "
+                  f"-> {r['workers_for_target']} workers for {args.target:g} img/s", flush=True)
+    busiest = max(results, key=lambda r: r["workers"])
+    out = {"config": vars(args), "cpus": os.cpu_count(), "images": len(dataset), "mean_file_kb": float(np.mean(sizes)) / 1e3,
+           "results": results, "workers_needed": busiest["workers_for_target"],
+           "workers_needed_from": busiest["workers"]}
+    print(f"estimate (from --workers {busiest['workers']}): {out['workers_needed']} workers per GPU for {args.target:g} img/s")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The benchmark scripts: a few CPU steps on the tiny preset give sane numbers and complete JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import ROOT, env
+from denoiser import sample
+from model_jit import JiT_models
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench  # noqa: E402
+import bench_data  # noqa: E402
+from util.data import ResumableSampler  # noqa: E402
+
+
+def run_script(name, *args, timeout=120):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *map(str, args)], cwd=ROOT, env=env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout
+    return p.stdout
+
+
+def test_bench_reports_training_sampling_and_parity(tmp_path):
+    path = tmp_path / "out" / "bench.json"
+    run_script("bench.py", "--model", "JiT-XS/4", "--img_size", 16, "--batch_size", 4, "--warmup", 1, "--steps", 2,
+               "--sample_batch", 4, "--sample_steps", 2, "--parity", "--parity_steps", 2, "--device", "cpu", "--json", path)
+    out = json.loads(path.read_text())
+    assert out["env"]["torch"] == torch.__version__ and out["env"]["date"]
+    assert out["config"]["compile"] is False and out["config"]["peak_tflops"] is None
+    train, sample, parity = out["train"], out["sample"], out["parity"]
+    assert train["img_per_s"] > 0 and train["step_ms"] > 0 and train["tflops"] > 0 and train["loss"] > 0
+    assert train["peak_mem_gb"] is None and train["mfu"] is None  # CPU: no device memory, no known peak
+    assert sample["img_per_s"] > 0 and sample["batch_s"] > 0
+    assert sample["net_passes_per_image"] == 5  # t = 0 unguided, t = 0.5 guided (twice: Euler and Heun)
+    assert out["model"]["train_gflops_per_image"] == pytest.approx(3 * out["model"]["fwd_gflops_per_image"])
+    # on the CPU both paths are float32: SDPA and the reference attention agree to rounding
+    assert parity["loss_rel_diff"] < 1e-5 and parity["sample_rel_l2"] < 1e-5 and parity["uint8_max_diff"] <= 1
+
+
+def test_model_size_counts_attention_and_all_parameters():
+    args = bench.get_args_parser().parse_args(["--model", "JiT-XS/4", "--img_size", "16"])
+    params, flops = bench.model_size(args)
+    net = JiT_models["JiT-XS/4"](input_size=16, num_classes=1000, attn_impl="reference")  # plain matmuls
+    x, t, y = torch.zeros(1, 3, 16, 16), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, t, y)
+    assert flops == counter.get_total_flops()
+    assert params == sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("cfg", [2.9, 1.0])
+def test_sampling_passes_match_the_sampler(cfg):
+    args = bench.get_args_parser().parse_args(["--cfg", str(cfg)])  # 50 Heun steps, interval (0.1, 1.0)
+    batches = []
+
+    def net(z, t, y):
+        batches.append(z.shape[0])
+        return torch.zeros_like(z)
+
+    sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), null_label=1, steps=50,
+           cfg=cfg, interval_min=0.1, interval_max=1.0)
+    assert bench.sampling_passes(args) == sum(batches)
+
+
+def test_epoch_stream_runs_epochs_back_to_back():
+    sampler = ResumableSampler(5, seed=1)
+    items = list(bench_data.EpochStream(sampler, 12))
+    assert len(items) == 12
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert items[:10] == first + list(sampler)
+
+
+def test_bench_data_reports_throughput(tmp_path):
+    path = tmp_path / "data.json"
+    run_script("bench_data.py", "--num_images", 16, "--img_size", 32, "--batch_size", 4, "--batches", 2,
+               "--workers", 0, "--device", "cpu", "--json", path)
+    out = json.loads(path.read_text())
+    assert out["images"] == 16 and out["mean_file_kb"] > 10
+    (r,) = out["results"]
+    assert r["workers"] == 0 and r["img_per_s"] > 0 and r["img_per_s"] == r["img_per_s_per_process"]
+    assert out["workers_needed"] == r["workers_for_target"] >= 1
