@@ -67,7 +67,7 @@ class Denoiser(nn.Module):
             size = self.net.input_size
             shape = (labels.shape[0], self.net.in_channels, size, size)
             noise = torch.randn(shape, device=labels.device) * self.noise_scale
-        return sample(net or self.net, noise, labels, null_label=self.num_classes, t_eps=self.t_eps, **sampler_kwargs)
+        return sample(self.net if net is None else net, noise, labels, null_label=self.num_classes, t_eps=self.t_eps, **sampler_kwargs)
 
 
 def time_grid(steps: int):
@@ -87,8 +87,8 @@ def guided_velocity(net, z, t, labels, *, null_label: int, cfg: float, t_eps: fl
     share one batch; with cfg == 1 the unconditional pass is skipped (v = v_c)."""
     B = z.shape[0]
     if cfg == 1.0:
-        return velocity(net(z, t.expand(B), labels), z, t, t_eps)
-    x_pred = net(torch.cat([z, z]), t.expand(2 * B), torch.cat([labels, torch.full_like(labels, null_label)]))
+        return velocity(net(z, t.repeat(B), labels), z, t, t_eps)
+    x_pred = net(torch.cat([z, z]), t.repeat(2 * B), torch.cat([labels, torch.full_like(labels, null_label)]))
     v_cond, v_uncond = velocity(x_pred, torch.cat([z, z]), t, t_eps).chunk(2)
     return v_uncond + cfg * (v_cond - v_uncond)
 

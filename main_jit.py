@@ -180,11 +180,12 @@ def make_loader(dataset, sampler, args, device):
 
 
 def restore(ckpt, path, denoiser, emas, optimizer, device):
-    """Load a checkpoint into the live objects. Returns (epoch, step) to continue from."""
+    """Load a checkpoint into the live objects (optimizer None: weights only). Returns the
+    (epoch, step) to continue from."""
     denoiser.load_state_dict(ckpt["model"])
     for ema, key in zip(emas, ("model_ema1", "model_ema2")):
         ema.load_state_dict(ckpt.get(key, ckpt["model"]))
-    if "optimizer" in ckpt and "epoch" in ckpt:
+    if optimizer is not None and "optimizer" in ckpt and "epoch" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a reference checkpoint stores fused=None
             group.update(fused=True, foreach=None)
@@ -229,10 +230,6 @@ def setup(args) -> Run:
         os.makedirs(args.output_dir, exist_ok=True)
         ckpt_util.remove_stale_temporaries(args.output_dir)
     D.barrier()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     loader = sampler = None
     steps_per_epoch = 0
@@ -271,7 +268,7 @@ def setup(args) -> Run:
     start_epoch, start_step, ckpt_epoch = args.start_epoch, 0, -1
     ckpt, path = ckpt_util.load_for_resume(args.resume, log=D.print0)
     if ckpt is not None:
-        start_epoch, start_step = restore(ckpt, path, denoiser, emas, optimizer, device)
+        start_epoch, start_step = restore(ckpt, path, denoiser, emas, None if args.evaluate_gen else optimizer, device)
         ckpt_epoch = ckpt.get("epoch", -1)
         del ckpt
     elif args.evaluate_gen:
@@ -289,7 +286,7 @@ def setup(args) -> Run:
 
         log_writer = SummaryWriter(log_dir=args.output_dir)
     return Run(args=args, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
-               sample_net=torch.compile(emas[0].module.net) if use_compile else None, loader=loader, sampler=sampler,
+               sample_net=torch.compile(emas[0].module.net, dynamic=False) if use_compile else None, loader=loader, sampler=sampler,
                steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, start_step=start_step, ckpt_epoch=ckpt_epoch,
                log_writer=log_writer, metrics=MetricsLog(args.output_dir))
 

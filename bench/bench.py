@@ -83,7 +83,7 @@ def reset_peak_memory(device):
 
 @contextlib.contextmanager
 def full_fp32():
-    """Float32 matmuls and convolutions without TF32 (what setup enables on CUDA) inside the block."""
+    """Float32 matmuls and convolutions without TF32 (PyTorch allows it for cuDNN convolutions by default)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -255,12 +255,8 @@ def main(argv=None):
     device = D.init(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    if device.type == "cuda":  # as main_jit.setup
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if args.peak_tflops is None and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
-            args.peak_tflops = H100_CLASS_TFLOPS
+    if device.type == "cuda" and args.peak_tflops is None and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+        args.peak_tflops = H100_CLASS_TFLOPS
 
     params, fwd_flops = model_size(args)
     out = {"env": environment(device), "config": vars(args),

@@ -67,7 +67,8 @@ def _launcher_env(dist_on_itp: bool):
 
 
 def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://") -> torch.device:
-    """Pick the device once and join the process group if a launcher started us.
+    """Pick the device once (and its backend settings) and join the process group if a launcher
+    started us.
 
     device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available). Under a launcher each process
     takes GPU `local_rank`; the backend is NCCL on CUDA and gloo on CPU. Returns the device.
@@ -78,6 +79,8 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # TF32 stays at PyTorch's defaults, as in the reference
     launch = _launcher_env(dist_on_itp)
     if launch is None:
         return device
