@@ -26,8 +26,8 @@ from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
 
 DEMO_DEFAULTS = dict(
-    model="JiT-T/4", img_size=32, class_num=4, epochs=40, warmup_epochs=1, batch_size=32, lr=1e-3,
-    ema_decay1=0.995, ema_decay2=0.99, num_workers=1, save_last_freq=10, print_freq=8, log_freq=8,
+    model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
+    ema_decay1=0.995, ema_decay2=0.99, num_workers=1, save_last_freq=8, print_freq=8, log_freq=8,
     num_sampling_steps=20, cfg=2.0, interval_min=0.1, output_dir="./output_dir/demo",
 )
 
