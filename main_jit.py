@@ -179,12 +179,23 @@ def make_loader(dataset, sampler, args, device):
     )
 
 
+def ckpt_args_summary(ckpt) -> str:
+    a = ckpt.get("args") or {}
+    return ", ".join(f"--{k} {a[k]}" for k in ("model", "img_size", "class_num") if k in a) or "unknown flags"
+
+
 def restore(ckpt, path, denoiser, emas, optimizer, device):
     """Load a checkpoint into the live objects (optimizer None: weights only). Returns the
     (epoch, step) to continue from."""
-    denoiser.load_state_dict(ckpt["model"])
-    for ema, key in zip(emas, ("model_ema1", "model_ema2")):
-        ema.load_state_dict(ckpt.get(key, ckpt["model"]))
+    try:
+        denoiser.load_state_dict(ckpt["model"])
+        for ema, key in zip(emas, ("model_ema1", "model_ema2")):
+            ema.load_state_dict(ckpt.get(key, ckpt["model"]))
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        first = str(e).strip().splitlines()
+        raise ckpt_util.CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; "
+                                        f"the checkpoint was made with {ckpt_args_summary(ckpt)}): "
+                                        f"{' '.join(first[:2])[:300]}") from None
     if optimizer is not None and "optimizer" in ckpt and "epoch" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a reference checkpoint stores fused=None

@@ -99,6 +99,15 @@ def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
     assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here: the optimizer state was loaded
 
 
+def test_checkpoint_of_another_model_is_a_clear_error(data, tmp_path):
+    path = tmp_path / "ref.pth"
+    make_reference_checkpoint(path)
+    p = run_main(*TINY, "--model", "JiT-T/4", "--epochs", "1", "--resume", path, "--data_path", data,
+                 "--output_dir", tmp_path / "out", "--dry_run", check=False)
+    assert p.returncode == 2 and "does not fit this model" in p.stdout and "--model JiT-XS/4" in p.stdout
+    assert "Traceback" not in p.stdout
+
+
 def test_resume_from_an_empty_folder_trains_from_scratch(data, tmp_path):
     out = tmp_path / "out"
     p = run_main(*TINY, "--epochs", "1", "--resume", out, "--output_dir", out, "--data_path", data)
