@@ -52,7 +52,7 @@ def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum
 
 
 class StepMonitor:
-    """Device-side counters read back only every `print_freq` steps (no per-step host sync)."""
+    """Device-side counters, read back only when progress is shown or logged (no per-step host sync)."""
 
     def __init__(self, device):
         self.loss_sum = torch.zeros((), device=device)
@@ -76,6 +76,21 @@ class StepMonitor:
         self.loss_sum.zero_(), self.skipped.zero_(), self.max_streak.copy_(self.streak)
         self.steps = 0
         return out
+
+
+def log_scalars(log_writer, metrics, *, epoch, step, steps_per_epoch, loss, lr, img_s, mem, skipped):
+    """One training record: TensorBoard (x = epoch·1000, the reference's axis) and metrics.jsonl."""
+    if metrics is not None:
+        metrics.write({"kind": "train", "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
+                       "loss": None if math.isnan(loss) else loss, "lr": lr, "img_per_s": img_s, "skipped": skipped})
+    if log_writer is not None:
+        x1000 = int((epoch + step / steps_per_epoch) * 1000)
+        if not math.isnan(loss):
+            log_writer.add_scalar("train_loss", loss, x1000)
+        log_writer.add_scalar("lr", lr, x1000)
+        log_writer.add_scalar("img_per_s", img_s, x1000)
+        if mem:
+            log_writer.add_scalar("peak_mem_gib", mem, x1000)
 
 
 def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, start_step: int, steps_per_epoch: int,
@@ -117,27 +132,21 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
         if bad_files > bad_limit:
             raise StopRun(f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
                           f"{args.max_bad_frac} of the epoch); fix the dataset", code=1)
-        if (step + 1) % args.print_freq == 0 or last or stop_votes:
+        show = (step + 1) % args.print_freq == 0 or last or stop_votes
+        log = (step + 1) % args.log_freq == 0 or last
+        if show or log:
             loss_avg, n_skipped, max_streak = monitor.read()
             elapsed = time.time() - t_window
             img_s = window_steps * images_per_step / max(elapsed, 1e-9)
-            eta = (steps_per_epoch - step - 1) * elapsed / window_steps
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            D.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
-                     f"{img_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-                     + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
-            global_step = epoch * steps_per_epoch + step + 1
-            if metrics is not None:
-                metrics.write({"kind": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
-                               "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped})
-            if log_writer is not None:
-                x1000 = int((epoch + (step + 1) / steps_per_epoch) * 1000)
-                if not math.isnan(loss_avg):
-                    log_writer.add_scalar("train_loss", loss_avg, x1000)
-                log_writer.add_scalar("lr", lr, x1000)
-                log_writer.add_scalar("img_per_s", img_s, x1000)
-                if mem:
-                    log_writer.add_scalar("peak_mem_gib", mem, x1000)
+            if show:
+                eta = (steps_per_epoch - step - 1) * elapsed / window_steps
+                D.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
+                         f"{img_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                         + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
+            if log:
+                log_scalars(log_writer, metrics, epoch=epoch, step=step + 1, steps_per_epoch=steps_per_epoch,
+                            loss=loss_avg, lr=lr, img_s=img_s, mem=mem, skipped=n_skipped)
             if max_streak >= args.max_nonfinite_steps:
                 raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
                               f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)

@@ -34,7 +34,7 @@ def plot_loss_curve(metrics_path: str, out_path: str):
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
-            if rec.get("kind") == "train" and rec["loss"] == rec["loss"]:  # skip NaN windows
+            if rec.get("kind") == "train" and rec["loss"] is not None:  # None: only skipped steps
                 points[rec["global_step"]] = rec["loss"]  # a resumed run overwrites replayed steps
     if not points:
         return None
