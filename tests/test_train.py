@@ -11,6 +11,7 @@ from denoiser import Denoiser
 from engine_jit import train_step
 from model_jit import JiT_models
 from util.checkpoint import load
+from util.data import ResumableSampler
 from util.lr_sched import lr_at
 from helpers import TINY, make_image_folder, run_main, torchrun
 
@@ -48,6 +49,21 @@ def test_lr_is_set_every_iteration_with_warmup(data, tmp_path):
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
     expected = [lr_at(e + s / 6, lr=0.002, warmup_epochs=1) for e in range(2) for s in range(6)]
     assert lrs == pytest.approx(expected)
+
+
+def test_sampler_splits_ranks_and_resumes_mid_epoch():
+    full = list(ResumableSampler(10, seed=3))
+    assert sorted(i for i, _ in full) == list(range(10))
+    assert 0 < sum(f for _, f in full) < 10  # flips are drawn too
+    ranks = [ResumableSampler(10, rank=r, world_size=3, seed=3) for r in range(3)]
+    shares = [list(s) for s in ranks]
+    assert all(len(s) == 4 for s in shares)  # padded to 12 like DistributedSampler
+    assert {i for s in shares for i, _ in s} == set(range(10))
+    ranks[1].set_position(epoch=0, start=2)
+    assert list(ranks[1]) == shares[1][2:] and len(ranks[1]) == 2
+    s = ResumableSampler(10, seed=3)
+    s.set_epoch(1)
+    assert list(s) != full  # a new order each epoch
 
 
 def test_lr_schedule_values():

@@ -81,8 +81,8 @@ class ResumableSampler(Sampler):
     rank's share. Yields (index, flip) pairs.
     """
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, flip: bool = True):
-        self.n, self.rank, self.world_size, self.seed, self.flip = n, rank, world_size, seed, flip
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.n, self.rank, self.world_size, self.seed = n, rank, world_size, seed
         self.num_samples = math.ceil(n / world_size)
         self.epoch, self.start = 0, 0
 
@@ -98,7 +98,7 @@ class ResumableSampler(Sampler):
         order = torch.randperm(self.n, generator=g)
         total = self.num_samples * self.world_size
         order = order.repeat(math.ceil(total / self.n))[:total]  # pad like DistributedSampler
-        flips = torch.rand(total, generator=g) < 0.5 if self.flip else torch.zeros(total, dtype=torch.bool)
+        flips = torch.rand(total, generator=g) < 0.5
         pos = torch.arange(self.rank, total, self.world_size)[self.start :]
         return iter(zip(order[pos].tolist(), flips[pos].tolist()))
 
