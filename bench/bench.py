@@ -243,6 +243,12 @@ def bench_parity(args, device, n=8):
     }
 
 
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
@@ -281,9 +287,7 @@ def main(argv=None):
               f"{r['images']} samples of {r['steps']} steps: max |diff| {r['sample_max_abs_diff']:.2e}, "
               f"rel L2 {r['sample_rel_l2']:.2e}, uint8 changed {r['uint8_frac_changed']:.2%} (max {r['uint8_max_diff']})", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return out
 
 

@@ -10,7 +10,6 @@ loads alone (one process). Files are read through the page cache: a dataset larg
 also waits on the disk, which this does not measure unless run on that dataset.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 
+from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
 from main_jit import make_loader  # noqa: E402
 from util.data import CenterCropFolder, ResumableSampler  # noqa: E402
 
@@ -144,9 +144,7 @@ def main(argv=None):
            "workers_needed_from": busiest["workers"]}
     print(f"estimate (from --workers {busiest['workers']}): {out['workers_needed']} workers per GPU for {args.target:g} img/s")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return out
 
 
