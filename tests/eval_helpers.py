@@ -2,7 +2,6 @@
 samples differ from image to image, tiny reference-format checkpoints and subprocess launchers."""
 import argparse
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from denoiser import Denoiser  # noqa: E402
+from helpers import free_port  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 
 TINY = dict(model="JiT-XS/4", img_size=16, class_num=3)
@@ -107,12 +107,6 @@ def write_image_folder(root: str, per_class: int, classes=("a", "b"), seed: int 
             h, w = rng.integers(20, 60, size=2)
             arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
             Image.fromarray(arr).save(os.path.join(root, c, f"{k}.{'png' if k % 2 else 'jpg'}"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_python(args: list, nproc: int | None = None, env: dict | None = None, timeout: float = 300, check: bool = True):

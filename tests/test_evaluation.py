@@ -127,10 +127,8 @@ def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, tmp_p
 
 
 MAIN = os.path.join(ROOT, "main_jit.py")
-needs_main = pytest.mark.skipif(not os.path.exists(MAIN), reason="main_jit.py not written yet")
 
 
-@needs_main
 def test_reference_checkpoint_evaluates_end_to_end(tmp_path, tmp_path_factory, synthetic_stats):
     """main_jit.py --evaluate_gen on a reference-format checkpoint whose three weight sets differ:
     the saved images are the EMA-1 ones, and the metrics are logged with the checkpoint epoch."""
@@ -152,7 +150,6 @@ def test_reference_checkpoint_evaluates_end_to_end(tmp_path, tmp_path_factory, s
     assert (saved.int() - expected.int()).abs().max() <= 1  # this process runs 2 threads, the child 1
 
 
-@needs_main
 def test_evaluate_gen_without_network_or_weights_flag_fails_fast(tmp_path, synthetic_stats):
     ckpt = tmp_path / "checkpoint-last.pth"
     save_reference_checkpoint(str(ckpt), tiny_denoiser())

@@ -105,7 +105,10 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
 
 
 def shutdown():
+    """Leave the process group; every rank waits for the others first, so none tears down its
+    connections while a peer still uses them."""
     if is_dist():
+        barrier()
         dist.destroy_process_group()
 
 
