@@ -4,7 +4,6 @@
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 """
 import argparse
-import json
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ from util.data import CenterCropFolder, ResumableSampler
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
+from util.metrics_log import MetricsLog
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
@@ -141,18 +141,6 @@ class StopSignal:
 
     def _handler(self, signum, frame):
         self.requested = signum
-
-
-class MetricsLog:
-    """Appends JSON lines to output_dir/metrics.jsonl on rank 0."""
-
-    def __init__(self, output_dir):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-
-    def write(self, record: dict):
-        if D.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def build_optimizer(denoiser, lr, weight_decay):

@@ -11,7 +11,6 @@ Each batch is quantised to uint8 and fed to torch-fidelity's Inception in memory
 are gathered on rank 0 in image order, which computes FID and IS with torch-fidelity's functions
 and shares the numbers with every rank.
 """
-import json
 import math
 import os
 import time
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from util import fid
+from util.metrics_log import MetricsLog
 from util.distributed import all_gather_object, autocast, barrier, get_rank, get_world_size, is_dist, is_main_process, print0
 
 
@@ -191,7 +191,5 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
                           img_size=img_size, seed=seed, gen_bsz=gen_bsz, world_size=get_world_size(), **sampler,
                           fid_stats=fid_stats)
             record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            MetricsLog(output_dir).write(record)
     return all_gather_object(result)[0]
