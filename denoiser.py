@@ -5,6 +5,7 @@ z_t = t·x + (1 - t)·e with e ~ N(0, noise_scale²), images x in [-1, 1]. The n
 velocities are v = (x - z)/(1 - t) and the loss is taken on them.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,25 @@ import torch.nn as nn
 def velocity(x_pred, z, t, t_eps: float):
     """v̂ = (x̂ - z) / max(1 - t, t_eps). x_pred, z: (B, C, H, W); t broadcastable to them."""
     return (x_pred - z) / (1.0 - t).clamp_min(t_eps)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: `method` (a key of SAMPLERS) over `steps` intervals of [0, 1], with
+    classifier-free guidance scale `cfg` inside the time interval (interval_min, interval_max)
+    (see cfg_scale_at)."""
+
+    method: str = "heun"
+    steps: int = 50
+    cfg: float = 1.0
+    interval_min: float = 0.0
+    interval_max: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in SAMPLERS:
+            raise ValueError(f"sampling method must be one of {', '.join(SAMPLERS)}, got {self.method!r}")
+        if self.steps < 1:
+            raise ValueError(f"the sampler needs at least 1 step, got {self.steps}")
 
 
 class Denoiser(nn.Module):
@@ -56,18 +76,17 @@ class Denoiser(nn.Module):
         return ((v - v_pred) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()
 
     @torch.no_grad()
-    def generate(self, labels, *, noise=None, net=None, **sampler_kwargs):
+    def generate(self, labels, settings: SamplerSettings, *, noise=None, net=None):
         """Sample images (B, C, H, W) in about [-1, 1] for `labels` (B,) with this denoiser's net.
 
         noise: the initial z₀ (B, C, H, W), already scaled; default noise_scale·N(0, I) at the
         net's resolution. net: a stand-in for self.net with the same weights (a compiled one).
-        sampler_kwargs go to `sample` (steps, method, cfg, interval_min, interval_max).
         """
         if noise is None:
             size = self.net.input_size
             shape = (labels.shape[0], self.net.in_channels, size, size)
             noise = torch.randn(shape, device=labels.device) * self.noise_scale
-        return sample(self.net if net is None else net, noise, labels, null_label=self.num_classes, t_eps=self.t_eps, **sampler_kwargs)
+        return sample(self.net if net is None else net, noise, labels, settings, null_label=self.num_classes, t_eps=self.t_eps)
 
 
 def time_grid(steps: int):
@@ -93,30 +112,41 @@ def guided_velocity(net, z, t, labels, *, null_label: int, cfg: float, t_eps: fl
     return v_uncond + cfg * (v_cond - v_uncond)
 
 
-def sample(net, z, labels, *, null_label: int, t_eps: float = 0.05, steps: int = 50, method: str = "heun",
-           cfg: float = 1.0, interval_min: float = 0.0, interval_max: float = 1.0):
-    """Integrate dz/dt = v(z, t) from t = 0 (noise z) to t = 1 (image).
+def euler_step(v_at, z, i: int, ts):
+    """z at ts[i + 1] from z at ts[i]: z + dt·v(z, t_i). v_at(z, i) is the velocity at ts[i]."""
+    return z + (ts[i + 1] - ts[i]) * v_at(z, i)
 
-    Heun (2nd order) or Euler on linspace(0, 1, steps + 1) for the first steps - 1 intervals, and a
-    final Euler step (the velocity at t = 1 is undefined). net(z, t, y) -> x̂ is any callable.
-    z: (B, C, H, W) initial noise; labels: (B,). Returns (B, C, H, W).
+
+def heun_step(v_at, z, i: int, ts):
+    """Heun's 2nd-order step: z + dt·(v(z, t_i) + v(z + dt·v, t_{i+1}))/2. The last interval takes an
+    Euler step (the velocity at t = 1 is undefined)."""
+    if i == len(ts) - 2:
+        return euler_step(v_at, z, i, ts)
+    dt = ts[i + 1] - ts[i]
+    v = v_at(z, i)
+    v_next = v_at(z + dt * v, i + 1)
+    return z + dt * (0.5 * (v + v_next))
+
+
+# Sampling method name (--sampling_method) -> one integration step.
+SAMPLERS = {"heun": heun_step, "euler": euler_step}
+
+
+def sample(net, z, labels, settings: SamplerSettings, *, null_label: int, t_eps: float = 0.05):
+    """Integrate dz/dt = v(z, t) from t = 0 (noise z) to t = 1 (image) on linspace(0, 1, steps + 1).
+
+    net(z, t, y) -> x̂ is any callable. z: (B, C, H, W) initial noise; labels: (B,). Returns (B, C, H, W).
     """
-    if method not in ("heun", "euler"):
-        raise ValueError(f"sampling method must be 'heun' or 'euler', got {method!r}")
-    grid = time_grid(steps)
+    grid = time_grid(settings.steps)
     ts = grid.to(z.device)
+    step = SAMPLERS[settings.method]
 
     def v_at(z_, i):
-        scale = cfg_scale_at(grid[i], cfg, interval_min, interval_max)
+        scale = cfg_scale_at(grid[i], settings.cfg, settings.interval_min, settings.interval_max)
         return guided_velocity(net, z_, ts[i], labels, null_label=null_label, cfg=scale, t_eps=t_eps)
 
-    for i in range(steps):
-        dt = ts[i + 1] - ts[i]
-        v = v_at(z, i)
-        if method == "heun" and i < steps - 1:
-            v_next = v_at(z + dt * v, i + 1)
-            v = 0.5 * (v + v_next)
-        z = z + dt * v
+    for i in range(settings.steps):
+        z = step(v_at, z, i, ts)
     return z
 
 
@@ -133,14 +163,9 @@ class EMA:
         self._ema = list(self.module.parameters())
 
     @torch.no_grad()
-    def update(self, model: nn.Module, weight=None):
-        """One EMA step towards `model`'s parameters. `weight` (default 1 - decay) may be a 0-dim
-        tensor, so that a skipped step (weight 0) costs no host synchronisation."""
-        params = [p.detach() for p in model.parameters()]
-        if weight is None:
-            torch._foreach_lerp_(self._ema, params, 1.0 - self.decay)
-        else:
-            torch._foreach_lerp_(self._ema, params, [weight] * len(params))
+    def update(self, model: nn.Module):
+        """One EMA step towards `model`'s parameters (one fused foreach op, no host sync)."""
+        torch._foreach_lerp_(self._ema, [p.detach() for p in model.parameters()], 1.0 - self.decay)
 
     def state_dict(self):
         return self.module.state_dict()

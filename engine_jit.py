@@ -2,12 +2,14 @@
 import contextlib
 import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from util import distributed as D
 from util.evaluation import evaluate  # noqa: F401  (engine_jit.evaluate, as in the reference)
-from util.lr_sched import lr_at, set_lr
+from util.lr_sched import set_lr
 
 
 class StopRun(Exception):
@@ -16,6 +18,23 @@ class StopRun(Exception):
     def __init__(self, message: str, code: int = 0):
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the epoch loop needs to know. batch_size: per process and micro-batch; accum_iter:
+    micro-batches per optimiser step; epochs: of the whole run (for its ETA); print_freq / log_freq:
+    console / TensorBoard + metrics.jsonl every N steps; save_every_steps: step checkpoints (0: off);
+    max_bad_frac: unreadable images per epoch that stop the run; max_nonfinite_steps: in a row."""
+
+    batch_size: int
+    epochs: int
+    accum_iter: int = 1
+    print_freq: int = 20
+    log_freq: int = 100
+    save_every_steps: int = 0
+    max_bad_frac: float = 0.001
+    max_nonfinite_steps: int = 10
 
 
 def nonfinite_flag(params) -> torch.Tensor:
@@ -78,50 +97,53 @@ class StepMonitor:
         return out
 
 
-def log_scalars(log_writer, metrics, *, epoch, step, steps_per_epoch, loss, lr, img_s, mem, skipped):
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS (hours may exceed 24)."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def log_scalars(log, *, epoch, step, steps_per_epoch, loss, lr, img_s, mem, skipped):
     """One training record: TensorBoard (x = epoch·1000, the reference's axis) and metrics.jsonl."""
-    if metrics is not None:
-        metrics.write({"kind": "train", "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
-                       "loss": None if math.isnan(loss) else loss, "lr": lr, "img_per_s": img_s, "skipped": skipped})
-    if log_writer is not None:
-        x1000 = int((epoch + step / steps_per_epoch) * 1000)
-        if not math.isnan(loss):
-            log_writer.add_scalar("train_loss", loss, x1000)
-        log_writer.add_scalar("lr", lr, x1000)
-        log_writer.add_scalar("img_per_s", img_s, x1000)
-        if mem:
-            log_writer.add_scalar("peak_mem_gib", mem, x1000)
+    log.record({"kind": "train", "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
+                "loss": loss, "lr": lr, "img_per_s": img_s, "skipped": skipped})
+    scalars = {"lr": lr, "img_per_s": img_s}
+    if not math.isnan(loss):
+        scalars["train_loss"] = loss
+    if mem:
+        scalars["peak_mem_gib"] = mem
+    log.scalars(scalars, int((epoch + step / steps_per_epoch) * 1000))
 
 
 def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, start_step: int, steps_per_epoch: int,
-                    device, args, log_writer=None, metrics=None, stopper=None, save_fn=None):
+                    device, loop: LoopConfig, lr_at: Callable[[float], float], log=None, stopper=None,
+                    save_fn=None) -> bool:
     """Train from step `start_step` to the end of `epoch`.
 
     loader yields (images, labels, bad-file counts) micro-batches from the sampler's position;
-    `save_fn(epoch, next_step)` writes a resumable checkpoint; `stopper.requested` is set by
-    SIGTERM/SIGUSR1. Raises StopRun after saving when a stop is requested, and without saving
-    when too many non-finite steps come in a row or too many images are unreadable.
-    Returns a dict of epoch statistics ('saved_at_end': a step checkpoint was written after the
-    last step).
+    lr_at(fractional epoch) gives the learning rate of each step; `save_fn(epoch, next_step)` writes
+    a resumable checkpoint; `stopper.requested` is set by SIGTERM/SIGUSR1; `log` is a RunLog.
+    Raises StopRun after saving when a stop is requested, and without saving when too many
+    non-finite steps come in a row or too many images are unreadable. Returns True when a step
+    checkpoint was written after the last step (the epoch's end is saved already).
     """
     model.train()
     monitor = StepMonitor(device)
     it = iter(loader)
     bad_files = 0
-    bad_limit = args.max_bad_frac * steps_per_epoch * args.accum_iter * args.batch_size * D.get_world_size()
-    images_per_step = args.batch_size * args.accum_iter * D.get_world_size()
-    t_window, t_epoch, window_steps = time.time(), time.time(), 0
-    lr, saved_at_end = 0.0, False
+    images_per_step = loop.batch_size * loop.accum_iter * D.get_world_size()
+    bad_limit = loop.max_bad_frac * steps_per_epoch * images_per_step
+    t_window, window_steps = time.time(), 0
+    saved_at_end = False
     for step in range(start_step, steps_per_epoch):
-        lr = lr_at(epoch + step / steps_per_epoch, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                   schedule=args.lr_schedule, epochs=args.epochs, min_lr=args.min_lr)
+        lr = lr_at(epoch + step / steps_per_epoch)
         set_lr(optimizer, lr)
         micro, step_bad = [], 0
-        for _ in range(args.accum_iter):
+        for _ in range(loop.accum_iter):
             x, labels, bad = next(it)
             micro.append((x, labels))
             step_bad += int(bad.sum())
-        loss, skipped = train_step(model, denoiser, optimizer, emas, micro, device=device, accum_iter=args.accum_iter)
+        loss, skipped = train_step(model, denoiser, optimizer, emas, micro, device=device, accum_iter=loop.accum_iter)
         monitor.add(loss, skipped)
         window_steps += 1
 
@@ -131,23 +153,25 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
         last = step + 1 == steps_per_epoch
         if bad_files > bad_limit:
             raise StopRun(f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
-                          f"{args.max_bad_frac} of the epoch); fix the dataset", code=1)
-        show = (step + 1) % args.print_freq == 0 or last or stop_votes
-        log = (step + 1) % args.log_freq == 0 or last
-        if show or log:
+                          f"{loop.max_bad_frac} of the epoch); fix the dataset", code=1)
+        show = (step + 1) % loop.print_freq == 0 or last or stop_votes
+        write = (step + 1) % loop.log_freq == 0 or last
+        if show or write:
             loss_avg, n_skipped, max_streak = monitor.read()
             elapsed = time.time() - t_window
             img_s = window_steps * images_per_step / max(elapsed, 1e-9)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             if show:
-                eta = (steps_per_epoch - step - 1) * elapsed / window_steps
+                per_step = elapsed / window_steps
+                left_epoch = steps_per_epoch - step - 1
+                left_run = left_epoch + (loop.epochs - epoch - 1) * steps_per_epoch
                 D.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
-                         f"{img_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                         f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
                          + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
-            if log:
-                log_scalars(log_writer, metrics, epoch=epoch, step=step + 1, steps_per_epoch=steps_per_epoch,
+            if write and log is not None:
+                log_scalars(log, epoch=epoch, step=step + 1, steps_per_epoch=steps_per_epoch,
                             loss=loss_avg, lr=lr, img_s=img_s, mem=mem, skipped=n_skipped)
-            if max_streak >= args.max_nonfinite_steps:
+            if max_streak >= loop.max_nonfinite_steps:
                 raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
                               f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)
             t_window, window_steps = time.time(), 0
@@ -156,9 +180,9 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
                 save_fn(epoch, step + 1)
             raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}: checkpoint saved; "
                           "rerun the same command to continue")
-        if args.save_every_steps and (epoch * steps_per_epoch + step + 1) % args.save_every_steps == 0 and save_fn:
+        if loop.save_every_steps and (epoch * steps_per_epoch + step + 1) % loop.save_every_steps == 0 and save_fn:
             save_fn(epoch, step + 1)
             saved_at_end = last
     if bad_files:
         D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
-    return {"lr": lr, "bad_files": bad_files, "time": time.time() - t_epoch, "saved_at_end": saved_at_end}
+    return saved_at_end

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 """
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -14,16 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from denoiser import EMA, Denoiser
-from engine_jit import StopRun, evaluate, train_one_epoch
-from model_jit import ATTN_IMPLS, JiT_models
+from denoiser import EMA, SAMPLERS, Denoiser, SamplerSettings
+from engine_jit import LoopConfig, StopRun, evaluate, hms, train_one_epoch
+from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
-from util.data import CenterCropFolder, ResumableSampler
+from util import lr_sched
+from util.data import CenterCropFolder, ResumableSampler, make_loader
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
-from util.metrics_log import MetricsLog
+from util.logger import RunLog
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
@@ -32,72 +34,92 @@ DEMO_DEFAULTS = dict(
 )
 
 
+def add_sampler_args(group):
+    """The sampler's flags (shared by main_jit.py and sample.py)."""
+    a = group.add_argument
+    a("--sampling_method", default="heun", choices=sorted(SAMPLERS), help="ODE integrator (Heun: 2nd order, Euler: 1st)")
+    a("--num_sampling_steps", default=50, type=int, help="integration steps from t = 0 (noise) to t = 1 (image)")
+    a("--cfg", default=1.0, type=float, help="classifier-free guidance scale (>= 0; 1 = no guidance)")
+    a("--interval_min", default=0.0, type=float, help="guidance only for t > this, in [0, 1] (0: from t = 0 on)")
+    a("--interval_max", default=1.0, type=float, help="guidance only for t < this, in [0, 1]")
+
+
+def sampler_settings(args) -> SamplerSettings:
+    return SamplerSettings(method=args.sampling_method, steps=args.num_sampling_steps, cfg=args.cfg,
+                           interval_min=args.interval_min, interval_max=args.interval_max)
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("JiT training and evaluation", add_help=True)
-    a = p.add_argument
-    # model
+    p = argparse.ArgumentParser("JiT training and evaluation", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    a = g.add_argument
     a("--model", default="JiT-B/16", type=str, choices=sorted(JiT_models), metavar="MODEL", help=f"one of {', '.join(JiT_models)}")
-    a("--img_size", default=256, type=int, help="image size (pixels)")
-    a("--attn_dropout", default=0.0, type=float)
-    a("--proj_dropout", default=0.0, type=float)
+    a("--img_size", default=256, type=int, help="image side (pixels); a multiple of the patch size")
+    a("--attn_dropout", default=0.0, type=float, help="attention dropout in the middle half of the blocks, in [0, 1)")
+    a("--proj_dropout", default=0.0, type=float, help="projection / MLP dropout in the middle half of the blocks, in [0, 1)")
     a("--attn_impl", default="sdpa", choices=ATTN_IMPLS, help="sdpa (fused kernels) or reference (float32 logits, N×N)")
-    # training
-    a("--epochs", default=200, type=int)
-    a("--warmup_epochs", default=5, type=int)
+
+    g = p.add_argument_group("training")
+    a = g.add_argument
+    a("--epochs", default=200, type=int, help="epochs to train in all (a resumed run continues up to this)")
+    a("--warmup_epochs", default=5, type=int, help="epochs of linear learning-rate warmup from 0")
     a("--batch_size", default=128, type=int, help="per-GPU batch size; global = batch_size × GPUs × accum_iter")
     a("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimiser step")
     a("--lr", default=None, type=float, help="absolute learning rate (default: blr × global batch / 256)")
-    a("--blr", default=5e-5, type=float, help="base learning rate")
-    a("--min_lr", default=0.0, type=float)
-    a("--lr_schedule", default="constant", choices=("constant", "cosine"))
-    a("--weight_decay", default=0.0, type=float)
-    a("--ema_decay1", default=0.9999, type=float)
-    a("--ema_decay2", default=0.9996, type=float)
-    a("--P_mean", default=-0.8, type=float)
-    a("--P_std", default=0.8, type=float)
-    a("--noise_scale", default=1.0, type=float)
-    a("--t_eps", default=5e-2, type=float)
-    a("--label_drop_prob", default=0.1, type=float)
-    a("--seed", default=0, type=int)
-    a("--start_epoch", default=0, type=int)
-    a("--num_workers", default=12, type=int)
-    a("--pin_mem", action="store_true")
-    a("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
+    a("--blr", default=5e-5, type=float, help="base learning rate, per 256 images of global batch")
+    a("--min_lr", default=0.0, type=float, help="final learning rate of the cosine schedule")
+    a("--lr_schedule", default="constant", choices=("constant", "cosine"), help="after warmup: constant or half-cycle cosine to --min_lr")
+    a("--weight_decay", default=0.0, type=float, help="AdamW weight decay (not on biases and 1-D parameters)")
+    a("--ema_decay1", default=0.9999, type=float, help="decay per step of EMA 1 (the weights evaluation samples with)")
+    a("--ema_decay2", default=0.9996, type=float, help="decay per step of EMA 2")
+    a("--P_mean", default=-0.8, type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
+    a("--P_std", default=0.8, type=float, help="standard deviation of logit(t) for training times")
+    a("--noise_scale", default=1.0, type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
+    a("--t_eps", default=5e-2, type=float, help="velocities divide by max(1 - t, t_eps)")
+    a("--label_drop_prob", default=0.1, type=float, help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
+    a("--seed", default=0, type=int, help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))")
+    a("--start_epoch", default=0, type=int, help="first epoch when not resuming from a checkpoint")
     a("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network (default: on for CUDA)")
-    a("--no_compile", dest="compile", action="store_false")
-    # sampling
-    a("--sampling_method", default="heun", choices=("heun", "euler"))
-    a("--num_sampling_steps", default=50, type=int)
-    a("--cfg", default=1.0, type=float)
-    a("--interval_min", default=0.0, type=float)
-    a("--interval_max", default=1.0, type=float)
-    a("--num_images", default=50000, type=int)
-    a("--eval_freq", default=40, type=int, help="online evaluation every N epochs")
-    a("--online_eval", action="store_true")
-    a("--evaluate_gen", action="store_true")
-    a("--gen_bsz", default=256, type=int, help="per-GPU generation batch size")
+    a("--no_compile", dest="compile", action="store_false", help="do not torch.compile")
+    a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
+
+    g = p.add_argument_group("sampling and evaluation")
+    add_sampler_args(g)
+    a = g.add_argument
+    a("--num_images", default=50000, type=int, help="images to generate for FID / IS; a multiple of --class_num")
+    a("--eval_freq", default=40, type=int, help="online evaluation every N epochs (and at the last)")
+    a("--online_eval", action="store_true", help="evaluate FID / IS during training")
+    a("--evaluate_gen", action="store_true", help="only evaluate the checkpoint given by --resume")
+    a("--gen_bsz", default=256, type=int, help="per-GPU generation batch size (images)")
     a("--fid_stats", default=None, help="reference statistics (npz with mu, sigma); default fid_stats/jit_in{img_size}_stats.npz")
-    a("--inception_weights", default=None, help="local Inception-v3 weights for torch-fidelity (no download)")
-    a("--save_images", action="store_true", help="also keep the generated PNGs")
-    # data, output, logging
+    a("--inception_weights", default=None, help="local Inception-v3 weights for torch-fidelity (default: download once to the torch hub cache)")
+    a("--save_images", action="store_true", help="also keep the generated PNGs in output_dir")
+
+    g = p.add_argument_group("data and output")
+    a = g.add_argument
     a("--data_path", default="./data/imagenet", type=str, help="holds an ImageFolder tree under train/")
-    a("--class_num", default=1000, type=int)
-    a("--output_dir", default="./output_dir")
+    a("--class_num", default=1000, type=int, help="number of classes (labels 0 .. class_num - 1)")
+    a("--num_workers", default=12, type=int, help="DataLoader worker processes per GPU (0: load in the main process)")
+    a("--pin_mem", action="store_true", help="pin host memory of batches (CUDA only)")
+    a("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin host memory")
+    p.set_defaults(pin_mem=True)
+    a("--output_dir", default="./output_dir", help="checkpoints, log.txt, metrics.jsonl, TensorBoard events")
     a("--resume", default="", help="checkpoint file, or folder to resume from (newest readable checkpoint)")
-    a("--save_last_freq", type=int, default=5, help="checkpoint-last.pth every N epochs")
+    a("--save_last_freq", type=int, default=5, help="checkpoint-last.pth every N epochs (and at the last)")
     a("--save_every_steps", type=int, default=0, help="also checkpoint-last.pth every N optimiser steps (0: off)")
     a("--log_freq", default=100, type=int, help="TensorBoard / metrics.jsonl every N iterations")
     a("--print_freq", default=20, type=int, help="console progress every N iterations")
     a("--max_bad_frac", default=0.001, type=float, help="stop if more than this fraction of an epoch's images is unreadable")
-    a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
     a("--demo", action="store_true", help="train a tiny JiT on generated shapes (no data needed); other flags still apply")
     a("--dry_run", action="store_true", help="check the arguments, data and checkpoint, build everything, then exit")
-    # distributed
+
+    g = p.add_argument_group("distributed")
+    a = g.add_argument
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--world_size", default=1, type=int, help="number of distributed processes (set by the launcher)")
-    a("--local_rank", default=-1, type=int)
-    a("--dist_on_itp", action="store_true")
+    a("--world_size", default=1, type=int, help="number of processes: set by the launcher (read from its environment)")
+    a("--local_rank", "--local-rank", default=-1, type=int, help="GPU of this process: set by the launcher (read from its environment)")
+    a("--dist_on_itp", action="store_true", help="launched by OpenMPI (ranks from OMPI_COMM_WORLD_*)")
     a("--dist_url", default="env://", help="url used to set up distributed training")
     return p
 
@@ -111,9 +133,13 @@ def parse_args(argv=None):
     return args
 
 
+def default_fid_stats(args) -> str:
+    return args.fid_stats or os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
+
+
 def check_args(args):
     """Fail fast, before any expensive work, on inputs that cannot work."""
-    patch = int(args.model.split("/")[-1])
+    patch = preset_patch_size(args.model)
     if args.img_size % patch:
         raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
     for name in ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq", "save_last_freq", "class_num"):
@@ -125,10 +151,23 @@ def check_args(args):
         raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
     if not args.evaluate_gen and not args.demo and not os.path.isdir(os.path.join(args.data_path, "train")):
         raise FileNotFoundError(f"--data_path {args.data_path}: no folder {os.path.join(args.data_path, 'train')} (an ImageFolder tree of training images)")
-    if args.fid_stats is None:
-        args.fid_stats = os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
     if args.evaluate_gen or args.online_eval:
-        check_eval_inputs(args.fid_stats, args.inception_weights, args.num_images, args.class_num)
+        check_eval_inputs(default_fid_stats(args), args.inception_weights, args.num_images, args.class_num)
+
+
+def resolve_config(args, world_size: int) -> argparse.Namespace:
+    """The run's settings: the flags plus the values derived from them (`args` is left as given).
+
+    lr: blr × global batch / 256 unless --lr is given; fid_stats: the default file for img_size;
+    data_path: the generated shapes under output_dir for --demo; compile: on for CUDA by default.
+    """
+    cfg = argparse.Namespace(**vars(args))
+    if cfg.lr is None:
+        cfg.lr = cfg.blr * cfg.batch_size * cfg.accum_iter * world_size / 256
+    cfg.fid_stats = default_fid_stats(args)
+    if cfg.demo:
+        cfg.data_path = os.path.join(cfg.output_dir, "demo_data")
+    return cfg
 
 
 class StopSignal:
@@ -143,165 +182,148 @@ class StopSignal:
         self.requested = signum
 
 
-def build_optimizer(denoiser, lr, weight_decay):
-    """AdamW (0.9, 0.95); no weight decay on biases and 1-D parameters (the reference's groups and
-    order, so its optimizer state loads). Fused: it also skips non-finite steps on the device."""
+def param_groups(denoiser, weight_decay: float) -> list[dict]:
+    """The reference's two AdamW groups, in its order (so that its optimizer state loads): biases
+    and 1-D parameters without weight decay, then the rest with `weight_decay`."""
     decay, no_decay = [], []
     for name, p in denoiser.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def make_loader(dataset, sampler, args, device):
-    return DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda",
-        drop_last=True,
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched
-    )
+def build_optimizer(denoiser, lr, weight_decay):
+    """AdamW (0.9, 0.95) over param_groups. Fused: it also skips non-finite steps on the device."""
+    return torch.optim.AdamW(param_groups(denoiser, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
 
 
-def ckpt_args_summary(ckpt) -> str:
-    a = ckpt.get("args") or {}
-    return ", ".join(f"--{k} {a[k]}" for k in ("model", "img_size", "class_num") if k in a) or "unknown flags"
+@dataclass
+class Data:
+    loader: DataLoader
+    sampler: ResumableSampler
+    steps_per_epoch: int
 
 
-def restore(ckpt, path, denoiser, emas, optimizer, device):
-    """Load a checkpoint into the live objects (optimizer None: weights only). Returns the
-    (epoch, step) to continue from."""
-    try:
-        denoiser.load_state_dict(ckpt["model"])
-        for ema, key in zip(emas, ("model_ema1", "model_ema2")):
-            ema.load_state_dict(ckpt.get(key, ckpt["model"]))
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
-        first = str(e).strip().splitlines()
-        raise ckpt_util.CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; "
-                                        f"the checkpoint was made with {ckpt_args_summary(ckpt)}): "
-                                        f"{' '.join(first[:2])[:300]}") from None
-    if optimizer is not None and "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # a reference checkpoint stores fused=None
-            group.update(fused=True, foreach=None)
-    resume = ckpt.get("resume", {"epoch": ckpt.get("epoch", -1) + 1, "step": 0})
-    rng = ckpt.get("rng")
-    if rng is not None and ckpt.get("world_size") == D.get_world_size():
-        ckpt_util.restore_rng(rng[D.get_rank()], device)
-    elif rng is not None:
-        D.print0(f"note: {path} was written by {ckpt.get('world_size')} processes, this run has "
+def build_data(cfg, device) -> Data:
+    """The training images (the demo's are generated first), this rank's sampler and the loader."""
+    if cfg.demo:
+        if D.is_main_process():
+            make_shapes_dataset(cfg.data_path, image_size=cfg.img_size)
+        D.barrier()
+    dataset = CenterCropFolder(os.path.join(cfg.data_path, "train"), cfg.img_size)
+    if len(dataset.classes) > cfg.class_num:
+        raise ValueError(f"{cfg.data_path}/train has {len(dataset.classes)} classes but --class_num is {cfg.class_num}")
+    sampler = ResumableSampler(len(dataset), D.get_rank(), D.get_world_size(), seed=cfg.seed)
+    loader = make_loader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                         pin_memory=cfg.pin_mem and device.type == "cuda", seed=cfg.seed)
+    steps_per_epoch = sampler.num_samples // cfg.batch_size // cfg.accum_iter
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(dataset)} images make no full batch of {cfg.batch_size} × {cfg.accum_iter} per process")
+    D.print0(f"data: {len(dataset)} images in {len(dataset.classes)} classes, {steps_per_epoch} steps per epoch")
+    return Data(loader, sampler, steps_per_epoch)
+
+
+def build_model(cfg, device):
+    """(denoiser, [EMA 1, EMA 2], optimizer), freshly initialised from the global RNG."""
+    net = JiT_models[cfg.model](input_size=cfg.img_size, num_classes=cfg.class_num, attn_drop=cfg.attn_dropout,
+                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl)
+    denoiser = Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
+                        t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
+    emas = [EMA(denoiser, cfg.ema_decay1), EMA(denoiser, cfg.ema_decay2)]
+    optimizer = build_optimizer(denoiser, cfg.lr, cfg.weight_decay)
+    n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    D.print0(f"{cfg.model} at {cfg.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
+             f"{D.get_world_size()} process(es); global batch {cfg.batch_size * cfg.accum_iter * D.get_world_size()}, "
+             f"lr {cfg.lr:.3e}")
+    return denoiser, emas, optimizer
+
+
+def resume(cfg, denoiser, emas, optimizer, device):
+    """Load --resume into the live objects (the optimizer only when training) and restore this
+    rank's RNG states. Returns (epoch, step) to continue from and the weights' last finished epoch."""
+    state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0)
+    if state is None:
+        if cfg.evaluate_gen:
+            raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {cfg.resume}")
+        return cfg.start_epoch, 0, -1
+    ckpt_util.load_weights(state, path, denoiser, emas)
+    if not cfg.evaluate_gen and state.optimizer is not None:
+        ckpt_util.load_optimizer(optimizer, state.optimizer)
+    if state.rng is not None and state.world_size == D.get_world_size():
+        ckpt_util.restore_rng(state.rng[D.get_rank()], device)
+    elif state.rng is not None:
+        D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
                  f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
-    D.print0(f"resumed from {path}: epoch {resume['epoch']}, step {resume['step']}")
-    return resume["epoch"], resume["step"]
+    D.print0(f"resumed from {path}: epoch {state.resume['epoch']}, step {state.resume['step']}")
+    return state.resume["epoch"], state.resume["step"], state.epoch
+
+
+def wrap_for_training(denoiser, emas, cfg, device):
+    """(what the training step calls: the denoiser, DDP-wrapped and/or compiled; a compiled stand-in
+    for EMA 1's network for sampling, or None)."""
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    model = denoiser
+    if D.get_world_size() > 1 and not cfg.evaluate_gen:
+        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile:
+        model = torch.compile(model)
+    return model, torch.compile(emas[0].module.net, dynamic=False) if use_compile else None
 
 
 @dataclass
 class Run:
     """Everything a training or evaluation run holds, built once by `setup`."""
 
-    args: argparse.Namespace
+    config: argparse.Namespace  # the flags plus derived values (resolve_config)
     device: torch.device
     denoiser: Denoiser
     emas: list
     optimizer: torch.optim.Optimizer
     model: torch.nn.Module  # what the training step calls: the denoiser, DDP-wrapped and/or compiled
     sample_net: object  # a compiled stand-in for emas[0].module.net, or None
-    loader: DataLoader | None = None
-    sampler: ResumableSampler | None = None
-    steps_per_epoch: int = 0
+    log: RunLog
+    data: Data | None = None  # None for --evaluate_gen
     start_epoch: int = 0
     start_step: int = 0
-    ckpt_epoch: int = -1  # last finished epoch of the weights held
-    log_writer: object = None
-    metrics: MetricsLog | None = None
+    weights_epoch: int = -1  # last finished epoch of the weights loaded by --resume (-1: none)
 
 
 def setup(args) -> Run:
     """Validate, join the process group, build data, model, EMAs and optimizer, and resume."""
     check_args(args)
     device = D.init(args.device, args.dist_on_itp, args.dist_url)
-    rank, world_size = D.get_rank(), D.get_world_size()
+    cfg = resolve_config(args, D.get_world_size())
     if D.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        ckpt_util.remove_stale_temporaries(args.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        ckpt_util.remove_stale_temporaries(cfg.output_dir)
     D.barrier()
-
-    loader = sampler = None
-    steps_per_epoch = 0
-    if not args.evaluate_gen:
-        if args.demo:
-            args.data_path = os.path.join(args.output_dir, "demo_data")
-            if D.is_main_process():
-                make_shapes_dataset(args.data_path, image_size=args.img_size)
-            D.barrier()
-        dataset = CenterCropFolder(os.path.join(args.data_path, "train"), args.img_size)
-        if len(dataset.classes) > args.class_num:
-            raise ValueError(f"{args.data_path}/train has {len(dataset.classes)} classes but --class_num is {args.class_num}")
-        sampler = ResumableSampler(len(dataset), rank, world_size, seed=args.seed)
-        loader = make_loader(dataset, sampler, args, device)
-        steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
-        if steps_per_epoch < 1:
-            raise ValueError(f"{len(dataset)} images make no full batch of {args.batch_size} × {args.accum_iter} per process")
-        D.print0(f"data: {len(dataset)} images in {len(dataset.classes)} classes, {steps_per_epoch} steps per epoch")
-
-    torch.manual_seed(args.seed)  # the same initial weights (and EMAs) on every rank
-    net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num, attn_drop=args.attn_dropout,
-                                 proj_drop=args.proj_dropout, attn_impl=args.attn_impl)
-    denoiser = Denoiser(net, args.class_num, P_mean=args.P_mean, P_std=args.P_std, noise_scale=args.noise_scale,
-                        t_eps=args.t_eps, label_drop_prob=args.label_drop_prob).to(device)
-    emas = [EMA(denoiser, args.ema_decay1), EMA(denoiser, args.ema_decay2)]
-    eff_batch_size = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    optimizer = build_optimizer(denoiser, args.lr, args.weight_decay)
-    n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    D.print0(f"{args.model} at {args.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
-             f"{world_size} process(es); global batch {eff_batch_size}, lr {args.lr:.3e}")
-
-    torch.manual_seed(args.seed + rank)  # training randomness differs per rank
-    np.random.seed(args.seed + rank)
-    start_epoch, start_step, ckpt_epoch = args.start_epoch, 0, -1
-    ckpt, path = ckpt_util.load_for_resume(args.resume, log=D.print0)
-    if ckpt is not None:
-        start_epoch, start_step = restore(ckpt, path, denoiser, emas, None if args.evaluate_gen else optimizer, device)
-        ckpt_epoch = ckpt.get("epoch", -1)
-        del ckpt
-    elif args.evaluate_gen:
-        raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {args.resume}")
-
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    model = denoiser
-    if world_size > 1 and not args.evaluate_gen:
-        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile:
-        model = torch.compile(model)
-    log_writer = None
-    if D.is_main_process() and not args.dry_run:
-        from torch.utils.tensorboard import SummaryWriter
-
-        log_writer = SummaryWriter(log_dir=args.output_dir)
-    return Run(args=args, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
-               sample_net=torch.compile(emas[0].module.net, dynamic=False) if use_compile else None, loader=loader, sampler=sampler,
-               steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, start_step=start_step, ckpt_epoch=ckpt_epoch,
-               log_writer=log_writer, metrics=MetricsLog(args.output_dir))
+    log = RunLog(cfg.output_dir)
+    data = None if cfg.evaluate_gen else build_data(cfg, device)
+    rank = D.get_rank()
+    # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
+    # all ranks start identical; then seed + rank for the training randomness (t, noise, label
+    # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
+    torch.manual_seed(cfg.seed)
+    denoiser, emas, optimizer = build_model(cfg, device)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    start_epoch, start_step, weights_epoch = resume(cfg, denoiser, emas, optimizer, device)
+    model, sample_net = wrap_for_training(denoiser, emas, cfg, device)
+    return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
+               sample_net=sample_net, log=log, data=data, start_epoch=start_epoch, start_step=start_step,
+               weights_epoch=weights_epoch)
 
 
-def run_eval(run: Run, epoch: int):
-    """FID / IS of the EMA-1 weights; the global RNG streams are left as they were."""
-    a = run.args
+def run_eval(run: Run, epoch: int, weights_epoch: int):
+    """FID / IS of the EMA-1 weights (recorded at x = epoch, with the weights' last finished epoch);
+    the global RNG streams are left as they were."""
+    c = run.config
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         return evaluate(
-            run.emas[0].module, net=run.sample_net, device=run.device, num_images=a.num_images, class_num=a.class_num,
-            gen_bsz=a.gen_bsz, seed=a.seed,
-            sampler=dict(steps=a.num_sampling_steps, method=a.sampling_method, cfg=a.cfg,
-                         interval_min=a.interval_min, interval_max=a.interval_max),
-            img_size=a.img_size, fid_stats=a.fid_stats, inception_weights=a.inception_weights,
-            output_dir=a.output_dir, save_images=a.save_images, epoch=epoch,
-            checkpoint_epoch=run.ckpt_epoch, log_writer=run.log_writer,
+            run.emas[0].module, net=run.sample_net, device=run.device, num_images=c.num_images, class_num=c.class_num,
+            gen_bsz=c.gen_bsz, seed=c.seed, sampler=sampler_settings(c), img_size=c.img_size, fid_stats=c.fid_stats,
+            inception_weights=c.inception_weights, output_dir=c.output_dir, save_images=c.save_images, epoch=epoch,
+            checkpoint_epoch=weights_epoch, log=run.log,
         )
 
 
@@ -309,59 +331,66 @@ def save(run: Run, epoch: int, next_step: int, name: str = "last"):
     """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
     atomically. A failed write is reported and the previous checkpoint kept."""
     rngs = D.all_gather_object(ckpt_util.capture_rng(run.device))
-    done = next_step >= run.steps_per_epoch
-    resume = {"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step}
-    run.ckpt_epoch = epoch if done else epoch - 1
     if D.is_main_process():
-        state = {
-            "model": run.denoiser.state_dict(), "model_ema1": run.emas[0].state_dict(),
-            "model_ema2": run.emas[1].state_dict(), "optimizer": run.optimizer.state_dict(),
-            "epoch": run.ckpt_epoch, "args": vars(run.args),
-            "resume": resume, "rng": rngs, "world_size": D.get_world_size(),
-        }
-        path = os.path.join(run.args.output_dir, f"checkpoint-{name}.pth")
+        done = next_step >= run.data.steps_per_epoch
+        state = ckpt_util.TrainState(
+            model=run.denoiser.state_dict(), emas=[ema.state_dict() for ema in run.emas],
+            optimizer=run.optimizer.state_dict(), epoch=epoch if done else epoch - 1, args=vars(run.config),
+            resume={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
+            rng=rngs, world_size=D.get_world_size(),
+        )
+        path = os.path.join(run.config.output_dir, f"checkpoint-{name}.pth")
         try:
-            ckpt_util.save_atomic(state, path)
+            ckpt_util.save(state, path)
         except OSError as e:
             D.print_all(f"error: could not write {path} ({e}); the previous checkpoint is kept, training goes on")
         else:
-            D.print0(f"saved {path} (resume at epoch {resume['epoch']}, step {resume['step']})")
+            D.print0(f"saved {path} (resume at epoch {state.resume['epoch']}, step {state.resume['step']})")
     D.barrier()
+
+
+def loop_config(cfg) -> LoopConfig:
+    return LoopConfig(batch_size=cfg.batch_size, epochs=cfg.epochs, accum_iter=cfg.accum_iter, print_freq=cfg.print_freq,
+                      log_freq=cfg.log_freq, save_every_steps=cfg.save_every_steps, max_bad_frac=cfg.max_bad_frac,
+                      max_nonfinite_steps=cfg.max_nonfinite_steps)
 
 
 def train(run: Run) -> int:
     """The epoch loop: train, checkpoint, evaluate. Returns the exit status."""
-    args = run.args
+    c = run.config
     stopper = StopSignal()
+    loop = loop_config(c)
+    lr_at = functools.partial(lr_sched.lr_at, lr=c.lr, warmup_epochs=c.warmup_epochs, schedule=c.lr_schedule,
+                              epochs=c.epochs, min_lr=c.min_lr)
     start_step = run.start_step
-    D.print0(f"training epochs {run.start_epoch}..{args.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
+    D.print0(f"training epochs {run.start_epoch}..{c.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
     try:
-        for epoch in range(run.start_epoch, args.epochs):
-            run.sampler.set_position(epoch, start_step * args.accum_iter * args.batch_size)
-            stats = train_one_epoch(run.model, run.denoiser, run.optimizer, run.emas, run.loader, epoch=epoch,
-                                    start_step=start_step, steps_per_epoch=run.steps_per_epoch, device=run.device,
-                                    args=args, log_writer=run.log_writer, metrics=run.metrics, stopper=stopper,
-                                    save_fn=lambda e, s: save(run, e, s))
+        for epoch in range(run.start_epoch, c.epochs):
+            run.data.sampler.set_position(epoch, start_step * c.accum_iter * c.batch_size)
+            saved_at_end = train_one_epoch(run.model, run.denoiser, run.optimizer, run.emas, run.data.loader, epoch=epoch,
+                                           start_step=start_step, steps_per_epoch=run.data.steps_per_epoch,
+                                           device=run.device, loop=loop, lr_at=lr_at, log=run.log, stopper=stopper,
+                                           save_fn=lambda e, s: save(run, e, s))
             start_step = 0
-            last = epoch + 1 == args.epochs
-            if (epoch % args.save_last_freq == 0 or last) and not stats["saved_at_end"]:
-                save(run, epoch, run.steps_per_epoch)
+            last = epoch + 1 == c.epochs
+            if (epoch % c.save_last_freq == 0 or last) and not saved_at_end:
+                save(run, epoch, run.data.steps_per_epoch)
             if epoch % 100 == 0 and epoch > 0:
-                save(run, epoch, run.steps_per_epoch, name=str(epoch))
-            if args.online_eval and (epoch % args.eval_freq == 0 or last):
+                save(run, epoch, run.data.steps_per_epoch, name=str(epoch))
+            if c.online_eval and (epoch % c.eval_freq == 0 or last):
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
-                run_eval(run, epoch)
+                run_eval(run, epoch, weights_epoch=epoch)
     except StopRun as e:
         D.print0(str(e))
         return e.code
     finally:
-        if run.log_writer is not None:
-            run.log_writer.flush()
-    D.print0(f"training done in {time.strftime('%H:%M:%S', time.gmtime(time.time() - t0))}")
-    if args.demo and D.is_main_process():
-        write_demo_outputs(run.emas[0].module, args, run.device)
+        run.log.flush()
+    D.print0(f"training done in {hms(time.time() - t0)}")
+    if c.demo and D.is_main_process():
+        write_demo_outputs(run.emas[0].module, output_dir=c.output_dir, class_num=c.class_num, img_size=c.img_size,
+                           seed=c.seed, sampler=sampler_settings(c), device=run.device)
     return 0
 
 
@@ -372,12 +401,11 @@ def main(args) -> int:
             D.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
         if args.evaluate_gen:
-            run_eval(run, run.ckpt_epoch)
+            run_eval(run, run.weights_epoch, weights_epoch=run.weights_epoch)
             return 0
         return train(run)
     finally:
-        if run.log_writer is not None:
-            run.log_writer.close()
+        run.log.close()
 
 
 def cli(argv=None):

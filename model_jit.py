@@ -209,8 +209,6 @@ class JiT(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
         self.in_context_len = in_context_len
         self.in_context_start = in_context_start
 
@@ -294,28 +292,25 @@ class JiT(nn.Module):
         return self.unpatchify(x)
 
 
-def _preset(depth, hidden_size, num_heads, bottleneck_dim, in_context_len, in_context_start, patch_size):
-    return partial(
-        JiT,
-        depth=depth,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        bottleneck_dim=bottleneck_dim,
-        in_context_len=in_context_len,
-        in_context_start=in_context_start,
-        patch_size=patch_size,
-    )
+def _preset(**arch):
+    """A JiT constructor with the architecture fixed; it takes input_size, num_classes, attn_drop,
+    proj_drop, attn_impl, ... as keywords."""
+    return partial(JiT, **arch)
 
 
-# Name -> constructor taking input_size, num_classes, attn_drop, proj_drop, attn_impl, ... as keywords.
 JiT_models = {
-    "JiT-B/16": _preset(12, 768, 12, 128, 32, 4, 16),
-    "JiT-B/32": _preset(12, 768, 12, 128, 32, 4, 32),
-    "JiT-L/16": _preset(24, 1024, 16, 128, 32, 8, 16),
-    "JiT-L/32": _preset(24, 1024, 16, 128, 32, 8, 32),
-    "JiT-H/16": _preset(32, 1280, 16, 256, 32, 10, 16),
-    "JiT-H/32": _preset(32, 1280, 16, 256, 32, 10, 32),
+    "JiT-B/16": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=16),
+    "JiT-B/32": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=32),
+    "JiT-L/16": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=16),
+    "JiT-L/32": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=32),
+    "JiT-H/16": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
+    "JiT-H/32": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=32),
     # Tiny presets for tests and the CPU demo (not in the paper).
-    "JiT-T/4": _preset(6, 192, 4, 32, 8, 2, 4),
-    "JiT-XS/4": _preset(4, 64, 4, 16, 4, 2, 4),
+    "JiT-T/4": _preset(depth=6, hidden_size=192, num_heads=4, bottleneck_dim=32, in_context_len=8, in_context_start=2, patch_size=4),
+    "JiT-XS/4": _preset(depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4, in_context_start=2, patch_size=4),
 }
+
+
+def preset_patch_size(name: str) -> int:
+    """Patch size (pixels) of the preset `name`."""
+    return JiT_models[name].keywords["patch_size"]

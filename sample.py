@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from denoiser import Denoiser
+from main_jit import add_sampler_args, sampler_settings
 from model_jit import JiT_models
 from util import checkpoint, distributed
 from util.evaluation import initial_noise, quantize
@@ -21,54 +22,53 @@ MODEL_DEFAULTS = dict(model="JiT-B/16", img_size=256, class_num=1000, noise_scal
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("JiT sample grid", add_help=True)
-    parser.add_argument("--resume", required=True, type=str, help="checkpoint file, or a folder holding checkpoint-*.pth")
-    parser.add_argument("--weights", default="ema1", choices=["ema1", "ema2", "model"], help="which weights to sample with")
-    parser.add_argument("--classes", default=[207, 360, 387, 974, 88, 979, 417, 279], type=int, nargs="+", help="one grid row per class")
-    parser.add_argument("--per_class", default=8, type=int, help="images per row")
-    parser.add_argument("--num_sampling_steps", default=50, type=int)
-    parser.add_argument("--sampling_method", default="heun", choices=["heun", "euler"])
-    parser.add_argument("--cfg", default=1.0, type=float)
-    parser.add_argument("--interval_min", default=0.0, type=float)
-    parser.add_argument("--interval_max", default=1.0, type=float)
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--output", default="samples.png", type=str, help="grid PNG to write")
-    parser.add_argument("--device", default=None, type=str, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--model", default=None, choices=list(JiT_models), help="default: the checkpoint's")
-    parser.add_argument("--img_size", default=None, type=int, help="default: the checkpoint's")
-    parser.add_argument("--class_num", default=None, type=int, help="default: the checkpoint's")
-    parser.add_argument("--noise_scale", default=None, type=float, help="default: the checkpoint's")
-    parser.add_argument("--t_eps", default=None, type=float, help="default: the checkpoint's")
+    parser = argparse.ArgumentParser("JiT sample grid", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--resume", required=True, type=str, help="checkpoint file, or a folder holding checkpoint-*.pth")
+    a("--weights", default="ema1", choices=["ema1", "ema2", "model"], help="which weights to sample with")
+    a("--classes", default=[207, 360, 387, 974, 88, 979, 417, 279], type=int, nargs="+", help="one grid row per class")
+    a("--per_class", default=8, type=int, help="images per row")
+    add_sampler_args(parser)
+    a("--seed", default=0, type=int, help="image (r, j) starts from the noise of (seed, r·per_class + j)")
+    a("--output", default="samples.png", type=str, help="grid PNG to write")
+    a("--device", default=None, type=str, help="cuda, cpu, ... (default: cuda when available)")
+    a("--model", default=None, choices=list(JiT_models), help="default: the checkpoint's")
+    a("--img_size", default=None, type=int, help="default: the checkpoint's")
+    a("--class_num", default=None, type=int, help="default: the checkpoint's")
+    a("--noise_scale", default=None, type=float, help="default: the checkpoint's")
+    a("--t_eps", default=None, type=float, help="default: the checkpoint's")
     return parser
 
 
 def main(args):
     device = distributed.init(args.device)
     try:
-        ckpt, path = checkpoint.load_for_resume(args.resume, log=lambda msg: None)
-    except checkpoint.CheckpointError as e:
+        state, path = checkpoint.load_for_resume(args.resume, log=lambda msg: None)
+        settings = sampler_settings(args)
+    except (checkpoint.CheckpointError, ValueError) as e:
         distributed.fail(str(e))
-    if ckpt is None:
+    if state is None:
         distributed.fail(f"--resume {args.resume}: no checkpoint found")
-    saved = ckpt.get("args") or {}
+    saved = state.args
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else saved.get(k, v) for k, v in MODEL_DEFAULTS.items()}
     bad = [c for c in args.classes if not 0 <= c < cfg["class_num"]]
     if bad:
         distributed.fail(f"--classes {bad} outside [0, {cfg['class_num']})")
     net = JiT_models[cfg["model"]](input_size=cfg["img_size"], num_classes=cfg["class_num"])
     model = Denoiser(net, cfg["class_num"], noise_scale=cfg["noise_scale"], t_eps=cfg["t_eps"])
-    key = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}[args.weights]
-    model.load_state_dict(ckpt[key])
+    try:
+        checkpoint.load_module(model, state.weights(args.weights), path, saved)
+    except checkpoint.CheckpointError as e:
+        distributed.fail(str(e))
     model.to(device).eval()
 
     n = len(args.classes) * args.per_class
     labels = torch.tensor(args.classes).repeat_interleave(args.per_class).to(device)  # (n,) row-major
     noise = initial_noise(args.seed, range(n), (3, cfg["img_size"], cfg["img_size"]), cfg["noise_scale"]).to(device)
     with distributed.autocast(device):
-        x = model.generate(labels, noise=noise, steps=args.num_sampling_steps, method=args.sampling_method,
-                           cfg=args.cfg, interval_min=args.interval_min, interval_max=args.interval_max)
+        x = model.generate(labels, settings, noise=noise)
     save_grid(quantize(x), args.per_class, args.output)
-    print(f"wrote {len(args.classes)}×{args.per_class} grid from {path} ({args.weights}, epoch {ckpt.get('epoch')}) to {args.output}")
+    print(f"wrote {len(args.classes)}×{args.per_class} grid from {path} ({args.weights}, epoch {state.epoch}) to {args.output}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from denoiser import Denoiser, EMA, cfg_scale_at, time_grid  # noqa: E402
+from denoiser import EMA, Denoiser, SamplerSettings, cfg_scale_at, time_grid  # noqa: E402
 from engine_jit import train_step  # noqa: E402
 from main_jit import build_optimizer  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
@@ -130,6 +130,12 @@ def model_size(args):
     return sum(p.numel() for p in net.parameters()), counter.get_total_flops() / 2
 
 
+def bench_sampler(args, steps: int) -> SamplerSettings:
+    """Heun with `steps` steps and the benchmark's guidance settings."""
+    return SamplerSettings(method="heun", steps=steps, cfg=args.cfg, interval_min=args.interval_min,
+                           interval_max=args.interval_max)
+
+
 def sampling_passes(args):
     """Network passes per image of a Heun `sample` run: v at t_i for every step and at t_{i+1} for all
     but the last; a guided velocity (scale != 1) costs two (conditional and unconditional)."""
@@ -181,12 +187,11 @@ def bench_sample(args, device, fwd_flops):
     denoiser = build(args, device, args.attn_impl).eval().requires_grad_(False)  # like the EMA copy sampled from
     net = torch.compile(denoiser.net) if args.compile else None
     labels = torch.arange(args.sample_batch, device=device) % args.class_num
-    sampler = dict(steps=args.sample_steps, method="heun", cfg=args.cfg, interval_min=args.interval_min,
-                   interval_max=args.interval_max)
+    sampler = bench_sampler(args, args.sample_steps)
 
     def generate():
         with D.autocast(device):
-            return denoiser.generate(labels, net=net, **sampler)
+            return denoiser.generate(labels, sampler, net=net)
 
     reset_peak_memory(device)
     generate()
@@ -223,14 +228,13 @@ def bench_parity(args, device, n=8):
     noise = torch.randn(shape, generator=g).to(device)
     z0 = torch.randn(shape, generator=g).to(device)
     labels = (torch.arange(n) % args.class_num).to(device)
-    sampler = dict(steps=args.parity_steps, method="heun", cfg=args.cfg, interval_min=args.interval_min,
-                   interval_max=args.interval_max)
+    sampler = bench_sampler(args, args.parity_steps)
     with torch.no_grad(), D.autocast(device):
         loss = fast(x, labels, t=t, noise=noise).item()
-        img = fast.generate(labels, noise=z0, **sampler).float()
+        img = fast.generate(labels, sampler, noise=z0).float()
     with torch.no_grad(), full_fp32():
         loss_ref = ref(x, labels, t=t, noise=noise).item()
-        img_ref = ref.generate(labels, noise=z0, **sampler)
+        img_ref = ref.generate(labels, sampler, noise=z0)
     diff = (img - img_ref).abs()
     diff_u8 = (quantize(img).int() - quantize(img_ref).int()).abs()
     return {

@@ -3,7 +3,7 @@
     python bench/bench_data.py --workers 0 1 2 4 8                    # synthetic ImageNet-like JPEGs
     python bench/bench_data.py --data_path ./data/imagenet --workers 8 12 16
 
-Runs util.data.CenterCropFolder with ResumableSampler through main_jit.make_loader (the training
+Runs util.data.CenterCropFolder with ResumableSampler through util.data.make_loader (the training
 loader: pinned memory on CUDA, persistent workers), and reports images/s for each worker count and
 how many workers one GPU needs to be fed `--target` images/s. With --workers 0 the main process
 loads alone (one process). Files are read through the page cache: a dataset larger than memory
@@ -25,8 +25,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 
 from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
-from main_jit import make_loader  # noqa: E402
-from util.data import CenterCropFolder, ResumableSampler  # noqa: E402
+from util.data import CenterCropFolder, ResumableSampler, make_loader  # noqa: E402
 
 
 def get_args_parser():
@@ -103,8 +102,8 @@ def measure(dataset, workers: int, args, device) -> dict:
     procs = max(workers, 1)
     timed = procs * math.ceil(args.batches / procs)
     stream = EpochStream(ResumableSampler(len(dataset), seed=args.seed), (procs + timed) * args.batch_size)
-    loader = make_loader(dataset, stream, argparse.Namespace(batch_size=args.batch_size, num_workers=workers,
-                                                             pin_mem=True, seed=args.seed), device)
+    loader = make_loader(dataset, stream, batch_size=args.batch_size, num_workers=workers,
+                         pin_memory=device.type == "cuda", seed=args.seed)
     it = iter(loader)
     for _ in range(procs):
         next(it)

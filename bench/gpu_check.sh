@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of one device session, in about 10 minutes on an H200: the throughput figures of
-# the README table (compiled and eager), the bf16 drift, and a CUDA run of main_jit.py (bf16,
-# compile, checkpoint, demo samples). Results go to $OUT (default ./gpu_check).
+# the README table (compiled and eager), the bf16 drift, a CUDA run of main_jit.py (bf16, compile,
+# checkpoint, demo samples), and a resume from a reference-format checkpoint (AdamW `step` counters
+# on the CPU, fused=None). Results go to $OUT (default ./gpu_check).
 #   bash bench/gpu_check.sh            # on the GPU machine
 #   SMOKE=1 bash bench/gpu_check.sh    # the same steps with tiny models, to try the script on a CPU
 set -uo pipefail
@@ -30,4 +31,5 @@ run b16 python bench/bench.py "${B16[@]}" --parity --json "$OUT/b16.json"
 run h16 python bench/bench.py "${H16[@]}" --skip_sample --json "$OUT/h16.json"
 run b16_eager python bench/bench.py "${B16[@]}" --no_compile --json "$OUT/b16_eager.json"
 run demo python main_jit.py --demo "${DEMO[@]}" --output_dir "$OUT/demo"
+run ref_resume python bench/reference_resume.py "$OUT/demo/checkpoint-last.pth" "$OUT/ref_resume" --demo "${DEMO[@]}"
 exit $status

@@ -2,14 +2,18 @@
 
 Writes to --out (rank 0): the gathered images of the real network at --gen_bsz, the gathered images
 of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's evaluate() result.
+Prints every rank's thread count before joining the process group and after leaving it.
 """
 import argparse
+import os
 
 import torch
 
-from eval_helpers import TINY, PerSample, tiny_denoiser
+from denoiser import SamplerSettings
+from helpers import TINY_MODEL, PerSample, tiny_denoiser
 from util import distributed
 from util.evaluation import evaluate, gather_rows, generate_images
+from util.logger import RunLog
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -21,15 +25,20 @@ p.add_argument("--inception_weights", required=True)
 p.add_argument("--output_dir", required=True)
 args = p.parse_args()
 
+threads_before = len(os.listdir("/proc/self/task"))
 device = distributed.init("cpu")
+rank = distributed.get_rank()
 denoiser = tiny_denoiser()
-common = dict(device=device, num_images=args.num_images, class_num=TINY["class_num"], seed=5, img_size=TINY["img_size"],
-              sampler=dict(steps=2, method="heun", cfg=2.0, interval_min=0.1, interval_max=1.0))
+common = dict(device=device, num_images=args.num_images, class_num=TINY_MODEL["class_num"], seed=5,
+              img_size=TINY_MODEL["img_size"], sampler=SamplerSettings(steps=2, cfg=2.0, interval_min=0.1))
 images = gather_rows(generate_images(denoiser, gen_bsz=args.gen_bsz, **common), device)
 per_sample = gather_rows(generate_images(denoiser, net=PerSample(denoiser.net), gen_bsz=args.gen_bsz_per_sample, **common), device)
+log = RunLog(args.output_dir)
 result = evaluate(denoiser, gen_bsz=args.gen_bsz, fid_stats=args.fid_stats, inception_weights=args.inception_weights,
-                  output_dir=args.output_dir, epoch=3, **common)
+                  epoch=3, log=log, **common)
+log.close()
 results = distributed.all_gather_object(result)
 if distributed.is_main_process():
     torch.save({"images": images, "per_sample": per_sample, "results": results}, args.out)
 distributed.shutdown()
+print(f"rank {rank}: {threads_before} threads before init, {len(os.listdir('/proc/self/task'))} after shutdown", flush=True)

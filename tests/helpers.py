@@ -1,59 +1,152 @@
-"""Shared helpers for the training tests: tiny image folders and running main_jit.py."""
+"""Shared pieces of the tests: the tiny configuration, image folders, a tiny denoiser, reference-format
+checkpoints, a stand-in Inception weights file, and one way to run the repo's scripts."""
+import argparse
 import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(ROOT, "main_jit.py")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-# A tiny configuration: 0.4M parameters, 16 px images, 3 classes, CPU.
+from denoiser import Denoiser  # noqa: E402
+from model_jit import JiT_models  # noqa: E402
+
+# The tiny configuration: JiT-XS/4 (0.4M parameters) on 16 px images of 3 classes, on the CPU.
+TINY_MODEL = dict(model="JiT-XS/4", img_size=16, class_num=3)
 TINY = ["--model", "JiT-XS/4", "--img_size", "16", "--class_num", "3", "--batch_size", "4", "--num_workers", "0",
         "--device", "cpu", "--print_freq", "1", "--log_freq", "1", "--warmup_epochs", "1", "--lr", "1e-3"]
 
 
 def make_image_folder(root, classes=3, per_class=8, seed=0):
-    """root/train/c{k}/{i}.png with random RGB images of mixed sizes (crop and resize paths)."""
+    """root/train/c{k}/{i}.png|jpg (alternating) with random RGB images of mixed sizes, so that
+    the crop and resize paths and both decoders run. Returns root as a string."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
         folder = os.path.join(root, "train", f"c{c}")
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
             h, w = rng.integers(16, 48, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return root
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            img.save(os.path.join(folder, f"{i}.{'jpg' if i % 2 else 'png'}"))
+    return str(root)
 
 
-def env():
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
+def tiny_denoiser(seed: int = 0) -> Denoiser:
+    """The tiny JiT in a Denoiser, in eval mode. The zero-initialised layers (adaLN, final) get small
+    random weights, so that outputs, samples and gradients depend on every input."""
+    torch.manual_seed(seed)
+    net = JiT_models[TINY_MODEL["model"]](input_size=TINY_MODEL["img_size"], num_classes=TINY_MODEL["class_num"])
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.normal_(std=0.05)
+    return Denoiser(net, TINY_MODEL["class_num"]).eval()
 
 
-def run_main(*args, check=True, timeout=300):
-    """Run `python main_jit.py args...`; returns the CompletedProcess (stdout and stderr merged)."""
-    p = subprocess.run([sys.executable, MAIN, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"main_jit.py failed ({p.returncode}):\n{p.stdout}")
-    return p
+def save_reference_checkpoint(path, model: Denoiser, ema1: Denoiser | None = None, ema2: Denoiser | None = None,
+                              epoch: int = 7, steps: int = 0):
+    """A checkpoint exactly as the reference release writes it: `model`, `model_ema1`, `model_ema2`
+    (default: model's weights), `optimizer` of a plain AdamW with the reference's two groups (no
+    weight decay on biases and 1-D parameters, then the rest) after `steps` steps on random data,
+    `epoch`, and `args` as an argparse.Namespace."""
+    ema1 = model if ema1 is None else ema1
+    ema2 = ema1 if ema2 is None else ema2
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if p.ndim == 1 or n.endswith(".bias")]
+    decay = [p for n, p in params if not (p.ndim == 1 or n.endswith(".bias"))]
+    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], lr=1e-4, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(epoch)
+    size = TINY_MODEL["img_size"]
+    for _ in range(steps):
+        model(torch.rand(4, 3, size, size, generator=g) * 2 - 1, torch.arange(4) % TINY_MODEL["class_num"]).backward()
+        opt.step()
+        opt.zero_grad()
+    args = argparse.Namespace(**TINY_MODEL, noise_scale=1.0, t_eps=0.05, P_mean=-0.8, P_std=0.8, epochs=10, seed=0,
+                              batch_size=4, lr=1e-4)
+    torch.save({"model": model.state_dict(), "model_ema1": ema1.state_dict(), "model_ema2": ema2.state_dict(),
+                "optimizer": opt.state_dict(), "epoch": epoch, "args": args}, path)
 
 
-def free_port():
+def make_standin_inception_weights(path: str, seed: int = 0):
+    """Write a weights file in torch-fidelity's format from a randomly initialised Inception.
+
+    Its BatchNorm running statistics are recalibrated on a few random images (one forward pass in
+    training mode, cumulative averages), so eval-mode features have unit-order scale instead of
+    vanishing through ~20 layers; the logit layer is scaled up so the Inception Score is not ~1.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Untrained(FeatureExtractorInceptionV3):  # ignores the (empty) weights file it is given
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    torch.save({}, path)
+    torch.manual_seed(seed)
+    net = Untrained("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+        net.fc.weight.mul_(20)
+    torch.save(net.state_dict(), path)
+
+
+class PerSample(torch.nn.Module):
+    """Calls `net` one image at a time: a batch-invariant stand-in (every kernel sees batch size 1)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, y):
+        return torch.cat([self.net(z[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(z.shape[0])])
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, nproc=2, timeout=300, check=True):
-    """Run `script` under torchrun with `nproc` CPU processes (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, *map(str, args)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+def command(script, *args, nproc: int | None = None) -> list:
+    """`python script args...`, or under torchrun with `nproc` CPU processes (gloo)."""
+    launcher = [sys.executable]
+    if nproc is not None:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"]
+    return [*launcher, str(script), *map(str, args)]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a child process: unbuffered, one thread, the repository importable, and no
+    launcher variables inherited from the test process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(extra or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def run_script(script, *args, nproc: int | None = None, env: dict | None = None, check: bool = True, timeout: float = 300):
+    """Run a script of the repository (path relative to the root) and wait. Returns the
+    CompletedProcess with stdout and stderr merged in `stdout`; with check, a non-zero exit fails
+    the test showing the output."""
+    p = subprocess.run(command(script, *args, nproc=nproc), cwd=ROOT, env=child_env(env), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout}")
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited with {p.returncode}:\n{p.stdout}")
     return p
+
+
+def start_script(script, *args) -> subprocess.Popen:
+    """Start a script in the background (stdout and stderr merged, as text lines)."""
+    return subprocess.Popen(command(script, *args), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)

@@ -1,15 +1,14 @@
 """The benchmark scripts: a few CPU steps on the tiny preset give sane numbers and complete JSON."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import ROOT, env
-from denoiser import sample
+from helpers import ROOT, run_script
+from denoiser import SamplerSettings, sample
 from model_jit import JiT_models
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -18,16 +17,10 @@ import bench_data  # noqa: E402
 from util.data import ResumableSampler  # noqa: E402
 
 
-def run_script(name, *args, timeout=120):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *map(str, args)], cwd=ROOT, env=env(),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout
-    return p.stdout
-
-
+@pytest.mark.slow
 def test_bench_reports_training_sampling_and_parity(tmp_path):
     path = tmp_path / "out" / "bench.json"
-    run_script("bench.py", "--model", "JiT-XS/4", "--img_size", 16, "--batch_size", 4, "--warmup", 1, "--steps", 2,
+    run_script("bench/bench.py", "--model", "JiT-XS/4", "--img_size", 16, "--batch_size", 4, "--warmup", 1, "--steps", 2,
                "--sample_batch", 4, "--sample_steps", 2, "--parity", "--parity_steps", 2, "--device", "cpu", "--json", path)
     out = json.loads(path.read_text())
     assert out["env"]["torch"] == torch.__version__ and out["env"]["date"]
@@ -62,8 +55,8 @@ def test_sampling_passes_match_the_sampler(cfg):
         batches.append(z.shape[0])
         return torch.zeros_like(z)
 
-    sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), null_label=1, steps=50,
-           cfg=cfg, interval_min=0.1, interval_max=1.0)
+    sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), SamplerSettings(steps=50, cfg=cfg, interval_min=0.1),
+           null_label=1)
     assert bench.sampling_passes(args) == sum(batches)
 
 
@@ -77,9 +70,10 @@ def test_epoch_stream_runs_epochs_back_to_back():
     assert items[:10] == first + list(sampler)
 
 
+@pytest.mark.slow
 def test_bench_data_reports_throughput(tmp_path):
     path = tmp_path / "data.json"
-    run_script("bench_data.py", "--num_images", 16, "--img_size", 32, "--batch_size", 4, "--batches", 2,
+    run_script("bench/bench_data.py", "--num_images", 16, "--img_size", 32, "--batch_size", 4, "--batches", 2,
                "--workers", 0, "--device", "cpu", "--json", path)
     out = json.loads(path.read_text())
     assert out["images"] == 16 and out["mean_file_kb"] > 10

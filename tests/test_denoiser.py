@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from denoiser import EMA, Denoiser, cfg_scale_at, sample, time_grid
+from denoiser import EMA, SAMPLERS, Denoiser, SamplerSettings, cfg_scale_at, sample, time_grid
 from model_jit import JiT, JiT_models
 
 
@@ -23,8 +23,8 @@ def test_loss_matches_reference_release(golden):
 @pytest.mark.parametrize("method", ["heun", "euler"])
 def test_samples_match_reference_release(golden, method):
     d = golden_denoiser(golden)
-    out = d.generate(golden["sample_labels"], noise=golden["sample_z0"], steps=4, method=method,
-                     cfg=2.0, interval_min=0.1, interval_max=1.0)
+    out = d.generate(golden["sample_labels"], SamplerSettings(method=method, steps=4, cfg=2.0, interval_min=0.1),
+                     noise=golden["sample_z0"])
     torch.testing.assert_close(out, golden[f"sample_{method}"], rtol=0, atol=1e-4)
 
 
@@ -54,8 +54,8 @@ def test_batched_and_skipping_sampler_equals_naive_sampler(golden, interval):
     d = golden_denoiser(golden)
     z0, labels = golden["sample_z0"], golden["sample_labels"]
     with torch.no_grad():
-        fast = sample(d.net, z0, labels, null_label=3, steps=6, method="heun", cfg=3.0,
-                      interval_min=interval[0], interval_max=interval[1])
+        fast = sample(d.net, z0, labels, SamplerSettings(steps=6, cfg=3.0, interval_min=interval[0], interval_max=interval[1]),
+                      null_label=3)
         slow = naive_sample(d.net, z0, labels, 3, 6, "heun", 3.0, *interval, 0.05)
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
 
@@ -83,7 +83,7 @@ def test_generate_uses_a_given_stand_in_net(golden):
             assert t.is_contiguous()  # no stride-0 expand: it would recompile a compiled net
             return torch.zeros_like(z)
 
-    out = d.generate(golden["sample_labels"], noise=golden["sample_z0"], net=StandIn(), steps=1, method="euler")
+    out = d.generate(golden["sample_labels"], SamplerSettings(method="euler", steps=1), noise=golden["sample_z0"], net=StandIn())
     torch.testing.assert_close(out, torch.zeros_like(out))  # one Euler step from t = 0 with x̂ = 0
 
 
@@ -99,11 +99,11 @@ def test_cfg_interval_edges():
 
 def test_unconditional_pass_only_inside_the_interval():
     net = RecordingNet()
-    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), null_label=5, steps=10, method="euler",
-           cfg=2.0, interval_min=0.2, interval_max=0.8)
+    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), SamplerSettings(method="euler", steps=10, cfg=2.0,
+           interval_min=0.2, interval_max=0.8), null_label=5)
     assert net.calls == [(round(i / 10, 6), 4 if 2 < i < 8 else 2) for i in range(10)]
     net = RecordingNet()
-    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), null_label=5, steps=4, method="heun", cfg=1.0)
+    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), SamplerSettings(steps=4, cfg=1.0), null_label=5)
     assert all(b == 2 for _, b in net.calls)  # cfg 1: never an unconditional pass
     assert [t for t, _ in net.calls] == [0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]  # Heun, last step Euler
 
@@ -113,7 +113,7 @@ def test_guidance_formula():
     null = 4
     net = lambda z, t, y: torch.where((y == null).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(z)  # noqa: E731
     z = torch.zeros(1, 1, 1, 1)
-    out = sample(net, z, torch.tensor([0]), null_label=null, steps=1, method="euler", cfg=3.0)
+    out = sample(net, z, torch.tensor([0]), SamplerSettings(method="euler", steps=1, cfg=3.0), null_label=null)
     assert out.item() == pytest.approx(-1 + 3.0 * 2)  # one Euler step of size 1 from t = 0
 
 
@@ -136,9 +136,8 @@ def test_sampler_transports_noise_to_the_gaussian_data():
     net = GaussianDenoiser(m, s, sigma)
     z0 = torch.randn(2048, 3, 8, 8, dtype=torch.float64) * sigma
     y = torch.zeros(2048, dtype=torch.long)
-    kw = dict(null_label=1, t_eps=1e-6, steps=50)
-    heun = sample(net, z0, y, method="heun", **kw)
-    euler = sample(net, z0, y, method="euler", **kw)
+    heun = sample(net, z0, y, SamplerSettings(method="heun", steps=50), null_label=1, t_eps=1e-6)
+    euler = sample(net, z0, y, SamplerSettings(method="euler", steps=50), null_label=1, t_eps=1e-6)
     exact = m + s / sigma * z0
     assert abs(heun.mean().item() - m) < 5e-3 and abs(heun.std().item() - s) < 5e-3
     err_heun, err_euler = (heun - exact).abs().max().item(), (euler - exact).abs().max().item()
@@ -229,3 +228,11 @@ def test_a_few_optimiser_steps_reduce_the_loss_on_a_fixed_batch():
         d(x, y, t=t, noise=e).backward()
         opt.step()
     assert d(x, y, t=t, noise=e).item() < 0.8 * first.item()
+
+
+def test_sampler_settings_reject_unknown_methods_and_zero_steps():
+    assert set(SAMPLERS) == {"heun", "euler"}
+    with pytest.raises(ValueError, match="heun, euler"):
+        SamplerSettings(method="rk4")
+    with pytest.raises(ValueError, match="at least 1 step"):
+        SamplerSettings(steps=0)

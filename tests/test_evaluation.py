@@ -1,20 +1,21 @@
 """Generation for evaluation: quantisation, class balance, per-image seeds, the batch / process split,
-and the command-line paths (main_jit.py --evaluate_gen on a reference checkpoint, sample.py)."""
+and the command-line paths (main_jit.py --evaluate_gen on a reference checkpoint, sample.py, no network)."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from eval_helpers import (ROOT, TINY, PerSample, free_port, run_python, save_reference_checkpoint, standin_weights,
-                          tiny_denoiser)
-from util import fid
+from denoiser import SamplerSettings
+from helpers import (TINY_MODEL, PerSample, free_port, make_image_folder, run_script, save_reference_checkpoint,
+                     tiny_denoiser)
 from util.evaluation import (class_labels, generate_batches, generate_images, image_folder_name, initial_noise, quantize,
                              rank_batches)
 
-SAMPLER = dict(steps=2, method="heun", cfg=2.0, interval_min=0.1, interval_max=1.0)
+SAMPLER = SamplerSettings(steps=2, cfg=2.0, interval_min=0.1)
 CPU = torch.device("cpu")
 
 
@@ -64,7 +65,7 @@ class RecordingDenoiser:
     def __init__(self):
         self.labels, self.calls = [], []
 
-    def generate(self, labels, *, noise, net=None, **sampler):
+    def generate(self, labels, sampler, *, noise, net=None):
         self.labels.append(labels)
         self.calls.append(sampler)
         return torch.tanh(noise)
@@ -84,7 +85,7 @@ def test_gen_bsz_changes_only_kernel_rounding():
     """The same 9 images with batches of 4 and of 3: bit-identical through a batch-invariant net;
     with the real (batched) net at most one uint8 level apart (CPU GEMMs round per batch shape)."""
     d = tiny_denoiser()
-    common = dict(device=CPU, num_images=9, class_num=3, seed=1, sampler=SAMPLER, img_size=TINY["img_size"])
+    common = dict(device=CPU, num_images=9, class_num=3, seed=1, sampler=SAMPLER, img_size=TINY_MODEL["img_size"])
     a = generate_images(d, gen_bsz=4, **common)
     b = generate_images(d, gen_bsz=3, **common)
     assert a.shape == (9, 3, 16, 16) and a.float().std() > 10  # images differ from one another
@@ -93,27 +94,20 @@ def test_gen_bsz_changes_only_kernel_rounding():
     assert torch.equal(generate_images(d, net=wrapped, gen_bsz=4, **common), generate_images(d, net=wrapped, gen_bsz=3, **common))
 
 
-@pytest.fixture(scope="module")
-def synthetic_stats(tmp_path_factory):
-    """Reference statistics of a random Gaussian (no Inception pass needed)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((fid.FEATURE_DIM, 16)) * 0.1
-    path = str(tmp_path_factory.mktemp("stats") / "ref.npz")
-    fid.save_stats(path, {"mu": (rng.random(fid.FEATURE_DIM) * 0.5).astype(np.float32), "sigma": a @ a.T})
-    return path
-
-
-def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, tmp_path_factory, synthetic_stats):
+@pytest.mark.slow
+def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, inception_weights, fid_ref_stats):
     """12 images: 1 process vs 2 processes (gloo). Same gen_bsz: the real net's images are
     bit-identical (same global batches) and so are FID / IS on every rank; a different gen_bsz with
     a batch-invariant net: bit-identical too."""
-    weights = standin_weights(tmp_path_factory)
     runs = {}
     for nproc, per_sample_bsz in ((1, 4), (2, 3)):
         out = tmp_path / f"run{nproc}.pt"
-        run_python([os.path.join("tests", "eval_worker.py"), "--out", out, "--num_images", 12, "--gen_bsz", 4,
-                    "--gen_bsz_per_sample", per_sample_bsz, "--fid_stats", synthetic_stats, "--inception_weights", weights,
-                    "--output_dir", tmp_path / f"out{nproc}"], nproc=nproc)
+        p = run_script(os.path.join("tests", "eval_worker.py"), "--out", out, "--num_images", 12, "--gen_bsz", 4,
+                       "--gen_bsz_per_sample", per_sample_bsz, "--fid_stats", fid_ref_stats, "--inception_weights",
+                       inception_weights, "--output_dir", tmp_path / f"out{nproc}", nproc=nproc)
+        # gloo's threads are joined by shutdown(), not left to race with interpreter shutdown
+        counts = re.findall(r"rank (\d): (\d+) threads before init, (\d+) after shutdown", p.stdout)
+        assert len(counts) == nproc and all(before == after for _, before, after in counts), p.stdout
         runs[nproc] = torch.load(out, weights_only=True)
     one, two = runs[1], runs[2]
     assert one["images"].shape == (12, 3, 16, 16)
@@ -126,52 +120,61 @@ def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, tmp_p
         assert len(f.readlines()) == 1  # written by rank 0 only
 
 
-MAIN = os.path.join(ROOT, "main_jit.py")
-
-
-def test_reference_checkpoint_evaluates_end_to_end(tmp_path, tmp_path_factory, synthetic_stats):
+@pytest.mark.slow
+def test_reference_checkpoint_evaluates_end_to_end(tmp_path, inception_weights, fid_ref_stats):
     """main_jit.py --evaluate_gen on a reference-format checkpoint whose three weight sets differ:
     the saved images are the EMA-1 ones, and the metrics are logged with the checkpoint epoch."""
     ema1 = tiny_denoiser(seed=0)
     ckpt = tmp_path / "checkpoint-last.pth"
-    save_reference_checkpoint(str(ckpt), ema1, model=tiny_denoiser(seed=1), ema2=tiny_denoiser(seed=2), epoch=7)
+    save_reference_checkpoint(ckpt, tiny_denoiser(seed=1), ema1=ema1, ema2=tiny_denoiser(seed=2), epoch=7)
     out = tmp_path / "out"
-    proc = run_python(["main_jit.py", "--model", TINY["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
-                       "--gen_bsz", 4, "--num_sampling_steps", 2, "--cfg", 2.0, "--interval_min", 0.1, "--seed", 0,
-                       "--evaluate_gen", "--save_images", "--resume", ckpt, "--output_dir", out, "--device", "cpu",
-                       "--fid_stats", synthetic_stats, "--inception_weights", standin_weights(tmp_path_factory)])
+    p = run_script("main_jit.py", "--model", TINY_MODEL["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
+                   "--gen_bsz", 4, "--num_sampling_steps", 2, "--cfg", 2.0, "--interval_min", 0.1, "--seed", 0,
+                   "--evaluate_gen", "--save_images", "--resume", ckpt, "--output_dir", out, "--device", "cpu",
+                   "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights)
     with open(out / "metrics.jsonl") as f:
         (line,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
-    assert line["checkpoint_epoch"] == 7 and line["num_images"] == 12 and line["steps"] == 2, proc.stdout
+    assert line["checkpoint_epoch"] == 7 and line["num_images"] == 12 and line["steps"] == 2, p.stdout
     assert np.isfinite(line["fid"]) and line["inception_score"] > 1
+    assert "FID" in (out / "log.txt").read_text()  # the console also goes to log.txt
     expected = generate_images(ema1, device=CPU, num_images=12, class_num=3, gen_bsz=4, seed=0, sampler=SAMPLER, img_size=16)
     folder = out / image_folder_name(SAMPLER, 12, 16)
     saved = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png"))).permute(2, 0, 1) for i in range(12)])
     assert (saved.int() - expected.int()).abs().max() <= 1  # this process runs 2 threads, the child 1
 
 
-def test_evaluate_gen_without_network_or_weights_flag_fails_fast(tmp_path, synthetic_stats):
-    ckpt = tmp_path / "checkpoint-last.pth"
-    save_reference_checkpoint(str(ckpt), tiny_denoiser())
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["main_jit.py", "prepare_ref.py"])
+def test_no_network_and_no_weights_flag_fails_fast(tmp_path, fid_ref_stats, script):
+    """Without --inception_weights and with HTTPS going to a closed local port (refused at once, like
+    a machine without network, and never a real download): a one-line error naming the flag."""
     closed = f"http://127.0.0.1:{free_port()}"
     env = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": closed, "HTTPS_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
-    proc = run_python(["main_jit.py", "--model", TINY["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
-                       "--evaluate_gen", "--resume", ckpt, "--output_dir", tmp_path / "out", "--device", "cpu",
-                       "--fid_stats", synthetic_stats], env=env, timeout=120, check=False)
-    assert proc.returncode != 0
-    assert "--inception_weights" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if script == "main_jit.py":
+        ckpt = tmp_path / "checkpoint-last.pth"
+        save_reference_checkpoint(ckpt, tiny_denoiser())
+        args = ["--model", TINY_MODEL["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12, "--evaluate_gen",
+                "--resume", ckpt, "--output_dir", tmp_path / "out", "--device", "cpu", "--fid_stats", fid_ref_stats]
+    else:
+        make_image_folder(tmp_path / "data", classes=1, per_class=2)
+        args = ["--data_path", tmp_path / "data", "--img_size", 16, "--stats", tmp_path / "s.npz", "--device", "cpu",
+                "--num_workers", 0]
+    p = run_script(script, *args, env=env, timeout=120, check=False)
+    assert p.returncode != 0
+    assert "--inception_weights" in p.stdout and "Traceback" not in p.stdout, p.stdout
 
 
+@pytest.mark.slow
 def test_sample_grid_from_reference_checkpoint(tmp_path):
     d = tiny_denoiser()
     ckpt = tmp_path / "checkpoint-last.pth"
-    save_reference_checkpoint(str(ckpt), d)
+    save_reference_checkpoint(ckpt, d)
     grid = tmp_path / "grid.png"
-    run_python(["sample.py", "--resume", ckpt, "--classes", 2, 0, 1, "--per_class", 2, "--num_sampling_steps", 2,
-                "--cfg", 2.0, "--interval_min", 0.1, "--seed", 3, "--output", grid, "--device", "cpu"])
+    run_script("sample.py", "--resume", ckpt, "--classes", 2, 0, 1, "--per_class", 2, "--num_sampling_steps", 2,
+               "--cfg", 2.0, "--interval_min", 0.1, "--seed", 3, "--output", grid, "--device", "cpu")
     img = torch.from_numpy(np.array(Image.open(grid))).permute(2, 0, 1)  # (3, H, W) uint8
     assert img.shape == (3, 3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
     noise = initial_noise(3, range(6), (3, 16, 16), 1.0)
-    x = quantize(d.generate(torch.tensor([2, 2, 0, 0, 1, 1]), noise=noise, **SAMPLER))
+    x = quantize(d.generate(torch.tensor([2, 2, 0, 0, 1, 1]), SAMPLER, noise=noise))
     cell = img[:, 2 + 18 : 18 + 18, 2 + 18 : 18 + 18]  # row 1 (class 0), column 1 -> image 3
     assert (cell.int() - x[3].int()).abs().max() <= 1

@@ -15,7 +15,7 @@ from denoiser import EMA, Denoiser
 from engine_jit import train_step
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
-from helpers import MAIN, ROOT, TINY, env, make_image_folder, run_main, torchrun
+from helpers import ROOT, TINY, make_image_folder, run_script, start_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
 # that a signal sent after the first progress line lands well before the end of the run.
@@ -42,11 +42,6 @@ def assert_bit_identical(a, b):
             assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)
 
 
-def start_main(*args):
-    return subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def read_until(proc, marker):
     """Read the child's output line by line until a line contains `marker`; returns all lines read."""
     lines = []
@@ -60,14 +55,15 @@ def read_until(proc, marker):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_main(*SLOW, "--data_path", data, "--output_dir", out)
+    run_script("main_jit.py", *SLOW, "--data_path", data, "--output_dir", out)
     return final_state(out)
 
 
+@pytest.mark.slow
 def test_sigterm_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
     out = tmp_path / "out"
     args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out]
-    proc = start_main(*args)
+    proc = start_script("main_jit.py", *args)
     read_until(proc, "Epoch [0] [1/12]")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
@@ -75,23 +71,25 @@ def test_sigterm_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
     assert "stop requested" in rest and "rerun the same command" in rest
     stopped = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
     assert stopped != {"epoch": 3, "step": 0}  # really stopped early
-    p = run_main(*args)
+    p = run_script("main_jit.py", *args)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
     assert_bit_identical(final_state(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_with_step_checkpoints_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
     out = tmp_path / "out"
     args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out, "--save_every_steps", "5"]
-    proc = start_main(*args)
+    proc = start_script("main_jit.py", *args)
     read_until(proc, "step 10)")  # the second step checkpoint
     proc.kill()
     proc.wait()
-    p = run_main(*args)
+    p = run_script("main_jit.py", *args)
     assert "resumed from" in p.stdout
     assert_bit_identical(final_state(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
     ckpt_util.save_atomic({"model": {"w": torch.ones(4)}}, str(path))
@@ -110,7 +108,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     assert proc.stdout.readline().strip() == "half written"
     proc.kill()
     proc.wait()
-    assert torch.equal(ckpt_util.load(str(path))["model"]["w"], torch.ones(4))
+    assert torch.equal(ckpt_util.load(str(path)).model["w"], torch.ones(4))
     leftovers = [f for f in os.listdir(tmp_path) if ".tmp-" in f]
     assert leftovers  # the killed save's temporary file ...
     ckpt_util.remove_stale_temporaries(str(tmp_path))  # ... is cleaned up at the next start
@@ -129,7 +127,7 @@ def test_failed_write_is_reported_and_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         ckpt_util.save_atomic({"model": {"w": torch.zeros(2)}}, path)
     monkeypatch.undo()
-    assert torch.equal(ckpt_util.load(path)["model"]["w"], torch.ones(2))
+    assert torch.equal(ckpt_util.load(path).model["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
@@ -145,34 +143,36 @@ def test_training_goes_on_when_a_checkpoint_cannot_be_written(data, tmp_path, mo
     assert out.count("could not write") == 2 and "Epoch [1] [12/12]" in out and "training done" in out
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error_and_a_folder_falls_back(data, tmp_path):
     out = tmp_path / "out"
-    run_main(*TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data, "--output_dir", out)
+    run_script("main_jit.py", *TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data, "--output_dir", out)
     last = out / "checkpoint-last.pth"
     older = out / "checkpoint-1.pth"
     os.rename(last, older)
     os.utime(older, (1, 1))  # make it the older one
-    run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out)
+    run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out)
     blob = last.read_bytes()
     last.write_bytes(blob[: len(blob) // 2])
-    p = run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False)
+    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False)
     assert p.returncode != 0 and f"cannot read checkpoint {last}" in p.stdout and "Traceback" not in p.stdout
-    p = run_main(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run")
+    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run")
     assert f"cannot read checkpoint {last}" in p.stdout
     assert f"resuming from the older checkpoint {older}" in p.stdout and "epoch 2, step 0" in p.stdout
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_replaced_and_reported(tmp_path):
     data = make_image_folder(str(tmp_path / "data"))
     (tmp_path / "data" / "train" / "c0" / "empty.jpg").write_bytes(b"")
     (tmp_path / "data" / "train" / "c1" / "notes.png").write_text("not an image")
     out = tmp_path / "out"
-    p = run_main(*TINY, "--epochs", "1", "--batch_size", "2", "--max_bad_frac", "0.2", "--data_path", data,
+    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--batch_size", "2", "--max_bad_frac", "0.2", "--data_path", data,
                  "--output_dir", out)
     assert "empty.jpg" in p.stdout and "notes.png" in p.stdout
     assert "2 unreadable images were replaced" in p.stdout
     assert (out / "checkpoint-last.pth").exists()
-    p = run_main(*TINY, "--epochs", "1", "--batch_size", "2", "--data_path", data, "--output_dir", tmp_path / "o2",
+    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--batch_size", "2", "--data_path", data, "--output_dir", tmp_path / "o2",
                  check=False)
     assert p.returncode == 1 and "unreadable images in epoch 0" in p.stdout and "--max_bad_frac" in p.stdout
 
@@ -212,15 +212,19 @@ def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
     run = main_jit.setup(args)
     real_forward = run.denoiser.net.forward
     run.denoiser.net.forward = lambda z, t, y: real_forward(z, t, y) * float("nan")
-    assert main_jit.train(run) == 1
+    try:
+        assert main_jit.train(run) == 1
+    finally:
+        run.log.close()
     out = capsys.readouterr().out
     assert "not finite for 3 steps in a row" in out
     assert not (tmp_path / "checkpoint-last.pth").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_works_and_says_so(data, tmp_path):
     out = tmp_path / "out"
-    run_main(*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
-    p = torchrun(MAIN, *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out)
+    run_script("main_jit.py", *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    p = run_script("main_jit.py", *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out, nproc=2)
     assert "written by 1 processes, this run has 2" in p.stdout and "not bit-exactly" in p.stdout
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1

@@ -10,10 +10,10 @@ import main_jit
 from denoiser import Denoiser
 from engine_jit import train_step
 from model_jit import JiT_models
-from util.checkpoint import load
+from util import checkpoint as ckpt_util
 from util.data import ResumableSampler
 from util.lr_sched import lr_at
-from helpers import TINY, make_image_folder, run_main, torchrun
+from helpers import TINY, make_image_folder, run_script, save_reference_checkpoint, tiny_denoiser
 
 REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
 
@@ -23,14 +23,14 @@ def data(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")))
 
 
-def tiny_denoiser():
-    return Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
-
-
+@pytest.mark.slow
 def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
     out = tmp_path / "out"
-    p = run_main(*TINY, "--epochs", "1", "--log_freq", "4", "--data_path", data, "--output_dir", out)
+    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--log_freq", "4", "--data_path", data, "--output_dir", out)
     assert all(f"Epoch [0] [{i}/6]" in p.stdout for i in range(1, 7))  # --print_freq 1
+    assert "eta 0:00:" in p.stdout and "(run 0:00:" in p.stdout  # ETA of the epoch and of the whole run
+    log_txt = (out / "log.txt").read_text()  # the console, also in the output folder
+    assert "Epoch [0] [6/6]" in log_txt and "saved" in log_txt and "training done" in log_txt
     ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)  # plain data only
     assert REF_KEYS <= set(ckpt)
     assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "JiT-XS/4"
@@ -43,9 +43,10 @@ def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
 
 
+@pytest.mark.slow
 def test_lr_is_set_every_iteration_with_warmup(data, tmp_path):
     out = tmp_path / "out"
-    run_main(*TINY, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.002", "--data_path", data, "--output_dir", out)
+    run_script("main_jit.py", *TINY, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.002", "--data_path", data, "--output_dir", out)
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
     expected = [lr_at(e + s / 6, lr=0.002, warmup_epochs=1) for e in range(2) for s in range(6)]
     assert lrs == pytest.approx(expected)
@@ -81,32 +82,20 @@ def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
     args = main_jit.parse_args([*TINY[:-2], "--blr", "1e-4", "--accum_iter", "2", "--data_path", data,
                                 "--output_dir", str(tmp_path), "--dry_run"])
     run = main_jit.setup(args)
-    assert args.lr == pytest.approx(1e-4 * 4 * 2 / 256)
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(args.lr)
+    run.log.close()
+    assert args.lr is None  # the flags stay as given; the derived value lives in the run's config
+    assert run.config.lr == pytest.approx(1e-4 * 4 * 2 / 256)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.config.lr)
 
 
-def make_reference_checkpoint(path, epoch=0):
-    """A checkpoint exactly as the reference writes it: args is an argparse.Namespace."""
-    d = tiny_denoiser()
-    opt = main_jit.build_optimizer(d, 1e-3, 0.0)
-    d(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])).backward()
-    opt.step()
-    for g in opt.param_groups:
-        g["fused"] = None  # what the reference's AdamW stores
-    ns = argparse.Namespace(model="JiT-XS/4", img_size=16, epochs=600, batch_size=4, lr=1e-3, class_num=3)
-    state = d.state_dict()
-    torch.save({"model": state, "model_ema1": state, "model_ema2": state, "optimizer": opt.state_dict(),
-                "epoch": epoch, "args": ns}, path)
-    return state
-
-
+@pytest.mark.slow
 def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
     path = tmp_path / "ref.pth"
-    make_reference_checkpoint(path, epoch=0)
-    ckpt = load(str(path))  # weights_only loading of an argparse.Namespace
-    assert ckpt["args"]["model"] == "JiT-XS/4"
+    save_reference_checkpoint(path, tiny_denoiser().train(), epoch=0, steps=1)
+    state = ckpt_util.load(str(path))  # weights_only loading of an argparse.Namespace
+    assert state.args["model"] == "JiT-XS/4" and state.resume == {"epoch": 1, "step": 0}
     out = tmp_path / "out"
-    p = run_main(*TINY, "--epochs", "2", "--resume", path, "--data_path", data, "--output_dir", out)
+    p = run_script("main_jit.py", *TINY, "--epochs", "2", "--resume", path, "--data_path", data, "--output_dir", out)
     assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
     assert "Epoch [0]" not in p.stdout and "Epoch [1] [6/6]" in p.stdout
     new = torch.load(out / "checkpoint-last.pth", weights_only=True)
@@ -115,20 +104,51 @@ def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
     assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here: the optimizer state was loaded
 
 
+def test_loaded_adamw_steps_are_float32_on_the_parameters_device(tmp_path):
+    """The reference saves AdamW's `step` counters as CPU tensors (fused=None); fused AdamW on CUDA
+    refuses them, so loading puts each one on its parameter's device as float32. The parameters
+    are on the meta device here, so that a step left on the CPU would show."""
+    path = tmp_path / "ref.pth"
+    save_reference_checkpoint(path, tiny_denoiser().train(), steps=2)
+    state = ckpt_util.load(str(path))
+    first = next(iter(state.optimizer["state"].values()))
+    assert first["step"].device.type == "cpu" and float(first["step"]) == 2.0
+    first["step"] = first["step"].double()  # any dtype is made float32
+    with torch.device("meta"):
+        d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
+    opt = torch.optim.AdamW(main_jit.param_groups(d, weight_decay=0.0), lr=1e-3)  # fused AdamW has no meta kernels
+    ckpt_util.load_optimizer(opt, state.optimizer)
+    assert all(g["fused"] for g in opt.param_groups)
+    steps = [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]]
+    assert len(steps) == sum(1 for p in d.parameters() if p.requires_grad)
+    assert all(s.device.type == "meta" and s.dtype == torch.float32 for s in steps)
+
+
+def test_help_groups_every_flag_with_a_help_line():
+    parser = main_jit.get_args_parser()
+    titles = [g.title for g in parser._action_groups]
+    assert titles[2:] == ["model", "training", "sampling and evaluation", "data and output", "distributed"]
+    assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+    text = " ".join(parser.format_help().split())  # unwrapped
+    assert "(default: JiT-B/16)" in text and "(default: 0.9999)" in text and "set by the launcher" in text
+
+
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(data, tmp_path):
     path = tmp_path / "ref.pth"
-    make_reference_checkpoint(path)
-    p = run_main(*TINY, "--model", "JiT-T/4", "--epochs", "1", "--resume", path, "--data_path", data,
+    save_reference_checkpoint(path, tiny_denoiser())
+    p = run_script("main_jit.py", *TINY, "--model", "JiT-T/4", "--epochs", "1", "--resume", path, "--data_path", data,
                  "--output_dir", tmp_path / "out", "--dry_run", check=False)
     assert p.returncode == 2 and "does not fit this model" in p.stdout and "--model JiT-XS/4" in p.stdout
     assert "Traceback" not in p.stdout
 
 
+@pytest.mark.slow
 def test_resume_from_an_empty_folder_trains_from_scratch(data, tmp_path):
     out = tmp_path / "out"
-    p = run_main(*TINY, "--epochs", "1", "--resume", out, "--output_dir", out, "--data_path", data)
+    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--resume", out, "--output_dir", out, "--data_path", data)
     assert "training from scratch" in p.stdout and (out / "checkpoint-last.pth").exists()
-    p = run_main(*TINY, "--epochs", "2", "--resume", out, "--output_dir", out, "--data_path", data)
+    p = run_script("main_jit.py", *TINY, "--epochs", "2", "--resume", out, "--output_dir", out, "--data_path", data)
     assert "epoch 1, step 0" in p.stdout and "Epoch [0]" not in p.stdout
 
 
@@ -157,6 +177,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -171,16 +192,17 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_bad_input_fails_fast_with_a_clear_message(data, tmp_path, extra, message):
     out = tmp_path / "out"
     args = [*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out]
-    p = run_main(*args, *extra, check=False, timeout=60)
+    p = run_script("main_jit.py", *args, *extra, check=False, timeout=60)
     assert p.returncode != 0 and message in p.stdout, p.stdout
     assert "Traceback" not in p.stdout
     assert not (out / "checkpoint-last.pth").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
     out, dump = tmp_path / "out", tmp_path / "dump"
     dump.mkdir()
-    torchrun("tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    run_script("tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out, nproc=2)
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     assert r0["code"] == 0 and r1["code"] == 0
     for key in ("model", "ema1", "ema2"):
@@ -193,8 +215,9 @@ def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seed + rank per process
 
 
+@pytest.mark.slow
 def test_ddp_gradient_equals_single_process_gradient_of_the_union(tmp_path):
-    torchrun("tests/ddp_script.py", "grad", tmp_path)
+    run_script("tests/ddp_script.py", "grad", tmp_path, nproc=2)
     g0, g1 = torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt")
     for name, single in g0["single"].items():
         torch.testing.assert_close(g0["ddp"][name], single, rtol=1e-4, atol=1e-6, msg=name)

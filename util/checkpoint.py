@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, safe loading (reference files included), resume lookup, RNG state.
+"""Checkpoint files: the format (one symmetric pair: TrainState <-> dict), atomic writes, safe
+loading (reference files included), resume lookup, RNG state.
 
 Layout (the reference's keys, plus ours): `model`, `model_ema1`, `model_ema2` (full state dicts of
 the denoiser, keys `net.*`), `optimizer`, `epoch` (last finished epoch), `args` (a plain dict; the
@@ -10,15 +11,97 @@ import glob
 import os
 import random
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 LAST = "checkpoint-last.pth"
+EMA_KEYS = ("model_ema1", "model_ema2")  # EMA i + 1 (decay --ema_decay{i+1})
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds. model / emas / optimizer: state dicts (optimizer None: weights only);
+    epoch: the last finished epoch of these weights (-1: none); resume: {'epoch', 'step'} to continue
+    from; rng: every rank's RNG states and world_size: their number (None in reference files)."""
+
+    model: dict
+    emas: list
+    optimizer: dict | None
+    epoch: int
+    args: dict
+    resume: dict
+    rng: list | None = None
+    world_size: int | None = None
+
+    def weights(self, which: str) -> dict:
+        """The state dict of 'model', 'ema1' or 'ema2'."""
+        if which == "model":
+            return self.model
+        return self.emas[int(which.removeprefix("ema")) - 1]
+
+
+def to_dict(state: TrainState) -> dict:
+    """The file's dict: the reference's keys, plus resume, rng and world_size."""
+    return {"model": state.model, **dict(zip(EMA_KEYS, state.emas)), "optimizer": state.optimizer,
+            "epoch": state.epoch, "args": state.args, "resume": state.resume, "rng": state.rng,
+            "world_size": state.world_size}
+
+
+def from_dict(ckpt: dict) -> TrainState:
+    """Inverse of to_dict; also reads the reference's files (args as a Namespace, no resume point:
+    continue at the epoch after `epoch`). A missing EMA falls back to `model`."""
+    args = ckpt.get("args") or {}
+    epoch = ckpt.get("epoch", -1)
+    return TrainState(
+        model=ckpt["model"], emas=[ckpt.get(k, ckpt["model"]) for k in EMA_KEYS], optimizer=ckpt.get("optimizer"),
+        epoch=epoch, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
+        resume=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
+        world_size=ckpt.get("world_size"),
+    )
+
+
+def summary(args: dict) -> str:
+    """The flags that decide a network's shape, as given when the checkpoint was made."""
+    return ", ".join(f"--{k} {args[k]}" for k in ("model", "img_size", "class_num") if k in args) or "unknown flags"
+
+
+def load_module(module, state_dict: dict, path: str, args: dict):
+    """module.load_state_dict(state_dict); a checkpoint of another shape raises CheckpointError
+    naming the flags it was made with (`args`)."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; the checkpoint "
+                              f"was made with {summary(args)}): {first}") from None
+
+
+def load_weights(state: TrainState, path: str, denoiser, emas):
+    """Load the weights into a denoiser and its EMAs (see load_module)."""
+    load_module(denoiser, state.model, path, state.args)
+    for ema, state_dict in zip(emas, state.emas):
+        load_module(ema, state_dict, path, state.args)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):
+    """Load AdamW state saved by us or by the reference, for the fused implementation.
+
+    The reference saves fused=None and its `step` counters as CPU tensors; fused AdamW needs each
+    `step` as float32 on its parameter's device (CUDA refuses a CPU one), so they are moved there.
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)
+        for p in group["params"]:
+            s = optimizer.state.get(p)
+            if s and "step" in s:
+                s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
 
 
 def save_atomic(obj, path: str):
@@ -46,15 +129,19 @@ def save_atomic(obj, path: str):
         os.close(dir_fd)
 
 
+def save(state: TrainState, path: str):
+    save_atomic(to_dict(state), path)
+
+
 def remove_stale_temporaries(folder: str):
     """Delete temporary files left by a save that was killed (they are never read)."""
     for tmp in glob.glob(os.path.join(folder, ".checkpoint-*.pth.tmp-*")):
         os.remove(tmp)
 
 
-def load(path: str) -> dict:
-    """Load a checkpoint with weights_only=True; `args` comes back as a dict. Raises
-    CheckpointError naming the file if it is missing, truncated or not a checkpoint."""
+def load(path: str) -> TrainState:
+    """Load a checkpoint with weights_only=True. Raises CheckpointError naming the file if it is
+    missing, truncated or not a checkpoint."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -64,9 +151,7 @@ def load(path: str) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a JiT checkpoint (no 'model' entry)")
-    if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt["args"] = vars(ckpt["args"])
-    return ckpt
+    return from_dict(ckpt)
 
 
 def candidates(folder: str) -> list[str]:
@@ -81,7 +166,7 @@ def candidates(folder: str) -> list[str]:
 
 
 def load_for_resume(resume: str, log=print):
-    """Resolve `--resume` and load it. Returns (checkpoint dict, path) or (None, None).
+    """Resolve `--resume` and load it. Returns (TrainState, path) or (None, None).
 
     A file is loaded as is (a bad file is an error). A folder is searched for checkpoints, newest
     first; an unreadable one is reported and the next one tried; none at all means training from
@@ -96,13 +181,13 @@ def load_for_resume(resume: str, log=print):
     found = candidates(resume)
     for i, path in enumerate(found):
         try:
-            ckpt = load(path)
+            state = load(path)
         except CheckpointError as e:
             log(f"warning: {e}; trying an older checkpoint")
             continue
         if i > 0:
             log(f"warning: resuming from the older checkpoint {path}")
-        return ckpt, path
+        return state, path
     if found:
         raise CheckpointError(f"--resume {resume}: none of its {len(found)} checkpoints can be read")
     log(f"no checkpoint in {resume}: training from scratch")

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from util.distributed import print_all
@@ -104,3 +104,18 @@ class ResumableSampler(Sampler):
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+def make_loader(dataset, sampler, *, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """The training DataLoader: batches of `batch_size` in the sampler's order (the last partial one
+    dropped), persistent workers, and its own generator, so that the global RNG stays untouched."""
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -4,26 +4,27 @@ import os
 
 import torch
 
-from util.distributed import autocast
+from denoiser import SamplerSettings
+from util.distributed import autocast, print0
 from util.evaluation import quantize
 from util.viz import save_grid
 
 
 @torch.no_grad()
-def write_demo_outputs(denoiser, args, device, per_class: int = 8):
-    """Write samples.png (one row per class, EMA weights) and loss_curve.png to args.output_dir."""
-    labels = torch.arange(args.class_num, device=device).repeat_interleave(per_class)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(len(labels), 3, args.img_size, args.img_size, generator=g, device=device) * denoiser.noise_scale
+def write_demo_outputs(denoiser, *, output_dir: str, class_num: int, img_size: int, seed: int, sampler: SamplerSettings,
+                       device: torch.device, per_class: int = 8):
+    """Write samples.png (one row per class, `per_class` images each) and loss_curve.png to output_dir."""
+    labels = torch.arange(class_num, device=device).repeat_interleave(per_class)
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn(len(labels), 3, img_size, img_size, generator=g, device=device) * denoiser.noise_scale
     with autocast(device):
-        images = denoiser.generate(labels, noise=noise, steps=args.num_sampling_steps, method=args.sampling_method,
-                                   cfg=args.cfg, interval_min=args.interval_min, interval_max=args.interval_max)
-    path = os.path.join(args.output_dir, "samples.png")
+        images = denoiser.generate(labels, sampler, noise=noise)
+    path = os.path.join(output_dir, "samples.png")
     save_grid(quantize(images).cpu(), nrow=per_class, path=path)
-    print(f"wrote {path} (one row per class, cfg {args.cfg}, {args.num_sampling_steps} {args.sampling_method} steps)")
-    curve = plot_loss_curve(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "loss_curve.png"))
+    print0(f"wrote {path} (one row per class, cfg {sampler.cfg}, {sampler.steps} {sampler.method} steps)")
+    curve = plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
     if curve:
-        print(f"wrote {curve}")
+        print0(f"wrote {curve}")
 
 
 def plot_loss_curve(metrics_path: str, out_path: str):

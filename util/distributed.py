@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 _control_group = None  # a gloo group for small host-side collectives (no GPU synchronisation)
+_console_copy = None  # a file that this process's console lines are also appended to (output_dir/log.txt)
 
 
 def is_dist() -> bool:
@@ -31,18 +32,30 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def copy_console_to(path: str | None):
+    """Also append what print0 / print_all print in this process to `path` (None: stop)."""
+    global _console_copy
+    _console_copy = path
+
+
+def _print(*args, **kwargs):
+    kwargs.setdefault("flush", True)
+    builtins.print(*args, **kwargs)
+    if _console_copy is not None:
+        with open(_console_copy, "a") as f:
+            builtins.print(*args, **{**kwargs, "file": f})
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (flushed, so logs interleave correctly under torchrun)."""
     if is_main_process():
-        kwargs.setdefault("flush", True)
-        builtins.print(*args, **kwargs)
+        _print(*args, **kwargs)
 
 
 def print_all(*args, **kwargs):
     """print on every rank, prefixed with the rank when distributed."""
     prefix = (f"[rank {get_rank()}]",) if is_dist() else ()
-    kwargs.setdefault("flush", True)
-    builtins.print(*prefix, *args, **kwargs)
+    _print(*prefix, *args, **kwargs)
 
 
 def barrier():
@@ -105,11 +118,17 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
 
 
 def shutdown():
-    """Leave the process group; every rank waits for the others first, so none tears down its
-    connections while a peer still uses them."""
+    """Leave the process group: every rank waits for the others first, so none tears down its
+    connections while a peer still uses them; then all groups are destroyed and the last reference
+    to them dropped, which joins their C++ threads (gloo's workers and event loop) here, while
+    Python is fully alive. Left running into interpreter shutdown, a gloo worker that releases its
+    last tensors there aborts the process ("terminate called without an active exception").
+    Objects that hold a group (a DDP-wrapped model) must be released before."""
+    global _control_group
     if is_dist():
         barrier()
         dist.destroy_process_group()
+    _control_group = None
 
 
 def autocast(device: torch.device):

@@ -11,6 +11,7 @@ Each batch is quantised to uint8 and fed to torch-fidelity's Inception in memory
 are gathered on rank 0 in image order, which computes FID and IS with torch-fidelity's functions
 and shares the numbers with every rank.
 """
+import dataclasses
 import math
 import os
 import time
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from denoiser import SamplerSettings
 from util import fid
-from util.metrics_log import MetricsLog
 from util.distributed import all_gather_object, autocast, barrier, get_rank, get_world_size, is_dist, is_main_process, print0
 
 
@@ -69,9 +70,9 @@ def rank_batches(num_images: int, gen_bsz: int, rank: int, world_size: int) -> l
     return [(k * gen_bsz, min((k + 1) * gen_bsz, num_images)) for k in ks]
 
 
-def generate_batches(denoiser, *, net=None, device, num_images, class_num, gen_bsz, seed, sampler, img_size):
+def generate_batches(denoiser, *, net=None, device, num_images, class_num, gen_bsz, seed, sampler: SamplerSettings, img_size):
     """Yield (start, uint8 images (B, 3, img_size, img_size) on device) for this rank's batches,
-    in index order. `sampler` holds steps, method, cfg, interval_min, interval_max."""
+    in index order."""
     batches = rank_batches(num_images, gen_bsz, get_rank(), get_world_size())
 
     def draw(k):
@@ -85,7 +86,7 @@ def generate_batches(denoiser, *, net=None, device, num_images, class_num, gen_b
                 pending = pool.submit(draw, k + 1)
             labels = class_labels(torch.arange(start, stop), num_images, class_num).to(device)
             with autocast(device):
-                x = denoiser.generate(labels, noise=noise, net=net, **sampler)
+                x = denoiser.generate(labels, sampler, noise=noise, net=net)
             yield start, quantize(x)
 
 
@@ -123,10 +124,10 @@ def gather_rows(x: torch.Tensor, device: torch.device, chunk: int = 4096) -> tor
     return torch.cat([torch.cat(p)[:n] for p, n in zip(parts, sizes)])
 
 
-def image_folder_name(sampler: dict, num_images: int, img_size: int) -> str:
+def image_folder_name(sampler: SamplerSettings, num_images: int, img_size: int) -> str:
     """The reference's folder name for saved evaluation images."""
     s = sampler
-    return f"{s['method']}-steps{s['steps']}-cfg{s['cfg']}-interval{s['interval_min']}-{s['interval_max']}-image{num_images}-res{img_size}"
+    return f"{s.method}-steps{s.steps}-cfg{s.cfg}-interval{s.interval_min}-{s.interval_max}-image{num_images}-res{img_size}"
 
 
 def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
@@ -137,15 +138,14 @@ def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
 
 
 def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class_num: int, gen_bsz: int, seed: int,
-             sampler: dict, img_size: int, fid_stats: str, inception_weights: str | None, output_dir: str | None,
-             save_images: bool = False, epoch: int = 0, checkpoint_epoch: int | None = None, log_writer=None) -> dict:
+             sampler: SamplerSettings, img_size: int, fid_stats: str, inception_weights: str | None, output_dir: str | None = None,
+             save_images: bool = False, epoch: int = 0, checkpoint_epoch: int | None = None, log=None) -> dict:
     """Generate `num_images` class-balanced images with `denoiser` (the EMA-1 one) and score them.
 
-    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). sampler: steps, method,
-    cfg, interval_min, interval_max for `Denoiser.generate`. Generation runs under the device's
-    autocast; Inception in float32. save_images keeps the PNGs in output_dir/<reference folder name>.
-    Rank 0 logs `fid_cfg{cfg}_res{img_size}` and `is_cfg{cfg}_res{img_size}` at x = epoch to
-    `log_writer` and appends a {"kind": "eval", ...} line to output_dir/metrics.jsonl.
+    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). Generation runs under the
+    device's autocast; Inception in float32. save_images keeps the PNGs in output_dir/<reference
+    folder name>. `log` (a RunLog) gets the TensorBoard scalars `fid_cfg{cfg}_res{img_size}` and
+    `is_cfg{cfg}_res{img_size}` at x = epoch and a {"kind": "eval", ...} metrics.jsonl record.
     Returns, on every rank, {'fid', 'inception_score', 'inception_score_std', 'num_images', 'seconds'}.
     """
     if class_num <= 0 or num_images % class_num:
@@ -179,17 +179,13 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
         is_mean, is_std = fid.inception_score(logits)
         result = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std,
                       num_images=num_images, seconds=time.time() - t0)
-        print0(f"eval ({num_images} images, cfg {sampler['cfg']}): FID {fid_value:.4f}, IS {is_mean:.4f} ± {is_std:.4f}, "
+        print0(f"eval ({num_images} images, cfg {sampler.cfg}): FID {fid_value:.4f}, IS {is_mean:.4f} ± {is_std:.4f}, "
                f"{result['seconds']:.0f}s")
-        if log_writer is not None:
-            postfix = f"_cfg{sampler['cfg']}_res{img_size}"
-            log_writer.add_scalar(f"fid{postfix}", fid_value, epoch)
-            log_writer.add_scalar(f"is{postfix}", is_mean, epoch)
-            log_writer.flush()
-        if output_dir:
-            record = dict(kind="eval", epoch=epoch, checkpoint_epoch=checkpoint_epoch, **result, class_num=class_num,
-                          img_size=img_size, seed=seed, gen_bsz=gen_bsz, world_size=get_world_size(), **sampler,
-                          fid_stats=fid_stats)
-            record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            MetricsLog(output_dir).write(record)
+        if log is not None:
+            postfix = f"_cfg{sampler.cfg}_res{img_size}"
+            log.scalars({f"fid{postfix}": fid_value, f"is{postfix}": is_mean}, epoch)
+            log.flush()
+            log.record(dict(kind="eval", epoch=epoch, checkpoint_epoch=checkpoint_epoch, **result, class_num=class_num,
+                            img_size=img_size, seed=seed, gen_bsz=gen_bsz, world_size=get_world_size(),
+                            **dataclasses.asdict(sampler), fid_stats=fid_stats))
     return all_gather_object(result)[0]

@@ -16,4 +16,4 @@ def lr_at(epoch: float, *, lr: float, warmup_epochs: float, schedule: str = "con
 
 def set_lr(optimizer, lr: float):
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
