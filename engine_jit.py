@@ -122,8 +122,8 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
 
     loader yields (images, labels, bad-file counts) micro-batches from the sampler's position;
     lr_at(fractional epoch) gives the learning rate of each step; `save_fn(epoch, next_step)` writes
-    a resumable checkpoint; `stopper.requested` is set by SIGTERM/SIGUSR1; `log` is a RunLog.
-    Raises StopRun after saving when a stop is requested, and without saving when too many
+    a resumable checkpoint and returns whether it could; `stopper.requested` is set by SIGTERM/SIGUSR1; `log` is a RunLog.
+    Raises StopRun after trying to save when a stop is requested, and without saving when too many
     non-finite steps come in a row or too many images are unreadable. Returns True when a step
     checkpoint was written after the last step (the epoch's end is saved already).
     """
@@ -176,13 +176,11 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
                               f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)
             t_window, window_steps = time.time(), 0
         if stop_votes:
-            if save_fn:
-                save_fn(epoch, step + 1)
-            raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}: checkpoint saved; "
-                          "rerun the same command to continue")
+            saved = save_fn(epoch, step + 1) if save_fn else False
+            raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}"
+                          + (": checkpoint saved; rerun the same command to continue" if saved else ""))
         if loop.save_every_steps and (epoch * steps_per_epoch + step + 1) % loop.save_every_steps == 0 and save_fn:
-            save_fn(epoch, step + 1)
-            saved_at_end = last
+            saved_at_end = save_fn(epoch, step + 1) and last
     if bad_files:
         D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
     return saved_at_end

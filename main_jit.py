@@ -20,7 +20,7 @@ from engine_jit import LoopConfig, StopRun, evaluate, hms, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
-from util import lr_sched
+from util import files, lr_sched
 from util.data import CenterCropFolder, ResumableSampler, make_loader
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
@@ -238,14 +238,19 @@ def build_model(cfg, device):
     return denoiser, emas, optimizer
 
 
+def describe(path: str, resume: dict) -> str:
+    return f"{path} (resume at epoch {resume['epoch']}, step {resume['step']})"
+
+
 def resume(cfg, denoiser, emas, optimizer, device):
     """Load --resume into the live objects (the optimizer only when training) and restore this
-    rank's RNG states. Returns (epoch, step) to continue from and the weights' last finished epoch."""
+    rank's RNG states. Returns (epoch, step) to continue from, the weights' last finished epoch and
+    a description of the checkpoint (None without one)."""
     state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0)
     if state is None:
         if cfg.evaluate_gen:
             raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {cfg.resume}")
-        return cfg.start_epoch, 0, -1
+        return cfg.start_epoch, 0, -1, None
     ckpt_util.load_weights(state, path, denoiser, emas)
     if not cfg.evaluate_gen and state.optimizer is not None:
         ckpt_util.load_optimizer(optimizer, state.optimizer)
@@ -255,7 +260,16 @@ def resume(cfg, denoiser, emas, optimizer, device):
         D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
                  f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
     D.print0(f"resumed from {path}: epoch {state.resume['epoch']}, step {state.resume['step']}")
-    return state.resume["epoch"], state.resume["step"], state.epoch
+    return state.resume["epoch"], state.resume["step"], state.epoch, describe(path, state.resume)
+
+
+def check_free_space(output_dir: str, ckpt_bytes: int):
+    """Say so before training when output_dir cannot hold a checkpoint and its temporary file."""
+    free = files.free_bytes(output_dir)
+    if free < 2 * ckpt_bytes:
+        D.print0(f"warning: {output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
+                 f"({files.human_bytes(ckpt_bytes)}) next to the previous one needs {files.human_bytes(2 * ckpt_bytes)}: "
+                 "checkpoints may fail to be written")
 
 
 def wrap_for_training(denoiser, emas, cfg, device):
@@ -286,6 +300,9 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0
     weights_epoch: int = -1  # last finished epoch of the weights loaded by --resume (-1: none)
+    newest_checkpoint: str | None = None  # the newest readable checkpoint of this run and what it holds
+    last_saved: bool = True  # whether the latest checkpoint-last.pth write succeeded
+    failed_saves: int = 0
 
 
 def setup(args) -> Run:
@@ -307,11 +324,13 @@ def setup(args) -> Run:
     denoiser, emas, optimizer = build_model(cfg, device)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    start_epoch, start_step, weights_epoch = resume(cfg, denoiser, emas, optimizer, device)
+    start_epoch, start_step, weights_epoch, newest = resume(cfg, denoiser, emas, optimizer, device)
+    if not cfg.evaluate_gen:
+        check_free_space(cfg.output_dir, ckpt_util.estimated_size(denoiser))
     model, sample_net = wrap_for_training(denoiser, emas, cfg, device)
     return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
                sample_net=sample_net, log=log, data=data, start_epoch=start_epoch, start_step=start_step,
-               weights_epoch=weights_epoch)
+               weights_epoch=weights_epoch, newest_checkpoint=newest)
 
 
 def run_eval(run: Run, epoch: int, weights_epoch: int):
@@ -327,10 +346,12 @@ def run_eval(run: Run, epoch: int, weights_epoch: int):
         )
 
 
-def save(run: Run, epoch: int, next_step: int, name: str = "last"):
+def save(run: Run, epoch: int, next_step: int, name: str = "last") -> bool:
     """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
-    atomically. A failed write is reported and the previous checkpoint kept."""
+    atomically. A failed write is reported on one line, the previous checkpoint kept, and the run
+    remembers it. Returns, on every rank, whether the file was written."""
     rngs = D.all_gather_object(ckpt_util.capture_rng(run.device))
+    written = None
     if D.is_main_process():
         done = next_step >= run.data.steps_per_epoch
         state = ckpt_util.TrainState(
@@ -342,11 +363,26 @@ def save(run: Run, epoch: int, next_step: int, name: str = "last"):
         path = os.path.join(run.config.output_dir, f"checkpoint-{name}.pth")
         try:
             ckpt_util.save(state, path)
-        except OSError as e:
-            D.print_all(f"error: could not write {path} ({e}); the previous checkpoint is kept, training goes on")
+        except files.WriteError as e:
+            D.print0(f"error: {e}; the previous checkpoint is kept, training goes on")
         else:
-            D.print0(f"saved {path} (resume at epoch {state.resume['epoch']}, step {state.resume['step']})")
-    D.barrier()
+            written = describe(path, state.resume)
+            D.print0(f"saved {written}")
+    written = D.broadcast_object(written)
+    run.failed_saves += written is None
+    if name == "last":
+        run.last_saved = written is not None
+    if written is not None:
+        run.newest_checkpoint = written
+    return written is not None
+
+
+def unsaved_exit(run: Run) -> int:
+    """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
+    D.print0("error: the final checkpoint of this run could not be written; "
+             + (f"the newest readable checkpoint is {run.newest_checkpoint}" if run.newest_checkpoint
+                else "no checkpoint of this run was written"))
+    return 1
 
 
 def loop_config(cfg) -> LoopConfig:
@@ -384,9 +420,13 @@ def train(run: Run) -> int:
                 run_eval(run, epoch, weights_epoch=epoch)
     except StopRun as e:
         D.print0(str(e))
-        return e.code
+        return e.code if run.last_saved else unsaved_exit(run)
     finally:
         run.log.flush()
+    if not run.last_saved:
+        return unsaved_exit(run)
+    if run.failed_saves:
+        D.print0(f"warning: {run.failed_saves} checkpoint(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
     if c.demo and D.is_main_process():
         write_demo_outputs(run.emas[0].module, output_dir=c.output_dir, class_num=c.class_num, img_size=c.img_size,
@@ -401,8 +441,8 @@ def main(args) -> int:
             D.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
         if args.evaluate_gen:
-            run_eval(run, run.weights_epoch, weights_epoch=run.weights_epoch)
-            return 0
+            result = run_eval(run, run.weights_epoch, weights_epoch=run.weights_epoch)
+            return 1 if run.log.failed or result.get("images_saved") is False else 0
         return train(run)
     finally:
         run.log.close()
@@ -412,7 +452,7 @@ def cli(argv=None):
     args = parse_args(argv)
     try:
         code = main(args)
-    except (ValueError, FileNotFoundError, ckpt_util.CheckpointError) as e:
+    except (ValueError, OSError, ckpt_util.CheckpointError) as e:  # bad input, a full disk, ...
         print(f"error: {e}", file=sys.stderr)
         code = 2
     D.shutdown()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from util import distributed, fid
 from util.data import CenterCropFolder
+from util.files import WriteError, atomic_write
 from util.evaluation import gather_rows
 
 
@@ -36,6 +37,14 @@ def get_args_parser():
     parser.add_argument("--dist_on_itp", action="store_true")
     parser.add_argument("--dist_url", default="env://")
     return parser
+
+
+def write_or_fail(path: str, write):
+    """atomic_write, or stop this process with the one-line reason (a full disk, ...)."""
+    try:
+        atomic_write(path, write)
+    except WriteError as e:
+        distributed.fail(str(e))
 
 
 def main(args):
@@ -58,7 +67,8 @@ def main(args):
     for b, (images, _, _) in enumerate(loader):  # images: (B, 3, size, size) uint8
         if args.png_dir:
             for img in images:
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(args.png_dir, f"{index:0{width}d}.png"))
+                pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+                write_or_fail(os.path.join(args.png_dir, f"{index:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
                 index += 1
         if extractor is not None:
             features.append(fid.inception_features(extractor, images.to(device))[:, : fid.FEATURE_DIM].contiguous())
@@ -68,7 +78,10 @@ def main(args):
         share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM))
         pool = gather_rows(share, device)  # (n, 2048) on rank 0
         if distributed.is_main_process():
-            fid.save_stats(args.stats, fid.statistics(pool))
+            try:
+                fid.save_stats(args.stats, fid.statistics(pool))
+            except WriteError as e:
+                distributed.fail(str(e))
             distributed.print0(f"wrote statistics of {pool.shape[0]} images to {args.stats}")
     distributed.barrier()
     if args.png_dir:

@@ -1,7 +1,9 @@
 """Preemption and faults: atomic saves, exact resume after SIGTERM / SIGKILL, corrupt checkpoints and
 images, non-finite losses."""
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ from denoiser import EMA, Denoiser
 from engine_jit import train_step
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
+from util import files, logger
+from util.logger import RunLog
 from helpers import ROOT, TINY, make_image_folder, run_script, start_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
@@ -115,32 +119,146 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
-def test_failed_write_is_reported_and_keeps_the_old_file(tmp_path, monkeypatch):
+def torch_disk_full(real_save=torch.save):
+    """A torch.save that writes part of the file, then fails as torch's zip writer does on a full
+    disk: a RuntimeError whose context is the OSError."""
+
+    def save(obj, f):
+        real_save(obj, f)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    return save
+
+
+def test_a_full_disk_in_torch_save_is_one_line_with_sizes_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-last.pth")
     ckpt_util.save_atomic({"model": {"w": torch.ones(2)}}, path)
-
-    def disk_full(obj, f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        ckpt_util.save_atomic({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.setattr(torch, "save", torch_disk_full())
+    with pytest.raises(files.WriteError) as e:
+        ckpt_util.save_atomic({"model": {"w": torch.zeros(1000)}}, path)
     monkeypatch.undo()
+    message = str(e.value)
+    assert "\n" not in message and path in message and "No space left on device" in message
+    assert "needs about 4.0 kB" in message and re.search(r"\d+\.\d [kMGT]?B free", message), message
     assert torch.equal(ckpt_util.load(path).model["w"], torch.ones(2))
-    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # no temporary file left
 
 
-def test_training_goes_on_when_a_checkpoint_cannot_be_written(data, tmp_path, monkeypatch, capsys):
-    def fail(obj, path):
+def test_other_errors_in_torch_save_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    def broken(obj, f):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        ckpt_util.save_atomic({"w": torch.ones(2)}, str(tmp_path / "x.pth"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_append_leaves_no_partial_line(tmp_path, monkeypatch):
+    path = str(tmp_path / "metrics.jsonl")
+    files.append_line(path, '{"a": 1}')
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[:3])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_util, "save_atomic", fail)
-    args = main_jit.parse_args([*TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data,
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(files.WriteError, match="No space left"):
+        files.append_line(path, '{"b": 2}')
+    monkeypatch.undo()
+    assert open(path).read() == '{"a": 1}\n'
+
+
+def test_the_run_log_reports_a_failed_output_once_and_goes_on(tmp_path, monkeypatch, capsys):
+    log = RunLog(str(tmp_path))
+    log.record({"kind": "train", "loss": 1.0})
+
+    def full(path, line):
+        raise files.WriteError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(logger, "append_line", full)
+    log.record({"kind": "train", "loss": float("nan")})
+    log.record({"kind": "train", "loss": 2.0})
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("metrics.jsonl could not be written") == 1 and log.failed
+    assert [json.loads(x) for x in open(tmp_path / "metrics.jsonl")] == [{"kind": "train", "loss": 1.0}]
+
+
+def test_a_failed_periodic_save_lets_training_go_on(data, tmp_path, monkeypatch, capsys):
+    """The first of two saves fails: training goes on; the final one is written: status 0, with a warning."""
+    torch_save = torch.save
+    saves = []
+
+    def first_fails(obj, f):
+        saves.append(1)
+        return (torch_disk_full(torch_save) if len(saves) == 1 else torch_save)(obj, f)
+
+    monkeypatch.setattr(torch, "save", first_fails)
+    args = main_jit.parse_args([*TINY, "--epochs", "2", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
                                 "--output_dir", str(tmp_path)])
     assert main_jit.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("could not write") == 2 and "Epoch [1] [12/12]" in out and "training done" in out
+    assert out.count("could not write") == 1 and "No space left on device" in out and "training goes on" in out
+    assert "Epoch [1] [6/6]" in out and "1 checkpoint(s) of this run could not be written" in out and "training done" in out
+    assert ckpt_util.load(str(tmp_path / "checkpoint-last.pth")).resume == {"epoch": 2, "step": 0}
+
+
+def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_disk(data, tmp_path, monkeypatch, capsys):
+    args = main_jit.parse_args([*TINY, "--epochs", "2", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
+                                "--output_dir", str(tmp_path)])
+    run = main_jit.setup(args)
+    torch_save = torch.save
+    saves = []
+
+    def second_fails(obj, f):  # epoch 0 is written, epoch 1 (the final one) is not
+        saves.append(1)
+        return (torch_disk_full(torch_save) if len(saves) == 2 else torch_save)(obj, f)
+
+    monkeypatch.setattr(torch, "save", second_fails)
+    try:
+        assert main_jit.train(run) == 1
+    finally:
+        run.log.close()
+    out = capsys.readouterr().out
+    last = tmp_path / "checkpoint-last.pth"
+    assert f"the newest readable checkpoint is {last} (resume at epoch 1, step 0)" in out and "training done" not in out
+    assert ckpt_util.load(str(last)).resume == {"epoch": 1, "step": 0}
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 10 MB filesystem (tmpfs): one checkpoint of the tiny model (6.8 MB) fits, two do not."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk(data, small_disk):
+    out = small_disk / "out"
+    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
+                   "--output_dir", out, check=False)
+    assert p.returncode == 1, p.stdout
+    assert "free, but saving a checkpoint" in p.stdout  # said at the start
+    assert re.search(rf"could not write {out}/checkpoint-last.pth: No space left on device \(needs about 6\.\d MB, "
+                     r"\d+\.\d MB free\)", p.stdout), p.stdout
+    assert f"the newest readable checkpoint is {out}/checkpoint-last.pth (resume at epoch 1, step 0)" in p.stdout
+    assert "Traceback" not in p.stdout and "training done" not in p.stdout
+    assert ckpt_util.load(str(out / "checkpoint-last.pth")).resume == {"epoch": 1, "step": 0}
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert all(json.loads(line) for line in open(out / "metrics.jsonl"))  # whole lines only
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from util import files
+
 LAST = "checkpoint-last.pth"
 EMA_KEYS = ("model_ema1", "model_ema2")  # EMA i + 1 (decay --ema_decay{i+1})
 
@@ -104,29 +106,29 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):
                 s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
 
 
-def save_atomic(obj, path: str):
-    """torch.save to `path` so that a crash at any moment leaves the old file intact.
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nest of dicts, lists and tuples (about a checkpoint's file size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
-    Writes a temporary file in the same folder, flushes and fsyncs it, renames it over `path`,
-    then fsyncs the folder. On failure the temporary file is removed and the error re-raised.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+def estimated_size(denoiser) -> int:
+    """Bytes of a checkpoint of `denoiser`: its state three times (weights, two EMAs) and two AdamW
+    moments per trainable parameter."""
+    trainable = sum(p.numel() * p.element_size() for p in denoiser.parameters() if p.requires_grad)
+    return 3 * tensor_bytes(denoiser.state_dict()) + 2 * trainable
+
+
+def save_atomic(obj, path: str):
+    """torch.save to `path` so that a crash at any moment leaves the old file intact (see
+    util.files.atomic_write). A failed write (a full disk, ...) raises util.files.WriteError, whose
+    one-line message names the file, the bytes needed and the bytes free; no temporary file is left."""
+    files.atomic_write(path, lambda f: torch.save(obj, f), needed=tensor_bytes(obj))
 
 
 def save(state: TrainState, path: str):

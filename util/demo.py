@@ -7,6 +7,7 @@ import torch
 from denoiser import SamplerSettings
 from util.distributed import autocast, print0
 from util.evaluation import quantize
+from util.files import atomic_write
 from util.viz import save_grid
 
 
@@ -52,6 +53,6 @@ def plot_loss_curve(metrics_path: str, out_path: str):
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return out_path

@@ -39,11 +39,16 @@ def copy_console_to(path: str | None):
 
 
 def _print(*args, **kwargs):
+    global _console_copy
     kwargs.setdefault("flush", True)
     builtins.print(*args, **kwargs)
     if _console_copy is not None:
-        with open(_console_copy, "a") as f:
-            builtins.print(*args, **{**kwargs, "file": f})
+        try:
+            with open(_console_copy, "a") as f:
+                builtins.print(*args, **{**kwargs, "file": f})
+        except OSError as e:  # a full disk: the console goes on alone
+            path, _console_copy = _console_copy, None
+            builtins.print(f"error: could not append to {path} ({e}); the console is not copied there from now on", flush=True)
 
 
 def print0(*args, **kwargs):
@@ -154,6 +159,15 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj, group=_control_group)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s obj on every rank (through the control group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_control_group)
+    return box[0]
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

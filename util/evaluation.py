@@ -24,7 +24,9 @@ from PIL import Image
 
 from denoiser import SamplerSettings
 from util import fid
-from util.distributed import all_gather_object, autocast, barrier, get_rank, get_world_size, is_dist, is_main_process, print0
+from util.distributed import (all_gather_object, autocast, barrier, get_rank, get_world_size, host_all_reduce_sum, is_dist,
+                              is_main_process, print0, print_all)
+from util.files import atomic_write
 
 
 def check_eval_inputs(fid_stats: str, inception_weights: str | None, num_images: int, class_num: int) -> str:
@@ -131,10 +133,12 @@ def image_folder_name(sampler: SamplerSettings, num_images: int, img_size: int) 
 
 
 def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
-    """Write uint8 images (B, 3, H, W) as {index}.png, zero-padded (≥ 5 digits) so names sort in index order."""
+    """Write uint8 images (B, 3, H, W) as {index}.png, zero-padded (≥ 5 digits) so names sort in index
+    order; each file appears complete or not at all (util.files.atomic_write, WriteError on failure)."""
     width = max(5, len(str(num_images - 1)))
     for j, img in enumerate(images.cpu()):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{start + j:0{width}d}.png"))
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        atomic_write(os.path.join(folder, f"{start + j:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
 
 
 def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class_num: int, gen_bsz: int, seed: int,
@@ -160,16 +164,21 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
         barrier()
     batches = rank_batches(num_images, gen_bsz, get_rank(), get_world_size())
     report_every = max(1, len(batches) // 10)
-    features = []
+    features, png_error = [], None
     gen = generate_batches(denoiser, net=net, device=device, num_images=num_images, class_num=class_num,
                            gen_bsz=gen_bsz, seed=seed, sampler=sampler, img_size=img_size)
     for b, (start, images) in enumerate(gen, 1):
-        if folder:
-            save_pngs(images, start, folder, num_images)
+        if folder and png_error is None:
+            try:
+                save_pngs(images, start, folder, num_images)
+            except OSError as e:  # a full disk: stop writing, go on scoring
+                png_error = e
+                print_all(f"error: {e}; the remaining images of this process are not saved")
         features.append(fid.inception_features(extractor, images))
         if b % report_every == 0 or b == len(batches):
             print0(f"eval: rank 0 batch {b}/{len(batches)}, {time.time() - t0:.0f}s")
     del extractor
+    png_failures = round(host_all_reduce_sum([float(png_error is not None)])[0]) if save_images else 0
     share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM + fid.LOGITS_DIM))
     everything = gather_rows(share, device)  # (num_images, 2048 + 1008) on rank 0
     result = None
@@ -179,6 +188,8 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
         is_mean, is_std = fid.inception_score(logits)
         result = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std,
                       num_images=num_images, seconds=time.time() - t0)
+        if save_images:
+            result["images_saved"] = png_failures == 0
         print0(f"eval ({num_images} images, cfg {sampler.cfg}): FID {fid_value:.4f}, IS {is_mean:.4f} ± {is_std:.4f}, "
                f"{result['seconds']:.0f}s")
         if log is not None:

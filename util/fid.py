@@ -17,6 +17,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
+from util.files import atomic_write
+
 FEATURE_DIM = 2048  # Inception pool features (FID)
 LOGITS_DIM = 1008  # Inception logits without bias (IS)
 ISC_SPLITS = 10
@@ -80,12 +82,10 @@ def statistics(pool: torch.Tensor) -> dict:
 
 
 def save_stats(path: str, stats: dict):
-    """Write `mu` and `sigma` to an .npz file at exactly `path` (via a temporary file)."""
+    """Write `mu` and `sigma` to an .npz file at exactly `path`, atomically (WriteError on failure)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"]),
+                 needed=stats["mu"].nbytes + stats["sigma"].nbytes)
 
 
 def load_stats(path: str) -> dict:
