@@ -33,6 +33,19 @@ class SamplerSettings:
             raise ValueError(f"sampling method must be one of {', '.join(SAMPLERS)}, got {self.method!r}")
         if self.steps < 1:
             raise ValueError(f"the sampler needs at least 1 step, got {self.steps}")
+        if self.cfg < 0:
+            raise ValueError(f"the CFG scale must be >= 0, got {self.cfg}")
+        if not 0 <= self.interval_min < self.interval_max <= 1:
+            raise ValueError(f"the guidance interval needs 0 <= interval_min < interval_max <= 1, "
+                             f"got ({self.interval_min}, {self.interval_max})")
+
+    def net_passes(self) -> int:
+        """Network evaluations per image: one per velocity (Heun: two per interval but the last),
+        two where guidance applies (conditional and unconditional)."""
+        grid = time_grid(self.steps)
+        heun = self.method == "heun"
+        times = [*range(self.steps), *(range(1, self.steps) if heun else [])]
+        return sum(1 + (cfg_scale_at(grid[i], self.cfg, self.interval_min, self.interval_max) != 1.0) for i in times)
 
 
 class Denoiser(nn.Module):

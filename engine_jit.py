@@ -9,6 +9,7 @@ import torch
 
 from util import distributed as D
 from util.evaluation import evaluate  # noqa: F401  (engine_jit.evaluate, as in the reference)
+from util.logger import hms
 from util.lr_sched import set_lr
 
 
@@ -95,12 +96,6 @@ class StepMonitor:
         self.loss_sum.zero_(), self.skipped.zero_(), self.max_streak.copy_(self.streak)
         self.steps = 0
         return out
-
-
-def hms(seconds: float) -> str:
-    """Seconds as H:MM:SS (hours may exceed 24)."""
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def log_scalars(log, *, epoch, step, steps_per_epoch, loss, lr, img_s, mem, skipped):

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 """
 import argparse
+import dataclasses
 import functools
 import os
 import signal
@@ -16,16 +17,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from denoiser import EMA, SAMPLERS, Denoiser, SamplerSettings
-from engine_jit import LoopConfig, StopRun, evaluate, hms, train_one_epoch
+from engine_jit import LoopConfig, StopRun, evaluate, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
-from util import files, lr_sched
+from util import files, fid, lr_sched, sweep
 from util.data import CenterCropFolder, ResumableSampler, make_loader
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
-from util.logger import RunLog
+from util.logger import RunLog, hms
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
@@ -34,19 +35,33 @@ DEMO_DEFAULTS = dict(
 )
 
 
-def add_sampler_args(group):
-    """The sampler's flags (shared by main_jit.py and sample.py)."""
+def add_sampler_args(group, sweep: bool = False):
+    """The sampler's flags (shared by main_jit.py and sample.py). sweep: --cfg, --interval_min and
+    --interval_max take several values (a sweep over all combinations)."""
     a = group.add_argument
+    many = dict(nargs="+") if sweep else {}
+    also = "; several values: a sweep" if sweep else ""
     a("--sampling_method", default="heun", choices=sorted(SAMPLERS), help="ODE integrator (Heun: 2nd order, Euler: 1st)")
     a("--num_sampling_steps", default=50, type=int, help="integration steps from t = 0 (noise) to t = 1 (image)")
-    a("--cfg", default=1.0, type=float, help="classifier-free guidance scale (>= 0; 1 = no guidance)")
-    a("--interval_min", default=0.0, type=float, help="guidance only for t > this, in [0, 1] (0: from t = 0 on)")
-    a("--interval_max", default=1.0, type=float, help="guidance only for t < this, in [0, 1]")
+    a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
+    a("--interval_min", default=0.0, type=float, **many, help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}")
+    a("--interval_max", default=1.0, type=float, **many, help=f"guidance only for t < this, in (0, 1]{also}")
 
 
 def sampler_settings(args) -> SamplerSettings:
+    """The sampler of single-valued flags (sample.py, the demo's grid)."""
     return SamplerSettings(method=args.sampling_method, steps=args.num_sampling_steps, cfg=args.cfg,
                            interval_min=args.interval_min, interval_max=args.interval_max)
+
+
+def as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def eval_points(cfg, num_images: int) -> list:
+    """The evaluation's points: every combination of --ema, --interval_min, --interval_max, --cfg."""
+    return sweep.grid(emas=as_list(cfg.ema), interval_mins=as_list(cfg.interval_min), interval_maxs=as_list(cfg.interval_max),
+                      cfgs=as_list(cfg.cfg), method=cfg.sampling_method, steps=cfg.num_sampling_steps, num_images=num_images)
 
 
 def get_args_parser():
@@ -73,6 +88,7 @@ def get_args_parser():
     a("--weight_decay", default=0.0, type=float, help="AdamW weight decay (not on biases and 1-D parameters)")
     a("--ema_decay1", default=0.9999, type=float, help="decay per step of EMA 1 (the weights evaluation samples with)")
     a("--ema_decay2", default=0.9996, type=float, help="decay per step of EMA 2")
+    a("--ema_decay3", default=None, type=float, help="decay per step of an optional third EMA (the paper's sweep: 0.9998); off by default")
     a("--P_mean", default=-0.8, type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
     a("--P_std", default=0.8, type=float, help="standard deviation of logit(t) for training times")
     a("--noise_scale", default=1.0, type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
@@ -85,8 +101,10 @@ def get_args_parser():
     a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
 
     g = p.add_argument_group("sampling and evaluation")
-    add_sampler_args(g)
+    add_sampler_args(g, sweep=True)
     a = g.add_argument
+    a("--ema", default=[1], type=int, nargs="+", choices=(1, 2, 3), help="which EMA's weights sample; several values: a sweep")
+    a("--final_num_images", default=None, type=int, help="after a sweep, evaluate its best point again with this many images")
     a("--num_images", default=50000, type=int, help="images to generate for FID / IS; a multiple of --class_num")
     a("--eval_freq", default=40, type=int, help="online evaluation every N epochs (and at the last)")
     a("--online_eval", action="store_true", help="evaluate FID / IS during training")
@@ -151,6 +169,11 @@ def check_args(args):
         raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
     if not args.evaluate_gen and not args.demo and not os.path.isdir(os.path.join(args.data_path, "train")):
         raise FileNotFoundError(f"--data_path {args.data_path}: no folder {os.path.join(args.data_path, 'train')} (an ImageFolder tree of training images)")
+    eval_points(args, args.num_images)  # a negative CFG scale, an empty guidance interval
+    if args.final_num_images is not None and (args.final_num_images < 1 or args.final_num_images % args.class_num):
+        raise ValueError(f"--final_num_images ({args.final_num_images}) must be a positive multiple of --class_num ({args.class_num})")
+    if not args.evaluate_gen and args.ema_decay3 is None and 3 in as_list(args.ema):
+        raise ValueError("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     if args.evaluate_gen or args.online_eval:
         check_eval_inputs(default_fid_stats(args), args.inception_weights, args.num_images, args.class_num)
 
@@ -159,9 +182,13 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
     """The run's settings: the flags plus the values derived from them (`args` is left as given).
 
     lr: blr × global batch / 256 unless --lr is given; fid_stats: the default file for img_size;
-    data_path: the generated shapes under output_dir for --demo; compile: on for CUDA by default.
+    data_path: the generated shapes under output_dir for --demo. Single-valued sweep flags (--cfg,
+    --interval_min, --interval_max, --ema) become plain numbers.
     """
     cfg = argparse.Namespace(**vars(args))
+    for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
+        values = as_list(getattr(cfg, name))
+        setattr(cfg, name, values[0] if len(values) == 1 else values)
     if cfg.lr is None:
         cfg.lr = cfg.blr * cfg.batch_size * cfg.accum_iter * world_size / 256
     cfg.fid_stats = default_fid_stats(args)
@@ -171,15 +198,21 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 (what schedulers send before a kill); the loop saves and exits."""
+    """Records SIGTERM / SIGUSR1 (what schedulers send before a kill); the loop saves and exits.
+    close() puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self.previous = [signal.signal(sig, self._handler) for sig in self.SIGNALS]
 
     def _handler(self, signum, frame):
         self.requested = signum
+
+    def close(self):
+        for sig, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(sig, handler)
 
 
 def param_groups(denoiser, weight_decay: float) -> list[dict]:
@@ -224,12 +257,12 @@ def build_data(cfg, device) -> Data:
 
 
 def build_model(cfg, device):
-    """(denoiser, [EMA 1, EMA 2], optimizer), freshly initialised from the global RNG."""
+    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], optimizer), freshly initialised from the global RNG."""
     net = JiT_models[cfg.model](input_size=cfg.img_size, num_classes=cfg.class_num, attn_drop=cfg.attn_dropout,
                                 proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl)
     denoiser = Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
                         t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
-    emas = [EMA(denoiser, cfg.ema_decay1), EMA(denoiser, cfg.ema_decay2)]
+    emas = [EMA(denoiser, d) for d in (cfg.ema_decay1, cfg.ema_decay2, cfg.ema_decay3) if d is not None]
     optimizer = build_optimizer(denoiser, cfg.lr, cfg.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     D.print0(f"{cfg.model} at {cfg.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
@@ -242,16 +275,36 @@ def describe(path: str, resume: dict) -> str:
     return f"{path} (resume at epoch {resume['epoch']}, step {resume['step']})"
 
 
-def resume(cfg, denoiser, emas, optimizer, device):
-    """Load --resume into the live objects (the optimizer only when training) and restore this
-    rank's RNG states. Returns (epoch, step) to continue from, the weights' last finished epoch and
-    a description of the checkpoint (None without one)."""
+@dataclass
+class Resumed:
+    """Where a run starts. epoch, step: to continue from; weights_epoch: the last finished epoch of
+    the loaded weights (-1: none); path: the checkpoint file (None: none); newest: its description."""
+
+    epoch: int
+    step: int = 0
+    weights_epoch: int = -1
+    path: str | None = None
+    newest: str | None = None
+
+
+def resume(cfg, denoiser, emas, optimizer, device) -> Resumed:
+    """Load --resume into the live objects (the optimizer only when training; an EMA 3 the
+    checkpoint holds is added for evaluation) and restore this rank's RNG states."""
     state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0)
     if state is None:
         if cfg.evaluate_gen:
             raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {cfg.resume}")
-        return cfg.start_epoch, 0, -1, None
+        return Resumed(cfg.start_epoch)
+    if cfg.evaluate_gen and len(state.emas) > len(emas):
+        emas.append(EMA(denoiser, decay=cfg.ema_decay3 or 0.0))  # only sampled, never updated
+    elif len(state.emas) != len(emas):
+        D.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
+                 + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
+                    "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
     ckpt_util.load_weights(state, path, denoiser, emas)
+    if max(as_list(cfg.ema)) > len(emas):
+        raise ckpt_util.CheckpointError(f"--ema {max(as_list(cfg.ema))}: {path} has no {ckpt_util.EMA_KEYS[len(emas)]} "
+                                        "(a third EMA is kept when training with --ema_decay3)")
     if not cfg.evaluate_gen and state.optimizer is not None:
         ckpt_util.load_optimizer(optimizer, state.optimizer)
     if state.rng is not None and state.world_size == D.get_world_size():
@@ -260,7 +313,7 @@ def resume(cfg, denoiser, emas, optimizer, device):
         D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
                  f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
     D.print0(f"resumed from {path}: epoch {state.resume['epoch']}, step {state.resume['step']}")
-    return state.resume["epoch"], state.resume["step"], state.epoch, describe(path, state.resume)
+    return Resumed(state.resume["epoch"], state.resume["step"], state.epoch, os.path.abspath(path), describe(path, state.resume))
 
 
 def check_free_space(output_dir: str, ckpt_bytes: int):
@@ -273,15 +326,15 @@ def check_free_space(output_dir: str, ckpt_bytes: int):
 
 
 def wrap_for_training(denoiser, emas, cfg, device):
-    """(what the training step calls: the denoiser, DDP-wrapped and/or compiled; a compiled stand-in
-    for EMA 1's network for sampling, or None)."""
+    """(what the training step calls: the denoiser, DDP-wrapped and/or compiled; for each EMA a
+    compiled stand-in of its network for sampling, or None)."""
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     model = denoiser
     if D.get_world_size() > 1 and not cfg.evaluate_gen:
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
     if use_compile:
         model = torch.compile(model)
-    return model, torch.compile(emas[0].module.net, dynamic=False) if use_compile else None
+    return model, [torch.compile(ema.module.net, dynamic=False) if use_compile else None for ema in emas]
 
 
 @dataclass
@@ -294,15 +347,19 @@ class Run:
     emas: list
     optimizer: torch.optim.Optimizer
     model: torch.nn.Module  # what the training step calls: the denoiser, DDP-wrapped and/or compiled
-    sample_net: object  # a compiled stand-in for emas[0].module.net, or None
+    sample_nets: list  # per EMA: a compiled stand-in for its network, or None
     log: RunLog
+    stopper: "StopSignal"
+    start: Resumed
     data: Data | None = None  # None for --evaluate_gen
-    start_epoch: int = 0
-    start_step: int = 0
-    weights_epoch: int = -1  # last finished epoch of the weights loaded by --resume (-1: none)
     newest_checkpoint: str | None = None  # the newest readable checkpoint of this run and what it holds
     last_saved: bool = True  # whether the latest checkpoint-last.pth write succeeded
     failed_saves: int = 0
+
+    def close(self):
+        """Put the signal handlers back and close the log."""
+        self.stopper.close()
+        self.log.close()
 
 
 def setup(args) -> Run:
@@ -324,26 +381,83 @@ def setup(args) -> Run:
     denoiser, emas, optimizer = build_model(cfg, device)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    start_epoch, start_step, weights_epoch, newest = resume(cfg, denoiser, emas, optimizer, device)
+    start = resume(cfg, denoiser, emas, optimizer, device)
     if not cfg.evaluate_gen:
         check_free_space(cfg.output_dir, ckpt_util.estimated_size(denoiser))
-    model, sample_net = wrap_for_training(denoiser, emas, cfg, device)
+    model, sample_nets = wrap_for_training(denoiser, emas, cfg, device)
     return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
-               sample_net=sample_net, log=log, data=data, start_epoch=start_epoch, start_step=start_step,
-               weights_epoch=weights_epoch, newest_checkpoint=newest)
+               sample_nets=sample_nets, log=log, stopper=StopSignal(), start=start, data=data, newest_checkpoint=start.newest)
 
 
-def run_eval(run: Run, epoch: int, weights_epoch: int):
-    """FID / IS of the EMA-1 weights (recorded at x = epoch, with the weights' last finished epoch);
-    the global RNG streams are left as they were."""
+def score(run: Run, point, *, epoch: int, weights_epoch: int, in_sweep: bool = False, extractor=None) -> dict:
+    """FID / IS of one evaluation point; the global RNG streams are left as they were. Returns the
+    result with the point's settings (a sweep's record)."""
     c = run.config
+    extra = dict(ema=point.ema, checkpoint=run.start.path) if in_sweep else ({"ema": point.ema} if point.ema != 1 else {})
+    suffix = (f"_ema{point.ema}" if point.ema != 1 else "") + (
+        f"_interval{point.sampler.interval_min}-{point.sampler.interval_max}" if in_sweep else "")
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        return evaluate(
-            run.emas[0].module, net=run.sample_net, device=run.device, num_images=c.num_images, class_num=c.class_num,
-            gen_bsz=c.gen_bsz, seed=c.seed, sampler=sampler_settings(c), img_size=c.img_size, fid_stats=c.fid_stats,
-            inception_weights=c.inception_weights, output_dir=c.output_dir, save_images=c.save_images, epoch=epoch,
-            checkpoint_epoch=weights_epoch, log=run.log,
+        result = evaluate(
+            run.emas[point.ema - 1].module, net=run.sample_nets[point.ema - 1], device=run.device,
+            num_images=point.num_images, class_num=c.class_num, gen_bsz=c.gen_bsz, seed=c.seed, sampler=point.sampler,
+            img_size=c.img_size, fid_stats=c.fid_stats, inception_weights=c.inception_weights, output_dir=c.output_dir,
+            save_images=c.save_images, epoch=epoch, checkpoint_epoch=weights_epoch, log=run.log, extractor=extractor,
+            extra=extra, tag_suffix=suffix,
         )
+    return {**result, **dataclasses.asdict(point.sampler), "ema": point.ema, "checkpoint_epoch": weights_epoch}
+
+
+def run_eval(run: Run, epoch: int, weights_epoch: int) -> dict | None:
+    """Evaluate the --ema / --cfg / --interval_* point, or sweep their combinations (then also
+    --final_num_images). Returns the (best) point's result; None when a sweep was stopped."""
+    c = run.config
+    points = eval_points(c, c.num_images)
+    if len(points) == 1 and c.final_num_images is None:
+        return score(run, points[0], epoch=epoch, weights_epoch=weights_epoch)
+    return run_sweep(run, points, epoch=epoch, weights_epoch=weights_epoch)
+
+
+def run_sweep(run: Run, points: list, *, epoch: int, weights_epoch: int) -> dict | None:
+    """Score every point with one Inception network, skipping points finished before (metrics.jsonl);
+    stop between points on SIGTERM / SIGUSR1. Writes sweep.csv and sweep.png (per epoch during
+    training), prints the best point and evaluates it again with --final_num_images."""
+    c = run.config
+    context = dict(checkpoint=run.start.path, checkpoint_epoch=weights_epoch, seed=c.seed, gen_bsz=c.gen_bsz,
+                   class_num=c.class_num, img_size=c.img_size, fid_stats=c.fid_stats)
+    done = D.broadcast_object(sweep.finished(run.log.metrics_path, context) if D.is_main_process() else None)
+    if len(points) > 50:
+        passes = sum(p.sampler.net_passes() * p.num_images for p in points)
+        D.print0(f"sweep of {len(points)} points: {len(points) * c.num_images} images, {passes / 1e6:.1f}M network passes "
+                 "(the ETA follows after the first point)")
+    extractor = fid.build_inception(fid.resolve_inception_weights(c.inception_weights), run.device)
+
+    def stop() -> bool:
+        return D.host_all_reduce_sum([float(run.stopper.requested)])[0] > 0
+
+    def score_point(p):
+        return score(run, p, epoch=epoch, weights_epoch=weights_epoch, in_sweep=True, extractor=extractor)
+
+    records, stopped = sweep.run(points, score_point, done=done, should_stop=stop)
+    if stopped:
+        D.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
+        return None
+    best = sweep.best(records)
+    D.print0(f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']}): "
+             f"FID {best['fid']:.4f}, IS {best['inception_score']:.4f}")
+    if D.is_main_process():
+        name = "sweep" if c.evaluate_gen else f"sweep-epoch{epoch}"
+        try:
+            sweep.write_csv(os.path.join(c.output_dir, f"{name}.csv"), records)
+            sweep.plot(os.path.join(c.output_dir, f"{name}.png"), records)
+        except files.WriteError as e:
+            run.log.give_up(f"{name}.csv / .png", e)
+    if c.final_num_images is None:
+        return best
+    best_point = next(p for p in points if p.key() == sweep.record_key(best))
+    D.print0(f"final: the best point again with {c.final_num_images} images")
+    records, stopped = sweep.run([dataclasses.replace(best_point, num_images=c.final_num_images)], score_point, done=done,
+                                 should_stop=stop)
+    return None if stopped else records[0]
 
 
 def save(run: Run, epoch: int, next_step: int, name: str = "last") -> bool:
@@ -394,19 +508,18 @@ def loop_config(cfg) -> LoopConfig:
 def train(run: Run) -> int:
     """The epoch loop: train, checkpoint, evaluate. Returns the exit status."""
     c = run.config
-    stopper = StopSignal()
     loop = loop_config(c)
     lr_at = functools.partial(lr_sched.lr_at, lr=c.lr, warmup_epochs=c.warmup_epochs, schedule=c.lr_schedule,
                               epochs=c.epochs, min_lr=c.min_lr)
-    start_step = run.start_step
-    D.print0(f"training epochs {run.start_epoch}..{c.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
+    start_step = run.start.step
+    D.print0(f"training epochs {run.start.epoch}..{c.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
     try:
-        for epoch in range(run.start_epoch, c.epochs):
+        for epoch in range(run.start.epoch, c.epochs):
             run.data.sampler.set_position(epoch, start_step * c.accum_iter * c.batch_size)
             saved_at_end = train_one_epoch(run.model, run.denoiser, run.optimizer, run.emas, run.data.loader, epoch=epoch,
                                            start_step=start_step, steps_per_epoch=run.data.steps_per_epoch,
-                                           device=run.device, loop=loop, lr_at=lr_at, log=run.log, stopper=stopper,
+                                           device=run.device, loop=loop, lr_at=lr_at, log=run.log, stopper=run.stopper,
                                            save_fn=lambda e, s: save(run, e, s))
             start_step = 0
             last = epoch + 1 == c.epochs
@@ -429,8 +542,9 @@ def train(run: Run) -> int:
         D.print0(f"warning: {run.failed_saves} checkpoint(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
     if c.demo and D.is_main_process():
-        write_demo_outputs(run.emas[0].module, output_dir=c.output_dir, class_num=c.class_num, img_size=c.img_size,
-                           seed=c.seed, sampler=sampler_settings(c), device=run.device)
+        point = eval_points(c, c.num_images)[0]
+        write_demo_outputs(run.emas[point.ema - 1].module, output_dir=c.output_dir, class_num=c.class_num,
+                           img_size=c.img_size, seed=c.seed, sampler=point.sampler, device=run.device)
     return 0
 
 
@@ -441,11 +555,11 @@ def main(args) -> int:
             D.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
         if args.evaluate_gen:
-            result = run_eval(run, run.weights_epoch, weights_epoch=run.weights_epoch)
-            return 1 if run.log.failed or result.get("images_saved") is False else 0
+            result = run_eval(run, run.start.weights_epoch, weights_epoch=run.start.weights_epoch)
+            return 1 if run.log.failed or (result or {}).get("images_saved") is False else 0
         return train(run)
     finally:
-        run.log.close()
+        run.close()
 
 
 def cli(argv=None):

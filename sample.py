@@ -1,4 +1,4 @@
-"""Sample a grid from a checkpoint: one row per class, EMA-1 weights by default; CPU works.
+"""Sample a grid from a checkpoint: one row per class, EMA-1 weights by default (--ema 2 or 3); CPU works.
 
     python sample.py --resume output_dir/checkpoint-last.pth --classes 207 360 387 974 --per_class 8 \
         --cfg 2.9 --interval_min 0.1 --num_sampling_steps 50 --seed 0 --output samples.png
@@ -25,7 +25,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser("JiT sample grid", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     a("--resume", required=True, type=str, help="checkpoint file, or a folder holding checkpoint-*.pth")
-    a("--weights", default="ema1", choices=["ema1", "ema2", "model"], help="which weights to sample with")
+    a("--ema", default=1, type=int, choices=(1, 2, 3), help="which EMA's weights sample (3: a checkpoint trained with --ema_decay3)")
+    a("--weights", default=None, choices=["ema1", "ema2", "ema3", "model"], help="which weights to sample with (overrides --ema)")
     a("--classes", default=[207, 360, 387, 974, 88, 979, 417, 279], type=int, nargs="+", help="one grid row per class")
     a("--per_class", default=8, type=int, help="images per row")
     add_sampler_args(parser)
@@ -50,6 +51,7 @@ def main(args):
     if state is None:
         distributed.fail(f"--resume {args.resume}: no checkpoint found")
     saved = state.args
+    which = args.weights or f"ema{args.ema}"
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else saved.get(k, v) for k, v in MODEL_DEFAULTS.items()}
     bad = [c for c in args.classes if not 0 <= c < cfg["class_num"]]
     if bad:
@@ -57,7 +59,7 @@ def main(args):
     net = JiT_models[cfg["model"]](input_size=cfg["img_size"], num_classes=cfg["class_num"])
     model = Denoiser(net, cfg["class_num"], noise_scale=cfg["noise_scale"], t_eps=cfg["t_eps"])
     try:
-        checkpoint.load_module(model, state.weights(args.weights), path, saved)
+        checkpoint.load_module(model, state.weights(which), path, saved)
     except checkpoint.CheckpointError as e:
         distributed.fail(str(e))
     model.to(device).eval()
@@ -67,8 +69,11 @@ def main(args):
     noise = initial_noise(args.seed, range(n), (3, cfg["img_size"], cfg["img_size"]), cfg["noise_scale"]).to(device)
     with distributed.autocast(device):
         x = model.generate(labels, settings, noise=noise)
-    save_grid(quantize(x), args.per_class, args.output)
-    print(f"wrote {len(args.classes)}×{args.per_class} grid from {path} ({args.weights}, epoch {state.epoch}) to {args.output}")
+    try:
+        save_grid(quantize(x), args.per_class, args.output)
+    except OSError as e:
+        distributed.fail(str(e))
+    print(f"wrote {len(args.classes)}×{args.per_class} grid from {path} ({which}, epoch {state.epoch}) to {args.output}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from denoiser import EMA, Denoiser, SamplerSettings, cfg_scale_at, time_grid  # noqa: E402
+from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
 from engine_jit import train_step  # noqa: E402
 from main_jit import build_optimizer  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
@@ -136,14 +136,6 @@ def bench_sampler(args, steps: int) -> SamplerSettings:
                            interval_max=args.interval_max)
 
 
-def sampling_passes(args):
-    """Network passes per image of a Heun `sample` run: v at t_i for every step and at t_{i+1} for all
-    but the last; a guided velocity (scale != 1) costs two (conditional and unconditional)."""
-    grid = time_grid(args.sample_steps)
-    times = [*range(args.sample_steps), *range(1, args.sample_steps)]
-    return sum(1 + (cfg_scale_at(grid[i], args.cfg, args.interval_min, args.interval_max) != 1.0) for i in times)
-
-
 def build(args, device, attn_impl):
     torch.manual_seed(args.seed)
     net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl)
@@ -201,7 +193,7 @@ def bench_sample(args, device, fwd_flops):
     sync(device)
     elapsed = time.perf_counter() - start
     img_s = args.sample_batch / elapsed
-    passes = sampling_passes(args)
+    passes = bench_sampler(args, args.sample_steps).net_passes()
     return {"img_per_s": img_s, "batch_s": elapsed, "peak_mem_gb": peak_memory_gb(device),
             "net_passes_per_image": passes, **utilisation(img_s * passes * fwd_flops, args)}
 

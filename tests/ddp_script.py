@@ -19,7 +19,7 @@ from util import distributed as D  # noqa: E402
 def dump_training_state(dump, argv):
     run = main_jit.setup(main_jit.parse_args(argv))
     code = main_jit.train(run)
-    run.log.close()
+    run.close()
     state = {
         "code": code,
         "model": run.denoiser.state_dict(),

@@ -150,3 +150,13 @@ def start_script(script, *args) -> subprocess.Popen:
     """Start a script in the background (stdout and stderr merged, as text lines)."""
     return subprocess.Popen(command(script, *args), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """Read a started script's output line by line until a line contains `marker`; returns the lines."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"'{marker}' never printed:\n{''.join(lines)}")

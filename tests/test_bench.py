@@ -46,18 +46,19 @@ def test_model_size_counts_attention_and_all_parameters():
     assert params == sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.parametrize("method", ["heun", "euler"])
 @pytest.mark.parametrize("cfg", [2.9, 1.0])
-def test_sampling_passes_match_the_sampler(cfg):
-    args = bench.get_args_parser().parse_args(["--cfg", str(cfg)])  # 50 Heun steps, interval (0.1, 1.0)
+def test_net_passes_match_the_sampler(cfg, method):
+    settings = SamplerSettings(method=method, steps=50, cfg=cfg, interval_min=0.1)
     batches = []
 
     def net(z, t, y):
         batches.append(z.shape[0])
         return torch.zeros_like(z)
 
-    sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), SamplerSettings(steps=50, cfg=cfg, interval_min=0.1),
-           null_label=1)
-    assert bench.sampling_passes(args) == sum(batches)
+    sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), settings, null_label=1)
+    assert settings.net_passes() == sum(batches)
+    assert settings.net_passes() == {("heun", 2.9): 187, ("heun", 1.0): 99, ("euler", 2.9): 94, ("euler", 1.0): 50}[method, cfg]
 
 
 def test_epoch_stream_runs_epochs_back_to_back():

@@ -19,7 +19,7 @@ from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files, logger
 from util.logger import RunLog
-from helpers import ROOT, TINY, make_image_folder, run_script, start_script
+from helpers import ROOT, TINY, make_image_folder, read_until, run_script, start_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
 # that a signal sent after the first progress line lands well before the end of the run.
@@ -44,16 +44,6 @@ def assert_bit_identical(a, b):
     for i, s in a["optimizer"]["state"].items():
         for k, t in s.items():
             assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)
-
-
-def read_until(proc, marker):
-    """Read the child's output line by line until a line contains `marker`; returns all lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"'{marker}' never printed:\n{''.join(lines)}")
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +215,7 @@ def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_d
     try:
         assert main_jit.train(run) == 1
     finally:
-        run.log.close()
+        run.close()
     out = capsys.readouterr().out
     last = tmp_path / "checkpoint-last.pth"
     assert f"the newest readable checkpoint is {last} (resume at epoch 1, step 0)" in out and "training done" not in out
@@ -333,7 +323,7 @@ def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
     try:
         assert main_jit.train(run) == 1
     finally:
-        run.log.close()
+        run.close()
     out = capsys.readouterr().out
     assert "not finite for 3 steps in a row" in out
     assert not (tmp_path / "checkpoint-last.pth").exists()

@@ -82,7 +82,7 @@ def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
     args = main_jit.parse_args([*TINY[:-2], "--blr", "1e-4", "--accum_iter", "2", "--data_path", data,
                                 "--output_dir", str(tmp_path), "--dry_run"])
     run = main_jit.setup(args)
-    run.log.close()
+    run.close()
     assert args.lr is None  # the flags stay as given; the derived value lives in the run's config
     assert run.config.lr == pytest.approx(1e-4 * 4 * 2 / 256)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.config.lr)

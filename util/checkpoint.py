@@ -4,7 +4,8 @@ loading (reference files included), resume lookup, RNG state.
 Layout (the reference's keys, plus ours): `model`, `model_ema1`, `model_ema2` (full state dicts of
 the denoiser, keys `net.*`), `optimizer`, `epoch` (last finished epoch), `args` (a plain dict; the
 reference stored an argparse.Namespace, which loads too), and for exact resume `resume`
-({'epoch', 'step'} to continue from), `rng` (one entry per rank), `world_size`.
+({'epoch', 'step'} to continue from), `rng` (one entry per rank), `world_size`; `model_ema3` when
+a third EMA is kept (--ema_decay3; the reference ignores the key).
 """
 import argparse
 import glob
@@ -19,7 +20,7 @@ import torch
 from util import files
 
 LAST = "checkpoint-last.pth"
-EMA_KEYS = ("model_ema1", "model_ema2")  # EMA i + 1 (decay --ema_decay{i+1})
+EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
 
 
 class CheckpointError(RuntimeError):
@@ -42,10 +43,14 @@ class TrainState:
     world_size: int | None = None
 
     def weights(self, which: str) -> dict:
-        """The state dict of 'model', 'ema1' or 'ema2'."""
+        """The state dict of 'model' or 'ema{k}' (k = 1, 2, 3); CheckpointError if it has none."""
         if which == "model":
             return self.model
-        return self.emas[int(which.removeprefix("ema")) - 1]
+        k = int(which.removeprefix("ema"))
+        if not 1 <= k <= len(self.emas):
+            raise CheckpointError(f"the checkpoint has no {EMA_KEYS[k - 1] if k <= len(EMA_KEYS) else which} "
+                                  f"(it holds EMAs 1..{len(self.emas)}; a third one is kept when training with --ema_decay3)")
+        return self.emas[k - 1]
 
 
 def to_dict(state: TrainState) -> dict:
@@ -57,11 +62,12 @@ def to_dict(state: TrainState) -> dict:
 
 def from_dict(ckpt: dict) -> TrainState:
     """Inverse of to_dict; also reads the reference's files (args as a Namespace, no resume point:
-    continue at the epoch after `epoch`). A missing EMA falls back to `model`."""
+    continue at the epoch after `epoch`). A missing EMA 1 or 2 falls back to `model`."""
     args = ckpt.get("args") or {}
     epoch = ckpt.get("epoch", -1)
+    emas = [ckpt.get(k, ckpt["model"]) for k in EMA_KEYS[:2]] + ([ckpt[EMA_KEYS[2]]] if EMA_KEYS[2] in ckpt else [])
     return TrainState(
-        model=ckpt["model"], emas=[ckpt.get(k, ckpt["model"]) for k in EMA_KEYS], optimizer=ckpt.get("optimizer"),
+        model=ckpt["model"], emas=emas, optimizer=ckpt.get("optimizer"),
         epoch=epoch, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
         resume=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
         world_size=ckpt.get("world_size"),
@@ -85,10 +91,11 @@ def load_module(module, state_dict: dict, path: str, args: dict):
 
 
 def load_weights(state: TrainState, path: str, denoiser, emas):
-    """Load the weights into a denoiser and its EMAs (see load_module)."""
+    """Load the weights into a denoiser and its EMAs (see load_module). An EMA the checkpoint does
+    not hold (a third one added on resume) starts from the loaded weights."""
     load_module(denoiser, state.model, path, state.args)
-    for ema, state_dict in zip(emas, state.emas):
-        load_module(ema, state_dict, path, state.args)
+    for i, ema in enumerate(emas):
+        load_module(ema, state.emas[i] if i < len(state.emas) else state.model, path, state.args)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):

@@ -143,19 +143,22 @@ def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
 
 def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class_num: int, gen_bsz: int, seed: int,
              sampler: SamplerSettings, img_size: int, fid_stats: str, inception_weights: str | None, output_dir: str | None = None,
-             save_images: bool = False, epoch: int = 0, checkpoint_epoch: int | None = None, log=None) -> dict:
-    """Generate `num_images` class-balanced images with `denoiser` (the EMA-1 one) and score them.
+             save_images: bool = False, epoch: int = 0, checkpoint_epoch: int | None = None, log=None, extractor=None,
+             extra: dict | None = None, tag_suffix: str = "") -> dict:
+    """Generate `num_images` class-balanced images with `denoiser` (an EMA) and score them.
 
-    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). Generation runs under the
-    device's autocast; Inception in float32. save_images keeps the PNGs in output_dir/<reference
-    folder name>. `log` (a RunLog) gets the TensorBoard scalars `fid_cfg{cfg}_res{img_size}` and
-    `is_cfg{cfg}_res{img_size}` at x = epoch and a {"kind": "eval", ...} metrics.jsonl record.
+    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). extractor: the Inception
+    network, when built already (a sweep builds it once). Generation runs under the device's
+    autocast; Inception in float32. save_images keeps the PNGs in output_dir/<reference
+    folder name>. `log` (a RunLog) gets the TensorBoard scalars `fid_cfg{cfg}_res{img_size}{tag_suffix}`
+    and `is_cfg...` at x = epoch and a {"kind": "eval", ...} metrics.jsonl record, with `extra` added.
     Returns, on every rank, {'fid', 'inception_score', 'inception_score_std', 'num_images', 'seconds'}.
     """
     if class_num <= 0 or num_images % class_num:
         raise ValueError(f"num_images ({num_images}) must be a multiple of class_num ({class_num})")
     t0 = time.time()
-    extractor = fid.build_inception(fid.resolve_inception_weights(inception_weights), device)
+    if extractor is None:
+        extractor = fid.build_inception(fid.resolve_inception_weights(inception_weights), device)
     folder = None
     if save_images:
         folder = os.path.join(output_dir, image_folder_name(sampler, num_images, img_size))
@@ -177,7 +180,6 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
         features.append(fid.inception_features(extractor, images))
         if b % report_every == 0 or b == len(batches):
             print0(f"eval: rank 0 batch {b}/{len(batches)}, {time.time() - t0:.0f}s")
-    del extractor
     png_failures = round(host_all_reduce_sum([float(png_error is not None)])[0]) if save_images else 0
     share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM + fid.LOGITS_DIM))
     everything = gather_rows(share, device)  # (num_images, 2048 + 1008) on rank 0
@@ -193,10 +195,10 @@ def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class
         print0(f"eval ({num_images} images, cfg {sampler.cfg}): FID {fid_value:.4f}, IS {is_mean:.4f} ± {is_std:.4f}, "
                f"{result['seconds']:.0f}s")
         if log is not None:
-            postfix = f"_cfg{sampler.cfg}_res{img_size}"
+            postfix = f"_cfg{sampler.cfg}_res{img_size}{tag_suffix}"
             log.scalars({f"fid{postfix}": fid_value, f"is{postfix}": is_mean}, epoch)
             log.flush()
             log.record(dict(kind="eval", epoch=epoch, checkpoint_epoch=checkpoint_epoch, **result, class_num=class_num,
                             img_size=img_size, seed=seed, gen_bsz=gen_bsz, world_size=get_world_size(),
-                            **dataclasses.asdict(sampler), fid_stats=fid_stats))
+                            **dataclasses.asdict(sampler), fid_stats=fid_stats, **(extra or {})))
     return all_gather_object(result)[0]

@@ -11,6 +11,12 @@ from util.distributed import copy_console_to, is_main_process, print0
 from util.files import append_line, is_write_failure
 
 
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS (hours may exceed 24)."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class RunLog:
     """The one logger of a run; on ranks other than 0 every method does nothing."""
 
@@ -28,7 +34,8 @@ class RunLog:
     def failed(self) -> bool:
         return bool(self.off)
 
-    def _give_up(self, what: str, e: Exception):
+    def give_up(self, what: str, e: Exception):
+        """Report a failed write of `what` once and switch that output off (other errors: re-raised)."""
         if not is_write_failure(e):
             raise e
         self.off.add(what)
@@ -47,7 +54,7 @@ class RunLog:
                 self.writer.add_scalar(tag, value, step)
         except Exception as e:
             self.writer = None
-            self._give_up("TensorBoard", e)
+            self.give_up("TensorBoard", e)
 
     def record(self, record: dict):
         """Append one line to metrics.jsonl; non-finite floats are written as null."""
@@ -57,7 +64,7 @@ class RunLog:
         try:
             append_line(self.metrics_path, json.dumps(clean))
         except OSError as e:
-            self._give_up("metrics.jsonl", e)
+            self.give_up("metrics.jsonl", e)
 
     def flush(self):
         if self.writer is not None:
@@ -65,7 +72,7 @@ class RunLog:
                 self.writer.flush()
             except Exception as e:
                 self.writer = None
-                self._give_up("TensorBoard", e)
+                self.give_up("TensorBoard", e)
 
     def close(self):
         self.flush()
@@ -73,7 +80,7 @@ class RunLog:
             try:
                 self.writer.close()
             except Exception as e:
-                self._give_up("TensorBoard", e)
+                self.give_up("TensorBoard", e)
             self.writer = None
         if self.active:
             copy_console_to(None)

@@ -1,0 +1,183 @@
+"""Sweeps of the sampling settings with --evaluate_gen: lists of values, each point equal to a single
+run, resume after SIGTERM, sweep.csv / sweep.png, --final_num_images, the third EMA, bad input."""
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_jit
+from helpers import TINY, TINY_MODEL, make_image_folder, read_until, run_script, save_reference_checkpoint, start_script, tiny_denoiser
+from util import checkpoint as ckpt_util
+from util import sweep
+
+REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A reference-format checkpoint whose model and two EMAs all differ."""
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth"
+    save_reference_checkpoint(path, tiny_denoiser(seed=1), ema1=tiny_denoiser(seed=2), ema2=tiny_denoiser(seed=3), epoch=7)
+    return path
+
+
+def eval_args(checkpoint, out, inception_weights, fid_ref_stats, *extra):
+    return ["--model", TINY_MODEL["model"], "--img_size", 16, "--class_num", 3, "--num_images", 6, "--gen_bsz", 6,
+            "--num_sampling_steps", 2, "--seed", 0, "--evaluate_gen", "--resume", checkpoint, "--output_dir", out,
+            "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights, *extra]
+
+
+def main(*argv) -> int:
+    return main_jit.main(main_jit.parse_args([str(a) for a in argv]))
+
+
+def eval_records(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+
+
+@pytest.mark.slow
+def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, inception_weights, fid_ref_stats, capsys):
+    common = eval_args(checkpoint, tmp_path / "sweep", inception_weights, fid_ref_stats)
+    assert main(*common, "--cfg", 2.0, 3.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
+    out = capsys.readouterr().out
+    records = eval_records(tmp_path / "sweep")
+    assert len(records) == 8 and len({sweep.record_key(r) for r in records}) == 8
+    assert all(r["checkpoint"] == str(checkpoint) and r["checkpoint_epoch"] == 7 for r in records)
+    assert len({r["fid"] for r in records}) == 8  # the EMAs and settings really differ
+    best = min(records, key=lambda r: r["fid"])
+    assert f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']})" in out
+    assert out.count("img/s; sweep ETA") == 8
+
+    for r in [records[0], records[5]]:  # two points, run on their own
+        single = tmp_path / f"single{r['ema']}{r['cfg']}{r['interval_min']}"
+        assert main(*eval_args(checkpoint, single, inception_weights, fid_ref_stats), "--cfg", r["cfg"],
+                    "--interval_min", r["interval_min"], "--ema", r["ema"]) == 0
+        (one,) = eval_records(single)
+        for key in ("fid", "inception_score", "inception_score_std"):
+            assert one[key] == r[key], key
+
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(x["fid"]) for x in rows] == sorted(r["fid"] for r in records)
+    assert {(int(x["ema"]), float(x["cfg"]), float(x["interval_min"])) for x in rows} == {
+        (r["ema"], r["cfg"], r["interval_min"]) for r in records}
+    assert Image.open(tmp_path / "sweep" / "sweep.png").size == (1000, 400)
+
+
+@pytest.mark.slow
+def test_a_single_point_run_keeps_todays_record(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+    assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 2.0) == 0
+    (r,) = eval_records(tmp_path)
+    assert "ema" not in r and "checkpoint" not in r and r["cfg"] == 2.0 and r["checkpoint_epoch"] == 7
+    assert not (tmp_path / "sweep.csv").exists()
+
+
+@pytest.mark.slow
+def test_final_num_images_evaluates_the_best_point_again(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+    assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 1.0, 3.0,
+                "--final_num_images", 9) == 0
+    records = eval_records(tmp_path)
+    assert [r["num_images"] for r in records] == [6, 6, 9]
+    best = min(records[:2], key=lambda r: r["fid"])
+    assert records[2]["cfg"] == best["cfg"] and records[2]["ema"] == best["ema"]
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_continues_without_recomputing(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+    args = ["main_jit.py", *eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 1.0, 1.5, 2.0, 2.5,
+            "--ema", 1, 2]
+    proc = start_script(*args)
+    read_until(proc, "sweep point 2/8: FID")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0 and "sweep stopped (signal)" in rest, rest
+    finished = len(eval_records(tmp_path))
+    assert 2 <= finished < 8
+    p = run_script(*args)
+    assert f"{finished} of 8 points already finished" in p.stdout
+    assert p.stdout.count("img/s; sweep ETA") == 8 - finished  # only the rest was computed
+    records = eval_records(tmp_path)
+    assert len(records) == 8 and len({sweep.record_key(r) for r in records}) == 8
+    with open(tmp_path / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    p = run_script(*args[:-3], "--cfg", 1.0, 3.0)  # a new setting makes a new point
+    assert "1 of 2 points already finished" in p.stdout
+
+
+@pytest.mark.slow
+def test_a_third_ema_round_trip(tmp_path, inception_weights, fid_ref_stats):
+    """Train with --ema_decay3; the checkpoint adds model_ema3 (the reference's keys unchanged and
+    loadable); resume keeps it; --evaluate_gen --ema 3 and sample.py --ema 3 sample it."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    train = [*TINY, "--ema_decay3", "0.9", "--data_path", data, "--output_dir", out]
+    run_script("main_jit.py", *train, "--epochs", 1)
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert REF_KEYS | {"model_ema3"} <= set(ckpt)
+    fresh = tiny_denoiser()
+    for key in ("model", "model_ema1", "model_ema2", "model_ema3"):  # what the reference loads, and ours
+        fresh.load_state_dict(ckpt[key], strict=True)
+    assert not torch.equal(ckpt["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"])
+    p = run_script("main_jit.py", *train, "--epochs", 2, "--resume", out)
+    resumed = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert "epoch 1, step 0" in p.stdout and resumed["epoch"] == 1 and "model_ema3" in resumed
+    assert not torch.equal(resumed["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema3"]["net.final_layer.linear.weight"])
+
+    last = out / "checkpoint-last.pth"
+    p = run_script("main_jit.py", *eval_args(last, tmp_path / "eval", inception_weights, fid_ref_stats), "--ema", 3)
+    (r,) = eval_records(tmp_path / "eval")
+    assert r["ema"] == 3 and np.isfinite(r["fid"])
+    run_script("sample.py", "--resume", last, "--ema", 3, "--classes", 0, 1, "--per_class", 1, "--num_sampling_steps", 2,
+               "--output", tmp_path / "grid.png", "--device", "cpu")
+    assert (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.slow
+def test_ema_3_on_a_checkpoint_without_one_is_a_clear_error(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+    with pytest.raises(ckpt_util.CheckpointError, match="has no model_ema3"):
+        main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--ema", 1, 3)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cfg", "2.0", "-1.0"], "CFG scale must be >= 0"),
+    (["--interval_min", "0.5", "--interval_max", "0.5"], "0 <= interval_min < interval_max <= 1"),
+    (["--interval_max", "1.5"], "0 <= interval_min < interval_max <= 1"),
+    (["--final_num_images", "10"], "must be a positive multiple of --class_num"),
+])
+def test_bad_sweep_settings_are_rejected_before_any_work(checkpoint, tmp_path, extra, message):
+    args = main_jit.parse_args(["--model", "JiT-XS/4", "--img_size", "16", "--class_num", "3", "--evaluate_gen",
+                                "--resume", str(checkpoint), "--output_dir", str(tmp_path), *extra])
+    with pytest.raises(ValueError, match=message):
+        main_jit.check_args(args)
+
+
+def test_ema_0_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main_jit.parse_args(["--ema", "0"])
+    assert "invalid choice: 0" in capsys.readouterr().err
+
+
+class Stopped(main_jit.StopSignal):
+    """As if SIGTERM had come before the first point."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_a_sweep_of_more_than_50_points_prints_its_cost_first(checkpoint, tmp_path, inception_weights, fid_ref_stats,
+                                                             monkeypatch, capsys):
+    monkeypatch.setattr(main_jit, "StopSignal", Stopped)
+    cfgs = [f"{1 + i / 10:.1f}" for i in range(26)]
+    assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", *cfgs, "--ema", 1, 2) == 0
+    out = capsys.readouterr().out
+    assert "sweep of 52 points: 312 images" in out and "M network passes" in out
+    assert "sweep stopped (signal) after 0 of 52 points" in out

@@ -1,0 +1,127 @@
+"""Sweeps of the sampling settings: every combination of EMA, guidance interval and CFG scale,
+scored with the same per-image seeds and one Inception network; finished points are found again in
+metrics.jsonl, so a stopped sweep continues where it was; the results go to sweep.csv (sorted by
+FID) and sweep.png (FID and IS against the CFG scale, one line per EMA and interval)."""
+import csv
+import io
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from denoiser import SamplerSettings
+from util.distributed import print0
+from util.files import atomic_write
+from util.logger import hms
+
+COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
+           "num_images", "checkpoint_epoch")
+# What, besides the sampler, EMA and image count, makes a result the same point (with the checkpoint).
+CONTEXT_KEYS = ("checkpoint", "checkpoint_epoch", "seed", "gen_bsz", "class_num", "img_size", "fid_stats")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluation: EMA `ema` (1, 2, 3) sampled with `sampler`, scored on `num_images` images."""
+
+    ema: int
+    sampler: SamplerSettings
+    num_images: int
+
+    def key(self) -> tuple:
+        return (self.ema, self.num_images, *asdict(self.sampler).values())
+
+    def label(self) -> str:
+        s = self.sampler
+        return f"EMA {self.ema}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {self.num_images} images"
+
+
+def grid(*, emas, interval_mins, interval_maxs, cfgs, method: str, steps: int, num_images: int) -> list[Point]:
+    """Every combination, EMA first, then the interval, then the CFG scale (which varies fastest).
+    Raises ValueError for a combination the sampler rejects (e.g. interval_min >= interval_max)."""
+    return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images)
+            for ema, lo, hi, cfg in itertools.product(emas, interval_mins, interval_maxs, cfgs)]
+
+
+def record_key(record: dict) -> tuple:
+    """A metrics.jsonl eval record's Point.key()."""
+    return (record["ema"], record["num_images"], *(record[k] for k in asdict(SamplerSettings())))
+
+
+def finished(metrics_path: str, context: dict) -> dict:
+    """{Point.key(): record} of the eval records in metrics_path made in `context` (the same
+    checkpoint file and epoch, seed, batch size, resolution, classes and reference statistics)."""
+    done = {}
+    if not os.path.exists(metrics_path):
+        return done
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r.get("kind") == "eval" and "ema" in r and r.get("fid") is not None and all(r.get(k) == v for k, v in context.items()):
+                done[record_key(r)] = r
+    return done
+
+
+def best(records: list[dict]) -> dict:
+    return min(records, key=lambda r: r["fid"])
+
+
+def write_csv(path: str, records: list[dict]):
+    """The records as a table sorted by FID (best first)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(sorted(records, key=lambda r: r["fid"]))
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def plot(path: str, records: list[dict]):
+    """FID and IS against the CFG scale, one line per (EMA, interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {}
+    for r in sorted(records, key=lambda r: r["cfg"]):
+        lines.setdefault((r["ema"], r["interval_min"], r["interval_max"]), []).append(r)
+    fig, (ax_fid, ax_is) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for (ema, lo, hi), rs in sorted(lines.items()):
+        label = f"EMA {ema}, interval ({lo}, {hi})"
+        ax_fid.plot([r["cfg"] for r in rs], [r["fid"] for r in rs], marker="o", label=label)
+        ax_is.plot([r["cfg"] for r in rs], [r["inception_score"] for r in rs], marker="o", label=label)
+    for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
+        ax.set_xlabel("CFG scale")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    ax_fid.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[dict], bool]:
+    """Score the points in order, skipping those in `done` ({Point.key(): record}); score(point)
+    returns the point's record. should_stop() is asked before each point (all ranks must agree).
+    Returns (the records of all finished points, earlier ones included; whether it stopped early)."""
+    todo = [p for p in points if p.key() not in done]
+    if len(todo) < len(points):
+        print0(f"sweep: {len(points) - len(todo)} of {len(points)} points already finished (metrics.jsonl), skipping them")
+    records = [done[p.key()] for p in points if p.key() in done]
+    left = sum(p.num_images for p in todo)
+    images, seconds = 0, 0.0
+    for i, p in enumerate(todo, 1):
+        if should_stop():
+            return records, True
+        print0(f"sweep point {i}/{len(todo)}: {p.label()}")
+        t0 = time.time()
+        records.append(score(p))
+        dt = time.time() - t0
+        images, seconds, left = images + p.num_images, seconds + dt, left - p.num_images
+        print0(f"sweep point {i}/{len(todo)}: FID {records[-1]['fid']:.4f}, {p.num_images / dt:.1f} img/s; "
+               f"sweep ETA {hms(left * seconds / images)}")
+    return records, False
