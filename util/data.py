@@ -104,3 +104,13 @@ class ResumableSampler(Sampler):
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+def open_dataset(data_path: str, img_size: int):
+    """The training set at `data_path`: a store made by prepare_data.py (util.store.StoreDataset),
+    else the ImageFolder tree data_path/train decoded on the fly (CenterCropFolder)."""
+    from util.store import StoreDataset, is_store
+
+    if is_store(data_path):
+        return StoreDataset(data_path, img_size)
+    return CenterCropFolder(os.path.join(data_path, "train"), img_size)
