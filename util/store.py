@@ -16,10 +16,11 @@ Written by prepare_data.py. A store folder holds
 import hashlib
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -125,42 +126,44 @@ class StoreDataset(Dataset):
         return {**self.__dict__, "_shards": None, "_labels": None}  # each process maps the files itself
 
     def _open(self):
+        """Map the shards and labels read-only."""
         if self._shards is None:
-            self._shards = [np.load(os.path.join(self.path, f), mmap_mode="r") for f in self.files]
+            arrays = [np.load(os.path.join(self.path, f), mmap_mode="r") for f in self.files]
             self._labels = np.load(os.path.join(self.path, "labels.npy"), mmap_mode="r")
-            bad = [f for f, a, c in zip(self.files, self._shards, np.diff(self.starts))
+            bad = [f for f, a, c in zip(self.files, arrays, np.diff(self.starts))
                    if a.shape != (c, 3, self.image_size, self.image_size) or a.dtype != np.uint8]
             if bad or self._labels.shape != (self.n,):
                 raise ValueError(damaged(self.path, f"{(bad or ['labels.npy'])[0]} has the wrong shape"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch warns of read-only memory; we only copy from it
+                self._shards = [torch.from_numpy(a) for a in arrays]  # (count, 3, H, W) uint8 each
 
-    def _locate(self, index: np.ndarray) -> np.ndarray:
-        """Store indices (B,) -> shard number of each (B,); IndexError outside [0, len)."""
+    def _locate(self, index: np.ndarray) -> tuple[list, list]:
+        """Store indices (B,) -> (shard number, index within the shard) of each; IndexError outside [0, len)."""
         if index.size and (index.min() < 0 or index.max() >= self.n):
             raise IndexError(f"store index out of range [0, {self.n})")
-        return np.searchsorted(self.starts, index, side="right") - 1
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        return shard.tolist(), (index - self.starts[shard]).tolist()
 
     def __getitem__(self, key):
         if isinstance(key, list):
             return self._batch(key)
         index, flip = key
         self._open()
-        s = int(self._locate(np.array([index]))[0])
-        img = self._shards[s][index - self.starts[s]]  # (3, H, W) view of the mapping
-        img = np.array(img[..., ::-1] if flip else img, order="C")  # a writable copy
-        return torch.from_numpy(img), int(self._labels[index]), 0
+        (s,), (i,) = self._locate(np.array([index]))
+        img = self._shards[s][i]  # (3, H, W) view of the mapping
+        return img.flip(-1) if flip else img.clone(), int(self._labels[index]), 0
 
     def _batch(self, keys: list):
+        """One copy per image straight into the batch (flipped ones through torch.flip): faster than
+        numpy fancy indexing per shard, as a random batch touches about as many shards as images."""
         self._open()
         index = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))  # (B,)
-        flip = np.fromiter((k[1] for k in keys), dtype=bool, count=len(keys))  # (B,)
-        shard = self._locate(index)
         images = torch.empty((len(keys), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        out = images.numpy()  # (B, 3, H, W), shares memory with `images`
-        for s in np.unique(shard):
-            for f in (False, True):
-                pos = np.flatnonzero((shard == s) & (flip == f))
-                if pos.size:
-                    block = self._shards[s][index[pos] - self.starts[s]]  # (b, 3, H, W) copy
-                    out[pos] = block[..., ::-1] if f else block
-        labels = torch.from_numpy(self._labels[index])  # fancy indexing copies: (B,) int64
+        if get_worker_info() is not None:
+            images.share_memory_()  # sent to the main process without another copy
+        for out, s, i, (_, flip) in zip(images, *self._locate(index), keys):
+            src = self._shards[s][i]  # (3, H, W) view of the mapping
+            out.copy_(src.flip(-1) if flip else src)
+        labels = torch.from_numpy(self._labels[index])  # (B,) int64, a copy
         return images, labels, torch.zeros(len(keys), dtype=torch.int64)
