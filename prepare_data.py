@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -98,8 +99,9 @@ def inspect_store(store: str, settings: dict) -> str:
 
 
 def write_atomic(path: str, write):
-    """Call write(file) on a temporary file beside `path`, fsync, then rename it to `path`."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    """Call write(file) on a temporary file beside `path`, fsync, rename it to `path`, fsync the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -110,10 +112,15 @@ def write_atomic(path: str, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def write_json(path: str, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+def write_json(path: str, obj, indent: int | None = 1):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def shard_name(k: int) -> str:
@@ -156,7 +163,7 @@ def write_shard(task: dict) -> dict:
               "source_start": task["start"], "source_stop": task["start"] + len(task["items"]),
               "count": len(result["labels"]), "bytes": os.path.getsize(path),
               "sha256": file_sha256(path), "sample_sha256": sample_checksum(path), **result}
-    write_json(os.path.join(task["store"], name + ".json"), record)
+    write_json(os.path.join(task["store"], name + ".json"), record, indent=None)
     return record
 
 
@@ -174,14 +181,21 @@ def finished_record(task: dict):
     return record if ok else None
 
 
+def default_sigterm():
+    """Pool worker start: SIGTERM ends it, whatever handler the parent had (else terminate() can hang)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def pool_map(fn, tasks: list, workers: int, ordered: bool = False):
     """Yield fn(task) for each task from `workers` processes (0: in this process); in task order
     if `ordered`, else as they finish."""
     if workers == 0:
         yield from map(fn, tasks)
         return
-    with multiprocessing.Pool(min(workers, max(len(tasks), 1))) as pool:
+    with multiprocessing.Pool(min(workers, max(len(tasks), 1)), initializer=default_sigterm) as pool:
         yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
+        pool.close()  # all done: let the workers exit on their own
+        pool.join()
 
 
 def existing_parent(path: str) -> str:

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from collections import namedtuple
@@ -172,7 +173,11 @@ def test_dataloader_with_batch_sampler_same_batches_for_0_and_2_workers(store):
 
 
 def test_multiprocess_conversion_is_byte_identical(source, store, tmp_path):
-    out = convert(source, tmp_path / "mp", workers=2)
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as main_jit's StopSignal leaves it in this process
+    try:
+        out = convert(source, tmp_path / "mp", workers=2)  # the pool's workers must still end
+    finally:
+        signal.signal(signal.SIGTERM, old)
     names = sorted(f for f in os.listdir(store) if f.endswith(".npy"))
     assert names == sorted(f for f in os.listdir(out) if f.endswith(".npy")) and len(names) == 7
     for name in names:
