@@ -22,11 +22,12 @@ from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
 from util import files, fid, lr_sched, sweep
-from util.data import CenterCropFolder, ResumableSampler, make_loader
+from util.data import ResumableSampler, make_loader, open_dataset
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
 from util.logger import RunLog, hms
+from util.store import is_store, read_manifest
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
@@ -116,7 +117,7 @@ def get_args_parser():
 
     g = p.add_argument_group("data and output")
     a = g.add_argument
-    a("--data_path", default="./data/imagenet", type=str, help="holds an ImageFolder tree under train/")
+    a("--data_path", default="./data/imagenet", type=str, help="holds an ImageFolder tree under train/, or is an image store made by prepare_data.py")
     a("--class_num", default=1000, type=int, help="number of classes (labels 0 .. class_num - 1)")
     a("--num_workers", default=12, type=int, help="DataLoader worker processes per GPU (0: load in the main process)")
     a("--pin_mem", action="store_true", help="pin host memory of batches (CUDA only)")
@@ -155,6 +156,18 @@ def default_fid_stats(args) -> str:
     return args.fid_stats or os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
 
 
+def check_data_path(data_path: str, img_size: int):
+    """An ImageFolder tree under data_path/train, or an image store of img_size px (prepare_data.py)."""
+    if is_store(data_path):
+        size = read_manifest(data_path)["img_size"]
+        if size != img_size:
+            raise ValueError(f"the image store {data_path} holds {size} px images but --img_size is {img_size}: "
+                             f"use --img_size {size} or build a {img_size} px store with prepare_data.py")
+    elif not os.path.isdir(os.path.join(data_path, "train")):
+        raise FileNotFoundError(f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
+                                "tree of training images) and no image store (prepare_data.py)")
+
+
 def check_args(args):
     """Fail fast, before any expensive work, on inputs that cannot work."""
     patch = preset_patch_size(args.model)
@@ -167,8 +180,8 @@ def check_args(args):
         raise ValueError("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER")
     if args.resume and not os.path.exists(args.resume) and os.path.abspath(args.resume) != os.path.abspath(args.output_dir):
         raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
-    if not args.evaluate_gen and not args.demo and not os.path.isdir(os.path.join(args.data_path, "train")):
-        raise FileNotFoundError(f"--data_path {args.data_path}: no folder {os.path.join(args.data_path, 'train')} (an ImageFolder tree of training images)")
+    if not args.evaluate_gen and not args.demo:
+        check_data_path(args.data_path, args.img_size)
     eval_points(args, args.num_images)  # a negative CFG scale, an empty guidance interval
     if args.final_num_images is not None and (args.final_num_images < 1 or args.final_num_images % args.class_num):
         raise ValueError(f"--final_num_images ({args.final_num_images}) must be a positive multiple of --class_num ({args.class_num})")
@@ -238,14 +251,15 @@ class Data:
 
 
 def build_data(cfg, device) -> Data:
-    """The training images (the demo's are generated first), this rank's sampler and the loader."""
+    """The training images (the demo's are generated first; a folder or a store), this rank's sampler
+    and the loader."""
     if cfg.demo:
         if D.is_main_process():
             make_shapes_dataset(cfg.data_path, image_size=cfg.img_size)
         D.barrier()
-    dataset = CenterCropFolder(os.path.join(cfg.data_path, "train"), cfg.img_size)
+    dataset = open_dataset(cfg.data_path, cfg.img_size)
     if len(dataset.classes) > cfg.class_num:
-        raise ValueError(f"{cfg.data_path}/train has {len(dataset.classes)} classes but --class_num is {cfg.class_num}")
+        raise ValueError(f"{cfg.data_path} has {len(dataset.classes)} classes but --class_num is {cfg.class_num}")
     sampler = ResumableSampler(len(dataset), D.get_rank(), D.get_world_size(), seed=cfg.seed)
     loader = make_loader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                          pin_memory=cfg.pin_mem and device.type == "cuda", seed=cfg.seed)

@@ -7,7 +7,7 @@
         --stats fid_stats/jit_in256_stats.npz
 
 Images are read from {data_path}/train (an ImageFolder tree) in its sorted order, center-cropped
-like training, and either written as {index}.png or fed in memory to torch-fidelity's Inception;
+like training (or from an image store made by prepare_data.py, which holds those crops), and either written as {index}.png or fed in memory to torch-fidelity's Inception;
 the statistics equal torch-fidelity's on the PNG folder. Rank 0 holds all pool features
 (1.28M × 2048 float32 = 10.5 GB for ImageNet, ~32 GB peak while computing the covariance).
 """
@@ -19,14 +19,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from util import distributed, fid
-from util.data import CenterCropFolder
+from util.data import open_dataset
 from util.files import WriteError, atomic_write
 from util.evaluation import gather_rows
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Prepare FID reference images / statistics", add_help=True)
-    parser.add_argument("--data_path", default="./data/imagenet", type=str, help="folder with an ImageFolder tree under train/")
+    parser.add_argument("--data_path", default="./data/imagenet", type=str, help="folder with an ImageFolder tree under train/, or an image store (prepare_data.py)")
     parser.add_argument("--img_size", default=256, type=int)
     parser.add_argument("--png_dir", default=None, type=str, help="write the center-cropped images here as PNGs")
     parser.add_argument("--stats", default=None, type=str, help="write Inception statistics (mu, sigma) to this .npz")
@@ -53,7 +53,7 @@ def main(args):
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url)
     try:
         extractor = fid.build_inception(fid.resolve_inception_weights(args.inception_weights), device) if args.stats else None
-        dataset = CenterCropFolder(os.path.join(args.data_path, "train"), args.img_size)
+        dataset = open_dataset(args.data_path, args.img_size)
     except (FileNotFoundError, ValueError) as e:
         distributed.fail(str(e))
     n, rank, world = len(dataset), distributed.get_rank(), distributed.get_world_size()

@@ -1,12 +1,16 @@
-"""Throughput of the training data pipeline: JPEG decode, ADM center crop, flip, collation.
+"""Throughput of the training data pipeline: JPEG decode + ADM center crop, or the preprocessed store.
 
     python bench/bench_data.py --workers 0 1 2 4 8                    # synthetic ImageNet-like JPEGs
+    python bench/bench_data.py --workers 0 1 2 --img_size 256 512 --store   # JPEGs vs the store, same run
     python bench/bench_data.py --data_path ./data/imagenet --workers 8 12 16
+    python bench/bench_data.py --data_path ./data/imagenet-256 --workers 0 1 2   # a store
 
-Runs util.data.CenterCropFolder with ResumableSampler through util.data.make_loader (the training
-loader: pinned memory on CUDA, persistent workers), and reports images/s for each worker count and
-how many workers one GPU needs to be fed `--target` images/s. With --workers 0 the main process
-loads alone (one process). Files are read through the page cache: a dataset larger than memory
+Runs the training dataset (util.data.open_dataset) with ResumableSampler through util.data.make_loader
+(the training loader: pinned memory on CUDA, persistent workers), and reports images/s for each
+worker count and how many workers one GPU needs to be fed `--target` images/s. With --workers 0 the
+main process loads alone (one process). `--store` also converts the folder into a store with
+prepare_data.py in one process (its images/s are the conversion's per process) and measures that
+store at the same settings. Files are read through the page cache: a dataset larger than memory
 also waits on the disk, which this does not measure unless run on that dataset.
 """
 import argparse
@@ -25,15 +29,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 
 from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
-from util.data import CenterCropFolder, ResumableSampler, make_loader  # noqa: E402
+import prepare_data  # noqa: E402
+from util.data import ResumableSampler, make_loader, open_dataset  # noqa: E402
+from util.store import is_store  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("JiT data pipeline benchmark", add_help=True)
     a = p.add_argument
-    a("--data_path", default=None, help="holds an ImageFolder tree under train/ (default: synthetic JPEGs in a temporary folder)")
+    a("--data_path", default=None, help="an ImageFolder tree under train/, or a store (default: synthetic JPEGs in a temporary folder)")
     a("--num_images", default=256, type=int, help="synthetic images to write")
-    a("--img_size", default=256, type=int)
+    a("--img_size", default=[256], type=int, nargs="+", help="image sizes to measure (pixels)")
+    a("--store", action="store_true", help="also convert the folder into a store (prepare_data.py) and measure it")
     a("--batch_size", default=128, type=int)
     a("--workers", default=[0, 1, 2], type=int, nargs="+", help="DataLoader num_workers values to measure")
     a("--batches", default=8, type=int, help="timed batches per setting (rounded up to a multiple of the workers)")
@@ -117,31 +124,65 @@ def measure(dataset, workers: int, args, device) -> dict:
             "workers_for_target": math.ceil(args.target / (img_s / procs))}
 
 
+def measure_all(dataset, args, device, label: str) -> dict:
+    """measure() at every --workers value; the workers one GPU needs, from the largest count."""
+    results = []
+    for w in args.workers:
+        r = measure(dataset, w, args, device)
+        results.append(r)
+        print(f"{label}: workers {w:3d}: {r['img_per_s']:8.1f} img/s, {r['img_per_s_per_process']:8.1f} per process "
+              f"-> {r['workers_for_target']} workers for {args.target:g} img/s", flush=True)
+    busiest = max(results, key=lambda r: r["workers"])
+    return {"results": results, "workers_needed": busiest["workers_for_target"], "workers_needed_from": busiest["workers"],
+            "best_img_per_s": max(r["img_per_s"] for r in results)}
+
+
+def convert(folder: str, store: str, size: int) -> float:
+    """prepare_data.py in one process; returns its images/s."""
+    n = len(open_dataset(folder, size))
+    start = time.perf_counter()
+    prepare_data.main(["--data_path", folder, "--img_size", str(size), "--store", store, "--num_workers", "0"])
+    return n / (time.perf_counter() - start)
+
+
+def bench_size(path: str, size: int, args, device, tmp: str) -> dict:
+    """The folder (or store) at `path`, and with --store its conversion, at one image size."""
+    out = {}
+    if is_store(path):
+        out["store"] = measure_all(open_dataset(path, size), args, device, f"store {size}px")
+        return out
+    out["jpeg"] = measure_all(open_dataset(path, size), args, device, f"JPEG {size}px")
+    if args.store:
+        store = os.path.join(tmp, f"store-{size}")
+        out["conversion_img_per_s_per_process"] = convert(path, store, size)
+        out["store"] = measure_all(open_dataset(store, size), args, device, f"store {size}px")
+        out["store_vs_jpeg_per_process"] = {
+            r["workers"]: s["img_per_s_per_process"] / r["img_per_s_per_process"]
+            for r, s in zip(out["jpeg"]["results"], out["store"]["results"])}
+        ratios = ", ".join(f"{x:.1f}× ({w} workers)" for w, x in out["store_vs_jpeg_per_process"].items())
+        print(f"{size}px: conversion {out['conversion_img_per_s_per_process']:.1f} img/s per process; store per process "
+              f"vs JPEG: {ratios}", flush=True)
+    return out
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or min(args.workers) < 0:
         raise SystemExit("error: --batches and --batch_size must be at least 1, --workers at least 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
+        path = args.data_path or tmp
         if args.data_path is None:
             start = time.perf_counter()
             make_synthetic_folder(tmp, args.num_images, args.seed)
             print(f"wrote {args.num_images} synthetic JPEGs in {time.perf_counter() - start:.1f} s", flush=True)
-        dataset = CenterCropFolder(os.path.join(args.data_path or tmp, "train"), args.img_size)
-        sizes = [os.path.getsize(path) for path, _ in dataset.samples]
-        print(f"{len(dataset)} images, mean file {np.mean(sizes) / 1e3:.0f} kB, {args.img_size}px, batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs", flush=True)
-        results = []
-        for w in args.workers:
-            r = measure(dataset, w, args, device)
-            results.append(r)
-            print(f"workers {w:3d}: {r['img_per_s']:8.1f} img/s, {r['img_per_s_per_process']:7.1f} per process "
-                  f"-> {r['workers_for_target']} workers for {args.target:g} img/s", flush=True)
-    busiest = max(results, key=lambda r: r["workers"])
-    out = {"config": vars(args), "cpus": os.cpu_count(), "images": len(dataset), "mean_file_kb": float(np.mean(sizes)) / 1e3,
-           "results": results, "workers_needed": busiest["workers_for_target"],
-           "workers_needed_from": busiest["workers"]}
-    print(f"estimate (from --workers {busiest['workers']}): {out['workers_needed']} workers per GPU for {args.target:g} img/s")
+        first = open_dataset(path, args.img_size[0])
+        sizes = [os.path.getsize(p) for p, _ in getattr(first, "samples", [])]
+        mean_kb = float(np.mean(sizes)) / 1e3 if sizes else None
+        print(f"{len(first)} images" + (f", mean file {mean_kb:.0f} kB" if sizes else " (a store)")
+              + f", batch {args.batch_size}, {os.cpu_count()} CPUs", flush=True)
+        by_size = {size: bench_size(path, size, args, device, tmp) for size in args.img_size}
+    out = {"config": vars(args), "cpus": os.cpu_count(), "images": len(first), "mean_file_kb": mean_kb, "sizes": by_size}
     if args.json:
         write_json(args.json, out)
     return out

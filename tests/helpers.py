@@ -160,3 +160,13 @@ def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
         if marker in line:
             return lines
     raise AssertionError(f"'{marker}' never printed:\n{''.join(lines)}")
+
+
+def assert_bit_identical(a: dict, b: dict):
+    """Two checkpoint dicts hold the same weights, EMAs and optimizer state, bit for bit."""
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    for i, s in a["optimizer"]["state"].items():
+        for k, t in s.items():
+            assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)

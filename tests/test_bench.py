@@ -72,12 +72,15 @@ def test_epoch_stream_runs_epochs_back_to_back():
 
 
 @pytest.mark.slow
-def test_bench_data_reports_throughput(tmp_path):
+def test_bench_data_reports_jpeg_and_store_throughput(tmp_path):
     path = tmp_path / "data.json"
-    run_script("bench/bench_data.py", "--num_images", 16, "--img_size", 32, "--batch_size", 4, "--batches", 2,
-               "--workers", 0, "--device", "cpu", "--json", path)
+    run_script("bench/bench_data.py", "--num_images", 16, "--img_size", 32, 48, "--batch_size", 4, "--batches", 2,
+               "--workers", 0, "--store", "--device", "cpu", "--json", path)
     out = json.loads(path.read_text())
-    assert out["images"] == 16 and out["mean_file_kb"] > 10
-    (r,) = out["results"]
-    assert r["workers"] == 0 and r["img_per_s"] > 0 and r["img_per_s"] == r["img_per_s_per_process"]
-    assert out["workers_needed"] == r["workers_for_target"] >= 1
+    assert out["images"] == 16 and out["mean_file_kb"] > 10 and set(out["sizes"]) == {"32", "48"}
+    for size in out["sizes"].values():
+        (jpeg,), (store,) = size["jpeg"]["results"], size["store"]["results"]
+        assert jpeg["workers"] == store["workers"] == 0 and jpeg["img_per_s"] == jpeg["img_per_s_per_process"] > 0
+        assert size["jpeg"]["workers_needed"] == jpeg["workers_for_target"] >= 1
+        assert size["conversion_img_per_s_per_process"] > 0
+        assert size["store_vs_jpeg_per_process"]["0"] == pytest.approx(store["img_per_s"] / jpeg["img_per_s"])

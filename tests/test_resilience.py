@@ -19,7 +19,7 @@ from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files, logger
 from util.logger import RunLog
-from helpers import ROOT, TINY, make_image_folder, read_until, run_script, start_script
+from helpers import ROOT, TINY, assert_bit_identical, make_image_folder, read_until, run_script, start_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
 # that a signal sent after the first progress line lands well before the end of the run.
@@ -35,15 +35,6 @@ def final_state(out):
     ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert ckpt["resume"] == {"epoch": 3, "step": 0}
     return ckpt
-
-
-def assert_bit_identical(a, b):
-    for key in ("model", "model_ema1", "model_ema2"):
-        for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), (key, name)
-    for i, s in a["optimizer"]["state"].items():
-        for k, t in s.items():
-            assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The training entry point: checkpoints, resume, DDP, LR schedule, fail-fast input checks."""
-import argparse
 import json
 import os
 

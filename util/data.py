@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from util.distributed import print_all
@@ -26,6 +26,14 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return arr[top : top + image_size, left : left + image_size]
+
+
+def load_center_crop(path: str, image_size: int) -> np.ndarray:
+    """Decode an image file as RGB and ADM-center-crop it: (size, size, 3) uint8."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img = img.convert("RGB")
+    return center_crop_arr(img, image_size)
 
 
 class CenterCropFolder(Dataset):
@@ -47,11 +55,7 @@ class CenterCropFolder(Dataset):
         return len(self.samples)
 
     def _load(self, index: int) -> np.ndarray:
-        path = self.samples[index][0]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img = img.convert("RGB")
-        return center_crop_arr(img, self.image_size)
+        return load_center_crop(self.samples[index][0], self.image_size)
 
     def __getitem__(self, key):
         index, flip = key
@@ -106,16 +110,23 @@ class ResumableSampler(Sampler):
         return self.num_samples - self.start
 
 
+def open_dataset(data_path: str, img_size: int):
+    """The training set at `data_path`: a store made by prepare_data.py (util.store.StoreDataset),
+    else the ImageFolder tree data_path/train decoded on the fly (CenterCropFolder)."""
+    from util.store import StoreDataset, is_store
+
+    if is_store(data_path):
+        return StoreDataset(data_path, img_size)
+    return CenterCropFolder(os.path.join(data_path, "train"), img_size)
+
+
 def make_loader(dataset, sampler, *, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
     """The training DataLoader: batches of `batch_size` in the sampler's order (the last partial one
-    dropped), persistent workers, and its own generator, so that the global RNG stays untouched."""
-    return DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    dropped), persistent workers, and its own generator, so that the global RNG stays untouched. A
+    dataset that gathers whole batches (`batched`: the preprocessed store) is handed the sampler's
+    keys a batch at a time; any other one key at a time, collated."""
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                  generator=torch.Generator().manual_seed(seed))
+    if getattr(dataset, "batched", False):
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=True), batch_size=None, **common)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, **common)
