@@ -4,6 +4,7 @@ import os
 import pickle
 import shutil
 import signal
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, default_collate
 import prepare_data
 from helpers import TINY, assert_bit_identical, make_image_folder, read_until, run_script, start_script
 from util import store as store_mod
-from util.data import CenterCropFolder, ResumableSampler, center_crop_arr, open_dataset
+from util.data import CenterCropFolder, ResumableSampler, center_crop_arr, make_loader, open_dataset
 from util.store import StoreDataset, is_store
 
 SIZE, SHARD = 16, 5
@@ -152,6 +153,24 @@ def test_dataset_pickles_without_arrays_and_open_dataset_picks_the_store(source,
     assert is_store(store) and not is_store(source)
     assert isinstance(open_dataset(store, SIZE), StoreDataset)
     assert isinstance(open_dataset(source, SIZE), CenterCropFolder)
+
+
+def test_threaded_batches_follow_the_sampler_and_leave_no_thread(store):
+    """make_loader gives the store ThreadedBatches: the batches of ds[keys] in the sampler's order,
+    from its current position, with 0 or 2 threads; stopping early ends the threads."""
+    ds = StoreDataset(store, SIZE)
+    sampler = ResumableSampler(len(ds), seed=3)
+    sampler.set_position(epoch=1, start=4)
+    expected = [ds[keys] for keys in BatchSampler(sampler, 2, drop_last=True)]
+    for threads in (0, 2):
+        loader = make_loader(ds, sampler, batch_size=2, num_workers=threads, pin_memory=False, seed=0)
+        batches = list(loader)
+        assert len(batches) == len(loader) == len(expected) == (len(ds) - 4) // 2
+        assert all(torch.equal(x, y) for a, b in zip(batches, expected) for x, y in zip(a, b))
+    it = iter(make_loader(ds, sampler, batch_size=2, num_workers=2, pin_memory=False, seed=0))
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("batches")]
 
 
 @pytest.mark.slow
