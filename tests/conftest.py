@@ -20,3 +20,7 @@ def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or long tests (deselect with -m 'not slow')")
