@@ -241,6 +241,19 @@ def main_train(dump):
     if rank == 0:
         out["unshard_into"] = max(max_diff(g, fsdp_next[1][0]) for g in gathered)
 
+    bad = dict(c["model"]) if c else None  # a checkpoint that does not fit: every rank must raise
+    if bad:
+        bad.pop("net.final_layer.linear.bias")
+        bad["net.extra"] = torch.zeros(1)
+    try:
+        sharding.load_full_state(fresh[1], [], None, bad, [], None)
+        raised = "nothing"
+    except RuntimeError as e:
+        raised = str(e)
+    messages = [None, None]
+    dist.all_gather_object(messages, raised)
+    out["bad_checkpoint"] = messages
+
     out["accum_vs_one_batch"] = accumulation_vs_one_batch()
     out["skip"] = skip_check(fsdp)
     if rank == 0:

@@ -70,8 +70,15 @@ def test_checkpoints_move_between_fsdp_and_plain_runs(train_results):
     assert max(r["ddp_ckpt_to_fsdp_loaded"].values()) == 0.0  # plain file -> FSDP: loaded exactly
     assert within(r["ddp_ckpt_to_fsdp"]), r["ddp_ckpt_to_fsdp"]  # ... and one more step
     assert [g["fused"] for g in r["optim_groups_after_load"]] == [True, True]
-    assert r["unshard_into"] == 0.0  # a sharded EMA gathered into a plain module on every rank
     assert [g["weight_decay"] for g in r["optim_groups_after_load"]] == [0.0, 0.01]
+    assert r["unshard_into"] == 0.0  # a sharded EMA gathered into a plain module on every rank
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(train_results):
+    for message in train_results["bad_checkpoint"]:
+        assert "Missing key(s) in state_dict: net.final_layer.linear.bias." in message
+        assert "Unexpected key(s) in state_dict: net.extra." in message
 
 
 @pytest.mark.slow

@@ -186,15 +186,37 @@ def full_state(denoiser: nn.Module, emas, optimizer=None):
     return model_sd, ema_sds, optim_sd
 
 
+def mismatch(module: nn.Module, state_dict: dict) -> str | None:
+    """What keeps `state_dict` (full tensors) from loading strictly into `module` (sharded or
+    not), in load_state_dict's words, or None."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # DTensors report the full shape
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    parts = []
+    if missing := [k for k in want if k not in got]:
+        parts.append(f"Missing key(s) in state_dict: {', '.join(missing)}.")
+    if unexpected := [k for k in got if k not in want]:
+        parts.append(f"Unexpected key(s) in state_dict: {', '.join(unexpected)}.")
+    parts += [f"size mismatch for {k}: copying a param with shape {got[k]}, the model has {want[k]}."
+              for k in want if k in got and got[k] != want[k]]
+    return " ".join(parts) or None
+
+
 def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, optim_sd):
     """Collective. Load full state dicts (the format `full_state` writes, or a DDP / one-process
     checkpoint) held by rank 0 into the sharded model, EMAs and optimizer; the values given on
     other ranks are ignored (pass None). Each tensor is broadcast from rank 0 and every rank keeps
     its shard. optimizer None, or optim_sd None on rank 0: weights only. Strict: missing or
-    unexpected keys raise. The optimizer keeps its own fused / foreach choice."""
+    unexpected keys and wrong shapes raise RuntimeError on every rank, before anything is loaded.
+    The optimizer keeps its own fused / foreach choice."""
     rank0 = dist.get_rank() == 0
-    has_optim = [optim_sd is not None if rank0 else None]
-    dist.broadcast_object_list(has_optim, src=0)
+    verdict = [None, None]  # (error message, has optimizer state), decided on rank 0
+    if rank0:
+        errors = [mismatch(denoiser, model_sd)] + [mismatch(e.module, sd) for e, sd in zip(emas, ema_sds)]
+        verdict = [" ".join(e for e in errors if e) or None, optim_sd is not None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:  # every rank raises, none is left waiting in a broadcast
+        raise RuntimeError(f"Error(s) in loading state_dict: {verdict[0]}")
+    has_optim = verdict[1:]
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(denoiser, model_sd if rank0 else {}, options=opts)
     for i, ema in enumerate(emas):
