@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from util import distributed as D
+from util import sharding
 from util.evaluation import evaluate  # noqa: F401  (engine_jit.evaluate, as in the reference)
 from util.logger import hms
 from util.lr_sched import set_lr
@@ -48,21 +49,27 @@ def nonfinite_flag(params) -> torch.Tensor:
 def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum_iter: int = 1):
     """One optimiser step over `accum_iter` micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
 
-    The step is applied on the device only if every gradient is finite (AdamW's `found_inf`), so a
-    non-finite loss never reaches the weights, the optimizer state, or the EMAs, and no host
-    synchronisation is needed. Returns (mean loss, skipped flag) as 0-dim device tensors.
+    Gradients are synchronised between ranks on the last micro-batch only (DDP's no_sync; FSDP2's
+    requires_gradient_sync when the denoiser is sharded). The step is applied on the device only if
+    every gradient (shard) of every rank is finite (AdamW's `found_inf`), so a non-finite loss never
+    reaches the weights, the optimizer state, or the EMAs, and no host synchronisation is needed.
+    Returns (mean loss, skipped flag) as 0-dim device tensors.
     """
+    sharded = sharding.is_sharded(denoiser)
     loss_sum = torch.zeros((), device=device)
     for j, (x, labels) in enumerate(micro_batches):
         x = x.to(device, non_blocking=True).float().div_(255).mul_(2).sub_(1)  # uint8 -> [-1, 1]
         labels = labels.to(device, non_blocking=True)
-        sync = j == accum_iter - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()), D.autocast(device):
+        sync = j == accum_iter - 1
+        if sharded:  # read during backward: set before the forward, kept until the next micro-batch
+            sharding.set_grad_sync(denoiser, sync)
+        no_sync = not sync and hasattr(model, "no_sync")
+        with (model.no_sync() if no_sync else contextlib.nullcontext()), D.autocast(device):
             loss = model(x, labels)
         (loss / accum_iter).backward()
         loss_sum += loss.detach()
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    skipped = nonfinite_flag(params)
+    skipped = (sharding.nonfinite_flag if sharded else nonfinite_flag)(params)
     optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from engine_jit import LoopConfig, StopRun, evaluate, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
-from util import files, fid, lr_sched, sweep
+from util import files, fid, lr_sched, sharding, sweep
 from util.data import ResumableSampler, make_loader, open_dataset
 from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
@@ -100,6 +100,8 @@ def get_args_parser():
     a("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network (default: on for CUDA)")
     a("--no_compile", dest="compile", action="store_false", help="do not torch.compile")
     a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
+    a("--grad_checkpoint", action="store_true", help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    a("--fsdp", action="store_true", help="shard weights, gradients, optimizer state and EMAs over the processes (FSDP2) instead of DDP")
 
     g = p.add_argument_group("sampling and evaluation")
     add_sampler_args(g, sweep=True)
@@ -195,8 +197,9 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
     """The run's settings: the flags plus the values derived from them (`args` is left as given).
 
     lr: blr × global batch / 256 unless --lr is given; fid_stats: the default file for img_size;
-    data_path: the generated shapes under output_dir for --demo. Single-valued sweep flags (--cfg,
-    --interval_min, --interval_max, --ema) become plain numbers.
+    data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
+    apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
+    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers.
     """
     cfg = argparse.Namespace(**vars(args))
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
@@ -207,7 +210,21 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
     cfg.fid_stats = default_fid_stats(args)
     if cfg.demo:
         cfg.data_path = os.path.join(cfg.output_dir, "demo_data")
+    cfg.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
+    cfg.grad_checkpoint = args.grad_checkpoint and not args.evaluate_gen
     return cfg
+
+
+def ignored_flags(args, world_size: int) -> list[str]:
+    """Flags that have no effect in this run, with why."""
+    notes = []
+    if args.fsdp and args.evaluate_gen:
+        notes.append("--fsdp is ignored by --evaluate_gen (every process samples with the full weights)")
+    elif args.fsdp and world_size == 1:
+        notes.append("--fsdp in a single process: nothing to shard, this is a plain run")
+    if args.grad_checkpoint and args.evaluate_gen:
+        notes.append("--grad_checkpoint is ignored by --evaluate_gen (no backward pass)")
+    return notes
 
 
 class StopSignal:
@@ -270,18 +287,29 @@ def build_data(cfg, device) -> Data:
     return Data(loader, sampler, steps_per_epoch)
 
 
-def build_model(cfg, device):
-    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], optimizer), freshly initialised from the global RNG."""
+def build_denoiser(cfg, device) -> Denoiser:
+    """A freshly initialised (global RNG) Denoiser of the configured network, on `device`."""
     net = JiT_models[cfg.model](input_size=cfg.img_size, num_classes=cfg.class_num, attn_drop=cfg.attn_dropout,
-                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl)
-    denoiser = Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
-                        t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
-    emas = [EMA(denoiser, d) for d in (cfg.ema_decay1, cfg.ema_decay2, cfg.ema_decay3) if d is not None]
+                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl, grad_checkpoint=cfg.grad_checkpoint)
+    return Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
+                    t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
+
+
+def build_model(cfg, device):
+    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], optimizer), freshly initialised from the global RNG; with
+    cfg.fsdp the denoiser and the EMAs are sharded (one unit per block) before the optimizer is built."""
+    denoiser = build_denoiser(cfg, device)
+    decays = [d for d in (cfg.ema_decay1, cfg.ema_decay2, cfg.ema_decay3) if d is not None]
+    if cfg.fsdp:
+        emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=False) for d in decays]
+        sharding.shard(denoiser, mixed_precision=False)
+    else:
+        emas = [EMA(denoiser, d) for d in decays]
     optimizer = build_optimizer(denoiser, cfg.lr, cfg.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     D.print0(f"{cfg.model} at {cfg.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
-             f"{D.get_world_size()} process(es); global batch {cfg.batch_size * cfg.accum_iter * D.get_world_size()}, "
-             f"lr {cfg.lr:.3e}")
+             f"{D.get_world_size()} process(es){' (FSDP)' if cfg.fsdp else ''}; global batch "
+             f"{cfg.batch_size * cfg.accum_iter * D.get_world_size()}, lr {cfg.lr:.3e}")
     return denoiser, emas, optimizer
 
 
@@ -301,10 +329,37 @@ class Resumed:
     newest: str | None = None
 
 
+def load_checkpoint(cfg, sharded: bool):
+    """(TrainState, path) of --resume, or (None, None). Sharded: rank 0 alone reads the file; the
+    other ranks get the state without its tensors (rank 0 broadcasts them while loading)."""
+    if not sharded:
+        return ckpt_util.load_for_resume(cfg.resume, log=D.print0)
+    state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0) if D.is_main_process() else (None, None)
+    header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
+    header, path = D.broadcast_object((header, path))
+    return (state if D.is_main_process() else header), path
+
+
+def load_state(state, path: str, denoiser, emas, optimizer):
+    """The checkpoint's weights (and optimizer state, unless optimizer is None) into the live objects."""
+    if not sharding.is_sharded(denoiser):
+        ckpt_util.load_weights(state, path, denoiser, emas)
+        if optimizer is not None and state.optimizer is not None:
+            ckpt_util.load_optimizer(optimizer, state.optimizer)
+        return
+    ema_sds = None if state.model is None else [state.emas[i] if i < len(state.emas) else state.model for i in range(len(emas))]
+    try:
+        sharding.load_full_state(denoiser, emas, optimizer, state.model, ema_sds, state.optimizer)
+    except RuntimeError as e:
+        raise ckpt_util.does_not_fit(path, state.args, e) from None
+    if optimizer is not None:
+        ckpt_util.place_steps(optimizer)
+
+
 def resume(cfg, denoiser, emas, optimizer, device) -> Resumed:
     """Load --resume into the live objects (the optimizer only when training; an EMA 3 the
     checkpoint holds is added for evaluation) and restore this rank's RNG states."""
-    state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0)
+    state, path = load_checkpoint(cfg, sharding.is_sharded(denoiser))
     if state is None:
         if cfg.evaluate_gen:
             raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {cfg.resume}")
@@ -315,12 +370,10 @@ def resume(cfg, denoiser, emas, optimizer, device) -> Resumed:
         D.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
                  + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
                     "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
-    ckpt_util.load_weights(state, path, denoiser, emas)
     if max(as_list(cfg.ema)) > len(emas):
         raise ckpt_util.CheckpointError(f"--ema {max(as_list(cfg.ema))}: {path} has no {ckpt_util.EMA_KEYS[len(emas)]} "
                                         "(a third EMA is kept when training with --ema_decay3)")
-    if not cfg.evaluate_gen and state.optimizer is not None:
-        ckpt_util.load_optimizer(optimizer, state.optimizer)
+    load_state(state, path, denoiser, emas, None if cfg.evaluate_gen else optimizer)
     if state.rng is not None and state.world_size == D.get_world_size():
         ckpt_util.restore_rng(state.rng[D.get_rank()], device)
     elif state.rng is not None:
@@ -339,16 +392,43 @@ def check_free_space(output_dir: str, ckpt_bytes: int):
                  "checkpoints may fail to be written")
 
 
-def wrap_for_training(denoiser, emas, cfg, device):
-    """(what the training step calls: the denoiser, DDP-wrapped and/or compiled; for each EMA a
-    compiled stand-in of its network for sampling, or None)."""
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+def use_compile(cfg, device) -> bool:
+    return device.type == "cuda" if cfg.compile is None else cfg.compile
+
+
+def wrap_for_training(denoiser, cfg, device):
+    """What the training step calls: the denoiser (sharded already with --fsdp, else DDP-wrapped
+    when distributed), compiled when on."""
     model = denoiser
-    if D.get_world_size() > 1 and not cfg.evaluate_gen:
+    if D.get_world_size() > 1 and not cfg.evaluate_gen and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile:
-        model = torch.compile(model)
-    return model, [torch.compile(ema.module.net, dynamic=False) if use_compile else None for ema in emas]
+    return torch.compile(model) if use_compile(cfg, device) else model
+
+
+class Samplers:
+    """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
+    unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
+    made at the first use and refreshed by `refresh` (collective), so that evaluation runs as in an
+    unsharded run, each rank generating its share of the images."""
+
+    def __init__(self, cfg, emas, device):
+        self.cfg, self.emas, self.device = cfg, emas, device
+        self.copies, self.nets = {}, {}
+
+    def refresh(self, ks):
+        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones."""
+        for k in sorted(set(ks)):
+            if sharding.is_sharded(self.emas[k - 1].module):
+                if k not in self.copies:
+                    self.copies[k] = build_denoiser(self.cfg, self.device).eval().requires_grad_(False)
+                sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
+
+    def __call__(self, k: int):
+        """(denoiser, net stand-in or None) that sample with EMA k."""
+        denoiser = self.copies.get(k, self.emas[k - 1].module)
+        if k not in self.nets:
+            self.nets[k] = torch.compile(denoiser.net, dynamic=False) if use_compile(self.cfg, self.device) else None
+        return denoiser, self.nets[k]
 
 
 @dataclass
@@ -361,7 +441,7 @@ class Run:
     emas: list
     optimizer: torch.optim.Optimizer
     model: torch.nn.Module  # what the training step calls: the denoiser, DDP-wrapped and/or compiled
-    sample_nets: list  # per EMA: a compiled stand-in for its network, or None
+    samplers: Samplers  # what samples with each EMA
     log: RunLog
     stopper: "StopSignal"
     start: Resumed
@@ -386,6 +466,8 @@ def setup(args) -> Run:
         ckpt_util.remove_stale_temporaries(cfg.output_dir)
     D.barrier()
     log = RunLog(cfg.output_dir)
+    for note in ignored_flags(args, D.get_world_size()):
+        D.print0(f"note: {note}")
     data = None if cfg.evaluate_gen else build_data(cfg, device)
     rank = D.get_rank()
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
@@ -398,9 +480,9 @@ def setup(args) -> Run:
     start = resume(cfg, denoiser, emas, optimizer, device)
     if not cfg.evaluate_gen:
         check_free_space(cfg.output_dir, ckpt_util.estimated_size(denoiser))
-    model, sample_nets = wrap_for_training(denoiser, emas, cfg, device)
-    return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer, model=model,
-               sample_nets=sample_nets, log=log, stopper=StopSignal(), start=start, data=data, newest_checkpoint=start.newest)
+    return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer,
+               model=wrap_for_training(denoiser, cfg, device), samplers=Samplers(cfg, emas, device), log=log,
+               stopper=StopSignal(), start=start, data=data, newest_checkpoint=start.newest)
 
 
 def score(run: Run, point, *, epoch: int, weights_epoch: int, in_sweep: bool = False, extractor=None) -> dict:
@@ -410,9 +492,10 @@ def score(run: Run, point, *, epoch: int, weights_epoch: int, in_sweep: bool = F
     extra = dict(ema=point.ema, checkpoint=run.start.path) if in_sweep else ({"ema": point.ema} if point.ema != 1 else {})
     suffix = (f"_ema{point.ema}" if point.ema != 1 else "") + (
         f"_interval{point.sampler.interval_min}-{point.sampler.interval_max}" if in_sweep else "")
+    denoiser, net = run.samplers(point.ema)
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         result = evaluate(
-            run.emas[point.ema - 1].module, net=run.sample_nets[point.ema - 1], device=run.device,
+            denoiser, net=net, device=run.device,
             num_images=point.num_images, class_num=c.class_num, gen_bsz=c.gen_bsz, seed=c.seed, sampler=point.sampler,
             img_size=c.img_size, fid_stats=c.fid_stats, inception_weights=c.inception_weights, output_dir=c.output_dir,
             save_images=c.save_images, epoch=epoch, checkpoint_epoch=weights_epoch, log=run.log, extractor=extractor,
@@ -426,6 +509,7 @@ def run_eval(run: Run, epoch: int, weights_epoch: int) -> dict | None:
     --final_num_images). Returns the (best) point's result; None when a sweep was stopped."""
     c = run.config
     points = eval_points(c, c.num_images)
+    run.samplers.refresh(p.ema for p in points)
     if len(points) == 1 and c.final_num_images is None:
         return score(run, points[0], epoch=epoch, weights_epoch=weights_epoch)
     return run_sweep(run, points, epoch=epoch, weights_epoch=weights_epoch)
@@ -479,12 +563,15 @@ def save(run: Run, epoch: int, next_step: int, name: str = "last") -> bool:
     atomically. A failed write is reported on one line, the previous checkpoint kept, and the run
     remembers it. Returns, on every rank, whether the file was written."""
     rngs = D.all_gather_object(ckpt_util.capture_rng(run.device))
+    if sharding.is_sharded(run.denoiser):  # collective: gathered to full state dicts on rank 0
+        model, emas, optimizer = sharding.full_state(run.denoiser, run.emas, run.optimizer)
+    elif D.is_main_process():
+        model, emas, optimizer = run.denoiser.state_dict(), [e.state_dict() for e in run.emas], run.optimizer.state_dict()
     written = None
     if D.is_main_process():
         done = next_step >= run.data.steps_per_epoch
         state = ckpt_util.TrainState(
-            model=run.denoiser.state_dict(), emas=[ema.state_dict() for ema in run.emas],
-            optimizer=run.optimizer.state_dict(), epoch=epoch if done else epoch - 1, args=vars(run.config),
+            model=model, emas=emas, optimizer=optimizer, epoch=epoch if done else epoch - 1, args=vars(run.config),
             resume={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
             rng=rngs, world_size=D.get_world_size(),
         )
@@ -555,10 +642,12 @@ def train(run: Run) -> int:
     if run.failed_saves:
         D.print0(f"warning: {run.failed_saves} checkpoint(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
-    if c.demo and D.is_main_process():
+    if c.demo:
         point = eval_points(c, c.num_images)[0]
-        write_demo_outputs(run.emas[point.ema - 1].module, output_dir=c.output_dir, class_num=c.class_num,
-                           img_size=c.img_size, seed=c.seed, sampler=point.sampler, device=run.device)
+        run.samplers.refresh([point.ema])
+        if D.is_main_process():
+            write_demo_outputs(run.samplers(point.ema)[0], output_dir=c.output_dir, class_num=c.class_num,
+                               img_size=c.img_size, seed=c.seed, sampler=point.sampler, device=run.device)
     return 0
 
 

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from util.pos_embed import apply_rope, rope_2d_tables, sincos_2d_pos_embed
 
@@ -179,7 +180,13 @@ class FinalLayer(nn.Module):
 
 class JiT(nn.Module):
     """forward(x, t, y): x (B, C, H, W) noisy image, t (B,) in [0, 1], y (B,) int labels
-    (num_classes = unconditional) -> (B, C, H, W) predicted clean image x̂."""
+    (num_classes = unconditional) -> (B, C, H, W) predicted clean image x̂.
+
+    grad_checkpoint: in training with gradients on, each block keeps only its input and recomputes
+    its activations in the backward pass (non-reentrant torch.utils.checkpoint; dropout masks are
+    replayed from the saved RNG state, so gradients equal those without). An attribute that may be
+    set after construction; it changes no parameter or state-dict entry.
+    """
 
     def __init__(
         self,
@@ -197,6 +204,7 @@ class JiT(nn.Module):
         in_context_len=32,
         in_context_start=8,
         attn_impl="sdpa",
+        grad_checkpoint=False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -211,6 +219,7 @@ class JiT(nn.Module):
         self.patch_size = patch_size
         self.in_context_len = in_context_len
         self.in_context_start = in_context_start
+        self.grad_checkpoint = grad_checkpoint
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -281,13 +290,17 @@ class JiT(nn.Module):
         x = self.x_embedder(x)  # (B, N, D)
         x += self.pos_embed
         n_ctx = self.in_context_len
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if n_ctx > 0 and i == self.in_context_start:
                 ctx = y_emb.unsqueeze(1).repeat(1, n_ctx, 1)  # (B, n_ctx, D)
                 ctx += self.in_context_posemb
                 x = torch.cat([ctx, x], dim=1)  # (B, n_ctx + N, D)
             skip = n_ctx if (n_ctx > 0 and i < self.in_context_start) else 0
-            x = block(x, c, self.rope_cos[skip:], self.rope_sin[skip:])
+            if recompute:
+                x = checkpoint(block, x, c, self.rope_cos[skip:], self.rope_sin[skip:], use_reentrant=False)
+            else:
+                x = block(x, c, self.rope_cos[skip:], self.rope_sin[skip:])
         x = self.final_layer(x[:, n_ctx:], c)  # (B, N, p·p·C)
         return self.unpatchify(x)
 
@@ -305,6 +318,9 @@ JiT_models = {
     "JiT-L/32": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=32),
     "JiT-H/16": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
     "JiT-H/32": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=32),
+    # The paper's G (not in the reference code).
+    "JiT-G/16": _preset(depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
+    "JiT-G/32": _preset(depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=32),
     # Tiny presets for tests and the CPU demo (not in the paper).
     "JiT-T/4": _preset(depth=6, hidden_size=192, num_heads=4, bottleneck_dim=32, in_context_len=8, in_context_start=2, patch_size=4),
     "JiT-XS/4": _preset(depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4, in_context_start=2, patch_size=4),

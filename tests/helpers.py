@@ -146,9 +146,9 @@ def run_script(script, *args, nproc: int | None = None, env: dict | None = None,
     return p
 
 
-def start_script(script, *args) -> subprocess.Popen:
-    """Start a script in the background (stdout and stderr merged, as text lines)."""
-    return subprocess.Popen(command(script, *args), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+def start_script(script, *args, nproc: int | None = None) -> subprocess.Popen:
+    """Start a script (under torchrun with `nproc`) in the background, stdout and stderr merged."""
+    return subprocess.Popen(command(script, *args, nproc=nproc), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -36,14 +36,14 @@ def test_parameter_order_matches_reference_state_dict(golden):
     assert [n for n, _ in net.named_parameters()] == list(golden["state_dict"])
 
 
-@pytest.mark.parametrize("name,millions", [("JiT-B/16", 131.3), ("JiT-L/16", 459.1), ("JiT-H/16", 952.8)])
+@pytest.mark.parametrize("name,millions", [("JiT-B/16", 131.3), ("JiT-L/16", 459.1), ("JiT-H/16", 952.8), ("JiT-G/16", 2007.6)])
 def test_preset_parameter_counts_at_256(name, millions):
     with torch.device("meta"):
         net = JiT_models[name](input_size=256, num_classes=1000, attn_drop=0.0, proj_drop=0.0)
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == millions
 
 
-@pytest.mark.parametrize("size", ["B", "L", "H"])
+@pytest.mark.parametrize("size", ["B", "L", "H", "G"])
 def test_p32_presets_differ_only_in_patch_layers(size):
     """/32 at 512 px has the same token grid as /16 at 256 px; only the patch embedding and the
     final projection grow with p² (3·p²·bottleneck and hidden·p²·3 + p²·3)."""
@@ -162,3 +162,51 @@ def test_initialisation_zeroes_the_adaln_and_output_layers():
     assert not out.any()  # zero output projection: x̂ = 0 at init
     assert 0.015 < net.y_embedder.embedding_table.weight.std() < 0.025
     assert net.x_embedder.proj1.bias is None
+
+
+def perturbed_denoiser(drop):
+    from denoiser import Denoiser
+
+    torch.manual_seed(0)
+    d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3, attn_drop=drop, proj_drop=drop), num_classes=3)
+    with torch.no_grad():  # make every layer matter (adaLN and output layers start at zero)
+        for p in d.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return d
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(drop):
+    """Bit-identical on CPU float32, dropout included (checkpoint replays the saved RNG state)."""
+    x, y = torch.rand(6, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 3])
+    runs = []
+    for ckpt in (False, True):
+        d = perturbed_denoiser(drop)
+        d.net.grad_checkpoint = ckpt
+        torch.manual_seed(5)  # label drop, t, noise and dropout masks
+        loss = d(x, y)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in d.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = runs
+    assert torch.equal(l0, l1)
+    assert list(g0) == list(g1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    if drop:  # the masks did matter: another seed gives another loss
+        d = perturbed_denoiser(drop)
+        torch.manual_seed(6)
+        assert not torch.equal(d(x, y), l0)
+
+
+def test_grad_checkpointing_only_in_training_with_grad(monkeypatch):
+    import model_jit
+
+    calls = []
+    monkeypatch.setattr(model_jit, "checkpoint", lambda fn, *a, **kw: calls.append(kw) or fn(*a))
+    net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, grad_checkpoint=True)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1])
+    with torch.no_grad():
+        net(x, t, y)
+    net.eval()(x, t, y)
+    assert calls == []
+    net.train()(x, t, y)
+    assert calls == [{"use_reentrant": False}] * len(net.blocks)
+    assert list(net.state_dict()) == list(JiT_models["JiT-XS/4"](input_size=16, num_classes=3).state_dict())

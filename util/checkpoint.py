@@ -79,15 +79,20 @@ def summary(args: dict) -> str:
     return ", ".join(f"--{k} {args[k]}" for k in ("model", "img_size", "class_num") if k in args) or "unknown flags"
 
 
+def does_not_fit(path: str, args: dict, error: Exception) -> CheckpointError:
+    """The error for a checkpoint of another shape, naming the flags it was made with (`args`) and
+    the start of load_state_dict's message."""
+    first = " ".join(str(error).strip().splitlines()[:2])[:300]
+    return CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; the checkpoint "
+                           f"was made with {summary(args)}): {first}")
+
+
 def load_module(module, state_dict: dict, path: str, args: dict):
-    """module.load_state_dict(state_dict); a checkpoint of another shape raises CheckpointError
-    naming the flags it was made with (`args`)."""
+    """module.load_state_dict(state_dict); a checkpoint of another shape raises does_not_fit."""
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
-        first = " ".join(str(e).strip().splitlines()[:2])[:300]
-        raise CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; the checkpoint "
-                              f"was made with {summary(args)}): {first}") from None
+        raise does_not_fit(path, args, e) from None
 
 
 def load_weights(state: TrainState, path: str, denoiser, emas):
@@ -107,6 +112,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):
     optimizer.load_state_dict(state_dict)
     for group in optimizer.param_groups:
         group.update(fused=True, foreach=None)
+    place_steps(optimizer)
+
+
+def place_steps(optimizer: torch.optim.Optimizer):
+    """Every AdamW `step` counter as float32 on its parameter's device (what fused AdamW needs)."""
+    for group in optimizer.param_groups:
         for p in group["params"]:
             s = optimizer.state.get(p)
             if s and "step" in s:

@@ -1,0 +1,131 @@
+"""main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
+DDP, checkpoints moving FSDP <-> DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
+import os
+import signal
+
+import pytest
+import torch
+
+from helpers import (TINY, assert_bit_identical, make_image_folder, read_until, run_script, save_reference_checkpoint,
+                     start_script, tiny_denoiser)
+
+REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), per_class=16)  # 48 images: 6 steps per epoch on 2 ranks
+
+
+def train(data, out, *extra, epochs=2, nproc=2, check=True):
+    return run_script("main_jit.py", *TINY, "--epochs", epochs, "--data_path", data, "--output_dir", out, *extra,
+                      nproc=nproc, check=check)
+
+
+def load(out):
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+
+
+def assert_close(a, b, atol=1e-6):
+    """Weights, EMAs and AdamW state of two checkpoints equal to float32 rounding."""
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, t in a[key].items():
+            torch.testing.assert_close(t, b[key][name], rtol=0, atol=atol, msg=f"{key} {name}")
+    for i, s in a["optimizer"]["state"].items():
+        for k, t in s.items():
+            torch.testing.assert_close(t, b["optimizer"]["state"][i][k], rtol=0, atol=atol, msg=f"optimizer {i} {k}")
+
+
+@pytest.fixture(scope="module")
+def ddp(data, tmp_path_factory):
+    """Two epochs with DDP: the reference of the FSDP runs."""
+    out = tmp_path_factory.mktemp("ddp")
+    train(data, out)
+    return load(out)
+
+
+@pytest.fixture(scope="module")
+def fsdp(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    p = train(data, out, "--fsdp")
+    assert "2 process(es) (FSDP)" in p.stdout
+    return load(out)
+
+
+@pytest.mark.slow
+def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
+    assert set(fsdp) == set(ddp) and REF_KEYS <= set(fsdp)
+    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    assert list(fsdp["optimizer"]["state"]) == list(ddp["optimizer"]["state"])
+    assert_close(fsdp, ddp)
+    fresh = tiny_denoiser()
+    for key in ("model", "model_ema1", "model_ema2"):  # what the reference and sample.py load
+        fresh.load_state_dict(fsdp[key], strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [("--fsdp", None), (None, "--fsdp")])
+def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then):
+    """One epoch one way, the second the other way: the same as two epochs of DDP."""
+    train(data, tmp_path, *[f for f in [first] if f], epochs=1)
+    p = train(data, tmp_path, *[f for f in [then] if f], "--resume", tmp_path)
+    assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
+    assert_close(load(tmp_path), ddp)
+
+
+@pytest.mark.slow
+def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp):
+    args = [*TINY, "--epochs", 2, "--fsdp", "--data_path", data, "--output_dir", tmp_path, "--resume", tmp_path]
+    proc = start_script("main_jit.py", *args, nproc=2)
+    read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
+    os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0 and "stop requested" in rest, rest
+    stopped = load(tmp_path)["resume"]
+    assert stopped != {"epoch": 2, "step": 0}
+    p = run_script("main_jit.py", *args, nproc=2)
+    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
+    assert_bit_identical(load(tmp_path), fsdp)
+
+
+@pytest.mark.slow
+def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
+    ref = tmp_path / "ref.pth"
+    save_reference_checkpoint(ref, tiny_denoiser().train(), epoch=0, steps=1)
+    train(data, tmp_path / "out", "--fsdp", "--resume", ref)
+    steps = {float(s["step"]) for s in load(tmp_path / "out")["optimizer"]["state"].values()}
+    assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save(fsdp, path)
+    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, "--dry_run", check=False)
+    assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2 and "--model JiT-XS/4" in p.stdout
+    assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
+
+
+@pytest.mark.slow
+def test_grad_checkpoint_trains_bit_identically_and_single_process_fsdp_says_so(data, tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    train(data, plain, epochs=1, nproc=None)
+    p = train(data, ckpt, "--grad_checkpoint", "--fsdp", epochs=1, nproc=None)
+    assert "--fsdp in a single process: nothing to shard, this is a plain run" in p.stdout
+    assert_bit_identical(load(ckpt), load(plain))
+
+
+def worker_pids(launcher: int) -> dict:
+    """{rank: pid} of the worker processes a torchrun started (read from /proc)."""
+    pids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if ppid == launcher and b"RANK" in env:
+            pids[int(env[b"RANK"])] = int(pid)
+    return pids

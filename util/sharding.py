@@ -1,0 +1,231 @@
+"""FSDP2 (`fully_shard`) for JiT: sharding plan, sharded EMA, non-finite skip, full checkpoints.
+
+One FSDP unit per JiT block plus the root (the Denoiser: embedders, final layer, pos_embed). Every
+parameter becomes a DTensor sharded on dim 0; `named_parameters()` keeps the reference's names and
+order, so `main_jit.build_optimizer` builds the same two AdamW groups (fused AdamW accepts DTensor
+parameters). The EMA copies are sharded with the same plan, so every rank updates its own shards
+with one fused `_foreach_lerp_` and no communication. Checkpoints are gathered to the format of an
+unsharded run (full `net.*` state dicts, the optimizer state keyed by parameter index), so FSDP and
+DDP runs resume from each other's files.
+
+Precision. Today (DDP): float32 parameters, bf16 autocast on CUDA. `shard(..., mixed_precision=False)`
+keeps exactly that math: float32 parameters are all-gathered, the forward runs under the same
+autocast, float32 gradients are reduce-scattered (the sum order of the reduction is the only
+difference from DDP's all-reduce). `mixed_precision=True` all-gathers the block parameters in bf16
+(half the traffic, and the autocast bf16 weight copies no longer stay alive from forward to
+backward) with float32 gradient reduction, and leaves the root unit and the inputs in float32; the
+matmuls are then bit-identical to autocast, and what differs is listed in `block_policy`.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+try:  # public since torch 2.6; the same implementation lived in torch.distributed._composable.fsdp in 2.4-2.5
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+except ImportError:  # pragma: no cover
+    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    from torch.distributed._tensor import DTensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from denoiser import EMA
+
+
+def block_policy(mixed_precision: bool) -> MixedPrecisionPolicy:
+    """The precision of the block units.
+
+    False: float32 parameters gathered and float32 gradients reduced; run the forward under
+    util.distributed.autocast as today (identical math).
+    True: bf16 parameters gathered, float32 gradient reduction, inputs not cast (the residual
+    stream keeps the dtype autocast gives it). Under autocast every Linear sees the same bf16
+    weight and bias (both are round-to-nearest casts of the float32 master), so the matmuls are
+    unchanged. What differs from today: (1) the RMSNorm weights (norm1, norm2, q_norm, k_norm) are
+    rounded to bf16 before they multiply; (2) RMSNorm(x)·weight is computed in bf16 wherever x is
+    bf16: q and k (every block; the output goes to RoPE in bf16 instead of float32) and the
+    residual stream of the blocks before `in_context_start` (autocast leaves it bf16 until the
+    float32 in-context tokens are concatenated), where modulate then runs in bf16 too; (3) those
+    RMSNorm weight gradients are rounded to bf16 before the float32 reduction (Linear weight
+    gradients are bf16 products in both). Softmax / SDPA run in bf16 in both (q, k are cast to v's
+    dtype). Measured on CPU (tests/fsdp_script.py precision): the gradients then differ from
+    today's by up to 1.2% (relative L2, q/k-norm weights), as much as bf16 autocast differs from
+    float32; float32 gathers reproduce today's loss and gradients bit for bit.
+    """
+    if mixed_precision:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def shard(denoiser: nn.Module, *, mixed_precision: bool, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
+    """Shard `denoiser` (a Denoiser holding a JiT as `.net`) in place: one FSDP unit per block,
+    then the root unit (everything else, always float32). Returns the same object, now an
+    FSDPModule. Call after `.to(device)` and after copying any EMA (`ShardedEMA`); the process
+    group must be initialised (the default mesh spans all ranks)."""
+    policy = block_policy(mixed_precision)
+    for block in denoiser.net.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(denoiser, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
+    return denoiser
+
+
+def is_sharded(module) -> bool:
+    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)  # _orig_mod: under torch.compile
+
+
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """This rank's shard of each DTensor (a view: writing to it writes the parameter); plain
+    tensors pass through. Detached."""
+    return [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
+
+
+class ShardedEMA(EMA):
+    """EMA whose module is sharded with the same plan as the live model, so that each rank's local
+    shard of every EMA parameter lines up with its local shard of the live one.
+
+    Build it from the *unsharded* denoiser, before `shard(denoiser, ...)`. `update(model)` takes
+    the sharded live model and lerps local shards only. state_dict / load_state_dict are the
+    sharded module's (DTensor values); checkpoints go through `full_state` / `load_full_state`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, mixed_precision: bool = False, mesh=None):
+        if is_sharded(model):
+            raise ValueError("ShardedEMA copies the unsharded model: build it before shard(model)")
+        super().__init__(model, decay)
+        shard(self.module, mixed_precision=mixed_precision, mesh=mesh)
+        self._ema = None  # fully_shard replaced the parameters; update() reads the shards afresh
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        """One fused lerp of this rank's EMA shards towards its shards of `model` (no communication)."""
+        torch._foreach_lerp_(local_tensors(self.module.parameters()), local_tensors(model.parameters()), 1.0 - self.decay)
+
+
+def nonfinite_flag(params, group=None) -> torch.Tensor:
+    """0-dim float tensor, the same on every rank: 1.0 if any rank's local gradient shard holds
+    inf/NaN (or their norms overflow), else 0.0. One all-reduce (max) of one number; no host sync.
+    Set it as `optimizer.found_inf` before `step()` so fused AdamW skips the step on all ranks."""
+    grads = local_tensors(p.grad for p in params if p.grad is not None)
+    flag = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag
+
+
+def set_grad_sync(model, enabled: bool):
+    """Gradient accumulation under FSDP2: call with False before the forward of every micro-batch
+    but the last and with True before the last (the flag is read during backward, so it must stay
+    set until backward is done; a context manager around the forward only, like DDP's no_sync, is
+    not enough). Without sync each rank accumulates the unsharded gradients of all units (4 B per
+    parameter); with sync every micro-batch, the reduce-scatters add into the sharded gradients.
+    No-op for modules that are not sharded."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+# Full (unsharded) checkpoints in the format of a one-process / DDP run.
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on CPU
+
+
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter in the order torch numbers them in
+    `optimizer.state_dict()`: group by group (no-decay, then decay), in model order within."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optim_state_by_index(named: dict, names: list[str]) -> dict:
+    """Name-keyed optimizer state (torch.distributed.checkpoint's format) -> index-keyed (what
+    `torch.optim.Optimizer.state_dict()` of an unsharded model gives)."""
+    index = {n: i for i, n in enumerate(names)}
+    state = dict(sorted((index[n], s) for n, s in named["state"].items()))
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in named["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def optim_state_by_name(indexed: dict, names: list[str]) -> dict:
+    """The inverse of `optim_state_by_index`."""
+    state = {names[i]: s for i, s in indexed["state"].items()}
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in indexed["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def full_state(denoiser: nn.Module, emas, optimizer=None):
+    """Collective. Gather everything to full CPU state dicts on rank 0.
+
+    Returns (model_sd, [ema_sd, ...], optim_sd) on rank 0, (None, None, None) elsewhere, a
+    snapshot (later steps do not change it):
+    model_sd / ema_sd as `Denoiser.state_dict()` (keys `net.*`), optim_sd as
+    `torch.optim.AdamW.state_dict()` of an unsharded model (None without an optimizer).
+    """
+    model_sd = get_model_state_dict(denoiser, options=FULL)
+    ema_sds = [get_model_state_dict(ema.module, options=FULL) for ema in emas]
+    optim_sd = None
+    if optimizer is not None:
+        named = get_optimizer_state_dict(denoiser, optimizer, options=FULL)
+        if named:  # the gathered moments are new tensors, but `step` is the live one: copy it
+            named["state"] = {n: {k: v.clone() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for k, v in s.items()}
+                              for n, s in named["state"].items()}
+            optim_sd = optim_state_by_index(named, optimizer_param_names(denoiser, optimizer))
+    if dist.get_rank() != 0:
+        return None, None, None
+    return model_sd, ema_sds, optim_sd
+
+
+def mismatch(module: nn.Module, state_dict: dict) -> str | None:
+    """What keeps `state_dict` (full tensors) from loading strictly into `module` (sharded or
+    not), in load_state_dict's words, or None."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # DTensors report the full shape
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    parts = []
+    if missing := [k for k in want if k not in got]:
+        parts.append(f"Missing key(s) in state_dict: {', '.join(missing)}.")
+    if unexpected := [k for k in got if k not in want]:
+        parts.append(f"Unexpected key(s) in state_dict: {', '.join(unexpected)}.")
+    parts += [f"size mismatch for {k}: copying a param with shape {got[k]}, the model has {want[k]}."
+              for k in want if k in got and got[k] != want[k]]
+    return " ".join(parts) or None
+
+
+def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, optim_sd):
+    """Collective. Load full state dicts (the format `full_state` writes, or a DDP / one-process
+    checkpoint) held by rank 0 into the sharded model, EMAs and optimizer; the values given on
+    other ranks are ignored (pass None). Each tensor is broadcast from rank 0 and every rank keeps
+    its shard. optimizer None, or optim_sd None on rank 0: weights only. Strict: missing or
+    unexpected keys and wrong shapes raise RuntimeError on every rank, before anything is loaded.
+    The optimizer keeps its own fused / foreach choice."""
+    rank0 = dist.get_rank() == 0
+    verdict = [None, None]  # (error message, has optimizer state), decided on rank 0
+    if rank0:
+        errors = [mismatch(denoiser, model_sd)] + [mismatch(e.module, sd) for e, sd in zip(emas, ema_sds)]
+        verdict = [" ".join(e for e in errors if e) or None, optim_sd is not None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:  # every rank raises, none is left waiting in a broadcast
+        raise RuntimeError(f"Error(s) in loading state_dict: {verdict[0]}")
+    has_optim = verdict[1:]
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(denoiser, model_sd if rank0 else {}, options=opts)
+    for i, ema in enumerate(emas):
+        set_model_state_dict(ema.module, ema_sds[i] if rank0 else {}, options=opts)
+    if optimizer is not None and has_optim[0]:
+        names = optimizer_param_names(denoiser, optimizer)
+        impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+        named = optim_state_by_name(optim_sd, names) if rank0 else {}
+        set_optimizer_state_dict(denoiser, optimizer, named, options=opts)
+        for g, kw in zip(optimizer.param_groups, impl):
+            g.update(kw)
+
+
+def unshard_into(plain: nn.Module, sharded: nn.Module):
+    """Collective. Copy a sharded module's full weights into an unsharded module of the same
+    architecture on every rank (e.g. the EMA net for sampling: evaluation code then runs as today,
+    each rank on its own share of the images). Costs one full copy per rank."""
+    sd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    plain.load_state_dict(sd)
+    return plain
