@@ -416,11 +416,13 @@ class Samplers:
         self.copies, self.nets = {}, {}
 
     def refresh(self, ks):
-        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones."""
+        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones. The
+        global RNG streams are left as they were (building a copy initialises weights)."""
         for k in sorted(set(ks)):
             if sharding.is_sharded(self.emas[k - 1].module):
                 if k not in self.copies:
-                    self.copies[k] = build_denoiser(self.cfg, self.device).eval().requires_grad_(False)
+                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                        self.copies[k] = build_denoiser(self.cfg, self.device).eval().requires_grad_(False)
                 sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
 
     def __call__(self, k: int):

@@ -54,6 +54,7 @@ def get_args_parser():
     a("--cfg", default=2.9, type=float)
     a("--interval_min", default=0.1, type=float)
     a("--interval_max", default=1.0, type=float)
+    a("--grad_checkpoint", action="store_true", help="recompute block activations in the backward pass (training)")
     a("--skip_train", action="store_true")
     a("--skip_sample", action="store_true")
     a("--parity", action="store_true", help="also report the drift of this path from float32 reference attention")
@@ -138,7 +139,8 @@ def bench_sampler(args, steps: int) -> SamplerSettings:
 
 def build(args, device, attn_impl):
     torch.manual_seed(args.seed)
-    net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl)
+    net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl,
+                                 grad_checkpoint=args.grad_checkpoint)
     return Denoiser(net, args.class_num).to(device)
 
 

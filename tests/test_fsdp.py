@@ -1,5 +1,6 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
 DDP, checkpoints moving FSDP <-> DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
+import json
 import os
 import signal
 
@@ -37,19 +38,32 @@ def assert_close(a, b, atol=1e-6):
 
 
 @pytest.fixture(scope="module")
-def ddp(data, tmp_path_factory):
-    """Two epochs with DDP: the reference of the FSDP runs."""
-    out = tmp_path_factory.mktemp("ddp")
-    train(data, out)
-    return load(out)
+def online_eval(inception_weights, fid_ref_stats):
+    """Flags of an online evaluation (after epoch 0 and the last; EMA 2, 12 tiny images)."""
+    return ["--online_eval", "--eval_freq", 10, "--ema", 2, "--num_images", 12, "--gen_bsz", 6, "--num_sampling_steps", 2,
+            "--cfg", 2.0, "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights]
+
+
+def eval_record(out) -> dict:
+    """The evaluation after the last epoch (--eval_freq 10 also evaluates after epoch 0)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval"][-1]
 
 
 @pytest.fixture(scope="module")
-def fsdp(data, tmp_path_factory):
+def ddp(data, tmp_path_factory, online_eval):
+    """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
+    out = tmp_path_factory.mktemp("ddp")
+    train(data, out, *online_eval)
+    return {**load(out), "eval": eval_record(out)}
+
+
+@pytest.fixture(scope="module")
+def fsdp(data, tmp_path_factory, online_eval):
     out = tmp_path_factory.mktemp("fsdp")
-    p = train(data, out, "--fsdp")
+    p = train(data, out, "--fsdp", *online_eval)
     assert "2 process(es) (FSDP)" in p.stdout
-    return load(out)
+    return {**load(out), "eval": eval_record(out)}
 
 
 @pytest.mark.slow
@@ -61,6 +75,15 @@ def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
     fresh = tiny_denoiser()
     for key in ("model", "model_ema1", "model_ema2"):  # what the reference and sample.py load
         fresh.load_state_dict(fsdp[key], strict=True)
+
+
+@pytest.mark.slow
+def test_online_evaluation_of_a_sharded_run_equals_ddps(ddp, fsdp):
+    """The sharded EMA 2 is gathered into a full copy on each rank and samples as DDP's does."""
+    a, b = fsdp["eval"], ddp["eval"]
+    assert a["ema"] == b["ema"] == 2 and a["epoch"] == b["epoch"] == 1 and a["num_images"] == 12
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
+    assert a["inception_score"] == b["inception_score"]  # None: the near-uniform samples of this tiny run give NaN
 
 
 @pytest.mark.slow
@@ -85,7 +108,7 @@ def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp):
     assert stopped != {"epoch": 2, "step": 0}
     p = run_script("main_jit.py", *args, nproc=2)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    assert_bit_identical(load(tmp_path), fsdp)
+    assert_bit_identical(load(tmp_path), fsdp)  # (an online evaluation changes no training state)
 
 
 @pytest.mark.slow
