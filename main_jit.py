@@ -522,13 +522,11 @@ def run_sweep(run: Run, points: list, *, epoch: int, weights_epoch: int) -> dict
     stop between points on SIGTERM / SIGUSR1. Writes sweep.csv and sweep.png (per epoch during
     training), prints the best point and evaluates it again with --final_num_images."""
     c = run.config
-    context = dict(checkpoint=run.start.path, checkpoint_epoch=weights_epoch, seed=c.seed, gen_bsz=c.gen_bsz,
-                   class_num=c.class_num, img_size=c.img_size, fid_stats=c.fid_stats)
-    done = D.broadcast_object(sweep.finished(run.log.metrics_path, context) if D.is_main_process() else None)
+    done = sweep.finished_everywhere(run.log.metrics_path, dict(
+        checkpoint=run.start.path, checkpoint_epoch=weights_epoch, seed=c.seed, gen_bsz=c.gen_bsz, class_num=c.class_num,
+        img_size=c.img_size, fid_stats=c.fid_stats))
     if len(points) > 50:
-        passes = sum(p.sampler.net_passes() * p.num_images for p in points)
-        D.print0(f"sweep of {len(points)} points: {len(points) * c.num_images} images, {passes / 1e6:.1f}M network passes "
-                 "(the ETA follows after the first point)")
+        D.print0(sweep.cost_note(points))
     extractor = fid.build_inception(fid.resolve_inception_weights(c.inception_weights), run.device)
 
     def stop() -> bool:
@@ -541,17 +539,8 @@ def run_sweep(run: Run, points: list, *, epoch: int, weights_epoch: int) -> dict
     if stopped:
         D.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
         return None
-    best = sweep.best(records)
-    D.print0(f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']}): "
-             f"FID {best['fid']:.4f}, IS {best['inception_score']:.4f}")
-    if D.is_main_process():
-        name = "sweep" if c.evaluate_gen else f"sweep-epoch{epoch}"
-        try:
-            sweep.write_csv(os.path.join(c.output_dir, f"{name}.csv"), records)
-            sweep.plot(os.path.join(c.output_dir, f"{name}.png"), records)
-        except files.WriteError as e:
-            run.log.give_up(f"{name}.csv / .png", e)
-    if c.final_num_images is None:
+    best = sweep.report(records, c.output_dir, "sweep" if c.evaluate_gen else f"sweep-epoch{epoch}", run.log)
+    if c.final_num_images is None or best is None:
         return best
     best_point = next(p for p in points if p.key() == sweep.record_key(best))
     D.print0(f"final: the best point again with {c.final_num_images} images")

@@ -1,6 +1,7 @@
 """Sweeps of the sampling settings with --evaluate_gen: lists of values, each point equal to a single
 run, resume after SIGTERM, sweep.csv / sweep.png, --final_num_images, the third EMA, bad input."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 import main_jit
+from denoiser import SamplerSettings
 from helpers import TINY, TINY_MODEL, make_image_folder, read_until, run_script, save_reference_checkpoint, start_script, tiny_denoiser
 from util import checkpoint as ckpt_util
 from util import sweep
@@ -44,17 +46,18 @@ def eval_records(out) -> list[dict]:
 @pytest.mark.slow
 def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, inception_weights, fid_ref_stats, capsys):
     common = eval_args(checkpoint, tmp_path / "sweep", inception_weights, fid_ref_stats)
-    assert main(*common, "--cfg", 2.0, 3.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
+    assert main(*common, "--cfg", 2.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
     out = capsys.readouterr().out
     records = eval_records(tmp_path / "sweep")
-    assert len(records) == 8 and len({sweep.record_key(r) for r in records}) == 8
+    assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
+    assert [(r["ema"], r["interval_min"]) for r in records] == [(1, 0.0), (1, 0.3), (2, 0.0), (2, 0.3)]
     assert all(r["checkpoint"] == str(checkpoint) and r["checkpoint_epoch"] == 7 for r in records)
-    assert len({r["fid"] for r in records}) == 8  # the EMAs and settings really differ
+    assert len({r["fid"] for r in records}) == 4  # the EMAs and intervals really differ
     best = min(records, key=lambda r: r["fid"])
     assert f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']})" in out
-    assert out.count("img/s; sweep ETA") == 8
+    assert out.count("img/s; sweep ETA") == 4
 
-    for r in [records[0], records[5]]:  # two points, run on their own
+    for r in [records[1], records[2]]:  # two points, run on their own
         single = tmp_path / f"single{r['ema']}{r['cfg']}{r['interval_min']}"
         assert main(*eval_args(checkpoint, single, inception_weights, fid_ref_stats), "--cfg", r["cfg"],
                     "--interval_min", r["interval_min"], "--ema", r["ema"]) == 0
@@ -90,24 +93,39 @@ def test_final_num_images_evaluates_the_best_point_again(checkpoint, tmp_path, i
 
 @pytest.mark.slow
 def test_a_sweep_stopped_by_sigterm_continues_without_recomputing(checkpoint, tmp_path, inception_weights, fid_ref_stats):
-    args = ["main_jit.py", *eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 1.0, 1.5, 2.0, 2.5,
-            "--ema", 1, 2]
+    base = ["main_jit.py", *eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats)]
+    args = [*base, "--cfg", 1.0, 2.0, "--ema", 1, 2]
     proc = start_script(*args)
-    read_until(proc, "sweep point 2/8: FID")
+    read_until(proc, "sweep point 1/4: FID")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0 and "sweep stopped (signal)" in rest, rest
     finished = len(eval_records(tmp_path))
-    assert 2 <= finished < 8
+    assert 1 <= finished < 4
     p = run_script(*args)
-    assert f"{finished} of 8 points already finished" in p.stdout
-    assert p.stdout.count("img/s; sweep ETA") == 8 - finished  # only the rest was computed
+    assert f"{finished} of 4 points already finished" in p.stdout
+    assert p.stdout.count("img/s; sweep ETA") == 4 - finished  # only the rest was computed
     records = eval_records(tmp_path)
-    assert len(records) == 8 and len({sweep.record_key(r) for r in records}) == 8
+    assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
     with open(tmp_path / "sweep.csv") as f:
-        assert len(list(csv.DictReader(f))) == 8
-    p = run_script(*args[:-3], "--cfg", 1.0, 3.0)  # a new setting makes a new point
-    assert "1 of 2 points already finished" in p.stdout
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_finished_points_match_all_settings_the_checkpoint_and_its_epoch(tmp_path):
+    context = dict(checkpoint="/a/checkpoint-last.pth", checkpoint_epoch=7, seed=0, gen_bsz=6, class_num=3, img_size=16,
+                   fid_stats="ref.npz")
+    point = sweep.Point(1, SamplerSettings(cfg=2.0), 6)
+    record = {"kind": "eval", "fid": 3.0, "inception_score": 2.0, **context, "ema": 1, "num_images": 6,
+              **dataclasses.asdict(point.sampler)}
+    others = [{**record, "cfg": 2.5}, {**record, "ema": 2}, {**record, "num_images": 12}, {**record, "checkpoint_epoch": 8},
+              {**record, "checkpoint": "/b/checkpoint-last.pth"}, {**record, "seed": 1}, {**record, "kind": "train"},
+              {**record, "fid": None}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [record, *others]) + '{"kind": "ev')  # a line cut by a kill
+    done = sweep.finished(str(path), context)
+    assert list(done) == [point.key(), sweep.Point(1, SamplerSettings(cfg=2.5), 6).key(),
+                          sweep.Point(2, point.sampler, 6).key(), sweep.Point(1, point.sampler, 12).key()]
+    assert done[point.key()] == record
 
 
 @pytest.mark.slow

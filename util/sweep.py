@@ -6,13 +6,14 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 
 from denoiser import SamplerSettings
-from util.distributed import print0
-from util.files import atomic_write
+from util.distributed import broadcast_object, is_main_process, print0
+from util.files import WriteError, atomic_write
 from util.logger import hms
 
 COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
@@ -66,16 +67,28 @@ def finished(metrics_path: str, context: dict) -> dict:
     return done
 
 
-def best(records: list[dict]) -> dict:
-    return min(records, key=lambda r: r["fid"])
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def best(records: list[dict]) -> dict | None:
+    """The record of the lowest finite FID (None if there is none)."""
+    return min((r for r in records if finite(r["fid"])), key=lambda r: r["fid"], default=None)
+
+
+def describe(record: dict) -> str:
+    """A point's settings and scores in one line (a missing or NaN score as n/a)."""
+    num = lambda x: f"{x:.4f}" if finite(x) else "n/a"  # noqa: E731
+    return (f"EMA {record['ema']}, cfg {record['cfg']}, interval ({record['interval_min']}, {record['interval_max']}): "
+            f"FID {num(record['fid'])}, IS {num(record['inception_score'])}")
 
 
 def write_csv(path: str, records: list[dict]):
-    """The records as a table sorted by FID (best first)."""
+    """The records as a table sorted by FID (best first; no finite FID last)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(sorted(records, key=lambda r: r["fid"]))
+    w.writerows(sorted(records, key=lambda r: r["fid"] if finite(r["fid"]) else math.inf))
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
@@ -92,8 +105,9 @@ def plot(path: str, records: list[dict]):
     fig, (ax_fid, ax_is) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for (ema, lo, hi), rs in sorted(lines.items()):
         label = f"EMA {ema}, interval ({lo}, {hi})"
-        ax_fid.plot([r["cfg"] for r in rs], [r["fid"] for r in rs], marker="o", label=label)
-        ax_is.plot([r["cfg"] for r in rs], [r["inception_score"] for r in rs], marker="o", label=label)
+        cfgs = [r["cfg"] for r in rs]
+        ax_fid.plot(cfgs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label)
+        ax_is.plot(cfgs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o", label=label)
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
         ax.set_xlabel("CFG scale")
         ax.set_ylabel(name)
@@ -125,3 +139,29 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
         print0(f"sweep point {i}/{len(todo)}: FID {records[-1]['fid']:.4f}, {p.num_images / dt:.1f} img/s; "
                f"sweep ETA {hms(left * seconds / images)}")
     return records, False
+
+
+def finished_everywhere(metrics_path: str, context: dict) -> dict:
+    """finished() as rank 0 reads it, on every rank (all must skip the same points)."""
+    return broadcast_object(finished(metrics_path, context) if is_main_process() else None)
+
+
+def cost_note(points: list[Point]) -> str:
+    """What a sweep will generate: images and network passes."""
+    passes = sum(p.sampler.net_passes() * p.num_images for p in points)
+    return (f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {passes / 1e6:.1f}M network passes "
+            "(the ETA follows after the first point)")
+
+
+def report(records: list[dict], output_dir: str, name: str, log) -> dict | None:
+    """Print the best point; rank 0 writes {name}.csv and {name}.png (a failed write is reported
+    through `log`, a RunLog). Returns the best record (None if no FID is finite)."""
+    top = best(records)
+    print0(f"best: {describe(top)}" if top else "best: none, no point has a finite FID")
+    if is_main_process():
+        try:
+            write_csv(os.path.join(output_dir, f"{name}.csv"), records)
+            plot(os.path.join(output_dir, f"{name}.png"), records)
+        except WriteError as e:
+            log.give_up(f"{name}.csv / .png", e)
+    return top
