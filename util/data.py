@@ -124,7 +124,7 @@ def open_dataset(data_path: str, img_size: int):
 
 class ThreadedBatches:
     """Batches of a dataset that gathers whole batches (`batched`: the preprocessed store), assembled
-    by `threads` threads of this process, `2 · threads` batches ahead, in the sampler's order (0
+    by `threads` threads of this process, up to `threads + 1` batches ahead, in the sampler's order (0
     threads: in the calling thread, on demand). The copies release the GIL, so the threads overlap
     the training step; no worker processes, so no batch crosses a process boundary (a fresh shared
     memory segment per batch costs more than the gather itself). With pin_memory each batch is
@@ -150,7 +150,7 @@ class ThreadedBatches:
             pending = collections.deque()
             for k in keys:
                 pending.append(pool.submit(self._get, k))
-                if len(pending) > 2 * self.threads:
+                if len(pending) > self.threads:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
