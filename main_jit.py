@@ -434,6 +434,25 @@ class Samplers:
 
 
 @dataclass
+class SaveLog:
+    """What the checkpoint writes of a run came to. newest: the newest readable checkpoint and what
+    it holds; last_ok: whether the latest checkpoint-last.pth write succeeded; failed: writes that did not."""
+
+    newest: str | None = None
+    last_ok: bool = True
+    failed: int = 0
+
+    def note(self, name: str, written: str | None) -> bool:
+        """Record the outcome of writing checkpoint-{name}.pth (`written`: its description, None if it
+        failed); returns whether it was written."""
+        self.failed += written is None
+        if name == "last":
+            self.last_ok = written is not None
+        self.newest = written or self.newest
+        return written is not None
+
+
+@dataclass
 class Run:
     """Everything a training or evaluation run holds, built once by `setup`."""
 
@@ -448,9 +467,7 @@ class Run:
     stopper: "StopSignal"
     start: Resumed
     data: Data | None = None  # None for --evaluate_gen
-    newest_checkpoint: str | None = None  # the newest readable checkpoint of this run and what it holds
-    last_saved: bool = True  # whether the latest checkpoint-last.pth write succeeded
-    failed_saves: int = 0
+    saves: SaveLog = dataclasses.field(default_factory=SaveLog)  # what its checkpoint writes came to
 
     def close(self):
         """Put the signal handlers back and close the log."""
@@ -484,7 +501,7 @@ def setup(args) -> Run:
         check_free_space(cfg.output_dir, ckpt_util.estimated_size(denoiser))
     return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer,
                model=wrap_for_training(denoiser, cfg, device), samplers=Samplers(cfg, emas, device), log=log,
-               stopper=StopSignal(), start=start, data=data, newest_checkpoint=start.newest)
+               stopper=StopSignal(), start=start, data=data, saves=SaveLog(newest=start.newest))
 
 
 def score(run: Run, point, *, epoch: int, weights_epoch: int, in_sweep: bool = False, extractor=None) -> dict:
@@ -549,10 +566,10 @@ def run_sweep(run: Run, points: list, *, epoch: int, weights_epoch: int) -> dict
     return None if stopped else records[0]
 
 
-def save(run: Run, epoch: int, next_step: int, name: str = "last") -> bool:
+def save(run: Run, epoch: int, next_step: int, name: str = "last") -> str | None:
     """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
-    atomically. A failed write is reported on one line, the previous checkpoint kept, and the run
-    remembers it. Returns, on every rank, whether the file was written."""
+    atomically. A failed write is reported on one line and the previous checkpoint kept. Returns, on
+    every rank, a description of the file written (None if it could not be)."""
     rngs = D.all_gather_object(ckpt_util.capture_rng(run.device))
     if sharding.is_sharded(run.denoiser):  # collective: gathered to full state dicts on rank 0
         model, emas, optimizer = sharding.full_state(run.denoiser, run.emas, run.optimizer)
@@ -574,19 +591,13 @@ def save(run: Run, epoch: int, next_step: int, name: str = "last") -> bool:
         else:
             written = describe(path, state.resume)
             D.print0(f"saved {written}")
-    written = D.broadcast_object(written)
-    run.failed_saves += written is None
-    if name == "last":
-        run.last_saved = written is not None
-    if written is not None:
-        run.newest_checkpoint = written
-    return written is not None
+    return D.broadcast_object(written)
 
 
 def unsaved_exit(run: Run) -> int:
     """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
     D.print0("error: the final checkpoint of this run could not be written; "
-             + (f"the newest readable checkpoint is {run.newest_checkpoint}" if run.newest_checkpoint
+             + (f"the newest readable checkpoint is {run.saves.newest}" if run.saves.newest
                 else "no checkpoint of this run was written"))
     return 1
 
@@ -604,6 +615,10 @@ def train(run: Run) -> int:
     lr_at = functools.partial(lr_sched.lr_at, lr=c.lr, warmup_epochs=c.warmup_epochs, schedule=c.lr_schedule,
                               epochs=c.epochs, min_lr=c.min_lr)
     start_step = run.start.step
+
+    def checkpoint(epoch: int, next_step: int, name: str = "last") -> bool:
+        return run.saves.note(name, save(run, epoch, next_step, name))
+
     D.print0(f"training epochs {run.start.epoch}..{c.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
     try:
@@ -612,26 +627,26 @@ def train(run: Run) -> int:
             saved_at_end = train_one_epoch(run.model, run.denoiser, run.optimizer, run.emas, run.data.loader, epoch=epoch,
                                            start_step=start_step, steps_per_epoch=run.data.steps_per_epoch,
                                            device=run.device, loop=loop, lr_at=lr_at, log=run.log, stopper=run.stopper,
-                                           save_fn=lambda e, s: save(run, e, s))
+                                           save_fn=checkpoint)
             start_step = 0
             last = epoch + 1 == c.epochs
             if (epoch % c.save_last_freq == 0 or last) and not saved_at_end:
-                save(run, epoch, run.data.steps_per_epoch)
+                checkpoint(epoch, run.data.steps_per_epoch)
             if epoch % 100 == 0 and epoch > 0:
-                save(run, epoch, run.data.steps_per_epoch, name=str(epoch))
+                checkpoint(epoch, run.data.steps_per_epoch, name=str(epoch))
             if c.online_eval and (epoch % c.eval_freq == 0 or last):
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
                 run_eval(run, epoch, weights_epoch=epoch)
     except StopRun as e:
         D.print0(str(e))
-        return e.code if run.last_saved else unsaved_exit(run)
+        return e.code if run.saves.last_ok else unsaved_exit(run)
     finally:
         run.log.flush()
-    if not run.last_saved:
+    if not run.saves.last_ok:
         return unsaved_exit(run)
-    if run.failed_saves:
-        D.print0(f"warning: {run.failed_saves} checkpoint(s) of this run could not be written (see above)")
+    if run.saves.failed:
+        D.print0(f"warning: {run.saves.failed} checkpoint(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
     if c.demo:
         point = eval_points(c, c.num_images)[0]
