@@ -6,6 +6,7 @@ Prints every rank's thread count before joining the process group and after leav
 """
 import argparse
 import os
+import time
 
 import torch
 
@@ -25,7 +26,28 @@ p.add_argument("--inception_weights", required=True)
 p.add_argument("--output_dir", required=True)
 args = p.parse_args()
 
-threads_before = len(os.listdir("/proc/self/task"))
+def threads() -> list[str]:
+    """The names of this process's threads (Linux)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # it ended while being listed
+            pass
+    return names
+
+
+def threads_after(count: int, wait_s: float = 5.0) -> list[str]:
+    """The threads once at most `count` remain, waiting up to wait_s: a joined thread can still be
+    listed for a moment while the kernel finishes its exit; a leaked one stays."""
+    deadline = time.time() + wait_s
+    while len(names := threads()) > count and time.time() < deadline:
+        time.sleep(0.05)
+    return names
+
+
+threads_before = len(threads())
 device = distributed.init("cpu")
 rank = distributed.get_rank()
 denoiser = tiny_denoiser()
@@ -41,4 +63,5 @@ results = distributed.all_gather_object(result)
 if distributed.is_main_process():
     torch.save({"images": images, "per_sample": per_sample, "results": results}, args.out)
 distributed.shutdown()
-print(f"rank {rank}: {threads_before} threads before init, {len(os.listdir('/proc/self/task'))} after shutdown", flush=True)
+left = threads_after(threads_before)
+print(f"rank {rank}: {threads_before} threads before init, {len(left)} after shutdown ({', '.join(left)})", flush=True)
