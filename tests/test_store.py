@@ -1,5 +1,7 @@
 """The preprocessed image store: prepare_data.py conversion and util.store.StoreDataset reading."""
+import gc
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -125,7 +127,9 @@ def test_unreadable_files_are_listed_with_reasons_and_left_out(source, store):
     assert manifest["source_images"] == 23 and manifest["img_size"] == SIZE and manifest["pillow"]
 
 
-def test_items_and_batches_equal_centercropfolder_collated(source, store):
+@pytest.mark.parametrize("huge_page_min", [store_mod.HUGE_PAGE_MIN, 1], ids=["plain", "huge_pages"])
+def test_items_and_batches_equal_centercropfolder_collated(source, store, huge_page_min, monkeypatch):
+    monkeypatch.setattr(store_mod, "HUGE_PAGE_MIN", huge_page_min)  # 1: every batch in a huge-page mapping
     folder = CenterCropFolder(os.path.join(source, "train"), SIZE)
     ds = StoreDataset(store, SIZE)
     src = np.load(os.path.join(store, "source_index.npy"))
@@ -142,6 +146,19 @@ def test_items_and_batches_equal_centercropfolder_collated(source, store):
     assert ds[[]][0].shape == (0, 3, SIZE, SIZE)
     with pytest.raises(IndexError):
         ds[[(0, False), (len(ds), False)]]
+
+
+def test_batch_buffer_large_batches_are_mapped_and_keep_their_values():
+    shape = (3, 3, 512, 512)  # 2.25 MiB: above HUGE_PAGE_MIN
+    a, b = store_mod.batch_buffer(shape), store_mod.batch_buffer(shape)
+    assert a.shape == shape and a.dtype == torch.uint8 and a.is_contiguous()
+    a.fill_(7)
+    b.numpy()[:] = 9
+    gc.collect()  # the tensors alone keep their mappings alive
+    assert int(a.sum()) == 7 * a.numel() and int(b.sum()) == 9 * b.numel()
+    mapped = hasattr(mmap, "MADV_HUGEPAGE")  # Linux: a fixed-size mapping, not torch's allocator
+    assert a.untyped_storage().resizable() is not mapped
+    assert store_mod.batch_buffer((2, 3, 16, 16)).untyped_storage().resizable()  # small: torch.empty
 
 
 def test_dataset_pickles_without_arrays_and_open_dataset_picks_the_store(source, store):
@@ -174,6 +191,7 @@ def test_threaded_batches_follow_the_sampler_and_leave_no_thread(store):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*no accelerator:UserWarning")  # pinning is a no-op on CPU
 def test_dataloader_with_batch_sampler_same_batches_for_0_and_2_workers(store):
     ds = StoreDataset(store, SIZE)
     sampler = BatchSampler(ResumableSampler(len(ds), seed=3), 4, drop_last=True)
