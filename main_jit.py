@@ -27,7 +27,7 @@ from util.demo import write_demo_outputs
 from util.demo_data import make_shapes_dataset
 from util.evaluation import check_eval_inputs
 from util.logger import RunLog, hms
-from util.store import is_store, read_manifest
+from util.store import check_img_size, is_store, read_manifest
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
@@ -161,10 +161,7 @@ def default_fid_stats(args) -> str:
 def check_data_path(data_path: str, img_size: int):
     """An ImageFolder tree under data_path/train, or an image store of img_size px (prepare_data.py)."""
     if is_store(data_path):
-        size = read_manifest(data_path)["img_size"]
-        if size != img_size:
-            raise ValueError(f"the image store {data_path} holds {size} px images but --img_size is {img_size}: "
-                             f"use --img_size {size} or build a {img_size} px store with prepare_data.py")
+        check_img_size(data_path, read_manifest(data_path), img_size)
     elif not os.path.isdir(os.path.join(data_path, "train")):
         raise FileNotFoundError(f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
                                 "tree of training images) and no image store (prepare_data.py)")
@@ -347,7 +344,7 @@ def load_state(state, path: str, denoiser, emas, optimizer):
         if optimizer is not None and state.optimizer is not None:
             ckpt_util.load_optimizer(optimizer, state.optimizer)
         return
-    ema_sds = None if state.model is None else [state.emas[i] if i < len(state.emas) else state.model for i in range(len(emas))]
+    ema_sds = None if state.model is None else state.ema_states(len(emas))  # None: not rank 0
     try:
         sharding.load_full_state(denoiser, emas, optimizer, state.model, ema_sds, state.optimizer)
     except RuntimeError as e:

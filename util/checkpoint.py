@@ -42,6 +42,11 @@ class TrainState:
     rng: list | None = None
     world_size: int | None = None
 
+    def ema_states(self, n: int) -> list[dict]:
+        """The state dicts of n EMAs: an EMA the checkpoint does not hold (a third one added on
+        resume) starts from the model's weights."""
+        return [self.emas[i] if i < len(self.emas) else self.model for i in range(n)]
+
     def weights(self, which: str) -> dict:
         """The state dict of 'model' or 'ema{k}' (k = 1, 2, 3); CheckpointError if it has none."""
         if which == "model":
@@ -96,11 +101,10 @@ def load_module(module, state_dict: dict, path: str, args: dict):
 
 
 def load_weights(state: TrainState, path: str, denoiser, emas):
-    """Load the weights into a denoiser and its EMAs (see load_module). An EMA the checkpoint does
-    not hold (a third one added on resume) starts from the loaded weights."""
+    """Load the weights into a denoiser and its EMAs (see load_module and TrainState.ema_states)."""
     load_module(denoiser, state.model, path, state.args)
-    for i, ema in enumerate(emas):
-        load_module(ema, state.emas[i] if i < len(state.emas) else state.model, path, state.args)
+    for ema, state_dict in zip(emas, state.ema_states(len(emas))):
+        load_module(ema, state_dict, path, state.args)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):

@@ -206,14 +206,14 @@ def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, opt
         errors = [mismatch(denoiser, model_sd)] + [mismatch(e.module, sd) for e, sd in zip(emas, ema_sds)]
         verdict = [" ".join(e for e in errors if e) or None, optim_sd is not None]
     dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:  # every rank raises, none is left waiting in a broadcast
-        raise RuntimeError(f"Error(s) in loading state_dict: {verdict[0]}")
-    has_optim = verdict[1:]
+    error, has_optim = verdict
+    if error:  # every rank raises, none is left waiting in a broadcast
+        raise RuntimeError(f"Error(s) in loading state_dict: {error}")
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(denoiser, model_sd if rank0 else {}, options=opts)
     for i, ema in enumerate(emas):
         set_model_state_dict(ema.module, ema_sds[i] if rank0 else {}, options=opts)
-    if optimizer is not None and has_optim[0]:
+    if optimizer is not None and has_optim:
         names = optimizer_param_names(denoiser, optimizer)
         impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
         named = optim_state_by_name(optim_sd, names) if rank0 else {}

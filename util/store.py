@@ -109,6 +109,13 @@ def batch_buffer(shape: tuple, pin_memory: bool = False) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(shape)
 
 
+def check_img_size(path: str, manifest: dict, img_size: int):
+    """ValueError (what to do) unless the store at `path` holds img_size px images."""
+    if manifest["img_size"] != img_size:
+        raise ValueError(f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
+                         f"use --img_size {manifest['img_size']} or build a {img_size} px store with prepare_data.py")
+
+
 class StoreDataset(Dataset):
     """A finished store -> the items of util.data.CenterCropFolder, without decoding.
 
@@ -124,9 +131,7 @@ class StoreDataset(Dataset):
 
     def __init__(self, path: str, img_size: int):
         manifest = read_manifest(path)
-        if manifest["img_size"] != img_size:
-            raise ValueError(f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
-                             f"use --img_size {manifest['img_size']} or build a {img_size} px store with prepare_data.py")
+        check_img_size(path, manifest, img_size)
         check_files(path, manifest)
         self.path, self.image_size = path, img_size
         self.classes = manifest["classes"]
