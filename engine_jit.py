@@ -1,6 +1,10 @@
-"""The training loop (one epoch, resumable at any step) and the evaluation entry point."""
+"""The loops: training (one epoch, resumable at any step; the step, its optimizer and the stop
+signal) and evaluation (`evaluate`: FID / IS of one sampler setting or a sweep of them)."""
 import contextlib
+import dataclasses
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -8,10 +12,9 @@ from typing import Callable
 import torch
 
 from util import distributed as D
-from util import sharding
-from util.evaluation import evaluate  # noqa: F401  (engine_jit.evaluate, as in the reference)
+from util import lr_sched, sharding, sweep
+from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
 from util.logger import hms
-from util.lr_sched import set_lr
 
 
 class StopRun(Exception):
@@ -22,21 +25,94 @@ class StopRun(Exception):
         self.code = code
 
 
+class StopSignal:
+    """Records SIGTERM / SIGUSR1 (what schedulers send before a kill); the loop saves and exits.
+    close() puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self.previous = [signal.signal(sig, self._handler) for sig in self.SIGNALS]
+
+    def _handler(self, signum, frame):
+        self.requested = signum
+
+    def close(self):
+        for sig, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(sig, handler)
+
+
 @dataclass(frozen=True)
 class LoopConfig:
-    """What the epoch loop needs to know. batch_size: per process and micro-batch; accum_iter:
-    micro-batches per optimiser step; epochs: of the whole run (for its ETA); print_freq / log_freq:
-    console / TensorBoard + metrics.jsonl every N steps; save_every_steps: step checkpoints (0: off);
-    max_bad_frac: unreadable images per epoch that stop the run; max_nonfinite_steps: in a row."""
+    """What the epoch loop needs to know (the flags of the same names). batch_size: per process and
+    micro-batch; accum_iter: micro-batches per optimiser step; epochs: of the whole run (for its ETA
+    and the schedule); lr, min_lr, warmup_epochs, lr_schedule: the learning rate (lr_at);
+    print_freq / log_freq: console / TensorBoard + metrics.jsonl every N steps; save_every_steps:
+    step checkpoints (0: off); max_bad_frac: unreadable images per epoch that stop the run;
+    max_nonfinite_steps: in a row."""
 
     batch_size: int
     epochs: int
+    lr: float
     accum_iter: int = 1
+    warmup_epochs: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
     print_freq: int = 20
     log_freq: int = 100
     save_every_steps: int = 0
     max_bad_frac: float = 0.001
     max_nonfinite_steps: int = 10
+
+    @classmethod
+    def from_flags(cls, flags) -> "LoopConfig":
+        """The loop's fields taken from an object with attributes of the same names."""
+        return cls(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(cls)})
+
+    def lr_at(self, epoch: float) -> float:
+        """The learning rate at a fractional epoch (util.lr_sched)."""
+        return lr_sched.lr_at(epoch, lr=self.lr, warmup_epochs=self.warmup_epochs, schedule=self.lr_schedule,
+                              epochs=self.epochs, min_lr=self.min_lr)
+
+
+@dataclass
+class StepParts:
+    """What one optimiser step touches. model: what the step calls (the denoiser, DDP-wrapped and/or
+    compiled); denoiser: the plain (or FSDP-sharded) module; optimizer: fused AdamW (build_optimizer);
+    emas: updated after every step."""
+
+    model: torch.nn.Module
+    denoiser: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    emas: list
+    device: torch.device
+
+
+@dataclass
+class RunIO:
+    """How the loop talks to the run. log: a RunLog (None: no records); stopper: a StopSignal (None:
+    no signals); save: save(epoch, next_step) writes a resumable checkpoint and returns whether it could."""
+
+    log: object = None
+    stopper: StopSignal | None = None
+    save: Callable[[int, int], bool] | None = None
+
+
+def param_groups(denoiser, weight_decay: float) -> list[dict]:
+    """The reference's two AdamW groups, in its order (so that its optimizer state loads): biases
+    and 1-D parameters without weight decay, then the rest with `weight_decay`."""
+    decay, no_decay = [], []
+    for name, p in denoiser.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(denoiser, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) over param_groups. Fused: train_step's device-side skip of non-finite steps
+    (`found_inf`) needs it."""
+    return torch.optim.AdamW(param_groups(denoiser, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
 
 
 def nonfinite_flag(params) -> torch.Tensor:
@@ -46,8 +122,8 @@ def nonfinite_flag(params) -> torch.Tensor:
     return (~torch.isfinite(total)).float()
 
 
-def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum_iter: int = 1):
-    """One optimiser step over `accum_iter` micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
+def train_step(parts: StepParts, micro_batches: list):
+    """One optimiser step over micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
 
     Gradients are synchronised between ranks on the last micro-batch only (DDP's no_sync; FSDP2's
     requires_gradient_sync when the denoiser is sharded). The step is applied on the device only if
@@ -55,6 +131,8 @@ def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum
     reaches the weights, the optimizer state, or the EMAs, and no host synchronisation is needed.
     Returns (mean loss, skipped flag) as 0-dim device tensors.
     """
+    model, denoiser, optimizer, device = parts.model, parts.denoiser, parts.optimizer, parts.device
+    accum_iter = len(micro_batches)
     sharded = sharding.is_sharded(denoiser)
     loss_sum = torch.zeros((), device=device)
     for j, (x, labels) in enumerate(micro_batches):
@@ -73,7 +151,7 @@ def train_step(model, denoiser, optimizer, emas, micro_batches, *, device, accum
     optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for ema in emas:  # towards unchanged weights on a skipped step, so they stay finite
+    for ema in parts.emas:  # towards unchanged weights on a skipped step, so they stay finite
         ema.update(denoiser)
     return loss_sum / accum_iter, skipped
 
@@ -105,47 +183,45 @@ class StepMonitor:
         return out
 
 
-def log_scalars(log, *, epoch, step, steps_per_epoch, loss, lr, img_s, mem, skipped):
-    """One training record: TensorBoard (x = epoch·1000, the reference's axis) and metrics.jsonl."""
-    log.record({"kind": "train", "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
-                "loss": loss, "lr": lr, "img_per_s": img_s, "skipped": skipped})
-    scalars = {"lr": lr, "img_per_s": img_s}
-    if not math.isnan(loss):
-        scalars["train_loss"] = loss
+def log_train(log, record: dict, x: int, mem: float):
+    """One training record (kind 'train': epoch, step, loss, lr, img_per_s, ...) to metrics.jsonl,
+    and its scalars to TensorBoard at x (epoch·1000, the reference's axis); mem: peak GiB (0: none)."""
+    log.record(record)
+    scalars = {"lr": record["lr"], "img_per_s": record["img_per_s"]}
+    if not math.isnan(record["loss"]):
+        scalars["train_loss"] = record["loss"]
     if mem:
         scalars["peak_mem_gib"] = mem
-    log.scalars(scalars, int((epoch + step / steps_per_epoch) * 1000))
+    log.scalars(scalars, x)
 
 
-def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, start_step: int, steps_per_epoch: int,
-                    device, loop: LoopConfig, lr_at: Callable[[float], float], log=None, stopper=None,
-                    save_fn=None) -> bool:
+def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoch: int, start_step: int = 0) -> bool:
     """Train from step `start_step` to the end of `epoch`.
 
-    loader yields (images, labels, bad-file counts) micro-batches from the sampler's position;
-    lr_at(fractional epoch) gives the learning rate of each step; `save_fn(epoch, next_step)` writes
-    a resumable checkpoint and returns whether it could; `stopper.requested` is set by SIGTERM/SIGUSR1; `log` is a RunLog.
-    Raises StopRun after trying to save when a stop is requested, and without saving when too many
-    non-finite steps come in a row or too many images are unreadable. Returns True when a step
-    checkpoint was written after the last step (the epoch's end is saved already).
+    data: the training data (util.data.Data): its loader yields (images, labels, bad-file counts)
+    micro-batches from the sampler's position, steps_per_epoch optimiser steps make an epoch.
+    Raises StopRun after trying to save when a stop is requested (io.stopper), and without saving
+    when too many non-finite steps come in a row or too many images are unreadable. Returns True
+    when a step checkpoint was written after the last step (the epoch's end is saved already).
     """
-    model.train()
+    parts.model.train()
+    steps_per_epoch, device, log, stopper = data.steps_per_epoch, parts.device, io.log, io.stopper
     monitor = StepMonitor(device)
-    it = iter(loader)
+    it = iter(data.loader)
     bad_files = 0
     images_per_step = loop.batch_size * loop.accum_iter * D.get_world_size()
     bad_limit = loop.max_bad_frac * steps_per_epoch * images_per_step
     t_window, window_steps = time.time(), 0
     saved_at_end = False
     for step in range(start_step, steps_per_epoch):
-        lr = lr_at(epoch + step / steps_per_epoch)
-        set_lr(optimizer, lr)
+        lr = loop.lr_at(epoch + step / steps_per_epoch)
+        lr_sched.set_lr(parts.optimizer, lr)
         micro, step_bad = [], 0
         for _ in range(loop.accum_iter):
             x, labels, bad = next(it)
             micro.append((x, labels))
             step_bad += int(bad.sum())
-        loss, skipped = train_step(model, denoiser, optimizer, emas, micro, device=device, accum_iter=loop.accum_iter)
+        loss, skipped = train_step(parts, micro)
         monitor.add(loss, skipped)
         window_steps += 1
 
@@ -171,18 +247,138 @@ def train_one_epoch(model, denoiser, optimizer, emas, loader, *, epoch: int, sta
                          f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
                          + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
             if write and log is not None:
-                log_scalars(log, epoch=epoch, step=step + 1, steps_per_epoch=steps_per_epoch,
-                            loss=loss_avg, lr=lr, img_s=img_s, mem=mem, skipped=n_skipped)
+                record = {"kind": "train", "epoch": epoch, "step": step + 1, "global_step": epoch * steps_per_epoch + step + 1,
+                          "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped}
+                log_train(log, record, int((epoch + (step + 1) / steps_per_epoch) * 1000), mem)
             if max_streak >= loop.max_nonfinite_steps:
                 raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
                               f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)
             t_window, window_steps = time.time(), 0
         if stop_votes:
-            saved = save_fn(epoch, step + 1) if save_fn else False
+            saved = io.save(epoch, step + 1) if io.save else False
             raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}"
                           + (": checkpoint saved; rerun the same command to continue" if saved else ""))
-        if loop.save_every_steps and (epoch * steps_per_epoch + step + 1) % loop.save_every_steps == 0 and save_fn:
-            saved_at_end = save_fn(epoch, step + 1) and last
+        if loop.save_every_steps and (epoch * steps_per_epoch + step + 1) % loop.save_every_steps == 0 and io.save:
+            saved_at_end = io.save(epoch, step + 1) and last
     if bad_files:
         D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
     return saved_at_end
+
+
+class Samplers:
+    """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
+    unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
+    made by `make_denoiser()` at the first use and refreshed by `refresh` (collective), so that
+    evaluation runs as in an unsharded run, each rank generating its share of the images."""
+
+    def __init__(self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool):
+        self.emas, self.device, self.make_denoiser, self.compile_net = emas, device, make_denoiser, compile_net
+        self.copies, self.nets = {}, {}
+
+    def refresh(self, ks):
+        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones. The
+        global RNG streams are left as they were (building a copy initialises weights)."""
+        for k in sorted(set(ks)):
+            if sharding.is_sharded(self.emas[k - 1].module):
+                if k not in self.copies:
+                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                        self.copies[k] = self.make_denoiser().eval().requires_grad_(False)
+                sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
+
+    def __call__(self, k: int):
+        """(denoiser, net stand-in or None) that sample with EMA k."""
+        denoiser = self.copies.get(k, self.emas[k - 1].module)
+        if k not in self.nets:
+            self.nets[k] = torch.compile(denoiser.net, dynamic=False) if self.compile_net else None
+        return denoiser, self.nets[k]
+
+
+@dataclass
+class Evaluation:
+    """How a run evaluates, fixed for the run. points: the --ema × interval × cfg grid at
+    --num_images (sweep.Point); spec: the rest of what is generated (each point sets its sampler and
+    image count); scorer: FID / IS with one Inception network; log: a RunLog; output_dir: for
+    --save_images folders and a sweep's csv / png; final_num_images: after a sweep, the best point
+    again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points;
+    during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv."""
+
+    samplers: Samplers
+    points: list
+    spec: GenerationSpec
+    scorer: Scorer
+    log: object
+    output_dir: str
+    save_images: bool = False
+    final_num_images: int | None = None
+    stopper: StopSignal | None = None
+    during_training: bool = False
+
+
+def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> dict:
+    """What, besides its point, every evaluation record holds and a finished sweep point is matched
+    on: the weights (checkpoint file, epoch) and what generation and scoring depend on."""
+    s = ev.spec
+    return dict(checkpoint=checkpoint, checkpoint_epoch=weights_epoch, seed=s.seed, gen_bsz=s.gen_bsz, class_num=s.class_num,
+                img_size=s.img_size, fid_stats=ev.scorer.fid_stats)
+
+
+def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
+    """FID / IS of one point, written as one record (metrics.jsonl, TensorBoard, console); the global
+    RNG streams are left as they were. Returns the record: the point's settings, the scores and
+    `context` (eval_context)."""
+    spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images)
+    image_dir = os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size)) if ev.save_images else None
+    denoiser, net = ev.samplers(point.ema)
+    with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
+        result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
+    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **dataclasses.asdict(point.sampler),
+                  world_size=D.get_world_size())
+    s = point.sampler
+    D.print0(f"eval ({spec.num_images} images, cfg {s.cfg}): FID {result['fid']:.4f}, IS {result['inception_score']:.4f} "
+             f"± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
+    suffix = f"_cfg{s.cfg}_res{spec.img_size}" + (f"_ema{point.ema}" if point.ema != 1 else "") + (
+        f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
+    ev.log.scalars({f"fid{suffix}": result["fid"], f"is{suffix}": result["inception_score"]}, epoch)
+    ev.log.flush()
+    ev.log.record(record)
+    return record
+
+
+def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str | None = None) -> dict | None:
+    """Evaluate the run's point, or sweep its points (then --final_num_images), with the current EMA
+    weights (of `weights_epoch`, loaded from `checkpoint` if any). Call on every rank. Returns the
+    (best) point's record; None when a sweep was stopped."""
+    ev.samplers.refresh(p.ema for p in ev.points)
+    context = eval_context(ev, checkpoint, weights_epoch)
+    if len(ev.points) == 1 and ev.final_num_images is None:
+        return score_point(ev, ev.points[0], epoch=epoch, context=context)
+    return run_sweep(ev, epoch=epoch, context=context)
+
+
+def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
+    """Score every point, skipping points finished before (metrics.jsonl records of the same
+    context); stop between points on SIGTERM / SIGUSR1. Writes sweep.csv and sweep.png (per epoch
+    during training), prints the best point and evaluates it again with final_num_images."""
+    points = ev.points
+    done = sweep.finished_everywhere(ev.log.metrics_path, context)
+    if len(points) > 50:
+        D.print0(sweep.cost_note(points))
+
+    def stop() -> bool:
+        return D.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
+
+    def score(p):
+        return score_point(ev, p, epoch=epoch, context=context, in_sweep=True)
+
+    records, stopped = sweep.run(points, score, done=done, should_stop=stop)
+    if stopped:
+        D.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
+        return None
+    best = sweep.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
+    if ev.final_num_images is None or best is None:
+        return best
+    best_point = next(p for p in points if p.key() == sweep.record_key(best))
+    D.print0(f"final: the best point again with {ev.final_num_images} images")
+    records, stopped = sweep.run([dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done,
+                                 should_stop=stop)
+    return None if stopped else records[0]

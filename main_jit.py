@@ -2,67 +2,38 @@
 
     python main_jit.py --demo                                    # built-in CPU/GPU demo, no data needed
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
+
+This file parses the flags and wires the pieces: data (util.data), network and diffusion
+(model_jit, denoiser), checkpoints (util.checkpoint.Checkpointer), the loops (engine_jit).
 """
 import argparse
-import dataclasses
 import functools
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from denoiser import EMA, SAMPLERS, Denoiser, SamplerSettings
-from engine_jit import LoopConfig, StopRun, evaluate, train_one_epoch
+from denoiser import EMA, Denoiser
+from engine_jit import (Evaluation, LoopConfig, RunIO, Samplers, StepParts, StopRun, StopSignal, build_optimizer, evaluate,
+                        train_one_epoch)
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
-from util import checkpoint as ckpt_util
 from util import distributed as D
-from util import files, fid, lr_sched, sharding, sweep
-from util.data import ResumableSampler, make_loader, open_dataset
-from util.demo import write_demo_outputs
-from util.demo_data import make_shapes_dataset
-from util.evaluation import check_eval_inputs
+from util import sharding, sweep
+from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
+from util.data import Data, ResumableSampler, make_loader, open_dataset
+from util.demo import make_shapes_dataset, write_demo_outputs
+from util.errors import BadValue, exit_code
+from util.evaluation import GenerationSpec, Scorer
 from util.logger import RunLog, hms
-from util.store import check_img_size, is_store, read_manifest
 
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
     ema_decay1=0.995, ema_decay2=0.99, num_workers=1, save_last_freq=8, print_freq=8, log_freq=8,
     num_sampling_steps=20, cfg=2.0, interval_min=0.1, output_dir="./output_dir/demo",
 )
-
-
-def add_sampler_args(group, sweep: bool = False):
-    """The sampler's flags (shared by main_jit.py and sample.py). sweep: --cfg, --interval_min and
-    --interval_max take several values (a sweep over all combinations)."""
-    a = group.add_argument
-    many = dict(nargs="+") if sweep else {}
-    also = "; several values: a sweep" if sweep else ""
-    a("--sampling_method", default="heun", choices=sorted(SAMPLERS), help="ODE integrator (Heun: 2nd order, Euler: 1st)")
-    a("--num_sampling_steps", default=50, type=int, help="integration steps from t = 0 (noise) to t = 1 (image)")
-    a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
-    a("--interval_min", default=0.0, type=float, **many, help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}")
-    a("--interval_max", default=1.0, type=float, **many, help=f"guidance only for t < this, in (0, 1]{also}")
-
-
-def sampler_settings(args) -> SamplerSettings:
-    """The sampler of single-valued flags (sample.py, the demo's grid)."""
-    return SamplerSettings(method=args.sampling_method, steps=args.num_sampling_steps, cfg=args.cfg,
-                           interval_min=args.interval_min, interval_max=args.interval_max)
-
-
-def as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def eval_points(cfg, num_images: int) -> list:
-    """The evaluation's points: every combination of --ema, --interval_min, --interval_max, --cfg."""
-    return sweep.grid(emas=as_list(cfg.ema), interval_mins=as_list(cfg.interval_min), interval_maxs=as_list(cfg.interval_max),
-                      cfgs=as_list(cfg.cfg), method=cfg.sampling_method, steps=cfg.num_sampling_steps, num_images=num_images)
 
 
 def get_args_parser():
@@ -104,7 +75,7 @@ def get_args_parser():
     a("--fsdp", action="store_true", help="shard weights, gradients, optimizer state and EMAs over the processes (FSDP2) instead of DDP")
 
     g = p.add_argument_group("sampling and evaluation")
-    add_sampler_args(g, sweep=True)
+    sweep.add_sampler_args(g, sweep=True)
     a = g.add_argument
     a("--ema", default=[1], type=int, nargs="+", choices=(1, 2, 3), help="which EMA's weights sample; several values: a sweep")
     a("--final_num_images", default=None, type=int, help="after a sweep, evaluate its best point again with this many images")
@@ -154,40 +125,20 @@ def parse_args(argv=None):
     return args
 
 
-def default_fid_stats(args) -> str:
-    return args.fid_stats or os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
-
-
-def check_data_path(data_path: str, img_size: int):
-    """An ImageFolder tree under data_path/train, or an image store of img_size px (prepare_data.py)."""
-    if is_store(data_path):
-        check_img_size(data_path, read_manifest(data_path), img_size)
-    elif not os.path.isdir(os.path.join(data_path, "train")):
-        raise FileNotFoundError(f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
-                                "tree of training images) and no image store (prepare_data.py)")
-
-
 def check_args(args):
-    """Fail fast, before any expensive work, on inputs that cannot work."""
+    """Fail fast, before any work, on flag values that cannot work (BadValue). Files are checked
+    where they are opened, before the expensive work too: the data by open_dataset, the checkpoint
+    by Checkpointer.load, the FID statistics and Inception weights by Scorer."""
     patch = preset_patch_size(args.model)
     if args.img_size % patch:
-        raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
+        raise BadValue(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
     for name in ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq", "save_last_freq", "class_num"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_gen and not args.resume:
-        raise ValueError("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER")
-    if args.resume and not os.path.exists(args.resume) and os.path.abspath(args.resume) != os.path.abspath(args.output_dir):
-        raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
-    if not args.evaluate_gen and not args.demo:
-        check_data_path(args.data_path, args.img_size)
-    eval_points(args, args.num_images)  # a negative CFG scale, an empty guidance interval
-    if args.final_num_images is not None and (args.final_num_images < 1 or args.final_num_images % args.class_num):
-        raise ValueError(f"--final_num_images ({args.final_num_images}) must be a positive multiple of --class_num ({args.class_num})")
-    if not args.evaluate_gen and args.ema_decay3 is None and 3 in as_list(args.ema):
-        raise ValueError("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
-    if args.evaluate_gen or args.online_eval:
-        check_eval_inputs(default_fid_stats(args), args.inception_weights, args.num_images, args.class_num)
+        raise BadValue("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER")
+    if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
+        raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
 
 
 def resolve_config(args, world_size: int) -> argparse.Namespace:
@@ -198,18 +149,18 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
     apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
     flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers.
     """
-    cfg = argparse.Namespace(**vars(args))
+    config = argparse.Namespace(**vars(args))
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
-        values = as_list(getattr(cfg, name))
-        setattr(cfg, name, values[0] if len(values) == 1 else values)
-    if cfg.lr is None:
-        cfg.lr = cfg.blr * cfg.batch_size * cfg.accum_iter * world_size / 256
-    cfg.fid_stats = default_fid_stats(args)
-    if cfg.demo:
-        cfg.data_path = os.path.join(cfg.output_dir, "demo_data")
-    cfg.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
-    cfg.grad_checkpoint = args.grad_checkpoint and not args.evaluate_gen
-    return cfg
+        values = sweep.as_list(getattr(config, name))
+        setattr(config, name, values[0] if len(values) == 1 else values)
+    if config.lr is None:
+        config.lr = config.blr * config.batch_size * config.accum_iter * world_size / 256
+    config.fid_stats = args.fid_stats or os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
+    if config.demo:
+        config.data_path = os.path.join(config.output_dir, "demo_data")
+    config.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
+    config.grad_checkpoint = args.grad_checkpoint and not args.evaluate_gen
+    return config
 
 
 def ignored_flags(args, world_size: int) -> list[str]:
@@ -224,229 +175,89 @@ def ignored_flags(args, world_size: int) -> list[str]:
     return notes
 
 
-class StopSignal:
-    """Records SIGTERM / SIGUSR1 (what schedulers send before a kill); the loop saves and exits.
-    close() puts the previous handlers back."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = 0
-        self.previous = [signal.signal(sig, self._handler) for sig in self.SIGNALS]
-
-    def _handler(self, signum, frame):
-        self.requested = signum
-
-    def close(self):
-        for sig, handler in zip(self.SIGNALS, self.previous):
-            signal.signal(sig, handler)
+def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
+    """What evaluation generates and how it is scored; checks --num_images, --final_num_images, the
+    FID statistics and the Inception weights (downloaded now if not cached and not given)."""
+    spec = GenerationSpec(num_images=config.num_images, class_num=config.class_num, img_size=config.img_size,
+                          sampler=points[0].sampler, gen_bsz=config.gen_bsz, seed=config.seed)
+    if config.final_num_images is not None:
+        GenerationSpec(**{**vars(spec), "num_images": config.final_num_images})
+    return spec, Scorer(config.fid_stats, config.inception_weights, device)
 
 
-def param_groups(denoiser, weight_decay: float) -> list[dict]:
-    """The reference's two AdamW groups, in its order (so that its optimizer state loads): biases
-    and 1-D parameters without weight decay, then the rest with `weight_decay`."""
-    decay, no_decay = [], []
-    for name, p in denoiser.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def build_optimizer(denoiser, lr, weight_decay):
-    """AdamW (0.9, 0.95) over param_groups. Fused: it also skips non-finite steps on the device."""
-    return torch.optim.AdamW(param_groups(denoiser, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
-
-
-@dataclass
-class Data:
-    loader: DataLoader
-    sampler: ResumableSampler
-    steps_per_epoch: int
-
-
-def build_data(cfg, device) -> Data:
+def build_data(config, device) -> Data:
     """The training images (the demo's are generated first; a folder or a store), this rank's sampler
     and the loader."""
-    if cfg.demo:
+    if config.demo:
         if D.is_main_process():
-            make_shapes_dataset(cfg.data_path, image_size=cfg.img_size)
+            make_shapes_dataset(config.data_path, image_size=config.img_size)
         D.barrier()
-    dataset = open_dataset(cfg.data_path, cfg.img_size)
-    if len(dataset.classes) > cfg.class_num:
-        raise ValueError(f"{cfg.data_path} has {len(dataset.classes)} classes but --class_num is {cfg.class_num}")
-    sampler = ResumableSampler(len(dataset), D.get_rank(), D.get_world_size(), seed=cfg.seed)
-    loader = make_loader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                         pin_memory=cfg.pin_mem and device.type == "cuda", seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size // cfg.accum_iter
+    dataset = open_dataset(config.data_path, config.img_size)
+    if len(dataset.classes) > config.class_num:
+        raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
+    sampler = ResumableSampler(len(dataset), D.get_rank(), D.get_world_size(), seed=config.seed)
+    loader = make_loader(dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
+                         pin_memory=config.pin_mem and device.type == "cuda", seed=config.seed)
+    steps_per_epoch = sampler.num_samples // config.batch_size // config.accum_iter
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} images make no full batch of {cfg.batch_size} × {cfg.accum_iter} per process")
-    D.print0(f"data: {len(dataset)} images in {len(dataset.classes)} classes, {steps_per_epoch} steps per epoch")
-    return Data(loader, sampler, steps_per_epoch)
+        raise BadValue(f"{len(dataset)} images make no full batch of {config.batch_size} × {config.accum_iter} per process")
+    return Data(loader, sampler, steps_per_epoch, len(dataset), len(dataset.classes))
 
 
-def build_denoiser(cfg, device) -> Denoiser:
+def build_denoiser(config, device) -> Denoiser:
     """A freshly initialised (global RNG) Denoiser of the configured network, on `device`."""
-    net = JiT_models[cfg.model](input_size=cfg.img_size, num_classes=cfg.class_num, attn_drop=cfg.attn_dropout,
-                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl, grad_checkpoint=cfg.grad_checkpoint)
-    return Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
-                    t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
+    net = JiT_models[config.model](input_size=config.img_size, num_classes=config.class_num, attn_drop=config.attn_dropout,
+                                   proj_drop=config.proj_dropout, attn_impl=config.attn_impl,
+                                   grad_checkpoint=config.grad_checkpoint)
+    return Denoiser(net, config.class_num, P_mean=config.P_mean, P_std=config.P_std, noise_scale=config.noise_scale,
+                    t_eps=config.t_eps, label_drop_prob=config.label_drop_prob).to(device)
 
 
-def build_model(cfg, device):
+def build_model(config, device):
     """(denoiser, [EMA 1, EMA 2 (, EMA 3)], optimizer), freshly initialised from the global RNG; with
-    cfg.fsdp the denoiser and the EMAs are sharded (one unit per block) before the optimizer is built."""
-    denoiser = build_denoiser(cfg, device)
-    decays = [d for d in (cfg.ema_decay1, cfg.ema_decay2, cfg.ema_decay3) if d is not None]
-    if cfg.fsdp:
+    config.fsdp the denoiser and the EMAs are sharded (one unit per block) before the optimizer is built."""
+    denoiser = build_denoiser(config, device)
+    decays = [d for d in (config.ema_decay1, config.ema_decay2, config.ema_decay3) if d is not None]
+    if config.fsdp:
         emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=False) for d in decays]
         sharding.shard(denoiser, mixed_precision=False)
     else:
         emas = [EMA(denoiser, d) for d in decays]
-    optimizer = build_optimizer(denoiser, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(denoiser, config.lr, config.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    D.print0(f"{cfg.model} at {cfg.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
-             f"{D.get_world_size()} process(es){' (FSDP)' if cfg.fsdp else ''}; global batch "
-             f"{cfg.batch_size * cfg.accum_iter * D.get_world_size()}, lr {cfg.lr:.3e}")
+    D.print0(f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
+             f"{D.get_world_size()} process(es){' (FSDP)' if config.fsdp else ''}; global batch "
+             f"{config.batch_size * config.accum_iter * D.get_world_size()}, lr {config.lr:.3e}")
     return denoiser, emas, optimizer
 
 
-def describe(path: str, resume: dict) -> str:
-    return f"{path} (resume at epoch {resume['epoch']}, step {resume['step']})"
-
-
-@dataclass
-class Resumed:
-    """Where a run starts. epoch, step: to continue from; weights_epoch: the last finished epoch of
-    the loaded weights (-1: none); path: the checkpoint file (None: none); newest: its description."""
-
-    epoch: int
-    step: int = 0
-    weights_epoch: int = -1
-    path: str | None = None
-    newest: str | None = None
-
-
-def load_checkpoint(cfg, sharded: bool):
-    """(TrainState, path) of --resume, or (None, None). Sharded: rank 0 alone reads the file; the
-    other ranks get the state without its tensors (rank 0 broadcasts them while loading)."""
-    if not sharded:
-        return ckpt_util.load_for_resume(cfg.resume, log=D.print0)
-    state, path = ckpt_util.load_for_resume(cfg.resume, log=D.print0) if D.is_main_process() else (None, None)
-    header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
-    header, path = D.broadcast_object((header, path))
-    return (state if D.is_main_process() else header), path
-
-
-def load_state(state, path: str, denoiser, emas, optimizer):
-    """The checkpoint's weights (and optimizer state, unless optimizer is None) into the live objects."""
-    if not sharding.is_sharded(denoiser):
-        ckpt_util.load_weights(state, path, denoiser, emas)
-        if optimizer is not None and state.optimizer is not None:
-            ckpt_util.load_optimizer(optimizer, state.optimizer)
-        return
-    ema_sds = None if state.model is None else state.ema_states(len(emas))  # None: not rank 0
-    try:
-        sharding.load_full_state(denoiser, emas, optimizer, state.model, ema_sds, state.optimizer)
-    except RuntimeError as e:
-        raise ckpt_util.does_not_fit(path, state.args, e) from None
-    if optimizer is not None:
-        ckpt_util.place_steps(optimizer)
-
-
-def resume(cfg, denoiser, emas, optimizer, device) -> Resumed:
-    """Load --resume into the live objects (the optimizer only when training; an EMA 3 the
-    checkpoint holds is added for evaluation) and restore this rank's RNG states."""
-    state, path = load_checkpoint(cfg, sharding.is_sharded(denoiser))
-    if state is None:
-        if cfg.evaluate_gen:
-            raise FileNotFoundError(f"--evaluate_gen: no checkpoint found in {cfg.resume}")
-        return Resumed(cfg.start_epoch)
-    if cfg.evaluate_gen and len(state.emas) > len(emas):
-        emas.append(EMA(denoiser, decay=cfg.ema_decay3 or 0.0))  # only sampled, never updated
+def match_emas(config, state, path: str, denoiser, emas: list):
+    """The third EMA's policy when the checkpoint and the run disagree: evaluation samples the
+    checkpoint's EMA 3 (added here, never updated); training starts a new EMA 3 from the loaded
+    weights, or drops the checkpoint's (--ema_decay3 not given). CheckpointError for an --ema the
+    checkpoint does not hold."""
+    if config.evaluate_gen and len(state.emas) > len(emas):
+        emas.append(EMA(denoiser, decay=config.ema_decay3 or 0.0))
     elif len(state.emas) != len(emas):
         D.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
                  + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
                     "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
-    if max(as_list(cfg.ema)) > len(emas):
-        raise ckpt_util.CheckpointError(f"--ema {max(as_list(cfg.ema))}: {path} has no {ckpt_util.EMA_KEYS[len(emas)]} "
-                                        "(a third EMA is kept when training with --ema_decay3)")
-    load_state(state, path, denoiser, emas, None if cfg.evaluate_gen else optimizer)
-    if state.rng is not None and state.world_size == D.get_world_size():
-        ckpt_util.restore_rng(state.rng[D.get_rank()], device)
-    elif state.rng is not None:
-        D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
-                 f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
-    D.print0(f"resumed from {path}: epoch {state.resume['epoch']}, step {state.resume['step']}")
-    return Resumed(state.resume["epoch"], state.resume["step"], state.epoch, os.path.abspath(path), describe(path, state.resume))
+    if max(sweep.as_list(config.ema)) > len(emas):
+        raise CheckpointError(f"--ema {max(sweep.as_list(config.ema))}: {path} has no {EMA_KEYS[len(emas)]} "
+                              "(a third EMA is kept when training with --ema_decay3)")
 
 
-def check_free_space(output_dir: str, ckpt_bytes: int):
-    """Say so before training when output_dir cannot hold a checkpoint and its temporary file."""
-    free = files.free_bytes(output_dir)
-    if free < 2 * ckpt_bytes:
-        D.print0(f"warning: {output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
-                 f"({files.human_bytes(ckpt_bytes)}) next to the previous one needs {files.human_bytes(2 * ckpt_bytes)}: "
-                 "checkpoints may fail to be written")
+def use_compile(config, device) -> bool:
+    return device.type == "cuda" if config.compile is None else config.compile
 
 
-def use_compile(cfg, device) -> bool:
-    return device.type == "cuda" if cfg.compile is None else cfg.compile
-
-
-def wrap_for_training(denoiser, cfg, device):
+def wrap_for_training(denoiser, config, device):
     """What the training step calls: the denoiser (sharded already with --fsdp, else DDP-wrapped
     when distributed), compiled when on."""
     model = denoiser
-    if D.get_world_size() > 1 and not cfg.evaluate_gen and not cfg.fsdp:
+    if D.get_world_size() > 1 and not config.evaluate_gen and not config.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if use_compile(cfg, device) else model
-
-
-class Samplers:
-    """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
-    unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
-    made at the first use and refreshed by `refresh` (collective), so that evaluation runs as in an
-    unsharded run, each rank generating its share of the images."""
-
-    def __init__(self, cfg, emas, device):
-        self.cfg, self.emas, self.device = cfg, emas, device
-        self.copies, self.nets = {}, {}
-
-    def refresh(self, ks):
-        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones. The
-        global RNG streams are left as they were (building a copy initialises weights)."""
-        for k in sorted(set(ks)):
-            if sharding.is_sharded(self.emas[k - 1].module):
-                if k not in self.copies:
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        self.copies[k] = build_denoiser(self.cfg, self.device).eval().requires_grad_(False)
-                sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
-
-    def __call__(self, k: int):
-        """(denoiser, net stand-in or None) that sample with EMA k."""
-        denoiser = self.copies.get(k, self.emas[k - 1].module)
-        if k not in self.nets:
-            self.nets[k] = torch.compile(denoiser.net, dynamic=False) if use_compile(self.cfg, self.device) else None
-        return denoiser, self.nets[k]
-
-
-@dataclass
-class SaveLog:
-    """What the checkpoint writes of a run came to. newest: the newest readable checkpoint and what
-    it holds; last_ok: whether the latest checkpoint-last.pth write succeeded; failed: writes that did not."""
-
-    newest: str | None = None
-    last_ok: bool = True
-    failed: int = 0
-
-    def note(self, name: str, written: str | None) -> bool:
-        """Record the outcome of writing checkpoint-{name}.pth (`written`: its description, None if it
-        failed); returns whether it was written."""
-        self.failed += written is None
-        if name == "last":
-            self.last_ok = written is not None
-        self.newest = written or self.newest
-        return written is not None
+    return torch.compile(model) if use_compile(config, device) else model
 
 
 @dataclass
@@ -454,17 +265,14 @@ class Run:
     """Everything a training or evaluation run holds, built once by `setup`."""
 
     config: argparse.Namespace  # the flags plus derived values (resolve_config)
-    device: torch.device
-    denoiser: Denoiser
-    emas: list
-    optimizer: torch.optim.Optimizer
-    model: torch.nn.Module  # what the training step calls: the denoiser, DDP-wrapped and/or compiled
+    parts: StepParts  # the step's model, denoiser, optimizer, EMAs and device
+    checkpoints: Checkpointer
+    start: Start  # where the run starts (its checkpoint, epoch and step)
     samplers: Samplers  # what samples with each EMA
     log: RunLog
-    stopper: "StopSignal"
-    start: Resumed
+    stopper: StopSignal
+    evaluation: Evaluation | None = None  # None: the run does not evaluate
     data: Data | None = None  # None for --evaluate_gen
-    saves: SaveLog = dataclasses.field(default_factory=SaveLog)  # what its checkpoint writes came to
 
     def close(self):
         """Put the signal handlers back and close the log."""
@@ -476,181 +284,87 @@ def setup(args) -> Run:
     """Validate, join the process group, build data, model, EMAs and optimizer, and resume."""
     check_args(args)
     device = D.init(args.device, args.dist_on_itp, args.dist_url)
-    cfg = resolve_config(args, D.get_world_size())
+    config = resolve_config(args, D.get_world_size())
+    points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
+    scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
+    data = None if config.evaluate_gen else build_data(config, device)
     if D.is_main_process():
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        ckpt_util.remove_stale_temporaries(cfg.output_dir)
+        os.makedirs(config.output_dir, exist_ok=True)
+        remove_stale_temporaries(config.output_dir)
     D.barrier()
-    log = RunLog(cfg.output_dir)
+    log = RunLog(config.output_dir)
     for note in ignored_flags(args, D.get_world_size()):
         D.print0(f"note: {note}")
-    data = None if cfg.evaluate_gen else build_data(cfg, device)
-    rank = D.get_rank()
+    if data:
+        D.print0(f"data: {data}")
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
     # all ranks start identical; then seed + rank for the training randomness (t, noise, label
     # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
-    torch.manual_seed(cfg.seed)
-    denoiser, emas, optimizer = build_model(cfg, device)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    start = resume(cfg, denoiser, emas, optimizer, device)
-    if not cfg.evaluate_gen:
-        check_free_space(cfg.output_dir, ckpt_util.estimated_size(denoiser))
-    return Run(config=cfg, device=device, denoiser=denoiser, emas=emas, optimizer=optimizer,
-               model=wrap_for_training(denoiser, cfg, device), samplers=Samplers(cfg, emas, device), log=log,
-               stopper=StopSignal(), start=start, data=data, saves=SaveLog(newest=start.newest))
-
-
-def score(run: Run, point, *, epoch: int, weights_epoch: int, in_sweep: bool = False, extractor=None) -> dict:
-    """FID / IS of one evaluation point; the global RNG streams are left as they were. Returns the
-    result with the point's settings (a sweep's record)."""
-    c = run.config
-    extra = dict(ema=point.ema, checkpoint=run.start.path) if in_sweep else ({"ema": point.ema} if point.ema != 1 else {})
-    suffix = (f"_ema{point.ema}" if point.ema != 1 else "") + (
-        f"_interval{point.sampler.interval_min}-{point.sampler.interval_max}" if in_sweep else "")
-    denoiser, net = run.samplers(point.ema)
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        result = evaluate(
-            denoiser, net=net, device=run.device,
-            num_images=point.num_images, class_num=c.class_num, gen_bsz=c.gen_bsz, seed=c.seed, sampler=point.sampler,
-            img_size=c.img_size, fid_stats=c.fid_stats, inception_weights=c.inception_weights, output_dir=c.output_dir,
-            save_images=c.save_images, epoch=epoch, checkpoint_epoch=weights_epoch, log=run.log, extractor=extractor,
-            extra=extra, tag_suffix=suffix,
-        )
-    return {**result, **dataclasses.asdict(point.sampler), "ema": point.ema, "checkpoint_epoch": weights_epoch}
-
-
-def run_eval(run: Run, epoch: int, weights_epoch: int) -> dict | None:
-    """Evaluate the --ema / --cfg / --interval_* point, or sweep their combinations (then also
-    --final_num_images). Returns the (best) point's result; None when a sweep was stopped."""
-    c = run.config
-    points = eval_points(c, c.num_images)
-    run.samplers.refresh(p.ema for p in points)
-    if len(points) == 1 and c.final_num_images is None:
-        return score(run, points[0], epoch=epoch, weights_epoch=weights_epoch)
-    return run_sweep(run, points, epoch=epoch, weights_epoch=weights_epoch)
-
-
-def run_sweep(run: Run, points: list, *, epoch: int, weights_epoch: int) -> dict | None:
-    """Score every point with one Inception network, skipping points finished before (metrics.jsonl);
-    stop between points on SIGTERM / SIGUSR1. Writes sweep.csv and sweep.png (per epoch during
-    training), prints the best point and evaluates it again with --final_num_images."""
-    c = run.config
-    done = sweep.finished_everywhere(run.log.metrics_path, dict(
-        checkpoint=run.start.path, checkpoint_epoch=weights_epoch, seed=c.seed, gen_bsz=c.gen_bsz, class_num=c.class_num,
-        img_size=c.img_size, fid_stats=c.fid_stats))
-    if len(points) > 50:
-        D.print0(sweep.cost_note(points))
-    extractor = fid.build_inception(fid.resolve_inception_weights(c.inception_weights), run.device)
-
-    def stop() -> bool:
-        return D.host_all_reduce_sum([float(run.stopper.requested)])[0] > 0
-
-    def score_point(p):
-        return score(run, p, epoch=epoch, weights_epoch=weights_epoch, in_sweep=True, extractor=extractor)
-
-    records, stopped = sweep.run(points, score_point, done=done, should_stop=stop)
-    if stopped:
-        D.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
-        return None
-    best = sweep.report(records, c.output_dir, "sweep" if c.evaluate_gen else f"sweep-epoch{epoch}", run.log)
-    if c.final_num_images is None or best is None:
-        return best
-    best_point = next(p for p in points if p.key() == sweep.record_key(best))
-    D.print0(f"final: the best point again with {c.final_num_images} images")
-    records, stopped = sweep.run([dataclasses.replace(best_point, num_images=c.final_num_images)], score_point, done=done,
-                                 should_stop=stop)
-    return None if stopped else records[0]
-
-
-def save(run: Run, epoch: int, next_step: int, name: str = "last") -> str | None:
-    """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
-    atomically. A failed write is reported on one line and the previous checkpoint kept. Returns, on
-    every rank, a description of the file written (None if it could not be)."""
-    rngs = D.all_gather_object(ckpt_util.capture_rng(run.device))
-    if sharding.is_sharded(run.denoiser):  # collective: gathered to full state dicts on rank 0
-        model, emas, optimizer = sharding.full_state(run.denoiser, run.emas, run.optimizer)
-    elif D.is_main_process():
-        model, emas, optimizer = run.denoiser.state_dict(), [e.state_dict() for e in run.emas], run.optimizer.state_dict()
-    written = None
-    if D.is_main_process():
-        done = next_step >= run.data.steps_per_epoch
-        state = ckpt_util.TrainState(
-            model=model, emas=emas, optimizer=optimizer, epoch=epoch if done else epoch - 1, args=vars(run.config),
-            resume={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
-            rng=rngs, world_size=D.get_world_size(),
-        )
-        path = os.path.join(run.config.output_dir, f"checkpoint-{name}.pth")
-        try:
-            ckpt_util.save(state, path)
-        except files.WriteError as e:
-            D.print0(f"error: {e}; the previous checkpoint is kept, training goes on")
-        else:
-            written = describe(path, state.resume)
-            D.print0(f"saved {written}")
-    return D.broadcast_object(written)
-
-
-def unsaved_exit(run: Run) -> int:
-    """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
-    D.print0("error: the final checkpoint of this run could not be written; "
-             + (f"the newest readable checkpoint is {run.saves.newest}" if run.saves.newest
-                else "no checkpoint of this run was written"))
-    return 1
-
-
-def loop_config(cfg) -> LoopConfig:
-    return LoopConfig(batch_size=cfg.batch_size, epochs=cfg.epochs, accum_iter=cfg.accum_iter, print_freq=cfg.print_freq,
-                      log_freq=cfg.log_freq, save_every_steps=cfg.save_every_steps, max_bad_frac=cfg.max_bad_frac,
-                      max_nonfinite_steps=cfg.max_nonfinite_steps)
+    torch.manual_seed(config.seed)
+    denoiser, emas, optimizer = build_model(config, device)
+    torch.manual_seed(config.seed + D.get_rank())
+    np.random.seed(config.seed + D.get_rank())
+    checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, vars(config))
+    state, path = checkpoints.load(config.resume)
+    if state is not None:
+        match_emas(config, state, path, denoiser, emas)
+        start = checkpoints.restore(state, path)
+    elif config.evaluate_gen:
+        raise CheckpointError(f"--evaluate_gen: no checkpoint found in {config.resume}")
+    else:
+        start = Start(config.start_epoch)
+    if not config.evaluate_gen:
+        checkpoints.check_free_space()
+    stopper = StopSignal()
+    samplers = Samplers(emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
+    evaluation = None if scores is None else Evaluation(
+        samplers, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
+        final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen)
+    parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device)
+    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data)
 
 
 def train(run: Run) -> int:
     """The epoch loop: train, checkpoint, evaluate. Returns the exit status."""
-    c = run.config
-    loop = loop_config(c)
-    lr_at = functools.partial(lr_sched.lr_at, lr=c.lr, warmup_epochs=c.warmup_epochs, schedule=c.lr_schedule,
-                              epochs=c.epochs, min_lr=c.min_lr)
+    config, data, saves = run.config, run.data, run.checkpoints.log
+    loop = LoopConfig.from_flags(config)
+
+    def save(epoch: int, next_step: int, name: str = "last") -> bool:
+        return run.checkpoints.save(epoch, next_step, data.steps_per_epoch, name)
+
+    io = RunIO(log=run.log, stopper=run.stopper, save=save)
     start_step = run.start.step
-
-    def checkpoint(epoch: int, next_step: int, name: str = "last") -> bool:
-        return run.saves.note(name, save(run, epoch, next_step, name))
-
-    D.print0(f"training epochs {run.start.epoch}..{c.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
+    D.print0(f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
     try:
-        for epoch in range(run.start.epoch, c.epochs):
-            run.data.sampler.set_position(epoch, start_step * c.accum_iter * c.batch_size)
-            saved_at_end = train_one_epoch(run.model, run.denoiser, run.optimizer, run.emas, run.data.loader, epoch=epoch,
-                                           start_step=start_step, steps_per_epoch=run.data.steps_per_epoch,
-                                           device=run.device, loop=loop, lr_at=lr_at, log=run.log, stopper=run.stopper,
-                                           save_fn=checkpoint)
+        for epoch in range(run.start.epoch, config.epochs):
+            data.sampler.set_position(epoch, start_step * config.accum_iter * config.batch_size)
+            saved_at_end = train_one_epoch(run.parts, data, loop, io, epoch=epoch, start_step=start_step)
             start_step = 0
-            last = epoch + 1 == c.epochs
-            if (epoch % c.save_last_freq == 0 or last) and not saved_at_end:
-                checkpoint(epoch, run.data.steps_per_epoch)
+            last = epoch + 1 == config.epochs
+            if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
+                save(epoch, data.steps_per_epoch)
             if epoch % 100 == 0 and epoch > 0:
-                checkpoint(epoch, run.data.steps_per_epoch, name=str(epoch))
-            if c.online_eval and (epoch % c.eval_freq == 0 or last):
-                if run.device.type == "cuda":
+                save(epoch, data.steps_per_epoch, name=str(epoch))
+            if run.evaluation and (epoch % config.eval_freq == 0 or last):
+                if run.parts.device.type == "cuda":
                     torch.cuda.empty_cache()
-                run_eval(run, epoch, weights_epoch=epoch)
+                evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
     except StopRun as e:
         D.print0(str(e))
-        return e.code if run.saves.last_ok else unsaved_exit(run)
+        return e.code if saves.last_ok else run.checkpoints.unsaved_exit()
     finally:
         run.log.flush()
-    if not run.saves.last_ok:
-        return unsaved_exit(run)
-    if run.saves.failed:
-        D.print0(f"warning: {run.saves.failed} checkpoint(s) of this run could not be written (see above)")
+    if not saves.last_ok:
+        return run.checkpoints.unsaved_exit()
+    if saves.failed:
+        D.print0(f"warning: {saves.failed} checkpoint(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
-    if c.demo:
-        point = eval_points(c, c.num_images)[0]
+    if config.demo:
+        point = sweep.eval_points(config, config.num_images)[0]
         run.samplers.refresh([point.ema])
         if D.is_main_process():
-            write_demo_outputs(run.samplers(point.ema)[0], output_dir=c.output_dir, class_num=c.class_num,
-                               img_size=c.img_size, seed=c.seed, sampler=point.sampler, device=run.device)
+            write_demo_outputs(run.samplers(point.ema)[0], config.output_dir, point.sampler, config.seed)
     return 0
 
 
@@ -661,21 +375,20 @@ def main(args) -> int:
             D.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
         if args.evaluate_gen:
-            result = run_eval(run, run.start.weights_epoch, weights_epoch=run.start.weights_epoch)
+            s = run.start
+            result = evaluate(run.evaluation, epoch=s.weights_epoch, weights_epoch=s.weights_epoch, checkpoint=s.path)
             return 1 if run.log.failed or (result or {}).get("images_saved") is False else 0
         return train(run)
     finally:
         run.close()
 
 
-def cli(argv=None):
+def cli(argv=None) -> int:
+    """The command line: exit status 2 for bad input (one line, no traceback), 1 for a run that
+    failed, 0 when done (util.errors); a bug keeps its traceback."""
     args = parse_args(argv)
-    try:
-        code = main(args)
-    except (ValueError, OSError, ckpt_util.CheckpointError) as e:  # bad input, a full disk, ...
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    D.shutdown()
+    code = exit_code(main, args)
+    D.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
     return code
 
 

@@ -16,13 +16,15 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 import PIL
 
 from util.data import CenterCropFolder, load_center_crop
-from util.distributed import fail, print0
+from util.distributed import print0
+from util.errors import BadInput, BadValue, RunFailed, exit_code
 from util.files import atomic_write, free_bytes, human_bytes
 from util.logger import hms
 from util.store import FORMAT_VERSION, MANIFEST, StoreDataset, file_sha256, read_manifest, sample_checksum
@@ -73,24 +75,24 @@ def inspect_store(store: str, settings: dict) -> str:
     if not os.path.exists(store):
         return "new"
     if not os.path.isdir(store):
-        raise ValueError(f"--store {store} is a file, not a folder")
+        raise BadValue(f"--store {store} is a file, not a folder")
     if os.path.isfile(os.path.join(store, MANIFEST)):
         manifest = read_manifest(store)
         theirs = {k: manifest.get(k) for k in settings}
         if theirs != settings:
-            raise ValueError(f"--store {store} holds a complete store made with other settings "
+            raise BadValue(f"--store {store} holds a complete store made with other settings "
                              f"({describe_difference(theirs, settings)}): use another --store folder")
         return "complete"
     if os.path.isfile(os.path.join(store, SETTINGS)):
         with open(os.path.join(store, SETTINGS)) as f:
             theirs = json.load(f)
         if theirs != settings:
-            raise ValueError(f"--store {store} holds a partial store made with other settings "
+            raise BadValue(f"--store {store} holds a partial store made with other settings "
                              f"({describe_difference(theirs, settings)}): use another --store folder, or delete it to start over")
         return "partial"
     if os.listdir(store):
         names = sorted(os.listdir(store))
-        raise ValueError(f"--store {store} holds other files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+        raise BadValue(f"--store {store} holds other files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
                          f"give a new or empty folder")
     return "new"
 
@@ -179,7 +181,7 @@ def check_disk(store: str, images: int, total: int, size: int):
     need = images * 3 * size * size + total * 16
     free = free_bytes(store)
     if need > free:
-        fail(f"not enough disk space for --store {store}: it needs {human_bytes(need)} more ({images} images × "
+        raise BadInput(f"not enough disk space for --store {store}: it needs {human_bytes(need)} more ({images} images × "
              f"{size}×{size}×3 bytes + labels), {human_bytes(free)} are free")
 
 
@@ -299,11 +301,11 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     for name, low in (("img_size", 1), ("shard_size", 1), ("num_workers", 0), ("verify_samples", 0)):
         if getattr(args, name) < low:
-            fail(f"--{name} must be at least {low}, got {getattr(args, name)}")
+            raise BadValue(f"--{name} must be at least {low}, got {getattr(args, name)}")
     try:
         samples, classes, source_hash = list_source(args.data_path)
     except (OSError, ValueError, RuntimeError) as e:  # no folder, no images, unreadable listing
-        fail(str(e))
+        raise BadInput(str(e)) from None
     settings = {"format_version": FORMAT_VERSION, "img_size": args.img_size, "shard_size": args.shard_size,
                 "source_images": len(samples), "source_hash": source_hash, "pillow": PIL.__version__}
     print0(f"{args.data_path}/train: {len(samples)} files in {len(classes)} classes")
@@ -315,17 +317,17 @@ def main(argv=None):
         else:
             convert(args, samples, classes, settings, state)
         problems = verify(args, samples) if args.verify else []
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except BadInput:
+        raise
     except OSError as e:  # e.g. the disk filled up: finished shards are kept
-        fail(f"{e}; rerun the same command to continue")
+        raise RunFailed(f"{e}; rerun the same command to continue") from None
     if problems:
         for p in problems[:20]:
             print0(f"verify: {p}")
-        fail(f"--verify found {len(problems)} problems in {args.store}")
+        raise RunFailed(f"--verify found {len(problems)} problems in {args.store}")
     if args.verify:
         print0(f"verify: {args.store} passed")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -13,6 +13,7 @@ the statistics equal torch-fidelity's on the PNG folder. Rank 0 holds all pool f
 """
 import argparse
 import os
+import sys
 
 import torch
 from PIL import Image
@@ -20,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from util import distributed, fid
 from util.data import open_dataset
-from util.files import WriteError, atomic_write
+from util.errors import BadValue, exit_code
 from util.evaluation import gather_rows
+from util.files import atomic_write
 
 
 def get_args_parser():
@@ -39,23 +41,13 @@ def get_args_parser():
     return parser
 
 
-def write_or_fail(path: str, write):
-    """atomic_write, or stop this process with the one-line reason (a full disk, ...)."""
-    try:
-        atomic_write(path, write)
-    except WriteError as e:
-        distributed.fail(str(e))
-
-
 def main(args):
+    """Exit status as util.errors: 2 for bad input (one line), 1 for a file that could not be written."""
     if not (args.png_dir or args.stats):
-        distributed.fail("nothing to do: give --png_dir and/or --stats")
+        raise BadValue("nothing to do: give --png_dir and/or --stats")
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url)
-    try:
-        extractor = fid.build_inception(fid.resolve_inception_weights(args.inception_weights), device) if args.stats else None
-        dataset = open_dataset(args.data_path, args.img_size)
-    except (FileNotFoundError, ValueError) as e:
-        distributed.fail(str(e))
+    inception = fid.Inception(args.inception_weights, device) if args.stats else None
+    dataset = open_dataset(args.data_path, args.img_size)
     n, rank, world = len(dataset), distributed.get_rank(), distributed.get_world_size()
     lo, hi = rank * n // world, (rank + 1) * n // world  # this rank's contiguous share, in dataset order
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=[(i, False) for i in range(lo, hi)],
@@ -68,26 +60,24 @@ def main(args):
         if args.png_dir:
             for img in images:
                 pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-                write_or_fail(os.path.join(args.png_dir, f"{index:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
+                atomic_write(os.path.join(args.png_dir, f"{index:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
                 index += 1
-        if extractor is not None:
-            features.append(fid.inception_features(extractor, images.to(device))[:, : fid.FEATURE_DIM].contiguous())
+        if inception is not None:
+            features.append(inception.features(images)[:, : fid.FEATURE_DIM].contiguous())
         if b % 100 == 0:
             distributed.print0(f"rank 0: {b * args.batch_size}/{hi - lo} images")
-    if extractor is not None:
+    if inception is not None:
         share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM))
         pool = gather_rows(share, device)  # (n, 2048) on rank 0
         if distributed.is_main_process():
-            try:
-                fid.save_stats(args.stats, fid.statistics(pool))
-            except WriteError as e:
-                distributed.fail(str(e))
+            fid.save_stats(args.stats, fid.statistics(pool))
             distributed.print0(f"wrote statistics of {pool.shape[0]} images to {args.stats}")
     distributed.barrier()
     if args.png_dir:
         distributed.print0(f"wrote {n} images to {args.png_dir}")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    code = exit_code(main, get_args_parser().parse_args())
+    distributed.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
+    sys.exit(code)

@@ -5,7 +5,7 @@
         --sample_batch 4 --sample_steps 2 --parity                      # a CPU smoke run
 
 Training times `engine_jit.train_step` (autocast, fused AdamW with the device-side non-finite skip,
-two EMA updates) with `main_jit.build_optimizer`, on one synthetic uint8 batch in (pinned) host
+two EMA updates) with `engine_jit.build_optimizer`, on one synthetic uint8 batch in (pinned) host
 memory: the data pipeline is not included (see bench_data.py). Sampling times `Denoiser.generate`
 (Heun with CFG on an interval) under the device's autocast, with a compiled network passed as
 `net=` as evaluation does. Compilation happens in the untimed warmup.
@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
-from engine_jit import train_step  # noqa: E402
-from main_jit import build_optimizer  # noqa: E402
+from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
 from util import distributed as D  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import quantize  # noqa: E402
 
 H100_CLASS_TFLOPS = 790.0  # dense bf16 peak assumed for H100 / H200 (SPEC's figure)
@@ -161,14 +161,15 @@ def bench_train(args, device, fwd_flops):
     if device.type == "cuda":  # as the DataLoader delivers them (pin_memory)
         x, labels = x.pin_memory(), labels.pin_memory()
     batch = [(x, labels)]
+    parts = StepParts(model, denoiser, optimizer, emas, device)
 
     reset_peak_memory(device)
     for _ in range(args.warmup):
-        train_step(model, denoiser, optimizer, emas, batch, device=device)
+        train_step(parts, batch)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss, _ = train_step(model, denoiser, optimizer, emas, batch, device=device)
+        loss, _ = train_step(parts, batch)
     sync(device)
     elapsed = time.perf_counter() - start
     img_s = args.steps * args.batch_size / elapsed
@@ -255,7 +256,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     for name in ("batch_size", "steps", "sample_batch", "sample_steps", "parity_steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be at least 1")
+            raise BadValue(f"--{name} must be at least 1")
     device = D.init(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
@@ -290,4 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

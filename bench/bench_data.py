@@ -31,6 +31,7 @@ from torch.utils.data import Sampler  # noqa: E402
 from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
 import prepare_data  # noqa: E402
 from util.data import ResumableSampler, make_loader, open_dataset  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
 from util.store import is_store  # noqa: E402
 
 
@@ -168,7 +169,7 @@ def bench_size(path: str, size: int, args, device, tmp: str) -> dict:
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or min(args.workers) < 0:
-        raise SystemExit("error: --batches and --batch_size must be at least 1, --workers at least 0")
+        raise BadValue("--batches and --batch_size must be at least 1, --workers at least 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data_path or tmp
@@ -189,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

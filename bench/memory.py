@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
+from util.errors import exit_code  # noqa: E402
 
 GiB = 2**30
 CAPACITY_GIB = {"80GB": 79.1, "141GB": 139.8}  # what torch reports as total memory on H100-80GB / H200
@@ -318,4 +319,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

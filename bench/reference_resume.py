@@ -10,14 +10,12 @@ loading moves them (a gpu_check.sh step). Exit status 0 when it worked.
 """
 import argparse
 import os
+import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import main_jit  # noqa: E402
 
 
 def write_reference_format(src: str, dst: str) -> dict:
@@ -33,8 +31,8 @@ def main(argv):
     src, out, flags = argv[0], argv[1], argv[2:]
     os.makedirs(out, exist_ok=True)
     ref = write_reference_format(src, os.path.join(out, "reference-format.pth"))
-    code = main_jit.cli([*flags, "--resume", os.path.join(out, "reference-format.pth"), "--output_dir", out,
-                         "--epochs", str(ref["epoch"] + 2)])
+    code = subprocess.call([sys.executable, os.path.join(ROOT, "main_jit.py"), *flags, "--resume",
+                            os.path.join(out, "reference-format.pth"), "--output_dir", out, "--epochs", str(ref["epoch"] + 2)])
     if code != 0:
         return code
     new = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)

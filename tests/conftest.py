@@ -22,6 +22,45 @@ def golden():
 
 
 @pytest.fixture(scope="session")
+def data(tmp_path_factory) -> str:
+    """An image folder of 3 classes × 8 images (6 steps of the tiny batch 4 per epoch)."""
+    from helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def data48(tmp_path_factory) -> str:
+    """An image folder of 3 classes × 16 images (12 steps of batch 4 per epoch, 6 on 2 processes)."""
+    from helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("data48"), per_class=16)
+
+
+@pytest.fixture
+def start():
+    """start(script, *args, nproc=None) -> a started process (helpers.start_script); every process
+    (and its children: torchrun's workers) still running at teardown is killed, also after a failure."""
+    import signal
+
+    from helpers import start_script
+
+    procs = []
+
+    def launch(*args, **kwargs):
+        procs.append(start_script(*args, **kwargs))
+        return procs[-1]
+
+    yield launch
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if p.stdout:
+            p.stdout.close()
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> str:
     """A stand-in Inception weights file in torch-fidelity's format (random weights, no download)."""
     from helpers import make_standin_inception_weights

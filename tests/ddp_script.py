@@ -22,10 +22,10 @@ def dump_training_state(dump, argv):
     run.close()
     state = {
         "code": code,
-        "model": run.denoiser.state_dict(),
-        "ema1": run.emas[0].state_dict(),
-        "ema2": run.emas[1].state_dict(),
-        "optimizer": run.optimizer.state_dict()["state"],
+        "model": run.parts.denoiser.state_dict(),
+        "ema1": run.parts.emas[0].state_dict(),
+        "ema2": run.parts.emas[1].state_dict(),
+        "optimizer": run.parts.optimizer.state_dict()["state"],
     }
     torch.save(state, os.path.join(dump, f"rank{D.get_rank()}.pt"))
 

@@ -1,7 +1,7 @@
 """Run under torchrun (CPU, gloo) by test_evaluation.py: generate and evaluate with the tiny denoiser.
 
 Writes to --out (rank 0): the gathered images of the real network at --gen_bsz, the gathered images
-of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's evaluate() result.
+of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's engine_jit.evaluate() record.
 Prints every rank's thread count before joining the process group and after leaving it.
 """
 import argparse
@@ -11,9 +11,10 @@ import time
 import torch
 
 from denoiser import SamplerSettings
-from helpers import TINY_MODEL, PerSample, tiny_denoiser
+from engine_jit import evaluate
+from helpers import TINY_MODEL, PerSample, evaluation_of, generated, tiny_denoiser
 from util import distributed
-from util.evaluation import evaluate, gather_rows, generate_images
+from util.evaluation import GenerationSpec, Scorer, gather_rows
 from util.logger import RunLog
 
 p = argparse.ArgumentParser()
@@ -51,13 +52,14 @@ threads_before = len(threads())
 device = distributed.init("cpu")
 rank = distributed.get_rank()
 denoiser = tiny_denoiser()
-common = dict(device=device, num_images=args.num_images, class_num=TINY_MODEL["class_num"], seed=5,
-              img_size=TINY_MODEL["img_size"], sampler=SamplerSettings(steps=2, cfg=2.0, interval_min=0.1))
-images = gather_rows(generate_images(denoiser, gen_bsz=args.gen_bsz, **common), device)
-per_sample = gather_rows(generate_images(denoiser, net=PerSample(denoiser.net), gen_bsz=args.gen_bsz_per_sample, **common), device)
+spec = GenerationSpec(num_images=args.num_images, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"],
+                      sampler=SamplerSettings(steps=2, cfg=2.0, interval_min=0.1), gen_bsz=args.gen_bsz, seed=5)
+images = gather_rows(generated(denoiser, spec), device)
+per_sample = gather_rows(generated(denoiser, GenerationSpec(**{**vars(spec), "gen_bsz": args.gen_bsz_per_sample}),
+                                   net=PerSample(denoiser.net)), device)
 log = RunLog(args.output_dir)
-result = evaluate(denoiser, gen_bsz=args.gen_bsz, fid_stats=args.fid_stats, inception_weights=args.inception_weights,
-                  epoch=3, log=log, **common)
+scorer = Scorer(args.fid_stats, args.inception_weights, device)
+result = evaluate(evaluation_of(denoiser, spec, scorer, log, args.output_dir), epoch=3, weights_epoch=3)
 log.close()
 results = distributed.all_gather_object(result)
 if distributed.is_main_process():

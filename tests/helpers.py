@@ -1,6 +1,7 @@
 """Shared pieces of the tests: the tiny configuration, image folders, a tiny denoiser, reference-format
 checkpoints, a stand-in Inception weights file, and one way to run the repo's scripts."""
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -14,8 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from denoiser import Denoiser  # noqa: E402
+from denoiser import EMA, Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
+
+# The keys of a checkpoint the reference release writes (and reads).
+REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
 
 # The tiny configuration: JiT-XS/4 (0.4M parameters) on 16 px images of 3 classes, on the CPU.
 TINY_MODEL = dict(model="JiT-XS/4", img_size=16, class_num=3)
@@ -71,6 +75,25 @@ def save_reference_checkpoint(path, model: Denoiser, ema1: Denoiser | None = Non
                               batch_size=4, lr=1e-4)
     torch.save({"model": model.state_dict(), "model_ema1": ema1.state_dict(), "model_ema2": ema2.state_dict(),
                 "optimizer": opt.state_dict(), "epoch": epoch, "args": args}, path)
+
+
+def generated(denoiser, spec, net=None) -> torch.Tensor:
+    """This rank's images of `spec` (util.evaluation.GenerationSpec) as uint8 (n, 3, H, W) on the CPU,
+    in index order; `gather_rows` of it is the whole set on rank 0."""
+    from util.evaluation import generate_batches
+
+    parts = [images.cpu() for _, images in generate_batches(denoiser, spec, torch.device("cpu"), net)]
+    return torch.cat(parts) if parts else torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8)
+
+
+def evaluation_of(denoiser, spec, scorer, log, output_dir, save_images: bool = False):
+    """An engine_jit.Evaluation that scores `denoiser` (as EMA 1) at spec's sampler and image count."""
+    from engine_jit import Evaluation, Samplers
+    from util.sweep import Point
+
+    samplers = Samplers([EMA(denoiser, 0.0)], torch.device("cpu"), make_denoiser=None, compile_net=False)
+    return Evaluation(samplers, [Point(1, spec.sampler, spec.num_images)], spec, scorer, log, str(output_dir),
+                      save_images=save_images)
 
 
 def make_standin_inception_weights(path: str, seed: int = 0):
@@ -147,9 +170,10 @@ def run_script(script, *args, nproc: int | None = None, env: dict | None = None,
 
 
 def start_script(script, *args, nproc: int | None = None) -> subprocess.Popen:
-    """Start a script (under torchrun with `nproc`) in the background, stdout and stderr merged."""
+    """Start a script (under torchrun with `nproc`) in the background, stdout and stderr merged. Use
+    it through the `start` fixture (conftest.py), which kills what is still running at teardown."""
     return subprocess.Popen(command(script, *args, nproc=nproc), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
@@ -162,11 +186,31 @@ def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
     raise AssertionError(f"'{marker}' never printed:\n{''.join(lines)}")
 
 
-def assert_bit_identical(a: dict, b: dict):
-    """Two checkpoint dicts hold the same weights, EMAs and optimizer state, bit for bit."""
+def assert_same_state(a: dict, b: dict, atol: float = 0.0):
+    """Two checkpoint dicts hold the same weights, EMAs and optimizer state: bit for bit (atol 0),
+    or each tensor within `atol`."""
+    def check(x, y, what):
+        if atol == 0:
+            assert torch.equal(x, y), what
+        else:
+            torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=str(what))
+
+    assert a["model"].keys() == b["model"].keys()
     for key in ("model", "model_ema1", "model_ema2"):
         for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), (key, name)
+            check(t, b[key][name], (key, name))
     for i, s in a["optimizer"]["state"].items():
         for k, t in s.items():
-            assert torch.equal(t, b["optimizer"]["state"][i][k]), (i, k)
+            check(t, b["optimizer"]["state"][i][k], ("optimizer", i, k))
+
+
+def load_last(out) -> dict:
+    """The dict of out/checkpoint-last.pth."""
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+
+
+def read_metrics(out, kind: str | None = None) -> list[dict]:
+    """The records of out/metrics.jsonl (of one kind: 'train' or 'eval'); every line must be whole JSON."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if kind is None or r["kind"] == kind]

@@ -1,6 +1,5 @@
 """Generation for evaluation: quantisation, class balance, per-image seeds, the batch / process split,
 and the command-line paths (main_jit.py --evaluate_gen on a reference checkpoint, sample.py, no network)."""
-import json
 import os
 import re
 
@@ -10,9 +9,9 @@ import torch
 from PIL import Image
 
 from denoiser import SamplerSettings
-from helpers import (TINY_MODEL, PerSample, free_port, make_image_folder, run_script, save_reference_checkpoint,
-                     tiny_denoiser)
-from util.evaluation import (class_labels, generate_batches, generate_images, image_folder_name, initial_noise, quantize,
+from helpers import (TINY_MODEL, PerSample, free_port, generated, make_image_folder, read_metrics, run_script,
+                     save_reference_checkpoint, tiny_denoiser)
+from util.evaluation import (GenerationSpec, class_labels, generate_batches, image_folder_name, initial_noise, quantize,
                              rank_batches)
 
 SAMPLER = SamplerSettings(steps=2, cfg=2.0, interval_min=0.1)
@@ -73,7 +72,7 @@ class RecordingDenoiser:
 
 def test_generated_set_is_class_balanced():
     d = RecordingDenoiser()
-    out = list(generate_batches(d, device=CPU, num_images=12, class_num=3, gen_bsz=5, seed=0, sampler=SAMPLER, img_size=8))
+    out = list(generate_batches(d, GenerationSpec(num_images=12, class_num=3, img_size=8, sampler=SAMPLER, gen_bsz=5), CPU))
     labels = torch.cat(d.labels)
     assert torch.bincount(labels).tolist() == [4, 4, 4] and labels.tolist() == sorted(labels.tolist())
     assert [s for s, _ in out] == [0, 5, 10] and all(c == SAMPLER for c in d.calls)
@@ -85,13 +84,19 @@ def test_gen_bsz_changes_only_kernel_rounding():
     """The same 9 images with batches of 4 and of 3: bit-identical through a batch-invariant net;
     with the real (batched) net at most one uint8 level apart (CPU GEMMs round per batch shape)."""
     d = tiny_denoiser()
-    common = dict(device=CPU, num_images=9, class_num=3, seed=1, sampler=SAMPLER, img_size=TINY_MODEL["img_size"])
-    a = generate_images(d, gen_bsz=4, **common)
-    b = generate_images(d, gen_bsz=3, **common)
+    by4 = GenerationSpec(num_images=9, class_num=3, img_size=TINY_MODEL["img_size"], sampler=SAMPLER, gen_bsz=4, seed=1)
+    by3 = GenerationSpec(**{**vars(by4), "gen_bsz": 3})
+    a, b = generated(d, by4), generated(d, by3)
     assert a.shape == (9, 3, 16, 16) and a.float().std() > 10  # images differ from one another
     assert (a.int() - b.int()).abs().max() <= 1
     wrapped = PerSample(d.net)
-    assert torch.equal(generate_images(d, net=wrapped, gen_bsz=4, **common), generate_images(d, net=wrapped, gen_bsz=3, **common))
+    assert torch.equal(generated(d, by4, net=wrapped), generated(d, by3, net=wrapped))
+
+
+def test_the_number_of_images_must_be_a_positive_multiple_of_the_classes():
+    for n in (0, 10):
+        with pytest.raises(ValueError, match="must be a positive multiple of --class_num"):
+            GenerationSpec(num_images=n, class_num=3, img_size=16, sampler=SAMPLER)
 
 
 @pytest.mark.slow
@@ -116,8 +121,8 @@ def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, incep
     assert len(two["results"]) == 2 and two["results"][0] == two["results"][1]
     for key in ("fid", "inception_score", "inception_score_std"):
         assert one["results"][0][key] == two["results"][0][key]
-    with open(tmp_path / "out2" / "metrics.jsonl") as f:
-        assert len(f.readlines()) == 1  # written by rank 0 only
+    (record,) = read_metrics(tmp_path / "out2")  # written by rank 0 only
+    assert record["kind"] == "eval" and record["fid"] == two["results"][0]["fid"] and record["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -132,12 +137,12 @@ def test_reference_checkpoint_evaluates_end_to_end(tmp_path, inception_weights, 
                    "--gen_bsz", 4, "--num_sampling_steps", 2, "--cfg", 2.0, "--interval_min", 0.1, "--seed", 0,
                    "--evaluate_gen", "--save_images", "--resume", ckpt, "--output_dir", out, "--device", "cpu",
                    "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights)
-    with open(out / "metrics.jsonl") as f:
-        (line,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+    (line,) = read_metrics(out, "eval")
     assert line["checkpoint_epoch"] == 7 and line["num_images"] == 12 and line["steps"] == 2, p.stdout
+    assert line["checkpoint"] == str(ckpt) and line["ema"] == 1
     assert np.isfinite(line["fid"]) and line["inception_score"] > 1
     assert "FID" in (out / "log.txt").read_text()  # the console also goes to log.txt
-    expected = generate_images(ema1, device=CPU, num_images=12, class_num=3, gen_bsz=4, seed=0, sampler=SAMPLER, img_size=16)
+    expected = generated(ema1, GenerationSpec(num_images=12, class_num=3, img_size=16, sampler=SAMPLER, gen_bsz=4))
     folder = out / image_folder_name(SAMPLER, 12, 16)
     saved = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png"))).permute(2, 0, 1) for i in range(12)])
     assert (saved.int() - expected.int()).abs().max() <= 1  # this process runs 2 threads, the child 1
@@ -160,7 +165,7 @@ def test_no_network_and_no_weights_flag_fails_fast(tmp_path, fid_ref_stats, scri
         args = ["--data_path", tmp_path / "data", "--img_size", 16, "--stats", tmp_path / "s.npz", "--device", "cpu",
                 "--num_workers", 0]
     p = run_script(script, *args, env=env, timeout=120, check=False)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "--inception_weights" in p.stdout and "Traceback" not in p.stdout, p.stdout
 
 

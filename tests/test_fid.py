@@ -1,7 +1,6 @@
 """FID / IS: the math against scipy, stats files, weights resolution offline, prepare_ref.py, and the
 in-memory evaluation against torch-fidelity's own calculate_metrics on the same images as PNGs."""
 import dataclasses
-import json
 import os
 import urllib.error
 
@@ -12,9 +11,10 @@ import torch
 import torch_fidelity
 
 from denoiser import SamplerSettings
-from helpers import TINY_MODEL, make_image_folder, run_script, tiny_denoiser
+from engine_jit import evaluate
+from helpers import TINY_MODEL, evaluation_of, make_image_folder, read_metrics, run_script, tiny_denoiser
 from util import fid
-from util.evaluation import check_eval_inputs, evaluate, image_folder_name
+from util.evaluation import GenerationSpec, Scorer, image_folder_name
 from util.logger import RunLog
 
 SAMPLER = SamplerSettings(steps=2, cfg=2.0, interval_min=0.1)
@@ -70,17 +70,15 @@ def test_stats_file_round_trip_and_errors(tmp_path):
         fid.load_stats(str(tmp_path / "small.npz"))
 
 
-def test_check_eval_inputs(tmp_path, inception_weights):
-    weights = inception_weights
+def test_the_scorer_checks_its_files_when_built(tmp_path, inception_weights):
     stats = str(tmp_path / "ref.npz")
     fid.save_stats(stats, random_stats(np.random.default_rng(3), fid.FEATURE_DIM, n=4))
-    assert check_eval_inputs(stats, weights, 12, 3) == weights
-    with pytest.raises(ValueError, match="multiple of --class_num"):
-        check_eval_inputs(stats, weights, 10, 3)
+    scorer = Scorer(stats, inception_weights, torch.device("cpu"))
+    assert scorer.inception.weights == inception_weights and scorer.inception._net is None  # built at the first batch
     with pytest.raises(FileNotFoundError, match="--fid_stats"):
-        check_eval_inputs(str(tmp_path / "none.npz"), weights, 12, 3)
+        Scorer(str(tmp_path / "none.npz"), inception_weights, torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
-        check_eval_inputs(stats, str(tmp_path / "none.pth"), 12, 3)
+        Scorer(stats, str(tmp_path / "none.pth"), torch.device("cpu"))
 
 
 def test_no_network_without_weights_flag_gives_clear_message(tmp_path, monkeypatch):
@@ -129,10 +127,10 @@ def evaluated(reference, tmp_path_factory, inception_weights):
     out = str(tmp_path_factory.mktemp("eval_out"))
     log = RunLog(out)
     log.writer = Recorder()
-    result = evaluate(tiny_denoiser(), device=torch.device("cpu"), num_images=12, class_num=TINY_MODEL["class_num"],
-                      gen_bsz=5, seed=0, sampler=SAMPLER, img_size=TINY_MODEL["img_size"], fid_stats=reference[1],
-                      inception_weights=inception_weights, output_dir=out, save_images=True, epoch=4,
-                      checkpoint_epoch=3, log=log)
+    spec = GenerationSpec(num_images=12, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"], sampler=SAMPLER,
+                          gen_bsz=5)
+    scorer = Scorer(reference[1], inception_weights, torch.device("cpu"))
+    result = evaluate(evaluation_of(tiny_denoiser(), spec, scorer, log, out, save_images=True), epoch=4, weights_epoch=3)
     writer = log.writer
     log.close()
     return result, out, writer
@@ -164,9 +162,9 @@ def test_in_memory_metrics_equal_torch_fidelity_on_pngs(reference, evaluated, in
 def test_metrics_logged_to_tensorboard_and_jsonl(evaluated, reference):
     result, out, writer = evaluated
     assert writer.scalars == [("fid_cfg2.0_res16", result["fid"], 4), ("is_cfg2.0_res16", result["inception_score"], 4)]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        (line,) = [json.loads(x) for x in f]
-    assert line["kind"] == "eval" and line["epoch"] == 4 and line["checkpoint_epoch"] == 3
+    (line,) = read_metrics(out)
+    assert line == result and line["kind"] == "eval" and line["epoch"] == 4 and line["checkpoint_epoch"] == 3
+    assert line["ema"] == 1 and line["checkpoint"] is None and line["images_saved"] is True
     assert line["fid"] == result["fid"] and line["inception_score"] == result["inception_score"]
     assert line["num_images"] == 12 and line["fid_stats"] == reference[1]
     assert {k: line[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max")} == dataclasses.asdict(SAMPLER)

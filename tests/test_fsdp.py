@@ -1,40 +1,25 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
 DDP, checkpoints moving FSDP <-> DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
-import json
 import os
 import signal
 
 import pytest
 import torch
 
-from helpers import (TINY, assert_bit_identical, make_image_folder, read_until, run_script, save_reference_checkpoint,
-                     start_script, tiny_denoiser)
+from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
+                     save_reference_checkpoint, tiny_denoiser)
 
-REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
+ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), per_class=16)  # 48 images: 6 steps per epoch on 2 ranks
+def data(data48):
+    return data48  # 48 images: 6 steps per epoch on 2 ranks
 
 
 def train(data, out, *extra, epochs=2, nproc=2, check=True):
     return run_script("main_jit.py", *TINY, "--epochs", epochs, "--data_path", data, "--output_dir", out, *extra,
                       nproc=nproc, check=check)
-
-
-def load(out):
-    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
-
-
-def assert_close(a, b, atol=1e-6):
-    """Weights, EMAs and AdamW state of two checkpoints equal to float32 rounding."""
-    for key in ("model", "model_ema1", "model_ema2"):
-        for name, t in a[key].items():
-            torch.testing.assert_close(t, b[key][name], rtol=0, atol=atol, msg=f"{key} {name}")
-    for i, s in a["optimizer"]["state"].items():
-        for k, t in s.items():
-            torch.testing.assert_close(t, b["optimizer"]["state"][i][k], rtol=0, atol=atol, msg=f"optimizer {i} {k}")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +31,7 @@ def online_eval(inception_weights, fid_ref_stats):
 
 def eval_record(out) -> dict:
     """The evaluation after the last epoch (--eval_freq 10 also evaluates after epoch 0)."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "eval"][-1]
+    return read_metrics(out, "eval")[-1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +39,7 @@ def ddp(data, tmp_path_factory, online_eval):
     """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
     out = tmp_path_factory.mktemp("ddp")
     train(data, out, *online_eval)
-    return {**load(out), "eval": eval_record(out)}
+    return {**load_last(out), "eval": eval_record(out)}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +47,7 @@ def fsdp(data, tmp_path_factory, online_eval):
     out = tmp_path_factory.mktemp("fsdp")
     p = train(data, out, "--fsdp", *online_eval)
     assert "2 process(es) (FSDP)" in p.stdout
-    return {**load(out), "eval": eval_record(out)}
+    return {**load_last(out), "eval": eval_record(out)}
 
 
 @pytest.mark.slow
@@ -71,7 +55,7 @@ def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
     assert set(fsdp) == set(ddp) and REF_KEYS <= set(fsdp)
     assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
     assert list(fsdp["optimizer"]["state"]) == list(ddp["optimizer"]["state"])
-    assert_close(fsdp, ddp)
+    assert_same_state(fsdp, ddp, atol=ROUNDING)
     fresh = tiny_denoiser()
     for key in ("model", "model_ema1", "model_ema2"):  # what the reference and sample.py load
         fresh.load_state_dict(fsdp[key], strict=True)
@@ -93,22 +77,22 @@ def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then)
     train(data, tmp_path, *[f for f in [first] if f], epochs=1)
     p = train(data, tmp_path, *[f for f in [then] if f], "--resume", tmp_path)
     assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
-    assert_close(load(tmp_path), ddp)
+    assert_same_state(load_last(tmp_path), ddp, atol=ROUNDING)
 
 
 @pytest.mark.slow
-def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp):
+def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp, start):
     args = [*TINY, "--epochs", 2, "--fsdp", "--data_path", data, "--output_dir", tmp_path, "--resume", tmp_path]
-    proc = start_script("main_jit.py", *args, nproc=2)
+    proc = start("main_jit.py", *args, nproc=2)
     read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0 and "stop requested" in rest, rest
-    stopped = load(tmp_path)["resume"]
+    stopped = load_last(tmp_path)["resume"]
     assert stopped != {"epoch": 2, "step": 0}
     p = run_script("main_jit.py", *args, nproc=2)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    assert_bit_identical(load(tmp_path), fsdp)  # (an online evaluation changes no training state)
+    assert_same_state(load_last(tmp_path), fsdp)  # (an online evaluation changes no training state)
 
 
 @pytest.mark.slow
@@ -116,7 +100,7 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
     ref = tmp_path / "ref.pth"
     save_reference_checkpoint(ref, tiny_denoiser().train(), epoch=0, steps=1)
     train(data, tmp_path / "out", "--fsdp", "--resume", ref)
-    steps = {float(s["step"]) for s in load(tmp_path / "out")["optimizer"]["state"].values()}
+    steps = {float(s["step"]) for s in load_last(tmp_path / "out")["optimizer"]["state"].values()}
     assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here
 
 
@@ -125,7 +109,7 @@ def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fs
     path = tmp_path / "checkpoint-last.pth"
     torch.save(fsdp, path)
     p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, "--dry_run", check=False)
-    assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2 and "--model JiT-XS/4" in p.stdout
+    assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
 
 
@@ -135,7 +119,7 @@ def test_grad_checkpoint_trains_bit_identically_and_single_process_fsdp_says_so(
     train(data, plain, epochs=1, nproc=None)
     p = train(data, ckpt, "--grad_checkpoint", "--fsdp", epochs=1, nproc=None)
     assert "--fsdp in a single process: nothing to shard, this is a plain run" in p.stdout
-    assert_bit_identical(load(ckpt), load(plain))
+    assert_same_state(load_last(ckpt), load_last(plain))
 
 
 def worker_pids(launcher: int) -> dict:

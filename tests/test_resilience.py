@@ -1,6 +1,5 @@
 """Preemption and faults: atomic saves, exact resume after SIGTERM / SIGKILL, corrupt checkpoints and
 images, non-finite losses."""
-import json
 import math
 import os
 import re
@@ -14,12 +13,12 @@ import torch
 
 import main_jit
 from denoiser import EMA, Denoiser
-from engine_jit import train_step
+from engine_jit import StepParts, build_optimizer, train_step
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files, logger
 from util.logger import RunLog
-from helpers import ROOT, TINY, assert_bit_identical, make_image_folder, read_until, run_script, start_script
+from helpers import ROOT, TINY, assert_same_state, load_last, make_image_folder, read_metrics, read_until, run_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
 # that a signal sent after the first progress line lands well before the end of the run.
@@ -27,12 +26,12 @@ SLOW = [*TINY, "--model", "JiT-T/4", "--img_size", "32", "--epochs", "3"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), per_class=16)
+def data(data48):
+    return data48
 
 
 def final_state(out):
-    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    ckpt = load_last(out)
     assert ckpt["resume"] == {"epoch": 3, "step": 0}
     return ckpt
 
@@ -45,33 +44,33 @@ def uninterrupted(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigterm_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
+def test_sigterm_then_same_command_is_bit_exact(data, tmp_path, uninterrupted, start):
     out = tmp_path / "out"
     args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out]
-    proc = start_script("main_jit.py", *args)
+    proc = start("main_jit.py", *args)
     read_until(proc, "Epoch [0] [1/12]")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, rest
     assert "stop requested" in rest and "rerun the same command" in rest
-    stopped = torch.load(out / "checkpoint-last.pth", weights_only=True)["resume"]
+    stopped = load_last(out)["resume"]
     assert stopped != {"epoch": 3, "step": 0}  # really stopped early
     p = run_script("main_jit.py", *args)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    assert_bit_identical(final_state(out), uninterrupted)
+    assert_same_state(final_state(out), uninterrupted)
 
 
 @pytest.mark.slow
-def test_sigkill_with_step_checkpoints_then_same_command_is_bit_exact(data, tmp_path, uninterrupted):
+def test_sigkill_with_step_checkpoints_then_same_command_is_bit_exact(data, tmp_path, uninterrupted, start):
     out = tmp_path / "out"
     args = [*SLOW, "--data_path", data, "--output_dir", out, "--resume", out, "--save_every_steps", "5"]
-    proc = start_script("main_jit.py", *args)
+    proc = start("main_jit.py", *args)
     read_until(proc, "step 10)")  # the second step checkpoint
     proc.kill()
     proc.wait()
     p = run_script("main_jit.py", *args)
     assert "resumed from" in p.stdout
-    assert_bit_identical(final_state(out), uninterrupted)
+    assert_same_state(final_state(out), uninterrupted)
 
 
 @pytest.mark.slow
@@ -90,9 +89,11 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
         checkpoint.save_atomic({{"model": {{"w": torch.zeros(100000)}}}}, {str(path)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "half written"
-    proc.kill()
-    proc.wait()
+    try:
+        assert proc.stdout.readline().strip() == "half written"
+    finally:
+        proc.kill()
+        proc.wait()
     assert torch.equal(ckpt_util.load(str(path)).model["w"], torch.ones(4))
     leftovers = [f for f in os.listdir(tmp_path) if ".tmp-" in f]
     assert leftovers  # the killed save's temporary file ...
@@ -169,9 +170,10 @@ def test_the_run_log_reports_a_failed_output_once_and_goes_on(tmp_path, monkeypa
     log.close()
     out = capsys.readouterr().out
     assert out.count("metrics.jsonl could not be written") == 1 and log.failed
-    assert [json.loads(x) for x in open(tmp_path / "metrics.jsonl")] == [{"kind": "train", "loss": 1.0}]
+    assert read_metrics(tmp_path) == [{"kind": "train", "loss": 1.0}]
 
 
+@pytest.mark.slow
 def test_a_failed_periodic_save_lets_training_go_on(data, tmp_path, monkeypatch, capsys):
     """The first of two saves fails: training goes on; the final one is written: status 0, with a warning."""
     torch_save = torch.save
@@ -188,9 +190,10 @@ def test_a_failed_periodic_save_lets_training_go_on(data, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert out.count("could not write") == 1 and "No space left on device" in out and "training goes on" in out
     assert "Epoch [1] [6/6]" in out and "1 checkpoint(s) of this run could not be written" in out and "training done" in out
-    assert ckpt_util.load(str(tmp_path / "checkpoint-last.pth")).resume == {"epoch": 2, "step": 0}
+    assert ckpt_util.load(str(tmp_path / "checkpoint-last.pth")).start == {"epoch": 2, "step": 0}
 
 
+@pytest.mark.slow
 def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_disk(data, tmp_path, monkeypatch, capsys):
     args = main_jit.parse_args([*TINY, "--epochs", "2", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
                                 "--output_dir", str(tmp_path)])
@@ -210,7 +213,7 @@ def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_d
     out = capsys.readouterr().out
     last = tmp_path / "checkpoint-last.pth"
     assert f"the newest readable checkpoint is {last} (resume at epoch 1, step 0)" in out and "training done" not in out
-    assert ckpt_util.load(str(last)).resume == {"epoch": 1, "step": 0}
+    assert ckpt_util.load(str(last)).start == {"epoch": 1, "step": 0}
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
 
@@ -237,9 +240,11 @@ def test_a_real_full_disk(data, small_disk):
                      r"\d+\.\d MB free\)", p.stdout), p.stdout
     assert f"the newest readable checkpoint is {out}/checkpoint-last.pth (resume at epoch 1, step 0)" in p.stdout
     assert "Traceback" not in p.stdout and "training done" not in p.stdout
-    assert ckpt_util.load(str(out / "checkpoint-last.pth")).resume == {"epoch": 1, "step": 0}
+    assert ckpt_util.load(str(out / "checkpoint-last.pth")).start == {"epoch": 1, "step": 0}
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
-    assert all(json.loads(line) for line in open(out / "metrics.jsonl"))  # whole lines only
+    records = read_metrics(out)  # whole JSON lines only (a cut line would not parse), each step's until the disk filled
+    expected = [(e, s) for e in range(3) for s in range(1, 7)]  # --log_freq 1, 6 steps per epoch
+    assert records and [(r["kind"], r["epoch"], r["step"]) for r in records] == [("train", *k) for k in expected[: len(records)]]
 
 
 @pytest.mark.slow
@@ -254,7 +259,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_a_folder_falls_back(data, tmp
     blob = last.read_bytes()
     last.write_bytes(blob[: len(blob) // 2])
     p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False)
-    assert p.returncode != 0 and f"cannot read checkpoint {last}" in p.stdout and "Traceback" not in p.stdout
+    assert p.returncode == 2 and f"cannot read checkpoint {last}" in p.stdout and "Traceback" not in p.stdout
     p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run")
     assert f"cannot read checkpoint {last}" in p.stdout
     assert f"resuming from the older checkpoint {older}" in p.stdout and "epoch 2, step 0" in p.stdout
@@ -279,7 +284,7 @@ def test_unreadable_images_are_replaced_and_reported(tmp_path):
 def tiny_training_objects():
     torch.manual_seed(0)
     d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
-    opt = main_jit.build_optimizer(d, 1e-3, 0.0)
+    opt = build_optimizer(d, 1e-3, 0.0)
     return d, opt, [EMA(d, 0.9), EMA(d, 0.5)]
 
 
@@ -287,12 +292,13 @@ def test_a_nan_loss_is_skipped_and_leaves_weights_optimizer_and_emas_finite():
     d, opt, emas = tiny_training_objects()
     cpu = torch.device("cpu")
     x, y = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
-    train_step(d, d, opt, emas, [(x, y)], device=cpu)  # one good step
+    parts = StepParts(d, d, opt, emas, cpu)
+    train_step(parts, [(x, y)])  # one good step
     before = {k: v.clone() for k, v in d.state_dict().items()}
     opt_before = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
     real_forward = d.net.forward
     d.net.forward = lambda z, t, y_: real_forward(z, t, y_) * float("nan")  # inject a NaN loss
-    loss, skipped = train_step(d, d, opt, emas, [(x, y)], device=cpu)
+    loss, skipped = train_step(parts, [(x, y)])
     assert math.isnan(loss.item()) and skipped.item() == 1.0
     for k, v in d.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -301,7 +307,7 @@ def test_a_nan_loss_is_skipped_and_leaves_weights_optimizer_and_emas_finite():
             assert torch.equal(v, opt_before[i][k]), (i, k)
     assert all(torch.isfinite(p).all() for e in emas for p in e.module.parameters())
     d.net.forward = real_forward
-    _, skipped = train_step(d, d, opt, emas, [(x, y)], device=cpu)
+    _, skipped = train_step(parts, [(x, y)])
     assert skipped.item() == 0.0 and float(next(iter(opt.state.values()))["step"]) == 2.0
 
 
@@ -309,8 +315,8 @@ def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
     args = main_jit.parse_args([*TINY, "--epochs", "2", "--max_nonfinite_steps", "3", "--data_path", data,
                                 "--output_dir", str(tmp_path)])
     run = main_jit.setup(args)
-    real_forward = run.denoiser.net.forward
-    run.denoiser.net.forward = lambda z, t, y: real_forward(z, t, y) * float("nan")
+    real_forward = run.parts.denoiser.net.forward
+    run.parts.denoiser.net.forward = lambda z, t, y: real_forward(z, t, y) * float("nan")
     try:
         assert main_jit.train(run) == 1
     finally:

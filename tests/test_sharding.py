@@ -1,14 +1,14 @@
 """FSDP2 (util/sharding.py) on 2 CPU processes (gloo) against DDP: training, grad checkpointing,
 accumulation, the non-finite skip, and checkpoints that move between FSDP and plain runs.
 
-One torchrun per mode (tests/fsdp_script.py); the tests read what rank 0 wrote.
+One torchrun per mode (tests/sharding_worker.py); the tests read what rank 0 wrote.
 """
 import pytest
 import torch
 
 from helpers import run_script
 
-SCRIPT = "tests/fsdp_script.py"
+SCRIPT = "tests/sharding_worker.py"
 ROUNDING = 1e-6  # float32 rounding of values of order 1 (weights, EMAs); moments are far smaller
 
 
@@ -32,8 +32,9 @@ def within(diffs, tol=ROUNDING):
 
 @pytest.mark.slow
 def test_fsdp_training_equals_ddp(train_results):
-    """3 steps of 2 micro-batches, two EMAs, dropout: weights, EMAs and AdamW moments gathered
-    from FSDP equal DDP's (on CPU bit-identical weights and EMAs; moments to an ulp)."""
+    """engine_jit.train_step, 3 steps of 2 micro-batches, two EMAs, dropout: weights, EMAs and AdamW
+    moments gathered from FSDP (sync on the last micro-batch, the non-finite flag reduced over ranks)
+    equal DDP's (on CPU bit-identical weights and EMAs; moments to an ulp)."""
     r = train_results
     assert within(r["fsdp_vs_ddp"]), r["fsdp_vs_ddp"]
     assert r["same_model_keys"] and r["same_param_groups"]
@@ -48,18 +49,13 @@ def test_grad_checkpointing_changes_nothing_under_fsdp_and_ddp(train_results):
 
 
 @pytest.mark.slow
-def test_engine_train_step_runs_sharded(train_results):
-    """engine_jit.train_step on the sharded model (sync on the last micro-batch, the flag reduced over ranks)."""
-    assert within(train_results["engine_vs_ddp"]), train_results["engine_vs_ddp"]
-
-
-@pytest.mark.slow
 def test_accumulation_without_sync_equals_one_batch(train_results):
     assert train_results["accum_vs_one_batch"] < ROUNDING
 
 
 @pytest.mark.slow
 def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all(train_results):
+    """train_step with an inf put into one element of rank 1's local gradient shard: both ranks skip."""
     assert train_results["skip"] == [(1.0, True), (1.0, True)]
 
 
@@ -83,7 +79,7 @@ def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(train_results):
 
 @pytest.mark.slow
 def test_fp32_gathers_under_autocast_reproduce_ddp_exactly(precision_results):
-    """The recommended plan (mixed_precision=False + autocast) is today's math; bf16 gathers
+    """The recommended plan (mixed_precision=False + autocast) is DDP's math; bf16 gathers
     move the gradients about as far from it as autocast itself is from float32."""
     r = precision_results
     assert r["fsdp_gather_fp32"]["loss_diff"] == 0.0 and r["fsdp_gather_fp32"]["grad_max_abs"] == 0.0

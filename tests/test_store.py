@@ -16,7 +16,8 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, default_collate
 
 import prepare_data
-from helpers import TINY, assert_bit_identical, make_image_folder, read_until, run_script, start_script
+from util.errors import exit_code
+from helpers import TINY, assert_same_state, load_last, read_until, run_script
 from util import store as store_mod
 from util.data import CenterCropFolder, ResumableSampler, center_crop_arr, make_loader, open_dataset
 from util.store import StoreDataset, is_store
@@ -44,10 +45,20 @@ def make_source(root):
     return str(root)
 
 
-def convert(data_path, out, *extra, size=SIZE, workers=0):
-    prepare_data.main(["--data_path", str(data_path), "--img_size", str(size), "--store", str(out),
-                       "--shard_size", str(SHARD), "--num_workers", str(workers), *map(str, extra)])
-    return str(out)
+def convert_args(data_path, out, *extra, size=SIZE, workers=0) -> list[str]:
+    return ["--data_path", str(data_path), "--img_size", str(size), "--store", str(out), "--shard_size", str(SHARD),
+            "--num_workers", str(workers), *map(str, extra)]
+
+
+def convert(*args, **kwargs):
+    """prepare_data.py's main in this process (its errors raise); returns the store's path."""
+    prepare_data.main(convert_args(*args, **kwargs))
+    return str(args[1])
+
+
+def convert_status(*args, **kwargs) -> int:
+    """prepare_data.py's exit status in this process (its one-line errors on stderr)."""
+    return exit_code(prepare_data.main, convert_args(*args, **kwargs))
 
 
 def run_cli(*args):
@@ -206,8 +217,9 @@ def test_dataloader_with_batch_sampler_same_batches_for_0_and_2_workers(store):
         assert a[0].shape == (4, 3, SIZE, SIZE) and a[1].dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_multiprocess_conversion_is_byte_identical(source, store, tmp_path):
-    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as main_jit's StopSignal leaves it in this process
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as engine_jit.StopSignal leaves it in this process
     try:
         out = convert(source, tmp_path / "mp", workers=2)  # the pool's workers must still end
     finally:
@@ -257,9 +269,7 @@ def test_verify_passes_then_catches_a_flipped_byte_and_wrong_pixels(source, tmp_
     out = convert(source, tmp_path / "store", "--verify", "--verify_samples", 100)
     assert "passed" in capsys.readouterr().out
     flip_byte(os.path.join(out, "shard_00002.npy"), 1000)  # outside the sampled blocks
-    with pytest.raises(SystemExit) as e:
-        convert(source, out, "--verify")
-    assert e.value.code == 1
+    assert convert_status(source, out, "--verify") == 1  # a check that found problems: the run failed
     assert "shard_00002.npy: sha256 differs from the manifest" in capsys.readouterr().out
     flip_byte(os.path.join(out, "shard_00002.npy"), 1000)
     img = np.load(os.path.join(out, "shard_00002.npy"))
@@ -268,8 +278,7 @@ def test_verify_passes_then_catches_a_flipped_byte_and_wrong_pixels(source, tmp_
     edit_manifest(out, shards=[s if s["file"] != "shard_00002.npy" else
                                {**s, **prepare_data.save_array(os.path.join(out, "shard_00002.npy"), img)}
                                for s in json.load(open(os.path.join(out, "manifest.json")))["shards"]])
-    with pytest.raises(SystemExit):
-        convert(source, out, "--verify", "--verify_samples", 100)
+    assert convert_status(source, out, "--verify", "--verify_samples", 100) == 1
     captured = capsys.readouterr()
     assert "image 10 (mango/3.png) differs from a fresh decode" in captured.out
     assert "--verify found 1 problems" in captured.err
@@ -300,15 +309,12 @@ def test_open_rejects_bad_stores_with_clear_messages(copy):
 def test_not_enough_disk_space_stops_before_writing(source, copy, tmp_path, monkeypatch, capsys):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(SystemExit) as e:
-        convert(source, tmp_path / "new")
-    assert e.value.code == 1 and not os.path.exists(tmp_path / "new")
+    assert convert_status(source, tmp_path / "new") == 2 and not os.path.exists(tmp_path / "new")
     assert "not enough disk space for --store" in capsys.readouterr().err
     os.remove(copy / "manifest.json")
     os.remove(copy / "shard_00004.npy")
     before = snapshot(copy)
-    with pytest.raises(SystemExit):
-        convert(source, copy)
+    assert convert_status(source, copy) == 2
     err = capsys.readouterr().err
     assert "needs 2.7 kB more (3 images × 16×16×3 bytes + labels), 1.0 kB are free" in err
     assert snapshot(copy) == before
@@ -328,10 +334,9 @@ def test_bad_inputs_stop_with_one_line_errors_and_touch_nothing(source, store, t
     ]
     for data_path, out, size, message in cases:
         before = [snapshot(p) for p in (other, partial, store)]
-        with pytest.raises(SystemExit) as e:
-            convert(data_path, out, size=size)
+        code = convert_status(data_path, out, size=size)
         err = capsys.readouterr().err
-        assert e.value.code == 1 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
+        assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
         assert [snapshot(p) for p in (other, partial, store)] == before and not os.path.exists(tmp_path / "new")
 
 
@@ -345,26 +350,25 @@ def test_cli_prints_errors_without_traceback(source, copy, tmp_path):
     for out, message in ((other, "holds other files (notes.txt)"), (copy, "shard_00000.npy has 500 bytes")):
         before = snapshot(out)
         code, output = run_cli(*base, "--store", out, "--verify")
-        assert code == 1 and message in output and "Traceback" not in output, output
+        assert code == 2 and message in output and "Traceback" not in output, output
         assert output.strip().splitlines()[-1].startswith("error: ") and snapshot(out) == before, output
 
 
 @pytest.mark.slow
-def test_training_on_the_store_is_bit_identical_to_the_folder_also_after_a_resume(tmp_path):
+def test_training_on_the_store_is_bit_identical_to_the_folder_also_after_a_resume(data48, tmp_path, start):
     """Same batches, same flips, same weights: the store holds exactly the pixels the folder decodes
     (all source images readable, so store and source indices agree). The store run is killed after
     a mid-epoch step checkpoint and rerun, with a DataLoader worker."""
-    data = make_image_folder(tmp_path / "data", per_class=16)  # 48 images: 12 steps per epoch
+    data = data48  # 12 steps per epoch
     store = convert(data, tmp_path / "store")
     run_script("main_jit.py", *TINY, "--epochs", 2, "--data_path", data, "--output_dir", tmp_path / "folder")
     out = tmp_path / "from_store"
     args = [*TINY, "--epochs", 2, "--num_workers", 1, "--data_path", store, "--output_dir", out, "--resume", out,
             "--save_every_steps", 3]
-    proc = start_script("main_jit.py", *args)
+    proc = start("main_jit.py", *args)
     read_until(proc, "(resume at epoch 0, step 6)")
     proc.kill()
     proc.wait()
     p = run_script("main_jit.py", *args)
     assert "resumed from" in p.stdout and "data: 48 images in 3 classes" in p.stdout
-    load = lambda d: torch.load(d / "checkpoint-last.pth", weights_only=True)  # noqa: E731
-    assert_bit_identical(load(out), load(tmp_path / "folder"))
+    assert_same_state(load_last(out), load_last(tmp_path / "folder"))

@@ -3,7 +3,6 @@ run, resume after SIGTERM, sweep.csv / sweep.png, --final_num_images, the third 
 import csv
 import dataclasses
 import json
-import os
 import signal
 
 import numpy as np
@@ -13,11 +12,11 @@ from PIL import Image
 
 import main_jit
 from denoiser import SamplerSettings
-from helpers import TINY, TINY_MODEL, make_image_folder, read_until, run_script, save_reference_checkpoint, start_script, tiny_denoiser
+from engine_jit import StopSignal
+from helpers import (REF_KEYS, TINY, TINY_MODEL, load_last, read_metrics, read_until, run_script, save_reference_checkpoint,
+                     tiny_denoiser)
 from util import checkpoint as ckpt_util
 from util import sweep
-
-REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +37,12 @@ def main(*argv) -> int:
     return main_jit.main(main_jit.parse_args([str(a) for a in argv]))
 
 
-def eval_records(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
-
-
 @pytest.mark.slow
 def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, inception_weights, fid_ref_stats, capsys):
     common = eval_args(checkpoint, tmp_path / "sweep", inception_weights, fid_ref_stats)
     assert main(*common, "--cfg", 2.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
     out = capsys.readouterr().out
-    records = eval_records(tmp_path / "sweep")
+    records = read_metrics(tmp_path / "sweep", "eval")
     assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
     assert [(r["ema"], r["interval_min"]) for r in records] == [(1, 0.0), (1, 0.3), (2, 0.0), (2, 0.3)]
     assert all(r["checkpoint"] == str(checkpoint) and r["checkpoint_epoch"] == 7 for r in records)
@@ -61,7 +55,7 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
         single = tmp_path / f"single{r['ema']}{r['cfg']}{r['interval_min']}"
         assert main(*eval_args(checkpoint, single, inception_weights, fid_ref_stats), "--cfg", r["cfg"],
                     "--interval_min", r["interval_min"], "--ema", r["ema"]) == 0
-        (one,) = eval_records(single)
+        (one,) = read_metrics(single, "eval")
         for key in ("fid", "inception_score", "inception_score_std"):
             assert one[key] == r[key], key
 
@@ -74,10 +68,10 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
 
 
 @pytest.mark.slow
-def test_a_single_point_run_keeps_todays_record(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+def test_a_single_point_run_writes_the_same_record_as_a_sweep_point(checkpoint, tmp_path, inception_weights, fid_ref_stats):
     assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 2.0) == 0
-    (r,) = eval_records(tmp_path)
-    assert "ema" not in r and "checkpoint" not in r and r["cfg"] == 2.0 and r["checkpoint_epoch"] == 7
+    (r,) = read_metrics(tmp_path, "eval")  # a single point's record holds its EMA and checkpoint as a sweep's does
+    assert r["ema"] == 1 and r["checkpoint"] == str(checkpoint) and r["cfg"] == 2.0 and r["checkpoint_epoch"] == 7
     assert not (tmp_path / "sweep.csv").exists()
 
 
@@ -85,27 +79,28 @@ def test_a_single_point_run_keeps_todays_record(checkpoint, tmp_path, inception_
 def test_final_num_images_evaluates_the_best_point_again(checkpoint, tmp_path, inception_weights, fid_ref_stats):
     assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 1.0, 3.0,
                 "--final_num_images", 9) == 0
-    records = eval_records(tmp_path)
+    records = read_metrics(tmp_path, "eval")
     assert [r["num_images"] for r in records] == [6, 6, 9]
     best = min(records[:2], key=lambda r: r["fid"])
     assert records[2]["cfg"] == best["cfg"] and records[2]["ema"] == best["ema"]
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_sigterm_continues_without_recomputing(checkpoint, tmp_path, inception_weights, fid_ref_stats):
+def test_a_sweep_stopped_by_sigterm_continues_without_recomputing(checkpoint, tmp_path, inception_weights, fid_ref_stats,
+                                                                  start):
     base = ["main_jit.py", *eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats)]
     args = [*base, "--cfg", 1.0, 2.0, "--ema", 1, 2]
-    proc = start_script(*args)
+    proc = start(*args)
     read_until(proc, "sweep point 1/4: FID")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0 and "sweep stopped (signal)" in rest, rest
-    finished = len(eval_records(tmp_path))
+    finished = len(read_metrics(tmp_path, "eval"))
     assert 1 <= finished < 4
     p = run_script(*args)
     assert f"{finished} of 4 points already finished" in p.stdout
     assert p.stdout.count("img/s; sweep ETA") == 4 - finished  # only the rest was computed
-    records = eval_records(tmp_path)
+    records = read_metrics(tmp_path, "eval")
     assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
     with open(tmp_path / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
@@ -129,27 +124,26 @@ def test_finished_points_match_all_settings_the_checkpoint_and_its_epoch(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_third_ema_round_trip(tmp_path, inception_weights, fid_ref_stats):
+def test_a_third_ema_round_trip(data, tmp_path, inception_weights, fid_ref_stats):
     """Train with --ema_decay3; the checkpoint adds model_ema3 (the reference's keys unchanged and
     loadable); resume keeps it; --evaluate_gen --ema 3 and sample.py --ema 3 sample it."""
-    data = make_image_folder(tmp_path / "data")
     out = tmp_path / "out"
     train = [*TINY, "--ema_decay3", "0.9", "--data_path", data, "--output_dir", out]
     run_script("main_jit.py", *train, "--epochs", 1)
-    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    ckpt = load_last(out)
     assert REF_KEYS | {"model_ema3"} <= set(ckpt)
     fresh = tiny_denoiser()
     for key in ("model", "model_ema1", "model_ema2", "model_ema3"):  # what the reference loads, and ours
         fresh.load_state_dict(ckpt[key], strict=True)
     assert not torch.equal(ckpt["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"])
     p = run_script("main_jit.py", *train, "--epochs", 2, "--resume", out)
-    resumed = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    resumed = load_last(out)
     assert "epoch 1, step 0" in p.stdout and resumed["epoch"] == 1 and "model_ema3" in resumed
     assert not torch.equal(resumed["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema3"]["net.final_layer.linear.weight"])
 
     last = out / "checkpoint-last.pth"
     p = run_script("main_jit.py", *eval_args(last, tmp_path / "eval", inception_weights, fid_ref_stats), "--ema", 3)
-    (r,) = eval_records(tmp_path / "eval")
+    (r,) = read_metrics(tmp_path / "eval", "eval")
     assert r["ema"] == 3 and np.isfinite(r["fid"])
     run_script("sample.py", "--resume", last, "--ema", 3, "--classes", 0, 1, "--per_class", 1, "--num_sampling_steps", 2,
                "--output", tmp_path / "grid.png", "--device", "cpu")
@@ -171,9 +165,10 @@ def test_ema_3_on_a_checkpoint_without_one_is_a_clear_error(checkpoint, tmp_path
 ])
 def test_bad_sweep_settings_are_rejected_before_any_work(checkpoint, tmp_path, extra, message):
     args = main_jit.parse_args(["--model", "JiT-XS/4", "--img_size", "16", "--class_num", "3", "--evaluate_gen",
-                                "--resume", str(checkpoint), "--output_dir", str(tmp_path), *extra])
-    with pytest.raises(ValueError, match=message):
-        main_jit.check_args(args)
+                                "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--device", "cpu", *extra])
+    with pytest.raises(ValueError, match=message):  # a util.errors.BadValue: exit status 2
+        main_jit.main(args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ema_0_is_refused_by_the_parser(capsys):
@@ -182,7 +177,7 @@ def test_ema_0_is_refused_by_the_parser(capsys):
     assert "invalid choice: 0" in capsys.readouterr().err
 
 
-class Stopped(main_jit.StopSignal):
+class Stopped(StopSignal):
     """As if SIGTERM had come before the first point."""
 
     def __init__(self):

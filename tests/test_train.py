@@ -1,5 +1,4 @@
 """The training entry point: checkpoints, resume, DDP, LR schedule, fail-fast input checks."""
-import json
 import os
 
 import pytest
@@ -7,19 +6,12 @@ import torch
 
 import main_jit
 from denoiser import Denoiser
-from engine_jit import train_step
+from engine_jit import StepParts, build_optimizer, param_groups, train_step
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util.data import ResumableSampler
 from util.lr_sched import lr_at
-from helpers import TINY, make_image_folder, run_script, save_reference_checkpoint, tiny_denoiser
-
-REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")))
+from helpers import REF_KEYS, TINY, load_last, read_metrics, run_script, save_reference_checkpoint, tiny_denoiser
 
 
 @pytest.mark.slow
@@ -30,15 +22,14 @@ def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
     assert "eta 0:00:" in p.stdout and "(run 0:00:" in p.stdout  # ETA of the epoch and of the whole run
     log_txt = (out / "log.txt").read_text()  # the console, also in the output folder
     assert "Epoch [0] [6/6]" in log_txt and "saved" in log_txt and "training done" in log_txt
-    ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)  # plain data only
+    ckpt = load_last(out)  # plain data only
     assert REF_KEYS <= set(ckpt)
     assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "JiT-XS/4"
     fresh = tiny_denoiser()
     fresh.load_state_dict(ckpt["model"], strict=True)
     fresh.load_state_dict(ckpt["model_ema1"], strict=True)
     assert not torch.equal(ckpt["model"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"])
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 6]  # every --log_freq steps and the last
+    assert [r["step"] for r in read_metrics(out, "train")] == [4, 6]  # every --log_freq steps and the last
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
 
 
@@ -46,7 +37,7 @@ def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
 def test_lr_is_set_every_iteration_with_warmup(data, tmp_path):
     out = tmp_path / "out"
     run_script("main_jit.py", *TINY, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.002", "--data_path", data, "--output_dir", out)
-    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    lrs = [r["lr"] for r in read_metrics(out)]
     expected = [lr_at(e + s / 6, lr=0.002, warmup_epochs=1) for e in range(2) for s in range(6)]
     assert lrs == pytest.approx(expected)
 
@@ -84,7 +75,7 @@ def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
     run.close()
     assert args.lr is None  # the flags stay as given; the derived value lives in the run's config
     assert run.config.lr == pytest.approx(1e-4 * 4 * 2 / 256)
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.config.lr)
+    assert run.parts.optimizer.param_groups[0]["lr"] == pytest.approx(run.config.lr)
 
 
 @pytest.mark.slow
@@ -92,12 +83,12 @@ def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
     path = tmp_path / "ref.pth"
     save_reference_checkpoint(path, tiny_denoiser().train(), epoch=0, steps=1)
     state = ckpt_util.load(str(path))  # weights_only loading of an argparse.Namespace
-    assert state.args["model"] == "JiT-XS/4" and state.resume == {"epoch": 1, "step": 0}
+    assert state.args["model"] == "JiT-XS/4" and state.start == {"epoch": 1, "step": 0}
     out = tmp_path / "out"
     p = run_script("main_jit.py", *TINY, "--epochs", "2", "--resume", path, "--data_path", data, "--output_dir", out)
     assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
     assert "Epoch [0]" not in p.stdout and "Epoch [1] [6/6]" in p.stdout
-    new = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    new = load_last(out)
     assert new["epoch"] == 1
     steps = {float(s["step"]) for s in new["optimizer"]["state"].values()}
     assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here: the optimizer state was loaded
@@ -115,7 +106,7 @@ def test_loaded_adamw_steps_are_float32_on_the_parameters_device(tmp_path):
     first["step"] = first["step"].double()  # any dtype is made float32
     with torch.device("meta"):
         d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3)
-    opt = torch.optim.AdamW(main_jit.param_groups(d, weight_decay=0.0), lr=1e-3)  # fused AdamW has no meta kernels
+    opt = torch.optim.AdamW(param_groups(d, weight_decay=0.0), lr=1e-3)  # fused AdamW has no meta kernels
     ckpt_util.load_optimizer(opt, state.optimizer)
     assert all(g["fused"] for g in opt.param_groups)
     steps = [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]]
@@ -161,14 +152,14 @@ def test_gradient_accumulation_matches_one_big_batch():
         with torch.no_grad():
             for p in d.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-        return d, main_jit.build_optimizer(d, 1e-3, 0.0)
+        return d, build_optimizer(d, 1e-3, 0.0)
 
     (d1, o1), (d2, o2) = make(), make()
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     y = torch.randint(0, 3, (8,))
     cpu = torch.device("cpu")
-    train_step(d1, d1, o1, [], [(x, y)], device=cpu, accum_iter=1)
-    train_step(d2, d2, o2, [], [(x[:4], y[:4]), (x[4:], y[4:])], device=cpu, accum_iter=2)
+    train_step(StepParts(d1, d1, o1, [], cpu), [(x, y)])
+    train_step(StepParts(d2, d2, o2, [], cpu), [(x[:4], y[:4]), (x[4:], y[4:])])
     moved = False
     for (n, a), b, c in zip(d1.named_parameters(), d2.parameters(), make()[0].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
@@ -192,7 +183,7 @@ def test_bad_input_fails_fast_with_a_clear_message(data, tmp_path, extra, messag
     out = tmp_path / "out"
     args = [*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out]
     p = run_script("main_jit.py", *args, *extra, check=False, timeout=60)
-    assert p.returncode != 0 and message in p.stdout, p.stdout
+    assert p.returncode == 2 and message in p.stdout, p.stdout
     assert "Traceback" not in p.stdout
     assert not (out / "checkpoint-last.pth").exists()
 
@@ -209,7 +200,7 @@ def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)
     for i in r0["optimizer"]:
         assert torch.equal(r0["optimizer"][i]["exp_avg"], r1["optimizer"][i]["exp_avg"])
-    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    ckpt = load_last(out)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seed + rank per process
 

@@ -1,13 +1,18 @@
-"""Checkpoint files: the format (one symmetric pair: TrainState <-> dict), atomic writes, safe
-loading (reference files included), resume lookup, RNG state.
+"""Checkpoints: the file format (one symmetric pair: TrainState <-> dict), atomic writes, safe
+loading (reference files included), finding the newest readable file, RNG state, and the
+`Checkpointer` that saves and restores a run's state.
 
 Layout (the reference's keys, plus ours): `model`, `model_ema1`, `model_ema2` (full state dicts of
 the denoiser, keys `net.*`), `optimizer`, `epoch` (last finished epoch), `args` (a plain dict; the
-reference stored an argparse.Namespace, which loads too), and for exact resume `resume`
-({'epoch', 'step'} to continue from), `rng` (one entry per rank), `world_size`; `model_ema3` when
-a third EMA is kept (--ema_decay3; the reference ignores the key).
+reference stored an argparse.Namespace, which loads too), and for exact continuation `resume`
+(the start position {'epoch', 'step'} of the next run; `TrainState.start`), `rng` (one entry per
+rank), `world_size`; `model_ema3` when a third EMA is kept (--ema_decay3; the reference ignores it).
+
+Names: `--resume` is the flag (a file or folder to continue from); the position a run continues
+from is its `start` (TrainState.start, Start).
 """
 import argparse
+import dataclasses
 import glob
 import os
 import random
@@ -17,20 +22,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from util import files
+from util import distributed as D
+from util import files, sharding
+from util.errors import BadInput
 
-LAST = "checkpoint-last.pth"
 EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(BadInput):
+    """A checkpoint that is missing, unreadable or does not fit the model (bad input: exit 2)."""
 
 
 @dataclass
 class TrainState:
     """What a checkpoint holds. model / emas / optimizer: state dicts (optimizer None: weights only);
-    epoch: the last finished epoch of these weights (-1: none); resume: {'epoch', 'step'} to continue
+    epoch: the last finished epoch of these weights (-1: none); start: {'epoch', 'step'} to continue
     from; rng: every rank's RNG states and world_size: their number (None in reference files)."""
 
     model: dict
@@ -38,7 +44,7 @@ class TrainState:
     optimizer: dict | None
     epoch: int
     args: dict
-    resume: dict
+    start: dict
     rng: list | None = None
     world_size: int | None = None
 
@@ -59,9 +65,9 @@ class TrainState:
 
 
 def to_dict(state: TrainState) -> dict:
-    """The file's dict: the reference's keys, plus resume, rng and world_size."""
+    """The file's dict: the reference's keys, plus resume (the start position), rng and world_size."""
     return {"model": state.model, **dict(zip(EMA_KEYS, state.emas)), "optimizer": state.optimizer,
-            "epoch": state.epoch, "args": state.args, "resume": state.resume, "rng": state.rng,
+            "epoch": state.epoch, "args": state.args, "resume": state.start, "rng": state.rng,
             "world_size": state.world_size}
 
 
@@ -74,7 +80,7 @@ def from_dict(ckpt: dict) -> TrainState:
     return TrainState(
         model=ckpt["model"], emas=emas, optimizer=ckpt.get("optimizer"),
         epoch=epoch, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
-        resume=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
+        start=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
         world_size=ckpt.get("world_size"),
     )
 
@@ -189,20 +195,20 @@ def candidates(folder: str) -> list[str]:
     return sorted(paths, key=key, reverse=True)
 
 
-def load_for_resume(resume: str, log=print):
-    """Resolve `--resume` and load it. Returns (TrainState, path) or (None, None).
+def find_checkpoint(source: str, log=print):
+    """Load the checkpoint `source` names (--resume). Returns (TrainState, path) or (None, None).
 
     A file is loaded as is (a bad file is an error). A folder is searched for checkpoints, newest
     first; an unreadable one is reported and the next one tried; none at all means training from
     scratch. A path that does not exist is an error.
     """
-    if not resume:
+    if not source:
         return None, None
-    if not os.path.exists(resume):
-        raise CheckpointError(f"--resume {resume}: no such file or folder")
-    if os.path.isfile(resume):
-        return load(resume), resume
-    found = candidates(resume)
+    if not os.path.exists(source):
+        raise CheckpointError(f"--resume {source}: no such file or folder")
+    if os.path.isfile(source):
+        return load(source), source
+    found = candidates(source)
     for i, path in enumerate(found):
         try:
             state = load(path)
@@ -213,8 +219,8 @@ def load_for_resume(resume: str, log=print):
             log(f"warning: resuming from the older checkpoint {path}")
         return state, path
     if found:
-        raise CheckpointError(f"--resume {resume}: none of its {len(found)} checkpoints can be read")
-    log(f"no checkpoint in {resume}: training from scratch")
+        raise CheckpointError(f"--resume {source}: none of its {len(found)} checkpoints can be read")
+    log(f"no checkpoint in {source}: training from scratch")
     return None, None
 
 
@@ -238,3 +244,132 @@ def restore_rng(state: dict, device: torch.device):
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def describe(path: str, start: dict) -> str:
+    return f"{path} (resume at epoch {start['epoch']}, step {start['step']})"
+
+
+@dataclass
+class Start:
+    """Where a run starts. epoch, step: the position to continue from; weights_epoch: the last
+    finished epoch of the loaded weights (-1: none); path: the checkpoint file (None: none)."""
+
+    epoch: int
+    step: int = 0
+    weights_epoch: int = -1
+    path: str | None = None
+
+
+@dataclass
+class SaveLog:
+    """What the checkpoint writes of a run came to. newest: the newest readable checkpoint and what
+    it holds; last_ok: whether the latest checkpoint-last.pth write succeeded; failed: writes that did not."""
+
+    newest: str | None = None
+    last_ok: bool = True
+    failed: int = 0
+
+    def note(self, name: str, written: str | None) -> bool:
+        """Record the outcome of writing checkpoint-{name}.pth (`written`: its description, None if it
+        failed); returns whether it was written."""
+        self.failed += written is None
+        if name == "last":
+            self.last_ok = written is not None
+        self.newest = written or self.newest
+        return written is not None
+
+
+class Checkpointer:
+    """A run's checkpoints in `output_dir`: `load` + `restore` at the start, `save` during the run.
+
+    Holds the live denoiser, its EMAs (the list itself: an EMA added to it is saved too), the
+    optimizer (None: weights only), the run's settings `args` (a plain dict, stored in every file)
+    and the device (for RNG states). Sharded (FSDP) objects are gathered to and loaded from the
+    unsharded format, rank 0 alone reading and writing the file. `log` notes every write.
+    """
+
+    def __init__(self, output_dir: str, device: torch.device, denoiser, emas: list, optimizer, args: dict):
+        self.output_dir, self.device = output_dir, device
+        self.denoiser, self.emas, self.optimizer, self.args = denoiser, emas, optimizer, args
+        self.log = SaveLog()
+
+    def load(self, source: str):
+        """(TrainState, path) of --resume `source`, or (None, None) (find_checkpoint). Sharded: rank
+        0 alone reads the file; the other ranks get the state without its tensors (rank 0 broadcasts
+        them in `restore`)."""
+        if not sharding.is_sharded(self.denoiser):
+            return find_checkpoint(source, log=D.print0)
+        state, path = find_checkpoint(source, log=D.print0) if D.is_main_process() else (None, None)
+        header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
+        header, path = D.broadcast_object((header, path))
+        return (state if D.is_main_process() else header), path
+
+    def restore(self, state: TrainState, path: str) -> Start:
+        """Load `state` (from `load`) into the live objects, the optimizer's only if there is one, and
+        this rank's RNG states when the process count is the same. Returns the run's Start."""
+        self._load_weights(state, path)
+        if state.rng is not None and state.world_size == D.get_world_size():
+            restore_rng(state.rng[D.get_rank()], self.device)
+        elif state.rng is not None:
+            D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
+                     f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
+        D.print0(f"resumed from {path}: epoch {state.start['epoch']}, step {state.start['step']}")
+        self.log.newest = describe(path, state.start)
+        return Start(state.start["epoch"], state.start["step"], state.epoch, os.path.abspath(path))
+
+    def _load_weights(self, state: TrainState, path: str):
+        if not sharding.is_sharded(self.denoiser):
+            load_weights(state, path, self.denoiser, self.emas)
+            if self.optimizer is not None and state.optimizer is not None:
+                load_optimizer(self.optimizer, state.optimizer)
+            return
+        ema_sds = None if state.model is None else state.ema_states(len(self.emas))  # None: not rank 0
+        try:
+            sharding.load_full_state(self.denoiser, self.emas, self.optimizer, state.model, ema_sds, state.optimizer)
+        except RuntimeError as e:
+            raise does_not_fit(path, state.args, e) from None
+        if self.optimizer is not None:
+            place_steps(self.optimizer)
+
+    def save(self, epoch: int, next_step: int, steps_per_epoch: int, name: str = "last") -> bool:
+        """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
+        atomically, to continue at (epoch, next_step). A failed write is reported on one line and the
+        previous checkpoint kept. Returns, on every rank, whether the file was written."""
+        rngs = D.all_gather_object(capture_rng(self.device))
+        if sharding.is_sharded(self.denoiser):  # collective: gathered to full state dicts on rank 0
+            model, emas, optimizer = sharding.full_state(self.denoiser, self.emas, self.optimizer)
+        elif D.is_main_process():
+            model, emas, optimizer = self.denoiser.state_dict(), [e.state_dict() for e in self.emas], self.optimizer.state_dict()
+        written = None
+        if D.is_main_process():
+            done = next_step >= steps_per_epoch
+            state = TrainState(
+                model=model, emas=emas, optimizer=optimizer, epoch=epoch if done else epoch - 1, args=self.args,
+                start={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
+                rng=rngs, world_size=D.get_world_size(),
+            )
+            path = os.path.join(self.output_dir, f"checkpoint-{name}.pth")
+            try:
+                save(state, path)
+            except files.WriteError as e:
+                D.print0(f"error: {e}; the previous checkpoint is kept, training goes on")
+            else:
+                written = describe(path, state.start)
+                D.print0(f"saved {written}")
+        return self.log.note(name, D.broadcast_object(written))
+
+    def unsaved_exit(self) -> int:
+        """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
+        D.print0("error: the final checkpoint of this run could not be written; "
+                 + (f"the newest readable checkpoint is {self.log.newest}" if self.log.newest
+                    else "no checkpoint of this run was written"))
+        return 1
+
+    def check_free_space(self):
+        """Say so before training when output_dir cannot hold a checkpoint and its temporary file."""
+        need, free = 2 * estimated_size(self.denoiser), files.free_bytes(self.output_dir)
+        if free < need:
+            D.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
+                     f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
+                     "checkpoints may fail to be written")

@@ -7,14 +7,15 @@ import collections
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
-from torchvision.datasets import ImageFolder
 
 from util.distributed import print_all
+from util.errors import MissingFile
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -46,9 +47,14 @@ class CenterCropFolder(Dataset):
     """
 
     def __init__(self, root: str, image_size: int):
+        from torchvision.datasets import ImageFolder  # here: torchvision takes a second to import
+
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"training data folder {root} does not exist (expected an ImageFolder tree: {root}/<class>/<image>)")
-        folder = ImageFolder(root)  # raises if it holds no images
+            raise MissingFile(f"training data folder {root} does not exist (expected an ImageFolder tree: {root}/<class>/<image>)")
+        try:
+            folder = ImageFolder(root)
+        except FileNotFoundError as e:  # no class folder, or no image in them
+            raise MissingFile(f"training data folder {root}: {e}") from None
         self.samples = folder.samples
         self.classes = folder.classes
         self.image_size = image_size
@@ -113,13 +119,33 @@ class ResumableSampler(Sampler):
 
 
 def open_dataset(data_path: str, img_size: int):
-    """The training set at `data_path`: a store made by prepare_data.py (util.store.StoreDataset),
-    else the ImageFolder tree data_path/train decoded on the fly (CenterCropFolder)."""
+    """The training set at `data_path`: a store made by prepare_data.py (util.store.StoreDataset,
+    whose manifest, image size and files are checked here), else the ImageFolder tree
+    data_path/train decoded on the fly (CenterCropFolder). Raises util.errors.BadInput kinds with
+    what to do when neither is there or the store does not fit."""
     from util.store import StoreDataset, is_store
 
     if is_store(data_path):
         return StoreDataset(data_path, img_size)
+    if not os.path.isdir(os.path.join(data_path, "train")):
+        raise MissingFile(f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
+                          "tree of training images) and no image store (prepare_data.py)")
     return CenterCropFolder(os.path.join(data_path, "train"), img_size)
+
+
+@dataclass
+class Data:
+    """A run's training data: the loader (batches from the sampler's position), this rank's
+    ResumableSampler, the optimiser steps that make an epoch, and what the set holds."""
+
+    loader: object
+    sampler: "ResumableSampler"
+    steps_per_epoch: int
+    images: int
+    classes: int
+
+    def __str__(self):
+        return f"{self.images} images in {self.classes} classes, {self.steps_per_epoch} steps per epoch"
 
 
 class ThreadedBatches:

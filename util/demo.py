@@ -1,8 +1,11 @@
-"""What the built-in demo leaves in its output folder: a class-by-row sample grid and a loss curve."""
+"""The built-in demo: its data (one coloured shape per class, made on the spot) and what it leaves in
+its output folder (a class-by-row sample grid and a loss curve)."""
 import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from denoiser import SamplerSettings
 from util.distributed import autocast, print0
@@ -10,16 +13,58 @@ from util.evaluation import quantize
 from util.files import atomic_write
 from util.viz import save_grid
 
+CLASSES = ("0_red_circle", "1_green_square", "2_blue_triangle", "3_yellow_cross")
+_COLOURS = ((220, 40, 40), (40, 180, 60), (50, 80, 230), (235, 200, 30))
+
+
+def _draw(kind: int, size: int, rng: np.random.Generator) -> Image.Image:
+    bg = tuple(int(v) for v in rng.integers(150, 256, 3) // 2 + 20)  # muted background
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.36)
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12, 2) * size
+    colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in _COLOURS[kind])
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if kind == 0:
+        d.ellipse(box, fill=colour)
+    elif kind == 1:
+        d.rectangle(box, fill=colour)
+    elif kind == 2:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        w = r / 2.5
+        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+    return img
+
+
+def make_shapes_dataset(root: str, image_size: int = 32, per_class: int = 256, seed: int = 0) -> str:
+    """Write `per_class` images of each class to root/train/<class>/<i>.png (if not already there):
+    an ImageFolder tree of PNGs, so that the demo runs the real loading path. Returns root."""
+    done = os.path.join(root, "train", ".complete")
+    if os.path.exists(done):
+        return root
+    rng = np.random.default_rng(seed)
+    for kind, name in enumerate(CLASSES):
+        folder = os.path.join(root, "train", name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            _draw(kind, image_size, rng).save(os.path.join(folder, f"{i:05d}.png"))
+    open(done, "w").close()
+    return root
+
 
 @torch.no_grad()
-def write_demo_outputs(denoiser, *, output_dir: str, class_num: int, img_size: int, seed: int, sampler: SamplerSettings,
-                       device: torch.device, per_class: int = 8):
-    """Write samples.png (one row per class, `per_class` images each) and loss_curve.png to output_dir."""
-    labels = torch.arange(class_num, device=device).repeat_interleave(per_class)
+def write_demo_outputs(denoiser, output_dir: str, sampler: SamplerSettings, seed: int, per_class: int = 8):
+    """Write samples.png (one row per class of `denoiser`, `per_class` images each, sampled on its
+    device) and loss_curve.png to output_dir."""
+    net = denoiser.net
+    device = next(net.parameters()).device
+    labels = torch.arange(denoiser.num_classes, device=device).repeat_interleave(per_class)
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(len(labels), 3, img_size, img_size, generator=g, device=device) * denoiser.noise_scale
+    noise = torch.randn(len(labels), net.in_channels, net.input_size, net.input_size, generator=g, device=device)
     with autocast(device):
-        images = denoiser.generate(labels, sampler, noise=noise)
+        images = denoiser.generate(labels, sampler, noise=noise * denoiser.noise_scale)
     path = os.path.join(output_dir, "samples.png")
     save_grid(quantize(images).cpu(), nrow=per_class, path=path)
     print0(f"wrote {path} (one row per class, cfg {sampler.cfg}, {sampler.steps} {sampler.method} steps)")

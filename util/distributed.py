@@ -7,10 +7,11 @@ reductions return their input. Launchers: torchrun (RANK / WORLD_SIZE / LOCAL_RA
 import builtins
 import contextlib
 import os
-import sys
 
 import torch
 import torch.distributed as dist
+
+from util.errors import BadInput
 
 _control_group = None  # a gloo group for small host-side collectives (no GPU synchronisation)
 _console_copy = None  # a file that this process's console lines are also appended to (output_dir/log.txt)
@@ -96,7 +97,7 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but no CUDA device is available (use --device cpu)")
+        raise BadInput("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # TF32 stays at PyTorch's defaults, as in the reference
     launch = _launcher_env(dist_on_itp)
@@ -106,10 +107,15 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
     if dist_url == "env://":
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise SystemExit(f"error: distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
+            raise BadInput(f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # torch._dynamo, imported after a process group exists (by torch.compile, torchvision or
+    # torch-fidelity), keeps a reference to it that destroy_process_group cannot drop, and the group's
+    # gloo threads then abort the process at exit (see shutdown). Imported before, it holds none.
+    from torch import _dynamo  # noqa: F401
+
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         init_method=dist_url,
@@ -177,9 +183,3 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / get_world_size()
-
-
-def fail(msg: str):
-    """Stop with a clear one-line message (exit code 1), from any rank."""
-    print_all(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)

@@ -9,13 +9,14 @@ processes. A different gen_bsz changes only the float rounding of the network's 
 
 Each batch is quantised to uint8 and fed to torch-fidelity's Inception in memory; the features
 are gathered on rank 0 in image order, which computes FID and IS with torch-fidelity's functions
-and shares the numbers with every rank.
+and shares the numbers with every rank. What is generated is a `GenerationSpec`; how it is scored, a
+`Scorer` (built once per run). Logging the results is engine_jit.evaluate's job.
 """
-import dataclasses
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,21 +27,43 @@ from denoiser import SamplerSettings
 from util import fid
 from util.distributed import (all_gather_object, autocast, barrier, get_rank, get_world_size, host_all_reduce_sum, is_dist,
                               is_main_process, print0, print_all)
+from util.errors import BadValue
 from util.files import atomic_write
 
 
-def check_eval_inputs(fid_stats: str, inception_weights: str | None, num_images: int, class_num: int) -> str:
-    """Fail fast, before any expensive work. Returns the local Inception weights path to use.
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What an evaluation generates: `num_images` class-balanced images of `img_size` px over
+    `class_num` classes, sampled with `sampler` in global batches of `gen_bsz`, image i from the
+    noise of (seed, i). BadValue unless num_images is a positive multiple of class_num."""
 
-    Raises ValueError if num_images is not a positive multiple of class_num or the statistics file
-    is malformed, FileNotFoundError if the statistics or weights file is missing or the weights
-    cannot be downloaded (the message names --inception_weights). Without `inception_weights` the
-    weights are fetched into the torch hub cache now, as torch-fidelity's first use would.
-    """
-    if class_num <= 0 or num_images <= 0 or num_images % class_num:
-        raise ValueError(f"--num_images ({num_images}) must be a positive multiple of --class_num ({class_num}) for class-balanced generation")
-    fid.load_stats(fid_stats)
-    return fid.resolve_inception_weights(inception_weights)
+    num_images: int
+    class_num: int
+    img_size: int
+    sampler: SamplerSettings
+    gen_bsz: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.class_num < 1 or self.num_images < 1 or self.num_images % self.class_num:
+            raise BadValue(f"the number of images ({self.num_images}) must be a positive multiple of --class_num "
+                           f"({self.class_num}) for class-balanced generation")
+
+
+class Scorer:
+    """FID (against the statistics in `fid_stats`) and Inception Score of uint8 images, with one
+    Inception network (util.fid.Inception). Built once per run; the statistics and the weights
+    file are checked at construction (util.errors.BadInput kinds: what to pass instead)."""
+
+    def __init__(self, fid_stats: str, inception_weights: str | None, device: torch.device):
+        self.fid_stats = fid_stats
+        self.stats = fid.load_stats(fid_stats)
+        self.inception = fid.Inception(inception_weights, device)
+
+    def scores(self, features: torch.Tensor) -> tuple[float, float, float]:
+        """(FID, IS mean, IS std) of all images' features (N, 2048 + 1008), in image order."""
+        pool, logits = features[:, : fid.FEATURE_DIM], features[:, fid.FEATURE_DIM :]
+        return (fid.frechet_distance(fid.statistics(pool), self.stats), *fid.inception_score(logits))
 
 
 def class_labels(indices: torch.Tensor, num_images: int, class_num: int) -> torch.Tensor:
@@ -72,13 +95,13 @@ def rank_batches(num_images: int, gen_bsz: int, rank: int, world_size: int) -> l
     return [(k * gen_bsz, min((k + 1) * gen_bsz, num_images)) for k in ks]
 
 
-def generate_batches(denoiser, *, net=None, device, num_images, class_num, gen_bsz, seed, sampler: SamplerSettings, img_size):
-    """Yield (start, uint8 images (B, 3, img_size, img_size) on device) for this rank's batches,
-    in index order."""
-    batches = rank_batches(num_images, gen_bsz, get_rank(), get_world_size())
+def generate_batches(denoiser, spec: GenerationSpec, device: torch.device, net=None):
+    """Yield (start, uint8 images (B, 3, img_size, img_size) on device) for this rank's batches of
+    `spec`, in index order. net: a stand-in for denoiser.net with its weights (e.g. compiled)."""
+    batches = rank_batches(spec.num_images, spec.gen_bsz, get_rank(), get_world_size())
 
     def draw(k):
-        return initial_noise(seed, range(*batches[k]), (3, img_size, img_size), denoiser.noise_scale)
+        return initial_noise(spec.seed, range(*batches[k]), (3, spec.img_size, spec.img_size), denoiser.noise_scale)
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # draws the next batch's noise while this one samples
         pending = pool.submit(draw, 0) if batches else None
@@ -86,19 +109,10 @@ def generate_batches(denoiser, *, net=None, device, num_images, class_num, gen_b
             noise = pending.result().to(device)
             if k + 1 < len(batches):
                 pending = pool.submit(draw, k + 1)
-            labels = class_labels(torch.arange(start, stop), num_images, class_num).to(device)
+            labels = class_labels(torch.arange(start, stop), spec.num_images, spec.class_num).to(device)
             with autocast(device):
-                x = denoiser.generate(labels, sampler, noise=noise, net=net)
+                x = denoiser.generate(labels, spec.sampler, noise=noise, net=net)
             yield start, quantize(x)
-
-
-def generate_images(denoiser, **kwargs) -> torch.Tensor:
-    """This rank's share of the set as uint8 (n_rank, 3, H, W) on the CPU, in index order (the rank's
-    first index is that of its first batch). Arguments as `generate_batches`; `gather_rows` of the
-    result is the whole set on rank 0."""
-    size = kwargs["img_size"]
-    parts = [images.cpu() for _, images in generate_batches(denoiser, **kwargs)]
-    return torch.cat(parts) if parts else torch.empty((0, 3, size, size), dtype=torch.uint8)
 
 
 def gather_rows(x: torch.Tensor, device: torch.device, chunk: int = 4096) -> torch.Tensor | None:
@@ -141,64 +155,40 @@ def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
         atomic_write(os.path.join(folder, f"{start + j:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
 
 
-def evaluate(denoiser, *, net=None, device: torch.device, num_images: int, class_num: int, gen_bsz: int, seed: int,
-             sampler: SamplerSettings, img_size: int, fid_stats: str, inception_weights: str | None, output_dir: str | None = None,
-             save_images: bool = False, epoch: int = 0, checkpoint_epoch: int | None = None, log=None, extractor=None,
-             extra: dict | None = None, tag_suffix: str = "") -> dict:
-    """Generate `num_images` class-balanced images with `denoiser` (an EMA) and score them.
+def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, image_dir: str | None = None) -> dict:
+    """Generate the images of `spec` with `denoiser` (an EMA) on every rank and score them.
 
-    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). extractor: the Inception
-    network, when built already (a sweep builds it once). Generation runs under the device's
-    autocast; Inception in float32. save_images keeps the PNGs in output_dir/<reference
-    folder name>. `log` (a RunLog) gets the TensorBoard scalars `fid_cfg{cfg}_res{img_size}{tag_suffix}`
-    and `is_cfg...` at x = epoch and a {"kind": "eval", ...} metrics.jsonl record, with `extra` added.
-    Returns, on every rank, {'fid', 'inception_score', 'inception_score_std', 'num_images', 'seconds'}.
+    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). Generation runs under the
+    device's autocast; Inception in float32. image_dir: also keep the PNGs there (a full disk stops
+    the writing, not the scoring; then `images_saved` is False). Returns, on every rank,
+    {'fid', 'inception_score', 'inception_score_std', 'num_images', 'seconds'} (+ 'images_saved').
     """
-    if class_num <= 0 or num_images % class_num:
-        raise ValueError(f"num_images ({num_images}) must be a multiple of class_num ({class_num})")
     t0 = time.time()
-    if extractor is None:
-        extractor = fid.build_inception(fid.resolve_inception_weights(inception_weights), device)
-    folder = None
-    if save_images:
-        folder = os.path.join(output_dir, image_folder_name(sampler, num_images, img_size))
-        if is_main_process():
-            os.makedirs(folder, exist_ok=True)
-        barrier()
-    batches = rank_batches(num_images, gen_bsz, get_rank(), get_world_size())
-    report_every = max(1, len(batches) // 10)
+    device = scorer.inception.device
+    if image_dir and is_main_process():
+        os.makedirs(image_dir, exist_ok=True)
+    barrier()
+    num_batches = len(rank_batches(spec.num_images, spec.gen_bsz, get_rank(), get_world_size()))
+    report_every = max(1, num_batches // 10)
     features, png_error = [], None
-    gen = generate_batches(denoiser, net=net, device=device, num_images=num_images, class_num=class_num,
-                           gen_bsz=gen_bsz, seed=seed, sampler=sampler, img_size=img_size)
-    for b, (start, images) in enumerate(gen, 1):
-        if folder and png_error is None:
+    for b, (start, images) in enumerate(generate_batches(denoiser, spec, device, net), 1):
+        if image_dir and png_error is None:
             try:
-                save_pngs(images, start, folder, num_images)
+                save_pngs(images, start, image_dir, spec.num_images)
             except OSError as e:  # a full disk: stop writing, go on scoring
                 png_error = e
                 print_all(f"error: {e}; the remaining images of this process are not saved")
-        features.append(fid.inception_features(extractor, images))
-        if b % report_every == 0 or b == len(batches):
-            print0(f"eval: rank 0 batch {b}/{len(batches)}, {time.time() - t0:.0f}s")
-    png_failures = round(host_all_reduce_sum([float(png_error is not None)])[0]) if save_images else 0
+        features.append(scorer.inception.features(images))
+        if b % report_every == 0 or b == num_batches:
+            print0(f"eval: rank 0 batch {b}/{num_batches}, {time.time() - t0:.0f}s")
+    png_failures = round(host_all_reduce_sum([float(png_error is not None)])[0]) if image_dir else 0
     share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM + fid.LOGITS_DIM))
     everything = gather_rows(share, device)  # (num_images, 2048 + 1008) on rank 0
     result = None
     if is_main_process():
-        pool, logits = everything[:, : fid.FEATURE_DIM], everything[:, fid.FEATURE_DIM :]
-        fid_value = fid.frechet_distance(fid.statistics(pool), fid.load_stats(fid_stats))
-        is_mean, is_std = fid.inception_score(logits)
-        result = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std,
-                      num_images=num_images, seconds=time.time() - t0)
-        if save_images:
+        fid_value, is_mean, is_std = scorer.scores(everything)
+        result = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std, num_images=spec.num_images,
+                      seconds=time.time() - t0)
+        if image_dir:
             result["images_saved"] = png_failures == 0
-        print0(f"eval ({num_images} images, cfg {sampler.cfg}): FID {fid_value:.4f}, IS {is_mean:.4f} ± {is_std:.4f}, "
-               f"{result['seconds']:.0f}s")
-        if log is not None:
-            postfix = f"_cfg{sampler.cfg}_res{img_size}{tag_suffix}"
-            log.scalars({f"fid{postfix}": fid_value, f"is{postfix}": is_mean}, epoch)
-            log.flush()
-            log.record(dict(kind="eval", epoch=epoch, checkpoint_epoch=checkpoint_epoch, **result, class_num=class_num,
-                            img_size=img_size, seed=seed, gen_bsz=gen_bsz, world_size=get_world_size(),
-                            **dataclasses.asdict(sampler), fid_stats=fid_stats, **(extra or {})))
     return all_gather_object(result)[0]

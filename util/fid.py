@@ -6,17 +6,16 @@ torch-fidelity's own pieces are used unchanged: its Inception-v3 feature extract
 uint8 images in the same order, the numbers equal `torch_fidelity.calculate_metrics` on PNG files.
 
 Reference statistics are an .npz file with `mu` (2048,) and `sigma` (2048, 2048), the layout of the
-reference release's `fid_stats/jit_in{size}_stats.npz`.
+reference release's `fid_stats/jit_in{size}_stats.npz`. torch-fidelity (and torchvision under it)
+is imported where it is used, so that runs that do not evaluate do not pay its import time.
 """
 import os
 import socket
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
+from util.errors import BadValue, MissingFile
 from util.files import atomic_write
 
 FEATURE_DIM = 2048  # Inception pool features (FID)
@@ -27,6 +26,8 @@ ISC_SEED = 2020  # torch-fidelity's default rng_seed for the IS shuffle
 
 def cached_weights_path() -> str:
     """Where torch-fidelity's first use stores the downloaded Inception weights (torch hub cache)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
 
 
@@ -38,9 +39,11 @@ def resolve_inception_weights(path: str | None = None, timeout_s: float = 60.0) 
     `--inception_weights` when the file is missing or the download fails (e.g. no network); the
     download gives up after `timeout_s` seconds without data instead of hanging.
     """
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--inception_weights {path}: no such file")
+            raise MissingFile(f"--inception_weights {path}: no such file")
         return path
     cached = cached_weights_path()
     if os.path.isfile(cached):
@@ -51,7 +54,7 @@ def resolve_inception_weights(path: str | None = None, timeout_s: float = 60.0) 
     try:
         torch.hub.download_url_to_file(URL_INCEPTION_V3, cached, progress=False)
     except OSError as e:  # URLError (no network, refused proxy), timeout, disk full
-        raise FileNotFoundError(
+        raise MissingFile(
             f"the Inception-v3 weights for FID/IS are not available: downloading {URL_INCEPTION_V3} failed ({e}). "
             f"On a machine without network access, copy that file here and pass --inception_weights PATH "
             f"(or place it at {cached})."
@@ -61,23 +64,35 @@ def resolve_inception_weights(path: str | None = None, timeout_s: float = 60.0) 
     return cached
 
 
-def build_inception(weights_path: str, device: torch.device) -> FeatureExtractorInceptionV3:
-    """torch-fidelity's Inception-v3 (float32, eval) on `device`, giving ('2048', 'logits_unbiased')."""
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path)
-    return net.to(device)
+class Inception:
+    """torch-fidelity's Inception-v3 ('2048' pool features and 'logits_unbiased', float32, eval) on
+    `device`: the one place that builds it. The weights file is resolved at construction (fail fast:
+    resolve_inception_weights), the network at the first batch."""
 
+    def __init__(self, weights: str | None, device: torch.device):
+        self.weights = resolve_inception_weights(weights)
+        self.device = device
+        self._net = None
 
-@torch.no_grad()
-def inception_features(extractor, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) on the extractor's device -> (B, 2048 + 1008) float32 on the CPU:
-    pool features then unbiased logits. Always float32 (no autocast), as torch-fidelity runs."""
-    with torch.autocast(device_type=images.device.type, enabled=False):
-        pool, logits = extractor(images)
-    return torch.cat([pool, logits], dim=1).cpu()
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> (B, 2048 + 1008) float32 on the CPU: pool features then
+        unbiased logits. Always float32 (no autocast), as torch-fidelity runs."""
+        if self._net is None:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            self._net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                    feature_extractor_weights_path=self.weights).to(self.device)
+        images = images.to(self.device)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            pool, logits = self._net(images)
+        return torch.cat([pool, logits], dim=1).cpu()
 
 
 def statistics(pool: torch.Tensor) -> dict:
     """(N, 2048) float32 CPU features -> {'mu': float32 (2048,), 'sigma': float64 (2048, 2048)}."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
     return fid_features_to_statistics(pool.contiguous())
 
 
@@ -91,7 +106,7 @@ def save_stats(path: str, stats: dict):
 def load_stats(path: str) -> dict:
     """Read reference statistics ({'mu': (2048,), 'sigma': (2048, 2048)}); clear errors if bad."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"FID reference statistics {path} not found: pass --fid_stats PATH, or make the file with "
             f"`python prepare_ref.py --stats {path} ...` (see fid_stats/README.md)"
         )
@@ -99,9 +114,9 @@ def load_stats(path: str) -> dict:
         with np.load(path) as f:
             stats = {"mu": f["mu"], "sigma": f["sigma"]}
     except Exception as e:  # not a zip, missing key, truncated
-        raise ValueError(f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
+        raise BadValue(f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
     if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
-        raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
+        raise BadValue(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
                          f"got {stats['mu'].shape} and {stats['sigma'].shape}")
     return stats
 
@@ -110,6 +125,8 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
     """||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½) (Heusel et al. 2017), by
     torch-fidelity. Arrays of different float types (e.g. a float64 `mu` from another tool) are
     promoted to the common type; equal types are left untouched."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     a, b = dict(stats1), dict(stats2)
     for key in ("mu", "sigma"):
         dtype = np.result_type(a[key], b[key])
@@ -120,5 +137,7 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
 def inception_score(logits: torch.Tensor) -> tuple[float, float]:
     """(N, 1008) unbiased logits, in image order -> (IS mean, IS std) over 10 splits of a shuffle
     with seed 2020, as torch-fidelity. Needs N >= 10 (NaN otherwise)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
     out = isc_features_to_metric(logits.contiguous(), splits=ISC_SPLITS, shuffle=True, rng_seed=ISC_SEED)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]

@@ -2,65 +2,66 @@
 
 One FSDP unit per JiT block plus the root (the Denoiser: embedders, final layer, pos_embed). Every
 parameter becomes a DTensor sharded on dim 0; `named_parameters()` keeps the reference's names and
-order, so `main_jit.build_optimizer` builds the same two AdamW groups (fused AdamW accepts DTensor
+order, so `engine_jit.build_optimizer` builds the same two AdamW groups (fused AdamW accepts DTensor
 parameters). The EMA copies are sharded with the same plan, so every rank updates its own shards
 with one fused `_foreach_lerp_` and no communication. Checkpoints are gathered to the format of an
 unsharded run (full `net.*` state dicts, the optimizer state keyed by parameter index), so FSDP and
 DDP runs resume from each other's files.
 
-Precision. Today (DDP): float32 parameters, bf16 autocast on CUDA. `shard(..., mixed_precision=False)`
+Precision. A DDP run has float32 parameters and bf16 autocast on CUDA. `shard(..., mixed_precision=False)`
 keeps exactly that math: float32 parameters are all-gathered, the forward runs under the same
 autocast, float32 gradients are reduce-scattered (the sum order of the reduction is the only
 difference from DDP's all-reduce). `mixed_precision=True` all-gathers the block parameters in bf16
 (half the traffic, and the autocast bf16 weight copies no longer stay alive from forward to
 backward) with float32 gradient reduction, and leaves the root unit and the inputs in float32; the
 matmuls are then bit-identical to autocast, and what differs is listed in `block_policy`.
+
+torch's FSDP and distributed-checkpoint modules are imported at first use (about half a second):
+runs that do not shard never pay for them.
 """
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-try:  # public since torch 2.6; the same implementation lived in torch.distributed._composable.fsdp in 2.4-2.5
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-except ImportError:  # pragma: no cover
-    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    from torch.distributed._tensor import DTensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-
 from denoiser import EMA
 
+FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # public since torch 2.6; before
 
-def block_policy(mixed_precision: bool) -> MixedPrecisionPolicy:
+
+def fsdp():
+    """torch's FSDP2 module (FSDPModule, MixedPrecisionPolicy, fully_shard), imported now."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: F401
+        import torch.distributed.fsdp as module
+    except ImportError:  # pragma: no cover
+        import torch.distributed._composable.fsdp as module
+    return module
+
+
+def block_policy(mixed_precision: bool):
     """The precision of the block units.
 
     False: float32 parameters gathered and float32 gradients reduced; run the forward under
-    util.distributed.autocast as today (identical math).
+    util.distributed.autocast as DDP does (identical math).
     True: bf16 parameters gathered, float32 gradient reduction, inputs not cast (the residual
     stream keeps the dtype autocast gives it). Under autocast every Linear sees the same bf16
     weight and bias (both are round-to-nearest casts of the float32 master), so the matmuls are
-    unchanged. What differs from today: (1) the RMSNorm weights (norm1, norm2, q_norm, k_norm) are
+    unchanged. What differs from DDP: (1) the RMSNorm weights (norm1, norm2, q_norm, k_norm) are
     rounded to bf16 before they multiply; (2) RMSNorm(x)·weight is computed in bf16 wherever x is
     bf16: q and k (every block; the output goes to RoPE in bf16 instead of float32) and the
     residual stream of the blocks before `in_context_start` (autocast leaves it bf16 until the
     float32 in-context tokens are concatenated), where modulate then runs in bf16 too; (3) those
     RMSNorm weight gradients are rounded to bf16 before the float32 reduction (Linear weight
     gradients are bf16 products in both). Softmax / SDPA run in bf16 in both (q, k are cast to v's
-    dtype). Measured on CPU (tests/fsdp_script.py precision): the gradients then differ from
-    today's by up to 1.2% (relative L2, q/k-norm weights), as much as bf16 autocast differs from
-    float32; float32 gathers reproduce today's loss and gradients bit for bit.
+    dtype). Measured on CPU (tests/sharding_worker.py precision): the gradients then differ from
+    DDP's by up to 1.2% (relative L2, q/k-norm weights), as much as bf16 autocast differs from
+    float32; float32 gathers reproduce DDP's loss and gradients bit for bit.
     """
     if mixed_precision:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy()
+        return fsdp().MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return fsdp().MixedPrecisionPolicy()
 
 
 def shard(denoiser: nn.Module, *, mixed_precision: bool, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
@@ -68,20 +69,25 @@ def shard(denoiser: nn.Module, *, mixed_precision: bool, reshard_after_forward: 
     then the root unit (everything else, always float32). Returns the same object, now an
     FSDPModule. Call after `.to(device)` and after copying any EMA (`ShardedEMA`); the process
     group must be initialised (the default mesh spans all ranks)."""
-    policy = block_policy(mixed_precision)
+    policy, api = block_policy(mixed_precision), fsdp()
     for block in denoiser.net.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(denoiser, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
+        api.fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    api.fully_shard(denoiser, mesh=mesh, mp_policy=api.MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
     return denoiser
 
 
 def is_sharded(module) -> bool:
-    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)  # _orig_mod: under torch.compile
+    """Whether `module` (or the module torch.compile wraps) is an FSDP2 module; while FSDP has not
+    been imported, nothing can be."""
+    module = getattr(module, "_orig_mod", module)
+    return any(isinstance(module, getattr(sys.modules[m], "FSDPModule", ())) for m in FSDP_MODULES if m in sys.modules)
 
 
 def local_tensors(tensors) -> list[torch.Tensor]:
     """This rank's shard of each DTensor (a view: writing to it writes the parameter); plain
     tensors pass through. Detached."""
+    from torch.distributed.tensor import DTensor
+
     return [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
 
 
@@ -130,7 +136,12 @@ def set_grad_sync(model, enabled: bool):
 
 # Full (unsharded) checkpoints in the format of a one-process / DDP run.
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on CPU
+
+def full_options(**kw):
+    """torch.distributed.checkpoint's StateDictOptions for full (unsharded) state dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -164,11 +175,14 @@ def full_state(denoiser: nn.Module, emas, optimizer=None):
     model_sd / ema_sd as `Denoiser.state_dict()` (keys `net.*`), optim_sd as
     `torch.optim.AdamW.state_dict()` of an unsharded model (None without an optimizer).
     """
-    model_sd = get_model_state_dict(denoiser, options=FULL)
-    ema_sds = [get_model_state_dict(ema.module, options=FULL) for ema in emas]
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    full = full_options(cpu_offload=True)  # gathered on rank 0, on the CPU
+    model_sd = get_model_state_dict(denoiser, options=full)
+    ema_sds = [get_model_state_dict(ema.module, options=full) for ema in emas]
     optim_sd = None
     if optimizer is not None:
-        named = get_optimizer_state_dict(denoiser, optimizer, options=FULL)
+        named = get_optimizer_state_dict(denoiser, optimizer, options=full)
         if named:  # the gathered moments are new tensors, but `step` is the live one: copy it
             named["state"] = {n: {k: v.clone() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for k, v in s.items()}
                               for n, s in named["state"].items()}
@@ -200,6 +214,8 @@ def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, opt
     its shard. optimizer None, or optim_sd None on rank 0: weights only. Strict: missing or
     unexpected keys and wrong shapes raise RuntimeError on every rank, before anything is loaded.
     The optimizer keeps its own fused / foreach choice."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     rank0 = dist.get_rank() == 0
     verdict = [None, None]  # (error message, has optimizer state), decided on rank 0
     if rank0:
@@ -209,7 +225,7 @@ def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, opt
     error, has_optim = verdict
     if error:  # every rank raises, none is left waiting in a broadcast
         raise RuntimeError(f"Error(s) in loading state_dict: {error}")
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    opts = full_options(broadcast_from_rank0=True, strict=True)
     set_model_state_dict(denoiser, model_sd if rank0 else {}, options=opts)
     for i, ema in enumerate(emas):
         set_model_state_dict(ema.module, ema_sds[i] if rank0 else {}, options=opts)
@@ -224,8 +240,10 @@ def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, opt
 
 def unshard_into(plain: nn.Module, sharded: nn.Module):
     """Collective. Copy a sharded module's full weights into an unsharded module of the same
-    architecture on every rank (e.g. the EMA net for sampling: evaluation code then runs as today,
+    architecture on every rank (e.g. the EMA net for sampling: evaluation code then runs as in a DDP run,
     each rank on its own share of the images). Costs one full copy per rank."""
-    sd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(sharded, options=full_options())
     plain.load_state_dict(sd)
     return plain

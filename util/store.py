@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from util.errors import BadValue, MissingFile
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SAMPLE_BLOCK = 1 << 20  # bytes hashed at each end of a shard by sample_checksum
@@ -58,16 +60,16 @@ def read_manifest(path: str) -> dict:
     """The manifest of the store at `path`; raises FileNotFoundError / ValueError with a one-line reason."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path} is not a finished image store (no {MANIFEST}): build it with "
+        raise MissingFile(f"{path} is not a finished image store (no {MANIFEST}): build it with "
                                 f"prepare_data.py, or rerun the interrupted conversion with the same command")
     try:
         with open(file) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{file} is unreadable ({e}): rebuild the store with prepare_data.py") from None
+        raise BadValue(f"{file} is unreadable ({e}): rebuild the store with prepare_data.py") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"store {path} has format version {version}, this code reads version {FORMAT_VERSION}: "
+        raise BadValue(f"store {path} has format version {version}, this code reads version {FORMAT_VERSION}: "
                          f"rebuild it with this prepare_data.py")
     return manifest
 
@@ -84,12 +86,12 @@ def check_files(path: str, manifest: dict):
     for e in entries:
         file = os.path.join(path, e["file"])
         if not os.path.isfile(file):
-            raise FileNotFoundError(damaged(path, f"{e['file']} is missing"))
+            raise MissingFile(damaged(path, f"{e['file']} is missing"))
         size = os.path.getsize(file)
         if size != e["bytes"]:
-            raise ValueError(damaged(path, f"{e['file']} has {size} bytes, the manifest records {e['bytes']}"))
+            raise BadValue(damaged(path, f"{e['file']} has {size} bytes, the manifest records {e['bytes']}"))
         if sample_checksum(file) != e["sample_sha256"]:
-            raise ValueError(damaged(path, f"{e['file']} does not match its sample checksum"))
+            raise BadValue(damaged(path, f"{e['file']} does not match its sample checksum"))
 
 
 def batch_buffer(shape: tuple, pin_memory: bool = False) -> torch.Tensor:
@@ -112,7 +114,7 @@ def batch_buffer(shape: tuple, pin_memory: bool = False) -> torch.Tensor:
 def check_img_size(path: str, manifest: dict, img_size: int):
     """ValueError (what to do) unless the store at `path` holds img_size px images."""
     if manifest["img_size"] != img_size:
-        raise ValueError(f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
+        raise BadValue(f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
                          f"use --img_size {manifest['img_size']} or build a {img_size} px store with prepare_data.py")
 
 
@@ -140,7 +142,7 @@ class StoreDataset(Dataset):
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (shards + 1,) first store index of each shard
         self.n = int(self.starts[-1])
         if self.n != manifest["images"]:
-            raise ValueError(damaged(path, f"its shards hold {self.n} images, the manifest records {manifest['images']}"))
+            raise BadValue(damaged(path, f"its shards hold {self.n} images, the manifest records {manifest['images']}"))
         self._shards, self._labels = None, None
 
     def __len__(self):
@@ -157,7 +159,7 @@ class StoreDataset(Dataset):
             bad = [f for f, a, c in zip(self.files, arrays, np.diff(self.starts))
                    if a.shape != (c, 3, self.image_size, self.image_size) or a.dtype != np.uint8]
             if bad or self._labels.shape != (self.n,):
-                raise ValueError(damaged(self.path, f"{(bad or ['labels.npy'])[0]} has the wrong shape"))
+                raise BadValue(damaged(self.path, f"{(bad or ['labels.npy'])[0]} has the wrong shape"))
             self._shards = arrays  # (count, 3, H, W) uint8 each
 
     def _locate(self, index: np.ndarray) -> tuple[list, list]:

@@ -1,7 +1,8 @@
 """Sweeps of the sampling settings: every combination of EMA, guidance interval and CFG scale,
 scored with the same per-image seeds and one Inception network; finished points are found again in
 metrics.jsonl, so a stopped sweep continues where it was; the results go to sweep.csv (sorted by
-FID) and sweep.png (FID and IS against the CFG scale, one line per EMA and interval)."""
+FID) and sweep.png (FID and IS against the CFG scale, one line per EMA and interval). The sampler's
+command-line flags (shared by main_jit.py and sample.py) and the grid they give live here too."""
 import csv
 import io
 import itertools
@@ -11,15 +12,40 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from denoiser import SamplerSettings
+from denoiser import SAMPLERS, SamplerSettings
 from util.distributed import broadcast_object, is_main_process, print0
+from util.errors import BadValue
 from util.files import WriteError, atomic_write
 from util.logger import hms
 
 COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
            "num_images", "checkpoint_epoch")
-# What, besides the sampler, EMA and image count, makes a result the same point (with the checkpoint).
-CONTEXT_KEYS = ("checkpoint", "checkpoint_epoch", "seed", "gen_bsz", "class_num", "img_size", "fid_stats")
+
+
+def add_sampler_args(group, sweep: bool = False):
+    """The sampler's flags. sweep: --cfg, --interval_min and --interval_max take several values (a
+    sweep over all combinations)."""
+    a = group.add_argument
+    many = dict(nargs="+") if sweep else {}
+    also = "; several values: a sweep" if sweep else ""
+    a("--sampling_method", default="heun", choices=sorted(SAMPLERS), help="ODE integrator (Heun: 2nd order, Euler: 1st)")
+    a("--num_sampling_steps", default=50, type=int, help="integration steps from t = 0 (noise) to t = 1 (image)")
+    a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
+    a("--interval_min", default=0.0, type=float, **many, help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}")
+    a("--interval_max", default=1.0, type=float, **many, help=f"guidance only for t < this, in (0, 1]{also}")
+
+
+def sampler_settings(flags) -> SamplerSettings:
+    """The sampler of single-valued flags (sample.py). BadValue for settings it rejects."""
+    try:
+        return SamplerSettings(method=flags.sampling_method, steps=flags.num_sampling_steps, cfg=flags.cfg,
+                               interval_min=flags.interval_min, interval_max=flags.interval_max)
+    except ValueError as e:
+        raise BadValue(str(e)) from None
+
+
+def as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @dataclass(frozen=True)
@@ -40,9 +66,19 @@ class Point:
 
 def grid(*, emas, interval_mins, interval_maxs, cfgs, method: str, steps: int, num_images: int) -> list[Point]:
     """Every combination, EMA first, then the interval, then the CFG scale (which varies fastest).
-    Raises ValueError for a combination the sampler rejects (e.g. interval_min >= interval_max)."""
-    return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images)
-            for ema, lo, hi, cfg in itertools.product(emas, interval_mins, interval_maxs, cfgs)]
+    Raises BadValue for a combination the sampler rejects (e.g. interval_min >= interval_max)."""
+    try:
+        return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images)
+                for ema, lo, hi, cfg in itertools.product(emas, interval_mins, interval_maxs, cfgs)]
+    except ValueError as e:
+        raise BadValue(str(e)) from None
+
+
+def eval_points(flags, num_images: int) -> list[Point]:
+    """The points of the flags --ema, --interval_min, --interval_max, --cfg (one value or several
+    each), --sampling_method and --num_sampling_steps, at num_images (see grid)."""
+    return grid(emas=as_list(flags.ema), interval_mins=as_list(flags.interval_min), interval_maxs=as_list(flags.interval_max),
+                cfgs=as_list(flags.cfg), method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images)
 
 
 def record_key(record: dict) -> tuple:
@@ -51,8 +87,9 @@ def record_key(record: dict) -> tuple:
 
 
 def finished(metrics_path: str, context: dict) -> dict:
-    """{Point.key(): record} of the eval records in metrics_path made in `context` (the same
-    checkpoint file and epoch, seed, batch size, resolution, classes and reference statistics)."""
+    """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
+    are equal (engine_jit.eval_context: the same weights, seeds, batch size, resolution, classes and
+    reference statistics)."""
     done = {}
     if not os.path.exists(metrics_path):
         return done

@@ -1,9 +1,9 @@
 """Run under torchrun (2 CPU processes, gloo) by tests/test_sharding.py.
 
-    fsdp_script.py train DUMP       DDP vs FSDP2 training, checkpointing, accumulation, skips,
-                                    checkpoints across the two; rank 0 writes DUMP/results.pt
-    fsdp_script.py precision DUMP   bf16 autocast on CPU: DDP vs FSDP2 with float32 / bf16 gathers
-    fsdp_script.py compile DUMP     torch.compile of the sharded denoiser against eager (a report)
+    sharding_worker.py train DUMP       DDP vs FSDP2 training with engine_jit.train_step,
+                                        checkpointing, accumulation, skips, checkpoints across the
+                                        two; rank 0 writes DUMP/results.pt
+    sharding_worker.py precision DUMP   bf16 autocast on CPU: DDP vs FSDP2 with float32 / bf16 gathers
 
 Every run starts from the same perturbed JiT-XS/4 at 16 px with dropout, and every step of every
 run sees the same micro-batches and the same random draws (seeded per step and rank).
@@ -18,8 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import EMA, Denoiser  # noqa: E402
-from engine_jit import train_step  # noqa: E402
-from main_jit import build_optimizer  # noqa: E402
+from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from util import distributed as D  # noqa: E402
 from util import sharding  # noqa: E402
@@ -50,61 +49,52 @@ def seed(step):
     torch.manual_seed(10_000 + 100 * step + dist.get_rank())  # label drop, t, noise, dropout
 
 
-def build_ddp(denoiser):
+def build_ddp(denoiser) -> StepParts:
     emas = [EMA(denoiser, d) for d in DECAYS]
-    return torch.nn.parallel.DistributedDataParallel(denoiser), denoiser, build_optimizer(denoiser, LR, 0.01), emas
+    return StepParts(torch.nn.parallel.DistributedDataParallel(denoiser), denoiser, build_optimizer(denoiser, LR, 0.01), emas,
+                     torch.device("cpu"))
 
 
-def build_fsdp(denoiser, mixed_precision=False):
+def build_fsdp(denoiser, mixed_precision=False) -> StepParts:
     emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=mixed_precision) for d in DECAYS]
     sharding.shard(denoiser, mixed_precision=mixed_precision)
-    return denoiser, denoiser, build_optimizer(denoiser, LR, 0.01), emas
+    return StepParts(denoiser, denoiser, build_optimizer(denoiser, LR, 0.01), emas, torch.device("cpu"))
 
 
-def fsdp_step(model, denoiser, optimizer, emas, micro, *, inject_inf=False, autocast=contextlib.nullcontext):
-    """The FSDP steps of engine_jit.train_step spelled out (set_grad_sync instead of no_sync, the
-    non-finite flag from local shards reduced over ranks, the EMA lerp on local shards), so that an
-    inf can be put into one rank's gradient shard."""
-    accum = len(micro)
-    for j, (x, labels) in enumerate(micro):
-        x = x.float().div_(255).mul_(2).sub_(1)
-        sharding.set_grad_sync(model, j == accum - 1)
-        with autocast():
-            loss = model(x, labels)
-        (loss / accum).backward()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    if inject_inf and dist.get_rank() == 1:  # one element of one local shard, on one rank only
-        next(g for g in sharding.local_tensors(p.grad for p in params) if g.numel())[0] = float("inf")
-    skipped = sharding.nonfinite_flag(params)
-    optimizer.found_inf = skipped
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for ema in emas:
-        ema.update(denoiser)
-    return skipped
-
-
-def ddp_step(run, step):
-    seed(step)
-    return train_step(*run, batches(step, dist.get_rank()), device=torch.device("cpu"), accum_iter=ACCUM)
-
-
-def train(run, kind, steps):
+def train(parts: StepParts, steps):
+    """engine_jit.train_step at each of `steps` (DDP or sharded alike)."""
     for s in steps:
-        if kind == "ddp":
-            ddp_step(run, s)
-        elif kind == "engine":  # engine_jit.train_step on the sharded model
-            seed(s)
-            train_step(*run, batches(s, dist.get_rank()), device=torch.device("cpu"), accum_iter=ACCUM)
-        else:
-            seed(s)
-            fsdp_step(*run, batches(s, dist.get_rank()))
+        seed(s)
+        train_step(parts, batches(s, dist.get_rank()))
 
 
-def plain_state(run):
+@contextlib.contextmanager
+def inf_in_one_shard_on_rank_1():
+    """Within: train_step's sharded non-finite check first puts an inf into one element of one local
+    gradient shard on rank 1 only (after the reduce-scatter, where no other rank can see it)."""
+    real = sharding.nonfinite_flag
+
+    def injected(params, group=None):
+        params = list(params)
+        if dist.get_rank() == 1:
+            next(g for g in sharding.local_tensors(p.grad for p in params) if g.numel())[0] = float("inf")
+        return real(params, group)
+
+    sharding.nonfinite_flag = injected
+    try:
+        yield
+    finally:
+        sharding.nonfinite_flag = real
+
+
+def plain_state(parts: StepParts):
     """(model_sd, [ema_sds], optim_sd) of a DDP run, as its checkpoint holds them (a copy)."""
-    _, denoiser, optimizer, emas = run
-    return copy.deepcopy((denoiser.state_dict(), [e.state_dict() for e in emas], optimizer.state_dict()))
+    return copy.deepcopy((parts.denoiser.state_dict(), [e.state_dict() for e in parts.emas], parts.optimizer.state_dict()))
+
+
+def full_state(parts: StepParts):
+    """(model_sd, [ema_sds], optim_sd) of a sharded run, gathered on rank 0 (collective)."""
+    return sharding.full_state(parts.denoiser, parts.emas, parts.optimizer)
 
 
 def max_diff(a, b):
@@ -132,7 +122,9 @@ def compare(full, ref):
 
 
 def gathered_grads(denoiser):
-    return {n: p.grad.full_tensor() if isinstance(p.grad, sharding.DTensor) else p.grad.clone()
+    from torch.distributed.tensor import DTensor
+
+    return {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
             for n, p in denoiser.named_parameters() if p.grad is not None}
 
 
@@ -158,14 +150,15 @@ def accumulation_vs_one_batch():
     return max_diff(grads[0], grads[1])
 
 
-def skip_check(run):
-    """One step with inf in one local gradient shard on rank 1 only: every rank must skip."""
-    _, denoiser, optimizer, _ = run
+def skip_check(parts: StepParts):
+    """One step of train_step with inf in one local gradient shard on rank 1 only: every rank must skip."""
+    denoiser, optimizer = parts.denoiser, parts.optimizer
     before = [t.clone() for t in sharding.local_tensors(denoiser.parameters())]
     moments = [s["exp_avg"].to_local().clone() for s in optimizer.state.values()]
     steps = [s["step"].clone() for s in optimizer.state.values()]
     seed(99)
-    flag = fsdp_step(*run, batches(99, dist.get_rank()), inject_inf=True)
+    with inf_in_one_shard_on_rank_1():
+        _, flag = train_step(parts, batches(99, dist.get_rank()))
     same = all(torch.equal(a, b) for a, b in zip(before, sharding.local_tensors(denoiser.parameters())))
     same &= all(torch.equal(a, s["exp_avg"].to_local()) for a, s in zip(moments, optimizer.state.values()))
     same &= all(torch.equal(a, s["step"]) for a, s in zip(steps, optimizer.state.values()))
@@ -178,28 +171,23 @@ def main_train(dump):
     rank = dist.get_rank()
     out = {}
     ddp = build_ddp(base_denoiser())
-    train(ddp, "ddp", range(STEPS))
+    train(ddp, range(STEPS))
     ref = plain_state(ddp)
 
     fsdp = build_fsdp(base_denoiser())
-    train(fsdp, "fsdp", range(STEPS))
-    full = sharding.full_state(fsdp[1], fsdp[3], fsdp[2])
+    train(fsdp, range(STEPS))
+    full = full_state(fsdp)
 
     ckpt = build_fsdp(base_denoiser(grad_checkpoint=True))
-    train(ckpt, "fsdp", range(STEPS))
-    full_ckpt = sharding.full_state(ckpt[1], ckpt[3], ckpt[2])
-
-    eng = build_fsdp(base_denoiser())
-    train(eng, "engine", range(STEPS))
-    full_eng = sharding.full_state(eng[1], eng[3], eng[2])
+    train(ckpt, range(STEPS))
+    full_ckpt = full_state(ckpt)
 
     ddp_ckpt = build_ddp(base_denoiser(grad_checkpoint=True))
-    train(ddp_ckpt, "ddp", range(STEPS))
+    train(ddp_ckpt, range(STEPS))
 
     if rank == 0:
         out["fsdp_vs_ddp"] = compare(full, ref)
         out["ckpt_vs_fsdp"] = compare(full_ckpt, full)
-        out["engine_vs_ddp"] = compare(full_eng, ref)
         out["ddp_ckpt_vs_ddp"] = compare(plain_state(ddp_ckpt), ref)
         out["same_param_groups"] = full[2]["param_groups"] == ref[2]["param_groups"]
         out["same_model_keys"] = list(full[0]) == list(ref[0]) and list(full[1][0]) == list(ref[1][0])
@@ -213,30 +201,31 @@ def main_train(dump):
     # FSDP checkpoint -> plain Denoiser + AdamW (strict), one more step each, against FSDP's own.
     c = torch.load(os.path.join(dump, "fsdp_ckpt.pt"), weights_only=True)
     plain = build_ddp(base_denoiser())
-    plain[1].load_state_dict(c["model"], strict=True)
-    for ema, k in zip(plain[3], ("model_ema1", "model_ema2")):
+    plain.denoiser.load_state_dict(c["model"], strict=True)
+    for ema, k in zip(plain.emas, ("model_ema1", "model_ema2")):
         ema.load_state_dict(c[k])
-    plain[2].load_state_dict(c["optimizer"])
-    train(plain, "ddp", [STEPS])
-    train(fsdp, "fsdp", [STEPS])
-    fsdp_next = sharding.full_state(fsdp[1], fsdp[3], fsdp[2])
+    plain.optimizer.load_state_dict(c["optimizer"])
+    train(plain, [STEPS])
+    train(fsdp, [STEPS])
+    fsdp_next = full_state(fsdp)
 
     # DDP checkpoint (rank 0 reads it) -> a fresh sharded run; one more step against DDP's own.
     c = torch.load(os.path.join(dump, "ddp_ckpt.pt"), weights_only=True) if rank == 0 else None
     fresh = build_fsdp(base_denoiser())
     torch.manual_seed(123)  # the fresh weights must not matter
-    sharding.load_full_state(fresh[1], fresh[3], fresh[2], *((c["model"], [c["model_ema1"], c["model_ema2"]], c["optimizer"]) if c else (None, None, None)))
-    fresh_loaded = sharding.full_state(fresh[1], fresh[3], fresh[2])
-    train(fresh, "fsdp", [STEPS])
-    fresh_next = sharding.full_state(fresh[1], fresh[3], fresh[2])
-    train(ddp, "ddp", [STEPS])
+    sharding.load_full_state(fresh.denoiser, fresh.emas, fresh.optimizer,
+                             *((c["model"], [c["model_ema1"], c["model_ema2"]], c["optimizer"]) if c else (None, None, None)))
+    fresh_loaded = full_state(fresh)
+    train(fresh, [STEPS])
+    fresh_next = full_state(fresh)
+    train(ddp, [STEPS])
     if rank == 0:
         out["fsdp_ckpt_to_plain"] = compare(plain_state(plain), fsdp_next)
         out["ddp_ckpt_to_fsdp_loaded"] = compare(fresh_loaded, ref)
         out["ddp_ckpt_to_fsdp"] = compare(fresh_next, plain_state(ddp))
-        out["optim_groups_after_load"] = [{k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh[2].param_groups]
+        out["optim_groups_after_load"] = [{k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh.optimizer.param_groups]
 
-    plain_ema = sharding.unshard_into(base_denoiser(), fsdp[3][0].module)  # every rank: full EMA weights to sample from
+    plain_ema = sharding.unshard_into(base_denoiser(), fsdp.emas[0].module)  # every rank: full EMA weights to sample from
     gathered = [None, None]
     dist.all_gather_object(gathered, plain_ema.state_dict())
     if rank == 0:
@@ -247,7 +236,7 @@ def main_train(dump):
         bad.pop("net.final_layer.linear.bias")
         bad["net.extra"] = torch.zeros(1)
     try:
-        sharding.load_full_state(fresh[1], [], None, bad, [], None)
+        sharding.load_full_state(fresh.denoiser, [], None, bad, [], None)
         raised = "nothing"
     except RuntimeError as e:
         raised = str(e)
@@ -276,14 +265,14 @@ def main_precision(dump):
         seed(0)
         micro = batches(0, rank)
         losses = []
-        for j, (x, labels) in enumerate(micro):
+        for j, (x, labels) in enumerate(micro):  # forward and backward only: no optimiser step
             x = x.float().div_(255).mul_(2).sub_(1)
-            sharding.set_grad_sync(run[0], j == len(micro) - 1)
-            with (contextlib.nullcontext() if kind == "fsdp" or j == len(micro) - 1 else run[0].no_sync()), ac():
-                loss = run[0](x, labels)
+            sharding.set_grad_sync(run.model, j == len(micro) - 1)
+            with (contextlib.nullcontext() if kind == "fsdp" or j == len(micro) - 1 else run.model.no_sync()), ac():
+                loss = run.model(x, labels)
             losses.append(loss.detach().float())
             (loss / len(micro)).backward()
-        grads = gathered_grads(run[1])
+        grads = gathered_grads(run.denoiser)
         results[name] = (torch.stack(losses), grads)
     if rank == 0:
         base_loss, base_grads = results["ddp_bf16"]
@@ -299,52 +288,9 @@ def main_precision(dump):
         torch.save(ref, os.path.join(dump, "precision.pt"))
 
 
-def main_compile(dump):
-    """torch.compile of the sharded denoiser (2 steps), with and without checkpointing, against
-    eager. Compiled code draws other random numbers, so dropout and label drop are off and t and
-    the noise are given."""
-    rank = dist.get_rank()
-
-    def run_steps(compiled, ckpt):
-        d = base_denoiser(grad_checkpoint=ckpt)
-        d.label_drop_prob = 0.0
-        for m in d.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            elif hasattr(m, "attn_drop"):
-                m.attn_drop = 0.0
-        model, denoiser, optimizer, emas = build_fsdp(d)
-        if compiled:
-            model = torch.compile(model)
-        for s in range(2):
-            g = torch.Generator().manual_seed(100 * s + rank)
-            for j, (x, labels) in enumerate(batches(s, rank)):
-                sharding.set_grad_sync(model, j == ACCUM - 1)
-                t, e = torch.rand(MICRO, generator=g), torch.randn(MICRO, 3, 16, 16, generator=g)
-                (model(x.float() / 127.5 - 1, labels, t=t, noise=e) / ACCUM).backward()
-            optimizer.found_inf = sharding.nonfinite_flag([p for p in denoiser.parameters() if p.requires_grad])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for ema in emas:
-                ema.update(denoiser)
-        return sharding.full_state(denoiser, emas, optimizer)
-
-    ref = run_steps(False, False)
-    out = {}
-    for ckpt in (False, True):
-        try:
-            got = run_steps(True, ckpt)
-            out[f"ckpt={ckpt}"] = compare(got, ref) if rank == 0 else None
-        except Exception as e:  # noqa: BLE001  (a report, not a test)
-            out[f"ckpt={ckpt}"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if rank == 0:
-        print(out, flush=True)
-        torch.save(out, os.path.join(dump, "compile.pt"))
-
-
 if __name__ == "__main__":
     mode, dump = sys.argv[1], sys.argv[2]
     D.init("cpu")
     torch.set_num_threads(1)
-    {"train": main_train, "precision": main_precision, "compile": main_compile}[mode](dump)
+    {"train": main_train, "precision": main_precision}[mode](dump)
     D.shutdown()
