@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from denoiser import EMA, SAMPLERS, Denoiser, SamplerSettings
+from denoiser import CONVERSIONS, EMA, SAMPLERS, Denoiser, SamplerSettings
 from engine_jit import LoopConfig, StopRun, evaluate, train_one_epoch
-from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
+from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import checkpoint as ckpt_util
 from util import distributed as D
 from util import files, fid, lr_sched, sharding, sweep
@@ -75,6 +75,9 @@ def get_args_parser():
     a("--attn_dropout", default=0.0, type=float, help="attention dropout in the middle half of the blocks, in [0, 1)")
     a("--proj_dropout", default=0.0, type=float, help="projection / MLP dropout in the middle half of the blocks, in [0, 1)")
     a("--attn_impl", default="sdpa", choices=ATTN_IMPLS, help="sdpa (fused kernels) or reference (float32 logits, N×N)")
+    a("--bottleneck_dim", default=None, type=int, help="patch-embedding bottleneck width; 0: one plain linear patch embedding (paper Fig. 4); None: the preset's")
+    a("--in_context_len", default=None, type=int, help="number of in-context class tokens; 0: none (paper Table 4); None: the preset's")
+    a("--in_context_start", default=None, type=int, help="block where the in-context class tokens are prepended; None: the preset's")
 
     g = p.add_argument_group("training")
     a = g.add_argument
@@ -93,7 +96,9 @@ def get_args_parser():
     a("--P_mean", default=-0.8, type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
     a("--P_std", default=0.8, type=float, help="standard deviation of logit(t) for training times")
     a("--noise_scale", default=1.0, type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
-    a("--t_eps", default=5e-2, type=float, help="velocities divide by max(1 - t, t_eps)")
+    a("--t_eps", default=5e-2, type=float, help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our choice)")
+    a("--pred", default="x", choices=tuple(CONVERSIONS), help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = x - eps (paper Table 2)")
+    a("--loss", default="v", choices=tuple(CONVERSIONS), help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)")
     a("--label_drop_prob", default=0.1, type=float, help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
     a("--seed", default=0, type=int, help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))")
     a("--start_epoch", default=0, type=int, help="first epoch when not resuming from a checkpoint")
@@ -286,10 +291,11 @@ def build_data(cfg, device) -> Data:
 
 def build_denoiser(cfg, device) -> Denoiser:
     """A freshly initialised (global RNG) Denoiser of the configured network, on `device`."""
+    knobs = {k: getattr(cfg, k) for k in ARCH_KNOBS if getattr(cfg, k) is not None}  # overrides of the preset's
     net = JiT_models[cfg.model](input_size=cfg.img_size, num_classes=cfg.class_num, attn_drop=cfg.attn_dropout,
-                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl, grad_checkpoint=cfg.grad_checkpoint)
+                                proj_drop=cfg.proj_dropout, attn_impl=cfg.attn_impl, grad_checkpoint=cfg.grad_checkpoint, **knobs)
     return Denoiser(net, cfg.class_num, P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale,
-                    t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob).to(device)
+                    t_eps=cfg.t_eps, label_drop_prob=cfg.label_drop_prob, pred=cfg.pred, loss=cfg.loss).to(device)
 
 
 def build_model(cfg, device):
