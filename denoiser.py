@@ -1,8 +1,10 @@
-"""x-prediction flow-matching diffusion around a JiT network: training loss, EMA, and sampler.
+"""Flow-matching diffusion around a JiT network: training loss, EMA, and sampler.
 
 Conventions (Li & He, arXiv 2511.13720): time t in [0, 1] with t = 1 the clean image,
-z_t = t·x + (1 - t)·e with e ~ N(0, noise_scale²), images x in [-1, 1]. The network predicts x̂;
-velocities are v = (x - z)/(1 - t) and the loss is taken on them.
+z_t = t·x + (1 - t)·e with e ~ N(0, noise_scale²), images x in [-1, 1], velocity v = x - e.
+By default the network predicts x̂ and the loss is taken on velocities v̂ = (x̂ - z)/(1 - t) (the
+paper's method); the paper's ablations (Table 2) predict e or v and take the loss on x or e instead
+(see CONVERSIONS).
 """
 import copy
 from dataclasses import dataclass
@@ -14,6 +16,50 @@ import torch.nn as nn
 def velocity(x_pred, z, t, t_eps: float):
     """v̂ = (x̂ - z) / max(1 - t, t_eps). x_pred, z: (B, C, H, W); t broadcastable to them."""
     return (x_pred - z) / (1.0 - t).clamp_min(t_eps)
+
+
+def identity(out, z, t, t_eps: float):
+    """The network's output is already in the wanted space."""
+    return out
+
+
+def x_to_eps(x_pred, z, t, t_eps: float):
+    """ê = (z - t·x̂) / max(1 - t, t_eps)."""
+    return (z - t * x_pred) / (1.0 - t).clamp_min(t_eps)
+
+
+def eps_to_x(eps_pred, z, t, t_eps: float):
+    """x̂ = (z - (1 - t)·ê) / max(t, t_eps)."""
+    return (z - (1.0 - t) * eps_pred) / t.clamp_min(t_eps)
+
+
+def eps_to_v(eps_pred, z, t, t_eps: float):
+    """v̂ = (z - ê) / max(t, t_eps)."""
+    return (z - eps_pred) / t.clamp_min(t_eps)
+
+
+def v_to_x(v_pred, z, t, t_eps: float):
+    """x̂ = (1 - t)·v̂ + z."""
+    return (1.0 - t) * v_pred + z
+
+
+def v_to_eps(v_pred, z, t, t_eps: float):
+    """ê = z - t·v̂."""
+    return z - t * v_pred
+
+
+# CONVERSIONS[pred][space](out, z, t, t_eps): the network output `out` of parameterisation `pred`
+# ("x", "eps" or "v": what the network predicts) expressed in `space`, from z = t·x + (1 - t)·e and
+# v = x - e. Every division by 1 - t or by t is by max(·, t_eps): the paper clips 1 - t; clipping t
+# (e- and v-prediction only) is our choice. out, z: (B, ...); t broadcastable to them.
+CONVERSIONS = {
+    "x": {"x": identity, "eps": x_to_eps, "v": velocity},
+    "eps": {"x": eps_to_x, "eps": identity, "v": eps_to_v},
+    "v": {"x": v_to_x, "eps": v_to_eps, "v": identity},
+}
+
+# TRUTHS[pred](x, e): the exact value of what a `pred` network predicts, for data x and noise e.
+TRUTHS = {"x": lambda x, e: x, "eps": lambda x, e: e, "v": lambda x, e: x - e}
 
 
 @dataclass(frozen=True)
@@ -49,16 +95,28 @@ class SamplerSettings:
 
 
 class Denoiser(nn.Module):
-    """Owns the network `net(z, t, y) -> x̂` and the diffusion objective.
+    """Owns the network `net(z, t, y)` and the diffusion objective.
+
+    The network predicts `pred` ("x": x̂, the paper's method; "eps": ê; "v": v̂) and the loss is the
+    mean squared error in the space `loss` ("x", "eps" or "v"; the paper's: "v") between the
+    network's output and the exact value of its target, both converted by CONVERSIONS[pred][loss].
+    Where no clip is active this is the pred-space error weighted by the squared conversion factor,
+    e.g. for x-prediction 1, t²/(1 - t)², 1/(1 - t)² for the x-, e- and v-loss (paper, footnote 4).
 
     forward(x, labels, t=None, noise=None) returns the scalar training loss; `t` (B,) and `noise`
     (like x, already scaled by noise_scale) may be given to make it deterministic. Labels are
     replaced by the null class `num_classes` with probability `label_drop_prob` in training mode.
     """
 
-    def __init__(self, net, num_classes: int, P_mean=-0.8, P_std=0.8, noise_scale=1.0, t_eps=0.05, label_drop_prob=0.1):
+    def __init__(self, net, num_classes: int, P_mean=-0.8, P_std=0.8, noise_scale=1.0, t_eps=0.05, label_drop_prob=0.1,
+                 pred="x", loss="v"):
         super().__init__()
+        for name, value in (("pred", pred), ("loss", loss)):
+            if value not in CONVERSIONS:
+                raise ValueError(f"{name} must be one of {', '.join(CONVERSIONS)}, got {value!r}")
         self.net = net
+        self.pred = pred
+        self.loss = loss
         self.num_classes = num_classes
         self.P_mean = P_mean
         self.P_std = P_std
@@ -83,10 +141,10 @@ class Denoiser(nn.Module):
             noise = torch.randn_like(x) * self.noise_scale
         t = t.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         z = t * x + (1 - t) * noise
-        v = (x - z) / (1 - t).clamp_min(self.t_eps)
-        x_pred = self.net(z, t.flatten(), labels)
-        v_pred = velocity(x_pred, z, t, self.t_eps)
-        return ((v - v_pred) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()
+        to_loss_space = CONVERSIONS[self.pred][self.loss]
+        target = to_loss_space(TRUTHS[self.pred](x, noise), z, t, self.t_eps)  # x-pred, v-loss: (x - z)/max(1 - t, t_eps)
+        out = to_loss_space(self.net(z, t.flatten(), labels), z, t, self.t_eps)
+        return ((target - out) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()
 
     @torch.no_grad()
     def generate(self, labels, settings: SamplerSettings, *, noise=None, net=None):
@@ -99,7 +157,8 @@ class Denoiser(nn.Module):
             size = self.net.input_size
             shape = (labels.shape[0], self.net.in_channels, size, size)
             noise = torch.randn(shape, device=labels.device) * self.noise_scale
-        return sample(self.net if net is None else net, noise, labels, settings, null_label=self.num_classes, t_eps=self.t_eps)
+        return sample(self.net if net is None else net, noise, labels, settings, null_label=self.num_classes, t_eps=self.t_eps,
+                      pred=self.pred)
 
 
 def time_grid(steps: int):
@@ -114,14 +173,16 @@ def cfg_scale_at(t: torch.Tensor, cfg: float, interval_min: float, interval_max:
     return cfg if inside else 1.0
 
 
-def guided_velocity(net, z, t, labels, *, null_label: int, cfg: float, t_eps: float):
-    """v = v_u + cfg·(v_c - v_u) at one time t (0-dim tensor). Conditional and unconditional passes
-    share one batch; with cfg == 1 the unconditional pass is skipped (v = v_c)."""
+def guided_velocity(net, z, t, labels, *, null_label: int, cfg: float, t_eps: float, pred: str = "x"):
+    """v = v_u + cfg·(v_c - v_u) at one time t (0-dim tensor), each v̂ converted from the output of a
+    `pred` network. Conditional and unconditional passes share one batch; with cfg == 1 the
+    unconditional pass is skipped (v = v_c)."""
     B = z.shape[0]
+    to_v = CONVERSIONS[pred]["v"]
     if cfg == 1.0:
-        return velocity(net(z, t.repeat(B), labels), z, t, t_eps)
-    x_pred = net(torch.cat([z, z]), t.repeat(2 * B), torch.cat([labels, torch.full_like(labels, null_label)]))
-    v_cond, v_uncond = velocity(x_pred, torch.cat([z, z]), t, t_eps).chunk(2)
+        return to_v(net(z, t.repeat(B), labels), z, t, t_eps)
+    out = net(torch.cat([z, z]), t.repeat(2 * B), torch.cat([labels, torch.full_like(labels, null_label)]))
+    v_cond, v_uncond = to_v(out, torch.cat([z, z]), t, t_eps).chunk(2)
     return v_uncond + cfg * (v_cond - v_uncond)
 
 
@@ -145,10 +206,11 @@ def heun_step(v_at, z, i: int, ts):
 SAMPLERS = {"heun": heun_step, "euler": euler_step}
 
 
-def sample(net, z, labels, settings: SamplerSettings, *, null_label: int, t_eps: float = 0.05):
+def sample(net, z, labels, settings: SamplerSettings, *, null_label: int, t_eps: float = 0.05, pred: str = "x"):
     """Integrate dz/dt = v(z, t) from t = 0 (noise z) to t = 1 (image) on linspace(0, 1, steps + 1).
 
-    net(z, t, y) -> x̂ is any callable. z: (B, C, H, W) initial noise; labels: (B,). Returns (B, C, H, W).
+    net(z, t, y) is any callable predicting `pred` (x̂ by default, see CONVERSIONS). z: (B, C, H, W)
+    initial noise; labels: (B,). Returns (B, C, H, W).
     """
     grid = time_grid(settings.steps)
     ts = grid.to(z.device)
@@ -156,7 +218,7 @@ def sample(net, z, labels, settings: SamplerSettings, *, null_label: int, t_eps:
 
     def v_at(z_, i):
         scale = cfg_scale_at(grid[i], settings.cfg, settings.interval_min, settings.interval_max)
-        return guided_velocity(net, z_, ts[i], labels, null_label=null_label, cfg=scale, t_eps=t_eps)
+        return guided_velocity(net, z_, ts[i], labels, null_label=null_label, cfg=scale, t_eps=t_eps, pred=pred)
 
     for i in range(settings.steps):
         z = step(v_at, z, i, ts)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from denoiser import EMA, Denoiser
+from denoiser import CONVERSIONS, EMA, Denoiser
 from engine_jit import (Evaluation, LoopConfig, RunIO, Samplers, StepParts, StopRun, StopSignal, build_optimizer, evaluate,
                         train_one_epoch)
-from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
+from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
 from util import sharding, sweep
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
@@ -46,6 +46,9 @@ def get_args_parser():
     a("--attn_dropout", default=0.0, type=float, help="attention dropout in the middle half of the blocks, in [0, 1)")
     a("--proj_dropout", default=0.0, type=float, help="projection / MLP dropout in the middle half of the blocks, in [0, 1)")
     a("--attn_impl", default="sdpa", choices=ATTN_IMPLS, help="sdpa (fused kernels) or reference (float32 logits, N×N)")
+    a("--bottleneck_dim", default=None, type=int, help="patch-embedding bottleneck width; 0: one plain linear patch embedding (paper Fig. 4); None: the preset's")
+    a("--in_context_len", default=None, type=int, help="number of in-context class tokens; 0: none (paper Table 4); None: the preset's")
+    a("--in_context_start", default=None, type=int, help="block where the in-context class tokens are prepended; None: the preset's")
 
     g = p.add_argument_group("training")
     a = g.add_argument
@@ -64,7 +67,9 @@ def get_args_parser():
     a("--P_mean", default=-0.8, type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
     a("--P_std", default=0.8, type=float, help="standard deviation of logit(t) for training times")
     a("--noise_scale", default=1.0, type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
-    a("--t_eps", default=5e-2, type=float, help="velocities divide by max(1 - t, t_eps)")
+    a("--t_eps", default=5e-2, type=float, help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our choice)")
+    a("--pred", default="x", choices=tuple(CONVERSIONS), help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = x - eps (paper Table 2)")
+    a("--loss", default="v", choices=tuple(CONVERSIONS), help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)")
     a("--label_drop_prob", default=0.1, type=float, help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
     a("--seed", default=0, type=int, help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))")
     a("--start_epoch", default=0, type=int, help="first epoch when not resuming from a checkpoint")
@@ -206,11 +211,12 @@ def build_data(config, device) -> Data:
 
 def build_denoiser(config, device) -> Denoiser:
     """A freshly initialised (global RNG) Denoiser of the configured network, on `device`."""
+    knobs = {k: getattr(config, k) for k in ARCH_KNOBS if getattr(config, k) is not None}  # overrides of the preset's
     net = JiT_models[config.model](input_size=config.img_size, num_classes=config.class_num, attn_drop=config.attn_dropout,
                                    proj_drop=config.proj_dropout, attn_impl=config.attn_impl,
-                                   grad_checkpoint=config.grad_checkpoint)
+                                   grad_checkpoint=config.grad_checkpoint, **knobs)
     return Denoiser(net, config.class_num, P_mean=config.P_mean, P_std=config.P_std, noise_scale=config.noise_scale,
-                    t_eps=config.t_eps, label_drop_prob=config.label_drop_prob).to(device)
+                    t_eps=config.t_eps, label_drop_prob=config.label_drop_prob, pred=config.pred, loss=config.loss).to(device)
 
 
 def build_model(config, device):

@@ -14,6 +14,10 @@ from util.pos_embed import apply_rope, rope_2d_tables, sincos_2d_pos_embed
 
 ATTN_IMPLS = ("sdpa", "reference")
 
+# The architecture knobs of the paper's ablations (Fig. 4, Table 4): keywords every preset accepts
+# as overrides of its own values.
+ARCH_KNOBS = ("bottleneck_dim", "in_context_len", "in_context_start")
+
 
 def modulate(x, shift, scale):
     """adaLN modulation. x: (B, N, D); shift, scale: (B, D)."""
@@ -70,6 +74,19 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels):
         return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D): one p×p patch conv with bias, i.e. one Linear per patch (ViT's,
+    DiT's `x_embedder.proj`). The paper's "no bottleneck" ablation (Fig. 4); not in the reference code."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class BottleneckPatchEmbed(nn.Module):
@@ -180,7 +197,12 @@ class FinalLayer(nn.Module):
 
 class JiT(nn.Module):
     """forward(x, t, y): x (B, C, H, W) noisy image, t (B,) in [0, 1], y (B,) int labels
-    (num_classes = unconditional) -> (B, C, H, W) predicted clean image x̂.
+    (num_classes = unconditional) -> (B, C, H, W) the prediction: the clean image x̂ (the paper's
+    method; the denoiser's `pred` says what it is).
+
+    bottleneck_dim: width of the low-rank patch embedding (x_embedder.proj1, proj2); 0 = one plain
+    linear patch embedding (x_embedder.proj, with bias; initialised like the bottleneck's convs).
+    in_context_len: class tokens prepended at block in_context_start; 0 = none (no in_context_posemb).
 
     grad_checkpoint: in training with gradients on, each block keeps only its input and recomputes
     its activations in the backward pass (non-reentrant torch.utils.checkpoint; dropout masks are
@@ -211,6 +233,8 @@ class JiT(nn.Module):
             raise ValueError(f"image size {input_size} is not divisible by the patch size {patch_size}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 4:
             raise ValueError(f"hidden_size/num_heads must be an integer divisible by 4, got {hidden_size}/{num_heads}")
+        if bottleneck_dim < 0 or in_context_len < 0:
+            raise ValueError(f"bottleneck_dim and in_context_len must be >= 0, got {bottleneck_dim}, {in_context_len}")
         if in_context_len > 0 and not 0 <= in_context_start < depth:
             raise ValueError(f"in_context_start must lie in [0, depth={depth}), got {in_context_start}")
         self.input_size = input_size
@@ -223,7 +247,10 @@ class JiT(nn.Module):
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.x_embedder = BottleneckPatchEmbed(input_size, patch_size, in_channels, bottleneck_dim, hidden_size)
+        if bottleneck_dim > 0:
+            self.x_embedder = BottleneckPatchEmbed(input_size, patch_size, in_channels, bottleneck_dim, hidden_size)
+        else:
+            self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         if in_context_len > 0:
@@ -264,9 +291,10 @@ class JiT(nn.Module):
         if self.pos_embed.device.type != "meta":
             grid = int(self.x_embedder.num_patches**0.5)
             self.pos_embed.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
-        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):  # like a Linear on the flattened kernel
+        for conv in self.x_embedder.children():  # like a Linear on the flattened kernel
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.constant_(self.x_embedder.proj2.bias, 0)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, 0)
         if self.in_context_len > 0:
             nn.init.normal_(self.in_context_posemb, std=0.02)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -307,13 +335,15 @@ class JiT(nn.Module):
 
 def _preset(**arch):
     """A JiT constructor with the architecture fixed; it takes input_size, num_classes, attn_drop,
-    proj_drop, attn_impl, ... as keywords."""
+    proj_drop, attn_impl, ... as keywords, and the ARCH_KNOBS as overrides of the preset's values."""
     return partial(JiT, **arch)
 
 
 JiT_models = {
     "JiT-B/16": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=16),
     "JiT-B/32": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=32),
+    # The paper's 64 px ablations (Table 2b); not in the reference code: B's settings with p = 4.
+    "JiT-B/4": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=4),
     "JiT-L/16": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=16),
     "JiT-L/32": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=32),
     "JiT-H/16": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
