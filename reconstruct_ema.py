@@ -1,0 +1,152 @@
+"""Post-hoc EMA: reconstruct, after training, the EMA of any length from the power-function EMA
+snapshots a run wrote with --phema_stds (EDM2 §3; the math is in util/phema.py).
+
+    python reconstruct_ema.py --snapshots ${OUTPUT_DIR}/phema --std 0.004 0.0067 0.01 --decay 0.99985
+
+Each target (a relative standard deviation --std, or a classic per-step EMA decay --decay) is
+reconstructed at the step --at (default: the newest snapshot) from the snapshots at or before it,
+and written as a checkpoint (`model` and `model_ema1` hold the weights; `phema` records the target,
+the snapshots and their weights) that `main_jit.py --evaluate_gen --resume FILE` and
+`sample.py --resume FILE` read. Bad input exits with status 2 and one line on stderr, a failed
+write with status 1.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from util import checkpoint, files, phema
+
+ACCUM = {"float64": torch.float64, "float32": torch.float32}
+POOR_FIT = 0.01  # profile-space fit error above which the snapshots do not cover a target well
+
+
+class InputError(Exception):
+    pass
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("JiT post-hoc EMA reconstruction", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--snapshots", required=True, help="folder of phema-*.pth snapshots (a run's output_dir/phema)")
+    a("--std", default=[], type=float, nargs="+", help="target relative standard deviations σ_rel, each in (0, 0.2887)")
+    a("--decay", default=[], type=float, nargs="+", help="target classic EMA decays per optimiser step, each in (0, 1)")
+    a("--at", default=None, type=int, help="global optimiser step to reconstruct at (default: the newest snapshot's)")
+    a("--output_dir", default=None, help="where the checkpoints go (default: SNAPSHOTS/reconstructed)")
+    a("--accum", default="float64", choices=list(ACCUM), help="precision of the weighted sums (the weights are solved in float64)")
+    return parser
+
+
+def targets(stds, decays) -> list[tuple[str, float]]:
+    """[('std', σ_rel) ..., ('decay', d) ...], validated (InputError)."""
+    if not stds and not decays:
+        raise InputError("give at least one target: --std and/or --decay")
+    for s in stds:
+        if not 0 < s < phema.SIGMA_REL_MAX:
+            raise InputError(f"--std {s}: σ_rel must be in (0, {phema.SIGMA_REL_MAX:.4f})")
+    for d in decays:
+        if not 0 < d < 1:
+            raise InputError(f"--decay {d}: a decay must be in (0, 1)")
+    return [("std", s) for s in stds] + [("decay", d) for d in decays]
+
+
+def usable_snapshots(folder: str, at: int | None) -> list[phema.Snapshot]:
+    """The snapshots in `folder` at or before step `at` (default: all), or InputError."""
+    if not os.path.isdir(folder):
+        raise InputError(f"--snapshots {folder}: no such folder")
+    try:
+        found = phema.list_snapshots(folder)
+    except phema.SnapshotError as e:
+        raise InputError(str(e)) from None
+    if not found:
+        raise InputError(f"--snapshots {folder}: no phema-*.pth snapshots (train with --phema_stds)")
+    used = [s for s in found if at is None or s.step <= at]
+    if not used:
+        raise InputError(f"--at {at}: no snapshot at or before that step (the first is at step {found[0].step})")
+    return used
+
+
+def images_per_step(snapshots: list[phema.Snapshot]) -> int:
+    """The global batch, the same for every snapshot (images_seen = step · batch), or InputError."""
+    batches = {s.images_seen // s.step for s in snapshots if s.images_seen % s.step == 0}
+    if len(batches) != 1 or any(s.images_seen % s.step for s in snapshots):
+        raise InputError("the snapshots do not share one global batch (images seen / step): "
+                         "--decay and --at between snapshots need a constant batch")
+    return batches.pop()
+
+
+def fit(target: tuple[str, float], snapshots: list[phema.Snapshot], end_images: int, batch: int | None) -> phema.Fit:
+    images = np.array([s.images_seen for s in snapshots], dtype=np.float64)
+    gammas = np.array([s.gamma for s in snapshots])
+    kind, value = target
+    if kind == "std":
+        return phema.fit_power(images, gammas, end_images, value)
+    return phema.fit_decay(images, gammas, end_images, value, batch)
+
+
+def output_name(target: tuple[str, float], step: int) -> str:
+    kind, value = target
+    return f"ema-{kind}{value:g}-step{step:010d}.pth"
+
+
+def describe(target: tuple[str, float]) -> str:
+    kind, value = target
+    return f"σ_rel {value:g}" if kind == "std" else f"decay {value:g}"
+
+
+def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step: int, end_images: int,
+          accum: str, run: dict):
+    """A checkpoint holding the reconstruction as `model` and `model_ema1` (weights only), the run's
+    args, and a `phema` record of how it was made."""
+    kind, value = target
+    newest = snapshots[-1]
+    state = checkpoint.TrainState(model=weights, emas=[weights], optimizer=None, epoch=newest.epoch, args=run,
+                                  resume={"epoch": newest.epoch + 1, "step": 0})
+    record = {"target": kind, "sigma_rel": value if kind == "std" else None, "decay": value if kind == "decay" else None,
+              "step": at_step, "images_seen": end_images, "snapshots": [os.path.basename(s.path) for s in snapshots],
+              "snapshot_sigma_rel": [s.sigma_rel for s in snapshots], "weights": fit_.weights.tolist(),
+              "cond": fit_.cond, "gain": fit_.gain, "fit_error": fit_.fit_error, "accum": accum,
+              "snapshot_dtypes": sorted({s.dtype for s in snapshots})}
+    checkpoint.save_atomic({**checkpoint.to_dict(state), "phema": record}, path)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        wanted = targets(args.std, args.decay)
+        snapshots = usable_snapshots(args.snapshots, args.at)
+        batch = images_per_step(snapshots) if args.decay or (args.at is not None and args.at != snapshots[-1].step) else None
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    at_step = snapshots[-1].step if args.at is None else args.at
+    end_images = snapshots[-1].images_seen if at_step == snapshots[-1].step else at_step * batch
+    out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
+    os.makedirs(out_dir, exist_ok=True)
+    profiles = sorted({s.sigma_rel for s in snapshots})
+    print(f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
+          f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
+          f"({end_images} images), sums in {args.accum}")
+    fits = [fit(t, snapshots, end_images, batch) for t in wanted]
+    weights = np.stack([f.weights for f in fits], axis=1)  # (snapshots, targets)
+    results = phema.combine(snapshots, weights, ACCUM[args.accum])
+    run = phema.read_snapshot(snapshots[-1].path)[1]["args"]
+    for target, fit_, state in zip(wanted, fits, results):
+        path = os.path.join(out_dir, output_name(target, at_step))
+        try:
+            write(path, state, target, fit_, snapshots, at_step, end_images, args.accum, run)
+        except files.WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{describe(target)}: condition {fit_.cond:.1e}, Σ|w| {fit_.gain:.2f}, "
+              f"fit error {fit_.fit_error:.1e} (relative, in profile space) -> {path}")
+        if fit_.fit_error > POOR_FIT:
+            print(f"warning: {describe(target)} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
+                  "track a σ_rel nearer to it, or snapshot more often")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
