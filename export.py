@@ -1,0 +1,105 @@
+"""Export one network of a checkpoint (ours or the reference's) as a folder to share: its weights in
+safetensors (no optimizer, no pickle), config.json (everything needed to rebuild and sample it) and
+a README.md model card. The formats are described in util/weights.py.
+
+    python export.py output_dir/checkpoint-last.pth exported/jit-b16                  # EMA 1, float32
+    python export.py output_dir exported/jit-b16-bf16 --ema 2 --dtype bfloat16        # a run folder: its newest checkpoint
+    python export.py output_dir exported/jit-b16-diffusers --format diffusers         # diffusers' JiTTransformer2DModel layout
+    python export.py exported/jit-b16 exported/jit-b16-diffusers --format diffusers   # convert an exported folder
+
+The recommended sampler in config.json is the best point of the run's sweep when metrics.jsonl
+(beside the checkpoint, or --metrics) has one, else the training flags. Exit status: 0 done, 2 bad
+input (one line on stderr), 1 a file could not be written.
+"""
+import argparse
+import os
+import sys
+
+from util import files
+from util import weights as W
+from util.checkpoint import CheckpointError
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("JiT export", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("source", help="checkpoint file, run folder (its newest readable checkpoint-*.pth) or exported folder")
+    a("output", help="folder to write (new or empty; --overwrite replaces an export there)")
+    a("--ema", default=1, type=int, choices=(0, 1, 2, 3), help="which weights: EMA 1, 2, 3 (--ema_decay3 runs), 0 the raw model")
+    a("--dtype", default="float32", choices=list(W.DTYPES), help="dtype of the weights written")
+    a("--format", default=W.FORMAT, choices=W.FORMATS, help="jit: model.safetensors, names as model_jit.JiT; "
+                                                             "diffusers: the layout of diffusers' JiTTransformer2DModel")
+    a("--metrics", default=None, help="the run's metrics.jsonl (default: the one beside the checkpoint)")
+    a("--overwrite", action="store_true", help="replace the export in a non-empty output folder")
+    return p
+
+
+def check_output(folder: str, overwrite: bool):
+    """The output must be a new or empty folder, or hold an export and --overwrite be given; never a
+    run folder (its checkpoints would be shadowed: a folder with config.json loads as an export)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"output {folder} is a file, not a folder")
+    present = os.listdir(folder) if os.path.isdir(folder) else []
+    if any(n.startswith("checkpoint-") and n.endswith(".pth") for n in present):
+        raise ValueError(f"output {folder} holds checkpoints (a run folder): export to another folder")
+    if present and not overwrite:
+        raise ValueError(f"output {folder} is not empty (pass --overwrite to replace an export there)")
+
+
+def prepare_output(folder: str):
+    """Create the folder; remove an earlier export's files (config.json first, so that a folder
+    left half-written is not taken for an export)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name in (W.CONFIG, *W.WEIGHTS.values(), W.CARD):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    except OSError as e:
+        raise files.write_error(folder, e) from e
+
+
+def source_weights(args) -> tuple[dict, dict, str]:
+    """(config, state dict "net.*", a description) of what to export."""
+    if W.is_exported(args.source):
+        config, state_dict = W.load_exported(args.source)
+        if args.ema != 1:
+            print(f"note: {args.source} is an exported folder holding one network; --ema {args.ema} does not apply")
+        return config, state_dict, f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}"
+    state, path = W.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
+    which = W.weights_name(args.ema)
+    metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
+    config = W.export_config(state, which, dtype=args.dtype, source=path, records=W.read_eval_records(metrics))
+    return config, state.weights(which), f"{which} of {path} (epoch {state.epoch})"
+
+
+def export(args) -> list[str]:
+    check_output(args.output, args.overwrite)
+    config, state_dict, what = source_weights(args)
+    config = {**config, "weights": {**config.get("weights", {}), "dtype": args.dtype}}
+    prepare_output(args.output)
+    paths = W.write_export(args.output, config, W.cast(state_dict, args.dtype), args.format)
+    size = files.human_bytes(os.path.getsize(paths[0]))
+    print(f"exported {what} as {args.format}, {args.dtype} ({size}) to {args.output}: "
+          + ", ".join(os.path.basename(p) for p in paths))
+    smp = config["sampler"]
+    print(f"recommended sampler: {smp['method']}, {smp['steps']} steps, CFG {smp['cfg']} in "
+          f"({smp['interval_min']}, {smp['interval_max']}), {smp.get('chosen_by', '')}")
+    return paths
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        export(args)
+    except files.WriteError as e:  # before ValueError / OSError: a failed write is status 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError, OSError) as e:  # bad input: a missing or unreadable file, a bad setting
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

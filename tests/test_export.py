@@ -1,0 +1,379 @@
+"""Weights in and out: export.py and util/weights.py. Checkpoint -> exported folder -> the same
+network outputs and samples (float32 bit for bit, bfloat16 the rounded weights), the diffusers name
+table both ways, reference checkpoints, starting a run from other weights (--init_from), and bad
+inputs as one-line errors."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import export
+from denoiser import Denoiser, SamplerSettings
+from model_jit import JiT_models
+from util import checkpoint as ckpt_util
+from util import files
+from util import weights as W
+from util.pos_embed import sincos_2d_pos_embed
+from helpers import save_reference_checkpoint, tiny_denoiser
+
+SAMPLER = SamplerSettings(method="heun", steps=3, cfg=2.0, interval_min=0.1)
+# A sweep of EMA 1 at epoch 7 (4000 images; then its best point again on 8000), an older sweep, EMA 2.
+SWEEP = [dict(checkpoint_epoch=7, ema=1, cfg=c, fid=f, num_images=4000) for c, f in ((1.0, 30.0), (2.0, 12.5), (3.0, 20.0))] + [
+    dict(checkpoint_epoch=7, ema=1, cfg=2.0, fid=11.0, num_images=8000),
+    dict(checkpoint_epoch=3, ema=1, cfg=4.0, fid=5.0, num_images=4000),
+    dict(checkpoint_epoch=7, ema=2, cfg=1.5, fid=1.0, num_images=4000),
+]
+
+
+def eval_record(**kw) -> dict:
+    return {"kind": "eval", "epoch": kw["checkpoint_epoch"], "inception_score": 50.0, "inception_score_std": 1.0,
+            "method": "heun", "steps": 50, "interval_min": 0.1, "interval_max": 1.0, "fid_stats": "/x/jit_in16_stats.npz",
+            "checkpoint": "/x/checkpoint-last.pth", **kw}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder: our checkpoint of the tiny JiT (model, EMA 1, EMA 2 all different; 2 AdamW
+    steps) and a metrics.jsonl with sweep records. Returns (folder, TrainState)."""
+    folder = tmp_path_factory.mktemp("run")
+    ref = folder / "ref.pth"
+    save_reference_checkpoint(ref, tiny_denoiser(0), tiny_denoiser(1), tiny_denoiser(2), epoch=7, steps=2)
+    state = ckpt_util.load(str(ref))
+    os.remove(ref)
+    state.args = {**state.args, "accum_iter": 2, "ema_decay1": 0.9999, "ema_decay2": 0.9996, "cfg": [1.0, 2.0],
+                  "interval_min": 0.1, "label_drop_prob": 0.2}
+    state.world_size = 3
+    ckpt_util.save(state, str(folder / "checkpoint-last.pth"))
+    with open(folder / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"kind": "train", "epoch": 7, "loss": 0.5}) + "\n")
+        for r in SWEEP:
+            f.write(json.dumps(eval_record(**r)) + "\n")
+        f.write(json.dumps(eval_record(checkpoint_epoch=7, ema=1, cfg=9.0, fid=0.5, num_images=4000))[:40])  # cut by a kill
+    return str(folder), state
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exported") / "jit")
+    assert export.main([run[0], out]) == 0
+    return out
+
+
+def denoiser_with(state_dict) -> Denoiser:
+    d = tiny_denoiser()
+    d.load_state_dict(state_dict)
+    return d.eval()
+
+
+def outputs(d: Denoiser):
+    g = torch.Generator().manual_seed(1)
+    z, t, y = torch.randn(6, 3, 16, 16, generator=g), torch.rand(6, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        return d.net(z, t, y)
+
+
+def samples(d: Denoiser):
+    noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return d.generate(torch.tensor([0, 1, 2]), SAMPLER, noise=noise)
+
+
+def one_line_error(capsys, code: int, expected_code: int = 2) -> str:
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_round_trip_gives_bit_identical_outputs_and_samples(run, exported):
+    folder, state = run
+    loaded = W.load_denoiser(exported)
+    ema1 = denoiser_with(state.emas[0])
+    assert torch.equal(outputs(loaded.denoiser), outputs(ema1))
+    assert torch.equal(samples(loaded.denoiser), samples(ema1))
+    assert not torch.equal(outputs(ema1), outputs(denoiser_with(state.model)))  # EMA 1 really is not the model
+
+    config = loaded.config
+    assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
+    assert config["network"]["in_context_start"] == 2 and config["denoiser"]["label_drop_prob"] == 0.2
+    assert config["denoiser"]["pred"] == "x" and config["denoiser"]["loss"] == "v"
+    w = config["weights"]
+    assert (w["which"], w["ema_decay"], w["epoch"], w["dtype"], w["source"]) == ("ema1", 0.9999, 7, "float32", "checkpoint-last.pth")
+    assert w["optimizer_steps"] == 2 and w["images_seen"] == 2 * 4 * 2 * 3  # steps × batch × accum_iter × processes
+    assert config["training"]["global_batch"] == 24
+    # The best point of the newest sweep of EMA 1 (not the 8000-image rerun, the older sweep or EMA 2).
+    s = config["sampler"]
+    assert (s["method"], s["steps"], s["cfg"], s["interval_min"]) == ("heun", 50, 2.0, 0.1) and "FID 12.5000" in s["chosen_by"]
+    assert loaded.sampler == SamplerSettings("heun", 50, 2.0, 0.1, 1.0)
+    assert len(config["evaluations"]) == 5 and {r["ema"] for r in config["evaluations"]} == {1}
+
+    card = open(os.path.join(exported, "README.md")).read()
+    assert card.startswith("---\nlibrary_name: jit\nlicense:") and "\n---\n" in card
+    assert "| 7 | heun | 50 | 2.0 | (0.1, 1.0) | 4000 | 12.5000 | 50.00 ± 1.00 | jit_in16_stats.npz |" in card
+    assert "hf upload" in card and "Global batch 24" in card and "EMA 1 (decay 0.9999) after epoch 7, 48 images seen" in card
+    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_ema_choice_and_bfloat16_export(run, tmp_path):
+    folder, state = run
+    assert export.main([folder, str(tmp_path / "raw"), "--ema", "0"]) == 0
+    config, sd = W.load_exported(str(tmp_path / "raw"))
+    assert config["weights"]["which"] == "model" and config["weights"]["ema_decay"] is None
+    assert config["evaluations"] == [] and "training flags" in config["sampler"]["chosen_by"]
+    assert config["sampler"]["cfg"] == 1.0  # the first of the run's swept --cfg values
+    assert all(torch.equal(sd[k], v) for k, v in state.model.items())
+
+    assert export.main([folder, str(tmp_path / "bf16"), "--ema", "2", "--dtype", "bfloat16"]) == 0
+    raw = safetensors.torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {v.dtype for v in raw.values()} == {torch.bfloat16}
+    config, sd = W.load_exported(str(tmp_path / "bf16"))
+    assert config["weights"]["dtype"] == "bfloat16" and set(sd) == set(state.emas[1])
+    for k, v in state.emas[1].items():
+        assert torch.equal(sd[k], v.to(torch.bfloat16)), k  # round to nearest, nothing else
+    loaded = W.load_denoiser(str(tmp_path / "bf16")).denoiser
+    assert next(loaded.parameters()).dtype == torch.float32
+    ref = outputs(denoiser_with(state.emas[1]))
+    err = (outputs(loaded) - ref).norm() / ref.norm()
+    assert 0 < err < 1e-2
+
+
+def diffusers_names(depth: int) -> set:
+    """The tensor names of diffusers' JiTTransformer2DModel (PR #13098) with in-context tokens."""
+    names = {"t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+             "y_embedder.embedding_table.weight", "x_embedder.proj1.weight", "x_embedder.proj2.weight",
+             "x_embedder.proj2.bias", "pos_embed", "in_context_posemb", "norm_final.weight", "linear_final.weight",
+             "linear_final.bias", "adaLN_modulation_final.weight", "adaLN_modulation_final.bias"}
+    for i in range(depth):
+        names |= {f"blocks.{i}.{n}" for n in ("norm1.weight", "norm2.weight", "attn.norm_q.weight", "attn.norm_k.weight")}
+        for layer in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "mlp.w12", "mlp.w3", "adaLN_modulation"):
+            names |= {f"blocks.{i}.{layer}.weight", f"blocks.{i}.{layer}.bias"}
+    return names
+
+
+def test_diffusers_names_map_every_tensor_exactly_once_and_back():
+    sd = tiny_denoiser().state_dict()
+    theirs = W.to_diffusers(sd)
+    assert set(theirs) == diffusers_names(4)
+    assert sum(v.numel() for v in theirs.values()) == sum(v.numel() for v in sd.values())  # nothing twice, nothing lost
+    for p in ("weight", "bias"):
+        q, k, v = (theirs[f"blocks.3.attn.to_{x}.{p}"] for x in "qkv")
+        assert torch.equal(torch.cat([q, k, v]), sd[f"net.blocks.3.attn.qkv.{p}"]) and q.shape[0] == 64
+    assert torch.equal(theirs["blocks.1.adaLN_modulation.weight"], sd["net.blocks.1.adaLN_modulation.1.weight"])
+    assert torch.equal(theirs["linear_final.bias"], sd["net.final_layer.linear.bias"])
+    back = W.from_diffusers(theirs)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+
+    with pytest.raises(ckpt_util.CheckpointError, match=r"unknown tensor blocks\.0\.attn\.to_x\.weight"):
+        W.from_diffusers({**theirs, "blocks.0.attn.to_x.weight": torch.zeros(1)})
+    with pytest.raises(ckpt_util.CheckpointError, match=r"missing tensor blocks\.2\.attn\.to_v\.bias"):
+        W.from_diffusers({k: v for k, v in theirs.items() if k != "blocks.2.attn.to_v.bias"})
+    with pytest.raises(ckpt_util.CheckpointError, match="net"):
+        W.to_diffusers({"pos_embed": torch.zeros(1)})
+
+
+def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp_path):
+    folder, state = run
+    out = str(tmp_path / "diffusers")
+    assert export.main([folder, out, "--format", "diffusers"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    raw = json.load(open(os.path.join(out, "config.json")))
+    assert raw["_class_name"] == "JiTTransformer2DModel"
+    assert set(raw) - {"_class_name", "_jit"} == {
+        "sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads", "mlp_ratio",
+        "attention_dropout", "dropout", "num_classes", "bottleneck_dim", "in_context_len", "in_context_start", "norm_eps"}
+    assert (raw["sample_size"], raw["num_layers"], raw["num_attention_heads"], raw["num_classes"]) == (16, 4, 4, 3)
+    assert set(safetensors.torch.load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))) == diffusers_names(4)
+    assert open(os.path.join(out, "README.md")).read().startswith("---\nlibrary_name: diffusers\n")
+
+    loaded = W.load_denoiser(out)
+    assert torch.equal(outputs(loaded.denoiser), outputs(denoiser_with(state.emas[0])))
+    assert loaded.sampler.cfg == 2.0 and loaded.config["weights"]["epoch"] == 7
+    # diffusers -> ours again: the very tensors of the direct export
+    assert export.main([out, str(tmp_path / "back")]) == 0
+    a = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A diffusers folder made elsewhere (no _jit entry): the defaults, and a note that says so.
+    json.dump({k: v for k, v in raw.items() if k != "_jit"}, open(os.path.join(out, "config.json"), "w"))
+    loaded = W.load_denoiser(out)
+    assert loaded.config["model"] == "JiT-XS/4" and loaded.denoiser.noise_scale == 1.0
+    assert any("records no denoiser or sampler settings" in n for n in loaded.notes)
+
+
+def test_reference_checkpoints_export(tmp_path):
+    """The reference's files: args as a Namespace lacking most of our keys (and here even the model)."""
+    model = tiny_denoiser(3)
+    ref = str(tmp_path / "checkpoint-last.pth")
+    save_reference_checkpoint(ref, model, epoch=4)
+    assert export.main([str(tmp_path), str(tmp_path / "a")]) == 0
+    config, sd = W.load_exported(str(tmp_path / "a"))
+    assert config["denoiser"]["label_drop_prob"] == 0.1 and config["weights"]["ema_decay"] is None
+    assert config["weights"]["epoch"] == 4 and config["weights"]["images_seen"] is None  # no optimizer step, no world size
+    assert torch.equal(outputs(W.load_denoiser(str(tmp_path / "a")).denoiser), outputs(model))
+
+    torch.save({"model": model.state_dict(), "epoch": 4, "args": argparse.Namespace(epochs=9)}, ref)
+    assert export.main([ref, str(tmp_path / "b")]) == 0
+    config, _ = W.load_exported(str(tmp_path / "b"))
+    assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
+
+
+def tiny_target(class_num: int = 3, img_size: int = 16, model: str = "JiT-XS/4", seed: int = 9) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(JiT_models[model](input_size=img_size, num_classes=class_num), class_num)
+
+
+def test_init_with_another_class_count_keeps_every_other_tensor_and_trains():
+    source = tiny_denoiser(0).state_dict()
+    target = tiny_target(class_num=5)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    sd, notes = W.adapt_for_init(source, target)
+    target.load_state_dict(sd)
+    after = target.state_dict()
+    assert torch.equal(after[W.LABEL_KEY], fresh[W.LABEL_KEY]) and after[W.LABEL_KEY].shape == (6, 64)
+    assert all(torch.equal(after[k], source[k]) for k in source if k != W.LABEL_KEY)
+    assert len(notes) == 1 and "label embedding is freshly initialised: 3 classes there, --class_num 5" in notes[0]
+    opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
+    loss = target.train()(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 3, 4]))
+    loss.backward()
+    opt.step()
+    assert math.isfinite(loss.item()) and not torch.equal(target.state_dict()[W.LABEL_KEY], fresh[W.LABEL_KEY])
+
+
+def test_init_with_another_img_size_rebuilds_the_position_tables():
+    source = tiny_denoiser(0).state_dict()
+    target = tiny_target(img_size=32)
+    sd, notes = W.adapt_for_init(source, target)
+    target.load_state_dict(sd)
+    assert torch.equal(target.net.pos_embed[0], sincos_2d_pos_embed(64, 8))
+    assert target.net.rope_cos.shape == (4 + 64, 16)
+    assert all(torch.equal(target.state_dict()[k], source[k]) for k in source if k != W.POS_KEY)
+    assert len(notes) == 1 and "rebuilt for 8×8 patches (--img_size 32; the weights were trained at 16)" in notes[0]
+    assert target.eval()(torch.rand(2, 3, 32, 32), torch.tensor([0, 1])).isfinite()
+
+
+def test_init_with_another_network_is_a_one_line_error():
+    source = tiny_denoiser(0).state_dict()
+    with pytest.raises(ckpt_util.CheckpointError) as e:
+        W.adapt_for_init(source, tiny_target(model="JiT-T/4"))
+    assert "\n" not in str(e.value) and "--model" in str(e.value)
+    cut = {k: v for k, v in source.items() if k != "net.in_context_posemb"}
+    with pytest.raises(ckpt_util.CheckpointError, match="missing tensor net.in_context_posemb"):
+        W.adapt_for_init(cut, tiny_target())
+
+
+def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported):
+    folder, state = run
+    sd, notes, origin = W.init_from(folder, 2, tiny_target(class_num=5), log=print)
+    assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != W.LABEL_KEY)
+    assert origin["weights"] == "ema2" and origin["epoch"] == 7 and origin["path"].endswith("checkpoint-last.pth")
+    assert notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
+    sd, _, origin = W.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
+    assert all(torch.equal(sd[k], state.model[k]) for k in sd) and origin["weights"] == "model"
+    sd, notes, origin = W.init_from(exported, 1, tiny_target(), log=print)
+    assert all(torch.equal(sd[k], state.emas[0][k]) for k in sd) and origin["weights"] == "ema1" and len(notes) == 1
+    with pytest.raises(ckpt_util.CheckpointError, match=r"^--init_from .*no model_ema3"):
+        W.init_from(folder, 3, tiny_target(), log=print)
+
+
+def test_config_flags_override_or_disagree(exported):
+    config, sd = W.load_exported(exported)
+    loaded = W.load_denoiser(exported, {"cfg": 3.5, "noise_scale": 2.0, "class_num": 3, "attn_impl": "reference", "seed": 1})
+    assert loaded.sampler.cfg == 3.5 and loaded.denoiser.noise_scale == 2.0
+    assert loaded.denoiser.net.blocks[0].attn.attn_impl == "reference"
+    assert notes_with(loaded.notes, "--cfg 3.5 overrides 2.0") and notes_with(loaded.notes, "--noise_scale 2.0 overrides 1.0")
+    assert loaded.notes[0].startswith(f"from {exported}/config.json: --model JiT-XS/4 --img_size 16 --t_eps 0.05")
+    for flag, value in (("class_num", 5), ("img_size", 32), ("model", "JiT-T/4"), ("pred", "v")):
+        with pytest.raises(ValueError, match=f"--{flag} {value} disagrees with"):
+            W.build_from_config(config, {flag: value})
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resume", required=True)
+    parser.add_argument("--cfg", default=[1.0], type=float, nargs="+")
+    parser.add_argument("--img_size", default=256, type=int)
+    parser.add_argument("--noise_scale", default=1.0, type=float)
+    parser.add_argument("--num_sampling_steps", default=50, type=int)
+    argv = ["--resume", exported, "--cfg", "1.0", "4.0", "--num_sampling_steps", "50"]
+    args = parser.parse_args(argv)
+    assert W.given_flags(parser, argv) == {"resume", "cfg", "num_sampling_steps"}
+    notes = W.apply_config(args, config, W.given_flags(parser, argv))
+    assert (args.img_size, args.cfg, args.num_sampling_steps) == (16, [1.0, 4.0], 50)
+    assert notes_with(notes, "--cfg [1.0, 4.0] overrides 2.0")
+    state = W.as_train_state(config, sd)
+    assert state.weights("ema1") is sd and state.epoch == 7 and state.resume == {"epoch": 8, "step": 0}
+
+
+def notes_with(notes, text) -> bool:
+    return any(text in n for n in notes)
+
+
+def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
+    folder, _ = run
+    err = one_line_error(capsys, export.main([str(tmp_path / "nothing"), str(tmp_path / "o1")]))
+    assert "no such file or folder" in err
+    os.makedirs(tmp_path / "empty")
+    err = one_line_error(capsys, export.main([str(tmp_path / "empty"), str(tmp_path / "o2")]))
+    assert "has no checkpoint-*.pth and no config.json" in err
+    err = one_line_error(capsys, export.main([folder, str(tmp_path / "o3"), "--ema", "3"]))
+    assert "checkpoint-last.pth: the checkpoint has no model_ema3" in err
+    err = one_line_error(capsys, export.main([folder, folder, "--overwrite"]))
+    assert "holds checkpoints" in err
+    err = one_line_error(capsys, export.main([folder, exported]))
+    assert "is not empty" in err
+    with pytest.raises(SystemExit) as e:
+        export.main([folder, str(tmp_path / "o4"), "--dtype", "float16"])
+    assert e.value.code == 2  # argparse's own usage error
+    capsys.readouterr()
+
+    def copy_of_export(name) -> str:
+        out = str(tmp_path / name)
+        assert export.main([exported, out]) == 0
+        return out
+
+    with pytest.raises(ckpt_util.CheckpointError, match="has no config.json"):
+        W.load_exported(str(tmp_path / "empty"))
+    broken = copy_of_export("truncated")
+    path = os.path.join(broken, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    errors = [capture(lambda: W.load_exported(broken))]
+    one_line_error(capsys, export.main([broken, str(tmp_path / "o5")]))
+
+    tensors = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
+    for name, change in (("unknown", {**tensors, "blocks.0.attn.qkv.scale": torch.ones(1)}),
+                         ("missing", {k: v for k, v in tensors.items() if k != "final_layer.linear.bias"})):
+        bad = copy_of_export(name)
+        safetensors.torch.save_file(change, os.path.join(bad, "model.safetensors"))
+        errors.append(capture(lambda: W.load_exported(bad)))
+    bad = copy_of_export("shape")
+    config = json.load(open(os.path.join(bad, "config.json")))
+    config["network"]["num_classes"] = 4
+    json.dump(config, open(os.path.join(bad, "config.json"), "w"))
+    errors.append(capture(lambda: W.load_exported(bad)))
+    open(os.path.join(bad, "config.json"), "w").write("{not json")
+    errors.append(capture(lambda: W.load_exported(bad)))
+    assert all("\n" not in e for e in errors), errors
+    assert "cannot read" in errors[0] and "model.safetensors" in errors[0]
+    assert "unknown tensor net.blocks.0.attn.qkv.scale" in errors[1] and "missing tensor net.final_layer.linear.bias" in errors[2]
+    assert "net.y_embedder.embedding_table.weight has shape [4, 64] but the network of its config (JiT-XS/4 at 16 px, 4 classes) needs [5, 64]" in errors[3]
+    assert "cannot read" in errors[4] and "config.json" in errors[4]
+
+
+def capture(fn) -> str:
+    with pytest.raises(ckpt_util.CheckpointError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_a_failed_write_exits_1_and_leaves_no_config(run, tmp_path, capsys, monkeypatch):
+    def full_disk(path, write, *, needed=None):
+        raise files.WriteError(f"could not write {path}: No space left on device (needs about 1.3 MB, 0 B free)")
+
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, export.main([run[0], str(out)]), expected_code=1)
+    assert "model.safetensors: No space left on device" in err
+    assert not W.is_exported(str(out))
