@@ -17,7 +17,7 @@ import sys
 
 from util import files
 from util import weights as W
-from util.checkpoint import CheckpointError
+from util.errors import BadValue, exit_code
 
 
 def get_args_parser():
@@ -38,12 +38,12 @@ def check_output(folder: str, overwrite: bool):
     """The output must be a new or empty folder, or hold an export and --overwrite be given; never a
     run folder (its checkpoints would be shadowed: a folder with config.json loads as an export)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"output {folder} is a file, not a folder")
+        raise BadValue(f"output {folder} is a file, not a folder")
     present = os.listdir(folder) if os.path.isdir(folder) else []
     if any(n.startswith("checkpoint-") and n.endswith(".pth") for n in present):
-        raise ValueError(f"output {folder} holds checkpoints (a run folder): export to another folder")
+        raise BadValue(f"output {folder} holds checkpoints (a run folder): export to another folder")
     if present and not overwrite:
-        raise ValueError(f"output {folder} is not empty (pass --overwrite to replace an export there)")
+        raise BadValue(f"output {folder} is not empty (pass --overwrite to replace an export there)")
 
 
 def prepare_output(folder: str):
@@ -89,16 +89,8 @@ def export(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        export(args)
-    except files.WriteError as e:  # before ValueError / OSError: a failed write is status 1
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ValueError, OSError) as e:  # bad input: a missing or unreadable file, a bad setting
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Exit status as util.errors: 2 for bad input (one line on stderr), 1 for a failed write."""
+    return exit_code(export, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

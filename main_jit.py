@@ -22,7 +22,8 @@ from engine_jit import (Evaluation, LoopConfig, RunIO, Samplers, StepParts, Stop
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
 from util import sharding, sweep
-from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
+from util import weights as W
+from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, TrainState, remove_stale_temporaries
 from util.data import Data, ResumableSampler, make_loader, open_dataset
 from util.demo import make_shapes_dataset, write_demo_outputs
 from util.errors import BadValue, exit_code
@@ -102,7 +103,9 @@ def get_args_parser():
     a("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin host memory")
     p.set_defaults(pin_mem=True)
     a("--output_dir", default="./output_dir", help="checkpoints, log.txt, metrics.jsonl, TensorBoard events")
-    a("--resume", default="", help="checkpoint file, or folder to resume from (newest readable checkpoint)")
+    a("--resume", default="", help="checkpoint file, or folder to resume from (newest readable checkpoint); with --evaluate_gen also an exported folder (export.py)")
+    a("--init_from", default=None, help="start a new run from these weights (checkpoint file, run folder or exported folder): the model and every EMA, a fresh optimizer, epoch 0; another --class_num or --img_size adapts the label / position embeddings")
+    a("--init_ema", default=1, type=int, choices=(0, 1, 2, 3), help="which weights of an --init_from checkpoint: EMA 1, 2, 3 or 0 (the raw model)")
     a("--save_last_freq", type=int, default=5, help="checkpoint-last.pth every N epochs (and at the last)")
     a("--save_every_steps", type=int, default=0, help="also checkpoint-last.pth every N optimiser steps (0: off)")
     a("--log_freq", default=100, type=int, help="TensorBoard / metrics.jsonl every N iterations")
@@ -149,10 +152,10 @@ def check_args(args):
 def resolve_config(args, world_size: int) -> argparse.Namespace:
     """The run's settings: the flags plus the values derived from them (`args` is left as given).
 
-    lr: blr × global batch / 256 unless --lr is given; fid_stats: the default file for img_size;
-    data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
+    lr: blr × global batch / 256 unless --lr is given; data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
     apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
-    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers.
+    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers. The default
+    --fid_stats is set by `setup`, once --evaluate_gen has taken --img_size from the weights.
     """
     config = argparse.Namespace(**vars(args))
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
@@ -160,7 +163,6 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
         setattr(config, name, values[0] if len(values) == 1 else values)
     if config.lr is None:
         config.lr = config.blr * config.batch_size * config.accum_iter * world_size / 256
-    config.fid_stats = args.fid_stats or os.path.join("fid_stats", f"jit_in{args.img_size}_stats.npz")
     if config.demo:
         config.data_path = os.path.join(config.output_dir, "demo_data")
     config.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
@@ -177,6 +179,8 @@ def ignored_flags(args, world_size: int) -> list[str]:
         notes.append("--fsdp in a single process: nothing to shard, this is a plain run")
     if args.grad_checkpoint and args.evaluate_gen:
         notes.append("--grad_checkpoint is ignored by --evaluate_gen (no backward pass)")
+    if args.init_from and args.evaluate_gen:
+        notes.append("--init_from is ignored by --evaluate_gen (it evaluates the weights --resume names)")
     return notes
 
 
@@ -244,13 +248,43 @@ def match_emas(config, state, path: str, denoiser, emas: list):
     checkpoint does not hold."""
     if config.evaluate_gen and len(state.emas) > len(emas):
         emas.append(EMA(denoiser, decay=config.ema_decay3 or 0.0))
-    elif len(state.emas) != len(emas):
+    elif not config.evaluate_gen and len(state.emas) != len(emas):
         D.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
                  + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
                     "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
     if max(sweep.as_list(config.ema)) > len(emas):
         raise CheckpointError(f"--ema {max(sweep.as_list(config.ema))}: {path} has no {EMA_KEYS[len(emas)]} "
                               "(a third EMA is kept when training with --ema_decay3)")
+
+
+def evaluation_weights(config, changed: set) -> tuple[TrainState, str]:
+    """--evaluate_gen: (weights, file) of the checkpoint or exported folder --resume names. The flags
+    the user left at their defaults take the values the weights were trained with (model, image
+    size, classes, knobs, prediction target, noise; for an exported folder also its recommended
+    sampler); a changed flag that contradicts the weights is a BadValue. Says what it took."""
+    if W.is_exported(config.resume):
+        exported, state_dict = W.load_exported(config.resume)
+        if max(sweep.as_list(config.ema)) > 1:
+            raise BadValue(f"--ema {max(sweep.as_list(config.ema))}: the exported folder {config.resume} holds one network (--ema 1)")
+        state, path = W.as_train_state(exported, state_dict), config.resume
+    else:
+        state, path = W.load_checkpoint(config.resume, log=D.print0)
+        exported = W.command_line_sampler(W.export_config(state, "model", dtype="float32", source=path, records=[]), config)
+    for note in W.apply_config(config, exported, changed, where=path):
+        D.print0(f"note: {note}")
+    return state, path
+
+
+def initial_weights(config, denoiser) -> TrainState:
+    """--init_from: the weights that start a new run (util.weights.init_from) as a weights-only
+    TrainState for Checkpointer.initialise; records where they came from in config.init_origin
+    (saved with the run's args in every checkpoint)."""
+    state_dict, notes, origin = W.init_from(config.init_from, config.init_ema, denoiser, log=D.print0)
+    for note in notes:
+        D.print0(f"note: {note}")
+    config.init_origin = origin
+    return TrainState(model=state_dict, emas=[state_dict], optimizer=None, epoch=-1, args=vars(config),
+                      start={"epoch": config.start_epoch, "step": 0})
 
 
 def use_compile(config, device) -> bool:
@@ -291,6 +325,8 @@ def setup(args) -> Run:
     check_args(args)
     device = D.init(args.device, args.dist_on_itp, args.dist_url)
     config = resolve_config(args, D.get_world_size())
+    source = evaluation_weights(config, W.changed_flags(get_args_parser(), args)) if config.evaluate_gen else None
+    config.fid_stats = config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz")
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
     scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
     data = None if config.evaluate_gen else build_data(config, device)
@@ -311,13 +347,15 @@ def setup(args) -> Run:
     torch.manual_seed(config.seed + D.get_rank())
     np.random.seed(config.seed + D.get_rank())
     checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, vars(config))
-    state, path = checkpoints.load(config.resume)
+    state, path = source or checkpoints.load(config.resume)
+    if state is not None and config.init_from:
+        D.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
     if state is not None:
         match_emas(config, state, path, denoiser, emas)
         start = checkpoints.restore(state, path)
-    elif config.evaluate_gen:
-        raise CheckpointError(f"--evaluate_gen: no checkpoint found in {config.resume}")
     else:
+        if config.init_from:
+            checkpoints.initialise(initial_weights(config, denoiser), config.init_from)
         start = Start(config.start_epoch)
     if not config.evaluate_gen:
         checkpoints.check_free_space()

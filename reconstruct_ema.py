@@ -17,14 +17,11 @@ import sys
 import numpy as np
 import torch
 
-from util import checkpoint, files, phema
+from util import checkpoint, phema
+from util.errors import BadValue, MissingFile, exit_code
 
 ACCUM = {"float64": torch.float64, "float32": torch.float32}
 POOR_FIT = 0.01  # profile-space fit error above which the snapshots do not cover a target well
-
-
-class InputError(Exception):
-    pass
 
 
 def get_args_parser():
@@ -40,39 +37,39 @@ def get_args_parser():
 
 
 def targets(stds, decays) -> list[tuple[str, float]]:
-    """[('std', σ_rel) ..., ('decay', d) ...], validated (InputError)."""
+    """[('std', σ_rel) ..., ('decay', d) ...], validated (BadValue)."""
     if not stds and not decays:
-        raise InputError("give at least one target: --std and/or --decay")
+        raise BadValue("give at least one target: --std and/or --decay")
     for s in stds:
         if not 0 < s < phema.SIGMA_REL_MAX:
-            raise InputError(f"--std {s}: σ_rel must be in (0, {phema.SIGMA_REL_MAX:.4f})")
+            raise BadValue(f"--std {s}: σ_rel must be in (0, {phema.SIGMA_REL_MAX:.4f})")
     for d in decays:
         if not 0 < d < 1:
-            raise InputError(f"--decay {d}: a decay must be in (0, 1)")
+            raise BadValue(f"--decay {d}: a decay must be in (0, 1)")
     return [("std", s) for s in stds] + [("decay", d) for d in decays]
 
 
 def usable_snapshots(folder: str, at: int | None) -> list[phema.Snapshot]:
-    """The snapshots in `folder` at or before step `at` (default: all), or InputError."""
+    """The snapshots in `folder` at or before step `at` (default: all), or BadInput."""
     if not os.path.isdir(folder):
-        raise InputError(f"--snapshots {folder}: no such folder")
+        raise MissingFile(f"--snapshots {folder}: no such folder")
     try:
         found = phema.list_snapshots(folder)
     except phema.SnapshotError as e:
-        raise InputError(str(e)) from None
+        raise BadValue(str(e)) from None
     if not found:
-        raise InputError(f"--snapshots {folder}: no phema-*.pth snapshots (train with --phema_stds)")
+        raise BadValue(f"--snapshots {folder}: no phema-*.pth snapshots (train with --phema_stds)")
     used = [s for s in found if at is None or s.step <= at]
     if not used:
-        raise InputError(f"--at {at}: no snapshot at or before that step (the first is at step {found[0].step})")
+        raise BadValue(f"--at {at}: no snapshot at or before that step (the first is at step {found[0].step})")
     return used
 
 
 def images_per_step(snapshots: list[phema.Snapshot]) -> int:
-    """The global batch, the same for every snapshot (images_seen = step · batch), or InputError."""
+    """The global batch, the same for every snapshot (images_seen = step · batch), or BadValue."""
     batches = {s.images_seen // s.step for s in snapshots if s.images_seen % s.step == 0}
     if len(batches) != 1 or any(s.images_seen % s.step for s in snapshots):
-        raise InputError("the snapshots do not share one global batch (images seen / step): "
+        raise BadValue("the snapshots do not share one global batch (images seen / step): "
                          "--decay and --at between snapshots need a constant batch")
     return batches.pop()
 
@@ -103,7 +100,7 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
     kind, value = target
     newest = snapshots[-1]
     state = checkpoint.TrainState(model=weights, emas=[weights], optimizer=None, epoch=newest.epoch, args=run,
-                                  resume={"epoch": newest.epoch + 1, "step": 0})
+                                  start={"epoch": newest.epoch + 1, "step": 0})
     record = {"target": kind, "sigma_rel": value if kind == "std" else None, "decay": value if kind == "decay" else None,
               "step": at_step, "images_seen": end_images, "snapshots": [os.path.basename(s.path) for s in snapshots],
               "snapshot_sigma_rel": [s.sigma_rel for s in snapshots], "weights": fit_.weights.tolist(),
@@ -112,15 +109,10 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
     checkpoint.save_atomic({**checkpoint.to_dict(state), "phema": record}, path)
 
 
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        wanted = targets(args.std, args.decay)
-        snapshots = usable_snapshots(args.snapshots, args.at)
-        batch = images_per_step(snapshots) if args.decay or (args.at is not None and args.at != snapshots[-1].step) else None
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def reconstruct(args):
+    wanted = targets(args.std, args.decay)
+    snapshots = usable_snapshots(args.snapshots, args.at)
+    batch = images_per_step(snapshots) if args.decay or (args.at is not None and args.at != snapshots[-1].step) else None
     at_step = snapshots[-1].step if args.at is None else args.at
     end_images = snapshots[-1].images_seen if at_step == snapshots[-1].step else at_step * batch
     out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
@@ -135,17 +127,17 @@ def main(argv=None) -> int:
     run = phema.read_snapshot(snapshots[-1].path)[1]["args"]
     for target, fit_, state in zip(wanted, fits, results):
         path = os.path.join(out_dir, output_name(target, at_step))
-        try:
-            write(path, state, target, fit_, snapshots, at_step, end_images, args.accum, run)
-        except files.WriteError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        write(path, state, target, fit_, snapshots, at_step, end_images, args.accum, run)
         print(f"{describe(target)}: condition {fit_.cond:.1e}, Σ|w| {fit_.gain:.2f}, "
               f"fit error {fit_.fit_error:.1e} (relative, in profile space) -> {path}")
         if fit_.fit_error > POOR_FIT:
             print(f"warning: {describe(target)} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
                   "track a σ_rel nearer to it, or snapshot more often")
-    return 0
+
+
+def main(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr), 1 for a failed write."""
+    return exit_code(reconstruct, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 import main_jit
 from denoiser import CONVERSIONS, TRUTHS, Denoiser, SamplerSettings, velocity
+from engine_jit import build_optimizer
 from helpers import TINY, TINY_MODEL, make_image_folder, run_script
 from model_jit import ARCH_KNOBS, JiT_models
 
@@ -126,7 +127,7 @@ def test_eps_and_v_prediction_train_resume_bit_exactly_and_sample(pred, tmp_path
     def build(seed):
         torch.manual_seed(seed)
         d = main_jit.build_denoiser(args, CPU).train()
-        return d, main_jit.build_optimizer(d, 1e-3, 0.0)
+        return d, build_optimizer(d, 1e-3, 0.0)
 
     d1, o1 = build(0)
     assert (d1.pred, d1.loss) == (pred, "x")
@@ -218,7 +219,8 @@ def test_bad_knobs_are_a_clear_error():
 @pytest.mark.slow
 def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_weights, fid_ref_stats):
     """One epoch of e-prediction with the x-loss, no bottleneck and no in-context tokens, evaluated
-    online: the checkpoint's args rebuild the same network (strict load) and the FID is finite."""
+    online: the checkpoint's args rebuild the same network (strict load), the FID is finite, and
+    --evaluate_gen of the checkpoint (no ablation flags given) reproduces it."""
     data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
     run_script("main_jit.py", *TINY, "--epochs", 1, "--pred", "eps", "--loss", "x", "--bottleneck_dim", 0, "--in_context_len", 0,
                "--online_eval", "--num_images", 6, "--gen_bsz", 6, "--num_sampling_steps", 2, "--fid_stats", fid_ref_stats,
@@ -233,3 +235,14 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
     with open(out / "metrics.jsonl") as f:
         (record,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
     assert np.isfinite(record["fid"])
+
+    # --evaluate_gen without --pred / --loss / knobs: the checkpoint's are used, and EMA 1 evaluates
+    # to the online evaluation's FID of the same weights, seeds and sampler.
+    args = main_jit.parse_args([str(a) for a in (
+        "--evaluate_gen", "--resume", out, "--output_dir", tmp_path / "eval", "--num_images", 6, "--gen_bsz", 6,
+        "--num_sampling_steps", 2, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights)])
+    assert main_jit.main(args) == 0
+    with open(tmp_path / "eval" / "metrics.jsonl") as f:
+        (again,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+    assert again["fid"] == pytest.approx(record["fid"], rel=1e-6)  # this process runs 2 threads, the training 1
+    assert again["img_size"] == 16 and again["checkpoint"] == str(out / "checkpoint-last.pth")

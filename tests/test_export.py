@@ -298,12 +298,12 @@ def test_config_flags_override_or_disagree(exported):
     parser.add_argument("--num_sampling_steps", default=50, type=int)
     argv = ["--resume", exported, "--cfg", "1.0", "4.0", "--num_sampling_steps", "50"]
     args = parser.parse_args(argv)
-    assert W.given_flags(parser, argv) == {"resume", "cfg", "num_sampling_steps"}
-    notes = W.apply_config(args, config, W.given_flags(parser, argv))
-    assert (args.img_size, args.cfg, args.num_sampling_steps) == (16, [1.0, 4.0], 50)
+    assert W.changed_flags(parser, args) == {"resume", "cfg"}  # --num_sampling_steps 50 is the default: config.json's is taken
+    notes = W.apply_config(args, config, W.changed_flags(parser, args))
+    assert (args.img_size, args.cfg, args.num_sampling_steps) == (16, [1.0, 4.0], config["sampler"]["steps"])
     assert notes_with(notes, "--cfg [1.0, 4.0] overrides 2.0")
     state = W.as_train_state(config, sd)
-    assert state.weights("ema1") is sd and state.epoch == 7 and state.resume == {"epoch": 8, "step": 0}
+    assert state.weights("ema1") is sd and state.epoch == 7 and state.start == {"epoch": 8, "step": 0}
 
 
 def notes_with(notes, text) -> bool:
@@ -377,3 +377,74 @@ def test_a_failed_write_exits_1_and_leaves_no_config(run, tmp_path, capsys, monk
     err = one_line_error(capsys, export.main([run[0], str(out)]), expected_code=1)
     assert "model.safetensors: No space left on device" in err
     assert not W.is_exported(str(out))
+
+
+def evaluate_gen(source, out, *extra, inception_weights, fid_ref_stats) -> dict:
+    """main_jit.py --evaluate_gen --resume SOURCE in this process (12 images, 2 Heun steps, CFG 2 from 0.1):
+    its one metrics.jsonl record."""
+    import main_jit
+    from helpers import read_metrics
+
+    args = main_jit.parse_args([str(a) for a in (
+        "--evaluate_gen", "--resume", source, "--output_dir", out, "--num_images", 12, "--gen_bsz", 6, "--num_sampling_steps", 2,
+        "--cfg", 2.0, "--interval_min", 0.1, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights, *extra)])
+    assert main_jit.main(args) == 0
+    (record,) = read_metrics(out, "eval")
+    return record
+
+
+@pytest.mark.slow
+def test_evaluate_gen_and_sample_read_an_exported_folder(run, exported, tmp_path, inception_weights, fid_ref_stats, capsys):
+    """The model, image size and classes come from the weights (no --model flags given): the
+    checkpoint and its export evaluate to the same FID and sample the same grid, bit for bit."""
+    import sample
+
+    kw = dict(inception_weights=inception_weights, fid_ref_stats=fid_ref_stats)
+    a = evaluate_gen(run[0], tmp_path / "a", **kw)
+    b = evaluate_gen(exported, tmp_path / "b", **kw)
+    assert (a["fid"], a["inception_score"]) == (b["fid"], b["inception_score"]) and a["img_size"] == 16
+    assert f"note: from {exported}: --model JiT-XS/4 --img_size 16 --class_num 3" in capsys.readouterr().out
+    grids = []
+    for source in (run[0], exported):
+        path = tmp_path / f"grid{len(grids)}.png"
+        argv = ["--resume", source, "--classes", 0, 2, "--per_class", 2, "--output", path, "--device", "cpu",
+                *(["--num_sampling_steps", 50, "--cfg", 2.0, "--interval_min", 0.1] if source == run[0] else [])]
+        assert sample.main(sample.get_args_parser().parse_args([str(x) for x in argv])) == 0
+        grids.append(path.read_bytes())
+    assert grids[0] == grids[1]  # the exported folder's recommended sampler is the sweep's best: CFG 2.0 from 0.1
+    with pytest.raises(ValueError, match="--model JiT-T/4 disagrees with"):  # util.errors.BadValue: exit status 2
+        evaluate_gen(exported, tmp_path / "c", "--model", "JiT-T/4", **kw)
+    with pytest.raises(ValueError, match="holds one network"):
+        evaluate_gen(exported, tmp_path / "d", "--ema", 2, **kw)
+
+
+@pytest.mark.slow
+def test_init_from_with_another_class_count_trains_and_resumes_exactly(run, data, tmp_path, capsys):
+    """--init_from a 3-class checkpoint for a 2-class dataset: at step 0 every tensor but the label
+    embedding is the source's; a run stopped after epoch 1 and rerun (its checkpoint wins over
+    --init_from) ends equal to an uninterrupted one."""
+    import main_jit
+    from helpers import TINY, assert_same_state, load_last
+
+    two = str(tmp_path / "two")
+    for c in ("c0", "c1"):
+        os.makedirs(os.path.join(two, "train", c))
+        for name in os.listdir(os.path.join(data, "train", c)):
+            os.symlink(os.path.join(data, "train", c, name), os.path.join(two, "train", c, name))
+    flags = [*TINY[:TINY.index("--class_num")], *TINY[TINY.index("--class_num") + 2:], "--class_num", "2",
+             "--data_path", two, "--init_from", run[0], "--init_ema", "1"]
+    source = run[1].weights("ema1")
+    setup = main_jit.setup(main_jit.parse_args([*flags, "--output_dir", str(tmp_path / "dry"), "--dry_run"]))
+    setup.close()
+    for module in (setup.parts.denoiser, *(e.module for e in setup.parts.emas)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, source[k]) != (k == W.LABEL_KEY), k
+    assert "the label embedding is freshly initialised" in capsys.readouterr().out
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "2", "--output_dir", str(straight)])) == 0
+    assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "1", "--output_dir", str(resumed)])) == 0
+    assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "2", "--output_dir", str(resumed), "--resume", str(resumed)])) == 0
+    assert "it continues that run, --init_from" in capsys.readouterr().out
+    assert_same_state(load_last(resumed), load_last(straight))
+    assert load_last(straight)["args"]["init_origin"]["path"] == os.path.abspath(os.path.join(run[0], "checkpoint-last.pth"))

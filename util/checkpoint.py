@@ -199,8 +199,8 @@ def find_checkpoint(source: str, log=print):
     """Load the checkpoint `source` names (--resume). Returns (TrainState, path) or (None, None).
 
     A file is loaded as is (a bad file is an error). A folder is searched for checkpoints, newest
-    first; an unreadable one is reported and the next one tried; none at all means training from
-    scratch. A path that does not exist is an error.
+    first; an unreadable one is reported and the next one tried; none at all gives (None, None).
+    A path that does not exist is an error.
     """
     if not source:
         return None, None
@@ -220,7 +220,6 @@ def find_checkpoint(source: str, log=print):
         return state, path
     if found:
         raise CheckpointError(f"--resume {source}: none of its {len(found)} checkpoints can be read")
-    log(f"no checkpoint in {source}: training from scratch")
     return None, None
 
 
@@ -299,11 +298,15 @@ class Checkpointer:
         0 alone reads the file; the other ranks get the state without its tensors (rank 0 broadcasts
         them in `restore`)."""
         if not sharding.is_sharded(self.denoiser):
-            return find_checkpoint(source, log=D.print0)
-        state, path = find_checkpoint(source, log=D.print0) if D.is_main_process() else (None, None)
-        header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
-        header, path = D.broadcast_object((header, path))
-        return (state if D.is_main_process() else header), path
+            state, path = find_checkpoint(source, log=D.print0)
+        else:
+            state, path = find_checkpoint(source, log=D.print0) if D.is_main_process() else (None, None)
+            header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
+            header, path = D.broadcast_object((header, path))
+            state = state if D.is_main_process() else header
+        if source and state is None:
+            D.print0(f"no checkpoint in {source}: training from scratch")
+        return state, path
 
     def restore(self, state: TrainState, path: str) -> Start:
         """Load `state` (from `load`) into the live objects, the optimizer's only if there is one, and
@@ -317,6 +320,11 @@ class Checkpointer:
         D.print0(f"resumed from {path}: epoch {state.start['epoch']}, step {state.start['step']}")
         self.log.newest = describe(path, state.start)
         return Start(state.start["epoch"], state.start["step"], state.epoch, os.path.abspath(path))
+
+    def initialise(self, state: TrainState, source: str):
+        """Load the weights of `state` (--init_from: weights only) into the model and every EMA; the
+        optimizer stays fresh and nothing of `source`'s run (epoch, RNG states) carries over."""
+        self._load_weights(dataclasses.replace(state, optimizer=None), source)
 
     def _load_weights(self, state: TrainState, path: str):
         if not sharding.is_sharded(self.denoiser):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from util import checkpoint
+from util.errors import BadValue
 from util.sharding import local_tensors
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0, the plain average over the whole run
@@ -132,8 +133,8 @@ class Snapshot:
     epoch: int
 
 
-class SnapshotError(ValueError):
-    pass
+class SnapshotError(BadValue):
+    """A snapshot file that cannot be read (bad input: exit status 2)."""
 
 
 def snapshot_due(step: int, *, every: int, start: int, total: int) -> bool:

@@ -30,6 +30,7 @@ from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT, JiT_models, RMSNorm
 from util import checkpoint, files
 from util.checkpoint import CheckpointError
+from util.errors import BadValue
 
 FORMAT = "jit"
 FORMAT_VERSION = 1
@@ -71,6 +72,7 @@ CONFIG_FLAGS = {
     "interval_min": ("sampler", "interval_min"),
     "interval_max": ("sampler", "interval_max"),
 }
+SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
 # What the weights were trained as: a flag that disagrees with config.json is an error, not an override.
 FIXED_FLAGS = ("model", "img_size", "class_num", "bottleneck_dim", "in_context_len", "in_context_start", "pred")
 # The run's flags kept in config.json ("training") and shown in the model card, in this order.
@@ -618,15 +620,17 @@ def merge_flags(config: dict, given: dict, where: str = CONFIG) -> tuple[dict, l
         if flag not in values or value is None or _agrees(flag, value, config, values):
             continue
         if flag in FIXED_FLAGS:
-            raise ValueError(f"--{flag} {value} disagrees with {where} ({values[flag]}), the settings these weights "
+            raise BadValue(f"--{flag} {value} disagrees with {where} ({values[flag]}), the settings these weights "
                              "were trained with: drop the flag")
         notes.append(f"--{flag} {value} overrides {values[flag]} of {where}")
         values[flag] = value
-    taken = [f for f in ("model", "img_size", "class_num", "noise_scale", "t_eps") if f not in given or given[f] is None]
+    taken = [f for f in ("model", "img_size", "class_num", "noise_scale", "t_eps", "pred", "loss")
+             if f not in given or given[f] is None]
     smp = config.get("sampler", {})
-    notes.insert(0, f"from {where}: " + " ".join(f"--{f} {values[f]}" for f in taken)
-                 + f"; recommended sampler {smp.get('method')}, {smp.get('steps')} steps, CFG {smp.get('cfg')} in "
-                 f"({smp.get('interval_min')}, {smp.get('interval_max')}), {smp.get('chosen_by', '')}")
+    sampler_taken = any(given.get(f) is None for f in SAMPLER_FLAGS)
+    notes.insert(0, f"from {where}: " + " ".join(f"--{f} {values[f]}" for f in taken) + (
+        f"; sampler {smp.get('method')}, {smp.get('steps')} steps, CFG {smp.get('cfg')} in "
+        f"({smp.get('interval_min')}, {smp.get('interval_max')}), {smp.get('chosen_by', '')}" if sampler_taken else ""))
     if "assumed" in config:
         notes.append(f"{where} records no denoiser or sampler settings (a diffusers folder made elsewhere): "
                      f"their defaults are used (noise_scale {values['noise_scale']}, t_eps {values['t_eps']})")
@@ -646,7 +650,7 @@ def _denoiser_keywords(values: dict) -> dict:
         if k in accepted:
             out[k] = values[k]
         elif values[k] != default:
-            raise ValueError(f"these weights were trained with {k}={values[k]!r}, which denoiser.Denoiser does not support")
+            raise BadValue(f"these weights were trained with {k}={values[k]!r}, which denoiser.Denoiser does not support")
     return out
 
 
@@ -673,28 +677,34 @@ class Loaded(NamedTuple):
     notes: list  # what came from config.json and what the overrides changed
 
 
-def load_denoiser(folder: str, overrides: dict | None = None) -> Loaded:
-    """An exported folder (either layout) as a Denoiser with its weights and the sampler to use.
-    CheckpointError / ValueError (one line) for a folder or flag that does not fit."""
-    config, state_dict = load_exported(folder)
+def load_denoiser(source, overrides: dict | None = None, where: str | None = None) -> Loaded:
+    """An exported folder (either layout), or (config in our layout, state dict "net.*"), as a
+    Denoiser with its weights and the sampler to use. CheckpointError / BadValue (one line) for a
+    folder or flag that does not fit."""
+    config, state_dict = load_exported(source) if isinstance(source, str) else source
     overrides = overrides or {}
-    where = os.path.join(folder, CONFIG)
+    where = where or os.path.join(source, CONFIG)
     values, notes = merge_flags(config, overrides, where)
     runtime = {k: overrides[k] for k in RUNTIME_KEYWORDS if overrides.get(k) is not None}
     with torch.random.fork_rng(devices=[]):  # the fresh initialisation is overwritten: leave the RNG as it was
         model = _build(config, values, runtime)
-    model.load_state_dict(state_dict)
+    checkpoint.load_module(model, state_dict, where, values)
     return Loaded(model.eval(), sampler_from(values), config, notes)
 
 
-def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
-    """The dests of the flags given on the command line `argv` (not those left at their defaults)."""
-    probe = copy.deepcopy(parser)  # a copy whose flags have no defaults (argparse lists them only privately)
-    probe._defaults.clear()
-    for action in probe._actions:
-        action.default, action.required = argparse.SUPPRESS, False
-    namespace, _ = probe.parse_known_args(argv)
-    return set(vars(namespace))
+def command_line_sampler(config: dict, flags) -> dict:
+    """config.json with the sampler of the flags (--sampling_method, --num_sampling_steps, --cfg,
+    --interval_min, --interval_max of `flags`) in place of its own: a checkpoint samples with the
+    command line's, an exported folder with its recommendation."""
+    sampler = {"method": flags.sampling_method, "steps": flags.num_sampling_steps, "cfg": flags.cfg,
+               "interval_min": flags.interval_min, "interval_max": flags.interval_max, "chosen_by": "the command line's"}
+    return {**config, "sampler": sampler}
+
+
+def changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """The flags of `args` whose values differ from the parser's defaults: what the user chose. A flag
+    left at (or set to) its default takes the weights' value (apply_config)."""
+    return {k for k, v in vars(args).items() if v != parser.get_default(k)}
 
 
 def apply_config(args: argparse.Namespace, config: dict, given: set, where: str = CONFIG) -> list[str]:
@@ -703,7 +713,7 @@ def apply_config(args: argparse.Namespace, config: dict, given: set, where: str 
     equal what the script builds (the preset's knob, x-prediction), else ValueError. Returns the notes."""
     values, notes = merge_flags(config, {k: getattr(args, k) for k in given if hasattr(args, k)}, where)
     if values["model"] not in JiT_models:
-        raise ValueError(f"{where}: its network ({describe_network(config['network'])}) matches no preset of model_jit.JiT_models")
+        raise BadValue(f"{where}: its network ({describe_network(config['network'])}) matches no preset of model_jit.JiT_models")
     for flag, value in values.items():
         if hasattr(args, flag):
             if flag not in given:
@@ -711,7 +721,7 @@ def apply_config(args: argparse.Namespace, config: dict, given: set, where: str 
         elif flag in ("bottleneck_dim", "in_context_len", "in_context_start", "pred"):
             built = DENOISER_DEFAULTS[flag] if flag == "pred" else JiT_models[values["model"]].keywords[flag]
             if value != built:
-                raise ValueError(f"{where} has {flag} {value}, but this script has no --{flag} flag and would build {built}")
+                raise BadValue(f"{where} has {flag} {value}, but this script has no --{flag} flag and would build {built}")
     return notes
 
 
@@ -721,31 +731,22 @@ def as_train_state(config: dict, state_dict: dict) -> checkpoint.TrainState:
     epoch = config.get("weights", {}).get("epoch")
     epoch = -1 if epoch is None else epoch
     return checkpoint.TrainState(model=state_dict, emas=[state_dict], optimizer=None, epoch=epoch, args=flag_values(config),
-                                 resume={"epoch": epoch + 1, "step": 0})
+                                 start={"epoch": epoch + 1, "step": 0})
 
 
 def load_checkpoint(path: str, log=print) -> tuple[checkpoint.TrainState, str]:
-    """A checkpoint file, or the newest readable checkpoint-*.pth of a run folder (an unreadable one
-    is reported through `log` and the next older one tried). CheckpointError if there is none."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
-    if os.path.isfile(path):
-        return checkpoint.load(path), path
-    found = checkpoint.candidates(path)
-    for p in found:
-        try:
-            return checkpoint.load(p), p
-        except CheckpointError as e:
-            log(f"warning: {e}; trying an older checkpoint")
-    if found:
-        raise CheckpointError(f"{path}: none of its {len(found)} checkpoints can be read")
-    raise CheckpointError(f"{path} has no checkpoint-*.pth and no {CONFIG}")
+    """A checkpoint file, or the newest readable checkpoint-*.pth of a run folder
+    (checkpoint.find_checkpoint). CheckpointError if there is none."""
+    state, file = checkpoint.find_checkpoint(path, log)
+    if state is None:
+        raise CheckpointError(f"{path} has no checkpoint-*.pth and no {CONFIG}")
+    return state, file
 
 
 def weights_name(ema: int) -> str:
     """--ema / --init_ema K -> "ema{K}", 0 -> "model" (the raw weights)."""
     if ema not in (0, 1, 2, 3):
-        raise ValueError(f"the EMA must be 0 (the raw model), 1, 2 or 3, got {ema}")
+        raise BadValue(f"the EMA must be 0 (the raw model), 1, 2 or 3, got {ema}")
     return "model" if ema == 0 else f"ema{ema}"
 
 
