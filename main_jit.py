@@ -8,6 +8,7 @@ This file parses the flags and wires the pieces: data (util.data), network and d
 """
 import argparse
 import functools
+import inspect
 import os
 import sys
 import time
@@ -21,12 +22,12 @@ from engine_jit import (Evaluation, LoopConfig, RunIO, Samplers, StepParts, Stop
                         train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
-from util import sharding, sweep
+from util import runlock, sharding, sweep
 from util import weights as W
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, TrainState, remove_stale_temporaries
 from util.data import Data, ResumableSampler, make_loader, open_dataset
 from util.demo import make_shapes_dataset, write_demo_outputs
-from util.errors import BadValue, exit_code
+from util.errors import BadInput, BadValue, exit_code
 from util.evaluation import GenerationSpec, Scorer
 from util.logger import RunLog, hms
 
@@ -121,6 +122,7 @@ def get_args_parser():
     a("--local_rank", "--local-rank", default=-1, type=int, help="GPU of this process: set by the launcher (read from its environment)")
     a("--dist_on_itp", action="store_true", help="launched by OpenMPI (ranks from OMPI_COMM_WORLD_*)")
     a("--dist_url", default="env://", help="url used to set up distributed training")
+    a("--dist_timeout", default=30.0, type=float, help="minutes a process waits in a collective (a barrier, or while rank 0 writes a checkpoint) before the run fails")
     return p
 
 
@@ -296,7 +298,12 @@ def wrap_for_training(denoiser, config, device):
     when distributed), compiled when on."""
     model = denoiser
     if D.get_world_size() > 1 and not config.evaluate_gen and not config.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # No buffer broadcast before each forward: the only buffers are the RoPE tables, constants
+        # built alike on every rank (torch 2.14 renamed the flag to forward_sync_buffers).
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        model = ddp(denoiser, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     return torch.compile(model) if use_compile(config, device) else model
 
 
@@ -313,30 +320,63 @@ class Run:
     stopper: StopSignal
     evaluation: Evaluation | None = None  # None: the run does not evaluate
     data: Data | None = None  # None for --evaluate_gen
+    lock: str | None = None  # the output folder's lock file (rank 0)
 
     def close(self):
-        """Put the signal handlers back and close the log."""
+        """Put the signal handlers back, close the log and release the output folder."""
         self.stopper.close()
         self.log.close()
+        runlock.release(self.lock)
 
 
 def setup(args) -> Run:
     """Validate, join the process group, build data, model, EMAs and optimizer, and resume."""
     check_args(args)
-    device = D.init(args.device, args.dist_on_itp, args.dist_url)
+    device = D.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     config = resolve_config(args, D.get_world_size())
     source = evaluation_weights(config, W.changed_flags(get_args_parser(), args)) if config.evaluate_gen else None
     config.fid_stats = config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz")
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
     scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
-    data = None if config.evaluate_gen else build_data(config, device)
+    data = None if config.evaluate_gen or config.demo else build_data(config, device)  # reads only: before the lock
+    lock = take_lock(config)
+    try:
+        return build_run(args, config, device, lock=lock, data=data, source=source, points=points, scores=scores)
+    except BaseException:  # a bad checkpoint, an interrupt, ...: the next run finds the folder free
+        runlock.release(lock)
+        raise
+
+
+def take_lock(config) -> str | None:
+    """Rank 0 creates the output folder and takes its lock (util.runlock: 'eval' for --evaluate_gen,
+    else 'train') and removes what a killed save left there; every rank raises the same BadInput when
+    another run holds it. Returns the lock file's path on rank 0 (None elsewhere)."""
+    path, error = None, None
     if D.is_main_process():
         os.makedirs(config.output_dir, exist_ok=True)
-        remove_stale_temporaries(config.output_dir)
-    D.barrier()
+        try:
+            path = runlock.acquire(config.output_dir, "eval" if config.evaluate_gen else "train", D.run_ids(), log=D.print0)
+        except BadInput as e:
+            error = str(e)
+        else:
+            remove_stale_temporaries(config.output_dir)
+    error = D.broadcast_object(error)
+    if error:
+        raise BadInput(error)
+    return path
+
+
+def build_run(args, config, device, *, lock: str | None, data: Data | None, source, points: list, scores) -> Run:
+    """setup's second half, once the output folder is this run's (lock): log, demo data, model,
+    EMAs, optimizer, the checkpoint (`source` for --evaluate_gen) or initial weights, evaluation of
+    `points` with `scores` ((GenerationSpec, Scorer) or None)."""
     log = RunLog(config.output_dir)
     for note in ignored_flags(args, D.get_world_size()):
         D.print0(f"note: {note}")
+    if (attempt := D.elastic_attempt()) and attempt[0] > 0:
+        D.print0(f"torchelastic restart {attempt[0]} of at most {attempt[1]}: resuming from the newest checkpoint")
+    if config.demo:
+        data = build_data(config, device)  # generates its shapes first
     if data:
         D.print0(f"data: {data}")
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
@@ -365,7 +405,7 @@ def setup(args) -> Run:
         samplers, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
         final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen)
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device)
-    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data)
+    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data, lock)
 
 
 def train(run: Run) -> int:
@@ -431,7 +471,15 @@ def cli(argv=None) -> int:
     """The command line: exit status 2 for bad input (one line, no traceback), 1 for a run that
     failed, 0 when done (util.errors); a bug keeps its traceback."""
     args = parse_args(argv)
-    code = exit_code(main, args)
+    try:
+        code = exit_code(main, args)
+    except RuntimeError as e:
+        if not D.is_collective_failure(e):
+            raise
+        print(f"error: rank {D.get_rank()}: {str(e).splitlines()[0][:300]} (another process is stuck or gone; "
+              f"--dist_timeout is {args.dist_timeout} min); rerun the same command to continue from the newest checkpoint",
+              file=sys.stderr, flush=True)
+        return 1  # the group is broken: leave without shutdown
     D.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
     return code
 

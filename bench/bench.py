@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
-from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
+from engine_jit import StepParts, build_optimizer, compile_sampling_net, train_step  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
 from util import distributed as D  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
@@ -180,7 +180,7 @@ def bench_train(args, device, fwd_flops):
 def bench_sample(args, device, fwd_flops):
     """Throughput of one timed generate call of `sample_batch` images, after one untimed call."""
     denoiser = build(args, device, args.attn_impl).eval().requires_grad_(False)  # like the EMA copy sampled from
-    net = torch.compile(denoiser.net) if args.compile else None
+    net = compile_sampling_net(denoiser.net) if args.compile else None  # as evaluation compiles it
     labels = torch.arange(args.sample_batch, device=device) % args.class_num
     sampler = bench_sampler(args, args.sample_steps)
 
@@ -215,7 +215,7 @@ def bench_parity(args, device, n=8):
     ref = build(args, device, "reference").eval()
     ref.load_state_dict(fast.state_dict())
     if args.compile:
-        fast = Denoiser(torch.compile(fast.net), args.class_num).eval()
+        fast = Denoiser(compile_sampling_net(fast.net), args.class_num).eval()
 
     shape = (n, 3, args.img_size, args.img_size)
     x = (torch.rand(shape, generator=g) * 2 - 1).to(device)

@@ -39,8 +39,8 @@ def data48(tmp_path_factory) -> str:
 
 @pytest.fixture
 def start():
-    """start(script, *args, nproc=None) -> a started process (helpers.start_script); every process
-    (and its children: torchrun's workers) still running at teardown is killed, also after a failure."""
+    """start(script, *args, **options) -> a started process (helpers.start_script); every process (and
+    its children: torchrun's workers) still running at teardown is killed, also after a failure."""
     import signal
 
     from helpers import start_script

@@ -26,6 +26,7 @@ def dump_training_state(dump, argv):
         "ema1": run.parts.emas[0].state_dict(),
         "ema2": run.parts.emas[1].state_dict(),
         "optimizer": run.parts.optimizer.state_dict()["state"],
+        "sync_buffers": getattr(run.parts.model, "forward_sync_buffers", None) or run.parts.model.broadcast_buffers,
     }
     torch.save(state, os.path.join(dump, f"rank{D.get_rank()}.pt"))
 

@@ -140,22 +140,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(script, *args, nproc: int | None = None) -> list:
-    """`python script args...`, or under torchrun with `nproc` CPU processes (gloo)."""
+def command(script, *args, nproc: int | None = None, torchrun: list | None = None) -> list:
+    """`python script args...`; under torchrun with `nproc` CPU processes (gloo) on a free port, or
+    with the launcher flags `torchrun` as given."""
     launcher = [sys.executable]
     if nproc is not None:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                     f"--master_port={free_port()}"]
+        torchrun = [f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    if torchrun is not None:
+        launcher += ["-m", "torch.distributed.run", *map(str, torchrun)]
     return [*launcher, str(script), *map(str, args)]
 
 
 def child_env(extra: dict | None = None) -> dict:
     """The environment of a child process: unbuffered, one thread, the repository importable, and no
     launcher variables inherited from the test process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(extra or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(extra or {})}
 
 
 def run_script(script, *args, nproc: int | None = None, env: dict | None = None, check: bool = True, timeout: float = 300):
@@ -169,11 +170,13 @@ def run_script(script, *args, nproc: int | None = None, env: dict | None = None,
     return p
 
 
-def start_script(script, *args, nproc: int | None = None) -> subprocess.Popen:
-    """Start a script (under torchrun with `nproc`) in the background, stdout and stderr merged. Use
-    it through the `start` fixture (conftest.py), which kills what is still running at teardown."""
-    return subprocess.Popen(command(script, *args, nproc=nproc), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_script(script, *args, nproc: int | None = None, torchrun: list | None = None, env: dict | None = None,
+                 argv: list | None = None) -> subprocess.Popen:
+    """Start a script (under torchrun: see `command`; or the command line `argv` as given) in the
+    background, stdout and stderr merged. Use it through the `start` fixture (conftest.py), which
+    kills what is still running at teardown."""
+    return subprocess.Popen(argv or command(script, *args, nproc=nproc, torchrun=torchrun), cwd=ROOT, env=child_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
@@ -214,3 +217,19 @@ def read_metrics(out, kind: str | None = None) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def worker_pids(launcher: int) -> dict:
+    """{rank: pid} of the worker processes a torchrun started (read from /proc)."""
+    pids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if ppid == launcher and b"RANK" in env:
+            pids[int(env[b"RANK"])] = int(pid)
+    return pids

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
-                     save_reference_checkpoint, tiny_denoiser)
+                     save_reference_checkpoint, tiny_denoiser, worker_pids)
 
 ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
 
@@ -121,18 +121,3 @@ def test_grad_checkpoint_trains_bit_identically_and_single_process_fsdp_says_so(
     assert "--fsdp in a single process: nothing to shard, this is a plain run" in p.stdout
     assert_same_state(load_last(ckpt), load_last(plain))
 
-
-def worker_pids(launcher: int) -> dict:
-    """{rank: pid} of the worker processes a torchrun started (read from /proc)."""
-    pids = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if ppid == launcher and b"RANK" in env:
-            pids[int(env[b"RANK"])] = int(pid)
-    return pids

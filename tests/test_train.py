@@ -142,6 +142,15 @@ def test_resume_from_an_empty_folder_trains_from_scratch(data, tmp_path):
     assert "epoch 1, step 0" in p.stdout and "Epoch [0]" not in p.stdout
 
 
+def test_the_only_buffers_are_constants():
+    """DDP runs with broadcast_buffers=False: every buffer must be a constant that each rank builds
+    alike, outside the state dict (the RoPE tables)."""
+    d = tiny_denoiser()
+    assert [n for n, _ in d.named_buffers()] == ["net.rope_cos", "net.rope_sin"]
+    assert not any(k.endswith(("rope_cos", "rope_sin")) for k in d.state_dict())
+    assert torch.equal(d.net.rope_cos, tiny_denoiser(seed=5).net.rope_cos)  # not initialised from the RNG
+
+
 def test_gradient_accumulation_matches_one_big_batch():
     """Two micro-batches of 4 with accum_iter 2 take the same step as one batch of 8 (the loss has
     no randomness here: fixed t with P_std 0, noise_scale 0, no label dropout)."""
@@ -195,6 +204,7 @@ def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
     run_script("tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out, nproc=2)
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     assert r0["code"] == 0 and r1["code"] == 0
+    assert r0["sync_buffers"] is False  # the RoPE tables are constants (test_the_only_buffers_are_constants)
     for key in ("model", "ema1", "ema2"):
         for name in r0[key]:
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)

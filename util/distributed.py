@@ -1,11 +1,14 @@
 """The one owner of device, precision and distributed state.
 
 Every helper works without torch.distributed: get_rank() is 0, barrier() is a no-op and the
-reductions return their input. Launchers: torchrun (RANK / WORLD_SIZE / LOCAL_RANK), SLURM
-(SLURM_PROCID, as the reference reads it) and OpenMPI (--dist_on_itp).
+reductions return their input. Launchers: torchrun (RANK / WORLD_SIZE / LOCAL_RANK; single- or
+multi-node, static or with a c10d rendezvous, elastic restarts), SLURM's srun with one task per
+GPU (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, as the reference reads them) and OpenMPI
+(--dist_on_itp).
 """
 import builtins
 import contextlib
+import datetime
 import os
 
 import torch
@@ -80,17 +83,65 @@ def _launcher_env(dist_on_itp: bool):
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank = int(env["SLURM_PROCID"])
-        local = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
-        return rank, int(env["SLURM_NTASKS"]), local
+        return rank, int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
 
 
-def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://") -> torch.device:
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of the process with this node-local rank when `visible` devices are visible:
+    local_rank modulo their number. One task per GPU under `srun --gpus-per-task=1` (or with
+    CUDA_VISIBLE_DEVICES naming one device) sees a single GPU, device 0, whatever its local rank."""
+    return local_rank % visible if visible > 0 else local_rank
+
+
+def elastic_attempt() -> tuple[int, int] | None:
+    """(restart count, max restarts) of a torchrun (torchelastic) launch; None under other launchers."""
+    env = os.environ
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    return int(env["TORCHELASTIC_RESTART_COUNT"]), int(env.get("TORCHELASTIC_MAX_RESTARTS", 0))
+
+
+def run_ids() -> dict:
+    """What identifies this job across restarts and requeues: the SLURM job id and the torchrun
+    rendezvous id (absent keys: not launched that way; torchrun's static launch has the id 'none')."""
+    env = os.environ
+    ids = {"slurm_job": env.get("SLURM_JOB_ID"), "rdzv_id": env.get("TORCHELASTIC_RUN_ID")}
+    return {k: v for k, v in ids.items() if v and v != "none"}
+
+
+# What a collective that timed out or lost its peer raises (gloo: RuntimeError; NCCL's watchdog).
+_COLLECTIVE_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                               "Watchdog caught collective operation timeout")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that timed out (--dist_timeout) or whose peer died: a failed run,
+    not a bug."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _COLLECTIVE_FAILURE_MARKERS)
+
+
+def elastic_store(rank: int, world_size: int, timeout: datetime.timedelta, attempt: int):
+    """The store a torchrun worker joins the process group through: torchrun's at MASTER_ADDR:
+    MASTER_PORT (served by its agent, or else by rank 0), under a prefix of its own per restart
+    attempt. torchrun keeps one store across restarts, and without the prefix the workers of a
+    restart read the dead workers' addresses from it and hang while connecting."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=not agent and rank == 0,
+                          timeout=timeout, multi_tenant=not agent)
+    return dist.PrefixStore(f"jit/attempt_{attempt}", store)
+
+
+def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://",
+         timeout_min: float = 30.0) -> torch.device:
     """Pick the device once (and its backend settings) and join the process group if a launcher
     started us.
 
-    device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available). Under a launcher each process
-    takes GPU `local_rank`; the backend is NCCL on CUDA and gloo on CPU. Returns the device.
+    device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available); a device with an index becomes
+    this process's current CUDA device. Under a launcher each process takes the GPU of its local
+    rank (gpu_index); the backend is NCCL on CUDA and gloo on CPU. timeout_min: how long any
+    collective (a barrier included: the ranks waiting while rank 0 writes a checkpoint) may wait
+    for the others before the run fails. Returns the device.
     """
     global _control_group
     if device is None:
@@ -102,6 +153,8 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
         torch.backends.cudnn.benchmark = True  # TF32 stays at PyTorch's defaults, as in the reference
     launch = _launcher_env(dist_on_itp)
     if launch is None:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # else threads (the loader's pinning) would use GPU 0
         return device
     rank, world_size, local_rank = launch
     if dist_url == "env://":
@@ -109,21 +162,25 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
         if missing:
             raise BadInput(f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     # torch._dynamo, imported after a process group exists (by torch.compile, torchvision or
     # torch-fidelity), keeps a reference to it that destroy_process_group cannot drop, and the group's
     # gloo threads then abort the process at exit (see shutdown). Imported before, it holds none.
     from torch import _dynamo  # noqa: F401
 
+    timeout = datetime.timedelta(minutes=timeout_min)
+    attempt = elastic_attempt()
+    where = {"store": elastic_store(rank, world_size, timeout, attempt[0])} if attempt and dist_url == "env://" else {"init_method": dist_url}
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        init_method=dist_url,
         world_size=world_size,
         rank=rank,
+        timeout=timeout,
+        **where,
         **({"device_id": device} if device.type == "cuda" else {}),
     )
-    _control_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    _control_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     barrier()
     return device
 

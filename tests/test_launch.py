@@ -1,0 +1,155 @@
+"""Beyond one launcher, on loopback (CPU, gloo): multi-node torchrun (c10d rendezvous and the static
+--node_rank form), SLURM's direct srun launch and the sbatch script (through stand-ins for srun and
+scontrol that run its commands here as 2 "nodes"), elastic restarts after kill -9, SIGTERM / USR1
+and requeue, one run per output folder, and --dist_timeout. Every finished run must equal one
+torchrun with 2 processes, bit for bit."""
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
+from util import distributed as D
+from util import runlock
+
+STANDINS = os.path.join(ROOT, "tests", "slurm_standins")
+SBATCH = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
+
+
+def train_args(data48, out) -> list:
+    """2 epochs of 6 steps on 2 processes (batch 4 each), a checkpoint every 3 steps."""
+    return [*TINY, "--epochs", 2, "--save_every_steps", 3, "--data_path", data48, "--output_dir", out, "--resume", out]
+
+
+@pytest.fixture(scope="module")
+def reference(data48, tmp_path_factory):
+    """One torchrun with 2 processes, uninterrupted: the final checkpoint every other launch must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    run_script("main_jit.py", *train_args(data48, out), nproc=2)
+    return load_last(out)
+
+
+def wait_ok(proc, timeout=300) -> str:
+    out = proc.stdout.read()
+    assert proc.wait(timeout=timeout) == 0, out
+    return out
+
+
+def test_gpu_index_is_the_local_rank_modulo_the_visible_gpus():
+    assert [D.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [D.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
+    assert D.gpu_index(9, 4) == 1 and D.gpu_index(2, 0) == 2
+
+
+def test_stale_locks_are_those_of_dead_processes_here_or_of_the_same_job(tmp_path):
+    me = runlock.holder_info({"slurm_job": "7", "rdzv_id": "r1"})
+    dead = {**me, "pid": 2**22 + 12345, "slurm_job": None, "rdzv_id": None}  # no such pid (above pid_max's default)
+    assert runlock.stale_reason(dead, me) == "its process is gone"
+    assert runlock.stale_reason({**me, "pid": os.getppid()}, me) == "an earlier attempt of this job (restart or requeue)"
+    alive_other_job = {**me, "pid": os.getppid(), "slurm_job": "8", "rdzv_id": "r2"}
+    assert runlock.stale_reason(alive_other_job, me) is None
+    assert runlock.stale_reason({**dead, "host": "elsewhere"}, me) is None  # another host's pid cannot be checked
+    path = runlock.acquire(str(tmp_path), "train", {})
+    with pytest.raises(runlock.BadInput, match=r"in use by another train run \(pid \d+ on .*: wait for it to end"):
+        runlock.acquire(str(tmp_path), "train", {"slurm_job": "9"})
+    assert runlock.acquire(str(tmp_path), "eval", {})  # an evaluation may share the folder
+    runlock.release(path)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.slow
+def test_two_nodes_by_rendezvous_and_by_node_rank_equal_one_launcher(data48, tmp_path, reference, start):
+    for form in ("c10d", "static"):
+        out, port = tmp_path / form, free_port()
+        nodes = []
+        for node in range(2):
+            launcher = ["--nnodes", 2, "--nproc_per_node", 1]
+            launcher += (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job42"] if form == "c10d"
+                         else ["--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port])
+            nodes.append(start("main_jit.py", *train_args(data48, out), torchrun=launcher))
+        outputs = [wait_ok(p) for p in nodes]
+        assert sum("training done" in o for o in outputs) == 1  # printed by rank 0 only
+        assert_same_state(load_last(out), reference)
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_after_kill_9_resumes_exactly(data48, tmp_path, reference, start):
+    out = tmp_path / "out"
+    proc = start("main_jit.py", *train_args(data48, out),
+                 torchrun=["--nproc_per_node", 2, "--max-restarts", 2, "--master_addr", "127.0.0.1", "--master_port", free_port()])
+    read_until(proc, "(resume at epoch 0, step 3)")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    rest = wait_ok(proc)
+    assert "torchelastic restart 1 of at most 2" in rest, rest  # (rank 0 left on the broken group and freed the lock)
+    assert f"resumed from {out}/checkpoint-last.pth" in rest
+    assert_same_state(load_last(out), reference)
+    assert not os.path.exists(runlock.lock_path(str(out), "train"))  # released at the end
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_lock_is_taken_over(data, tmp_path, start):
+    out = tmp_path / "out"
+    args = [*TINY, "--epochs", 1, "--data_path", data, "--output_dir", out, "--resume", out]
+    first = start("tests/launch_worker.py", "slow_steps", 2, *args)  # 6 steps of 2 s
+    read_until(first, "training epochs")
+    second = run_script("main_jit.py", *args, check=False)
+    assert second.returncode == 2 and "is in use by another train run (pid" in second.stdout, second.stdout
+    assert second.stdout.strip().splitlines()[-1].endswith(f"if that run is dead, delete {out}/.lock-train")
+    first.kill()
+    first.wait()
+    again = run_script("main_jit.py", *args)
+    assert "taking over the train lock" in again.stdout and "its process is gone" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_slurm_srun_one_task_per_gpu_equals_torchrun(data48, tmp_path, reference, start):
+    out, port = tmp_path / "out", free_port()
+    tasks = [start("main_jit.py", *train_args(data48, out), env={
+        "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r), "SLURM_JOB_ID": "777",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    for t in tasks:
+        wait_ok(t)
+    assert_same_state(load_last(out), reference)
+
+
+@pytest.mark.slow
+def test_the_sbatch_script_runs_two_nodes_and_requeues_on_usr1(data48, tmp_path, reference, start):
+    """The sbatch script itself, its srun and scontrol replaced by stand-ins that run here: USR1 (the
+    time limit's warning) stops the job step (SIGTERM through srun and torchrun to the workers, which
+    save), requeues the job, and the requeued job continues to the uninterrupted result."""
+    out, requeued = tmp_path / "out", tmp_path / "requeued"
+    env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NAME": "jit", "GPUS_PER_NODE": "1", "MAX_RESTARTS": "0",
+           "OUTPUT_DIR": str(out), "RDZV_PORT": str(free_port()), "PYTHON": sys.executable,
+           "SCONTROL_REQUEUED": str(requeued)}
+    args = [str(a) for a in train_args(data48, out)[:-4]]  # the script sets --output_dir and --resume
+    job = start("", env=env, argv=["bash", SBATCH, *args])
+    read_until(job, "Epoch [0] [2/6]")
+    os.kill(job.pid, signal.SIGUSR1)
+    rest = wait_ok(job)
+    assert "USR1 (the time limit is near)" in rest and "stop requested" in rest and "checkpoint saved" in rest, rest
+    assert requeued.read_text().split() == ["4242"]
+    stopped = load_last(out)["resume"]
+    assert stopped != {"epoch": 2, "step": 0}
+    again = start("", env={**env, "RDZV_PORT": str(free_port())}, argv=["bash", SBATCH, *args])
+    rest = wait_ok(again)
+    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in rest and "taking over the train lock" not in rest, rest
+    assert_same_state(load_last(out), reference)
+
+
+@pytest.mark.slow
+def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_path, reference):
+    """--dist_timeout 0.1 (6 s): rank 0's checkpoint writes taking 2 s more each keep the other rank
+    waiting (in a collective with the same timeout) without failing, and the run equals the
+    reference; a rank stuck for 20 s ends the run with a one-line error, exit 1, instead of a hang."""
+    p = run_script("tests/launch_worker.py", "slow_save", 2, *train_args(data48, tmp_path / "slow"), "--save_every_steps", 0,
+                   "--dist_timeout", 0.1, nproc=2)
+    assert p.stdout.count("saved ") == 2
+    assert_same_state(load_last(tmp_path / "slow"), reference)
+    t0 = time.time()
+    p = run_script("tests/launch_worker.py", "stuck", 20, *train_args(data48, tmp_path / "stuck"), "--dist_timeout", 0.1,
+                   nproc=2, check=False)
+    assert p.returncode != 0 and time.time() - t0 < 60, p.stdout
+    assert "--dist_timeout is 0.1 min); rerun the same command" in p.stdout and 'main_jit.py", line' not in p.stdout, p.stdout
