@@ -144,7 +144,7 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
     path = tmp_path / "checkpoint-last.pth"
     torch.save(fsdp, path)
-    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, "--dry_run", check=False)
+    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False)
     assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
 
