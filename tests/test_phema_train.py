@@ -216,3 +216,31 @@ def test_bad_phema_flags_are_rejected_before_any_work(tmp_path, extra, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
         main_jit.main(args)  # util.errors.BadValue / MissingFile: exit status 2
     assert not (tmp_path / "out").exists()
+
+
+def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_short_disk(tmp_path, monkeypatch, capsys):
+    from util import files
+
+    model = tiny_denoiser()
+    emas = [phema.PowerEMA(model, s) for s in STDS]
+    writer = phema.SnapshotWriter(str(tmp_path / "phema"), emas, every=2, start=1, total=5, steps_per_epoch=3, dtype="float16",
+                                  args={"model": "JiT-XS/4"}, keep=frozenset(phema.frozen_names(model)))
+    one = phema.snapshot_file_bytes(model.state_dict(), "float16", writer.keep)
+    monkeypatch.setattr(files, "free_bytes", lambda path: 3 * one)
+    plan = writer.plan(done=2)  # steps 4 and 5 still to come: 4 files
+    assert plan[0].startswith("post-hoc EMA: σ_rel 0.05 0.1; snapshots every 2 steps from step 1 and at the last (5): 6 files of ")
+    assert "(float16)" in plan[0] and plan[0].endswith(", 4 still to write") and len(plan) == 2
+    assert plan[1].startswith(f"warning: {tmp_path / 'phema'} has ") and "some will fail to be written" in plan[1]
+
+    def full_disk(obj, path):
+        raise files.WriteError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(phema.checkpoint, "save_atomic", full_disk)
+    writer(3, 12)  # not due: nothing happens
+    writer(4, 16)
+    out = capsys.readouterr().out
+    assert writer.failed == 2 and out.count("error: post-hoc EMA snapshot σ_rel") == 2 and "No space left" in out
+    assert "training goes on" in out and os.listdir(tmp_path / "phema") == []
+    monkeypatch.undo()
+    writer(5, 20)  # the last step
+    assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema.list_snapshots(writer.folder)] == [(5, 20, 0, "float16")] * 2

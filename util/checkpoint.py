@@ -292,8 +292,9 @@ class Checkpointer:
 
     Holds the live denoiser, its EMAs (the list itself: an EMA added to it is saved too), the
     optimizer (None: weights only), the run's settings `args` (a plain dict, stored in every file),
-    the device (for RNG states) and the power EMAs `phemas` (util.phema.PowerEMA, ascending σ_rel). Sharded (FSDP) objects are gathered to and loaded from the
-    unsharded format, rank 0 alone reading and writing the file. `log` notes every write.
+    the device (for RNG states) and the power EMAs `phemas` (util.phema.PowerEMA, ascending σ_rel).
+    Sharded (FSDP) objects are gathered to and loaded from the unsharded format, rank 0 alone
+    reading and writing the file. `log` notes every write.
     """
 
     def __init__(self, output_dir: str, device: torch.device, denoiser, emas: list, optimizer, args: dict, phemas=()):
@@ -333,7 +334,8 @@ class Checkpointer:
 
     def initialise(self, state: TrainState, source: str):
         """Load the weights of `state` (--init_from: weights only) into the model and every EMA (power
-        EMAs too); the optimizer stays fresh and nothing of `source`'s run (epoch, RNG states) carries over."""
+        EMAs too); the optimizer stays fresh and nothing of `source`'s run (epoch, RNG states)
+        carries over."""
         self._load_weights(dataclasses.replace(state, optimizer=None), source)
 
     def _load_weights(self, state: TrainState, path: str):

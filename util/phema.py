@@ -292,7 +292,8 @@ class SnapshotWriter:
                                epoch=step // self.steps_per_epoch - 1, args=self.args, dtype=self.dtype, keep=self.keep)
             except (files.WriteError, ValueError) as e:  # a full disk; weights beyond the float16 range
                 self.failed += 1
-                D.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; training goes on")
+                D.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
+                         "training goes on")
         D.print0(f"post-hoc EMA snapshots at step {step} ({images_seen} images) -> {self.folder}")
         D.barrier()
 
@@ -303,9 +304,9 @@ class SnapshotWriter:
         schedule = dict(every=self.every, start=self.start, total=self.total)
         count, size = snapshot_cost(one, len(self.emas), **schedule)
         left, need = snapshot_cost(one, len(self.emas), **schedule, after=done)
-        lines = [f"post-hoc EMA: σ_rel {stds_text(e.sigma_rel for e in self.emas)}; snapshots every {self.every} steps from step "
-                 f"{self.start} and at the last ({self.total}): {count} files of {files.human_bytes(one)} ({self.dtype}), {files.human_bytes(size)} in "
-                 f"{self.folder}" + (f", {left} still to write" if done else "")]
+        lines = [f"post-hoc EMA: σ_rel {stds_text(e.sigma_rel for e in self.emas)}; snapshots every {self.every} steps "
+                 f"from step {self.start} and at the last ({self.total}): {count} files of {files.human_bytes(one)} "
+                 f"({self.dtype}), {files.human_bytes(size)} in {self.folder}" + (f", {left} still to write" if done else "")]
         free = files.free_bytes(self.folder)
         if free < need:
             lines.append(f"warning: {self.folder} has {files.human_bytes(free)} free, but the snapshots still to write need "
