@@ -237,10 +237,19 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema = list(self.module.parameters())
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors update() writes: the copy's parameters."""
+        return self._ema
+
+    def weight(self, images_seen: int | None = None, batch: int | None = None) -> float:
+        """The lerp weight of the new weights in every step, 1 - d (the arguments, which a power EMA's
+        weight depends on, do not matter here)."""
+        return 1.0 - self.decay
+
     @torch.no_grad()
     def update(self, model: nn.Module):
         """One EMA step towards `model`'s parameters (one fused foreach op, no host sync)."""
-        torch._foreach_lerp_(self._ema, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(self.tensors(), [p.detach() for p in model.parameters()], self.weight())
 
     def state_dict(self):
         return self.module.state_dict()

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from util import distributed as D
-from util import lr_sched, sharding, sweep
+from util import lr_sched, phema, sharding, sweep
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
 from util.logger import hms
 
@@ -80,23 +80,28 @@ class LoopConfig:
 class StepParts:
     """What one optimiser step touches. model: what the step calls (the denoiser, DDP-wrapped and/or
     compiled); denoiser: the plain (or FSDP-sharded) module; optimizer: fused AdamW (build_optimizer);
-    emas: updated after every step."""
+    emas: updated after every step, and so are phemas, the power-function EMAs of post-hoc EMA
+    (util.phema.PowerEMA; none unless --phema_stds)."""
 
     model: torch.nn.Module
     denoiser: torch.nn.Module
     optimizer: torch.optim.Optimizer
     emas: list
     device: torch.device
+    phemas: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
 class RunIO:
     """How the loop talks to the run. log: a RunLog (None: no records); stopper: a StopSignal (None:
-    no signals); save: save(epoch, next_step) writes a resumable checkpoint and returns whether it could."""
+    no signals); save: save(epoch, next_step) writes a resumable checkpoint and returns whether it could;
+    snapshot: snapshot(global step, images seen), called after every optimiser step, writes the
+    post-hoc EMA snapshots due then (util.phema.SnapshotWriter; collective; None: none)."""
 
     log: object = None
     stopper: StopSignal | None = None
     save: Callable[[int, int], bool] | None = None
+    snapshot: Callable[[int, int], None] | None = None
 
 
 def param_groups(denoiser, weight_decay: float) -> list[dict]:
@@ -122,14 +127,17 @@ def nonfinite_flag(params) -> torch.Tensor:
     return (~torch.isfinite(total)).float()
 
 
-def train_step(parts: StepParts, micro_batches: list):
+def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = None, batch: int | None = None):
     """One optimiser step over micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
 
     Gradients are synchronised between ranks on the last micro-batch only (DDP's no_sync; FSDP2's
     requires_gradient_sync when the denoiser is sharded). The step is applied on the device only if
     every gradient (shard) of every rank is finite (AdamW's `found_inf`), so a non-finite loss never
     reaches the weights, the optimizer state, or the EMAs, and no host synchronisation is needed.
-    Returns (mean loss, skipped flag) as 0-dim device tensors.
+    Then every EMA, classic and power, moves towards the new weights in one fused lerp (local
+    shards under FSDP); a power EMA's weight depends on `images_seen` (the run's images including
+    this step's, global) and the global `batch` (images per optimiser step), needed only with
+    parts.phemas. Returns (mean loss, skipped flag) as 0-dim device tensors.
     """
     model, denoiser, optimizer, device = parts.model, parts.denoiser, parts.optimizer, parts.device
     accum_iter = len(micro_batches)
@@ -151,8 +159,10 @@ def train_step(parts: StepParts, micro_batches: list):
     optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for ema in parts.emas:  # towards unchanged weights on a skipped step, so they stay finite
-        ema.update(denoiser)
+    averages = parts.emas + parts.phemas  # towards unchanged weights on a skipped step, so they stay finite
+    if averages:
+        phema.lerp_together_([a.tensors() for a in averages], sharding.local_tensors(denoiser.parameters()),
+                             [a.weight(images_seen, batch) for a in averages])
     return loss_sum / accum_iter, skipped
 
 
@@ -221,7 +231,10 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
             x, labels, bad = next(it)
             micro.append((x, labels))
             step_bad += int(bad.sum())
-        loss, skipped = train_step(parts, micro)
+        global_step = epoch * steps_per_epoch + step + 1  # a function of the position only: resume is exact
+        loss, skipped = train_step(parts, micro, global_step * images_per_step, images_per_step)
+        if io.snapshot:
+            io.snapshot(global_step, global_step * images_per_step)
         monitor.add(loss, skipped)
         window_steps += 1
 
@@ -247,7 +260,7 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
                          f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
                          + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
             if write and log is not None:
-                record = {"kind": "train", "epoch": epoch, "step": step + 1, "global_step": epoch * steps_per_epoch + step + 1,
+                record = {"kind": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
                           "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped}
                 log_train(log, record, int((epoch + (step + 1) / steps_per_epoch) * 1000), mem)
             if max_streak >= loop.max_nonfinite_steps:
@@ -258,7 +271,7 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
             saved = io.save(epoch, step + 1) if io.save else False
             raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}"
                           + (": checkpoint saved; rerun the same command to continue" if saved else ""))
-        if loop.save_every_steps and (epoch * steps_per_epoch + step + 1) % loop.save_every_steps == 0 and io.save:
+        if loop.save_every_steps and global_step % loop.save_every_steps == 0 and io.save:
             saved_at_end = io.save(epoch, step + 1) and last
     if bad_files:
         D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
@@ -300,6 +313,36 @@ class Samplers:
         return denoiser, self.nets[k]
 
 
+class PostHocSamplers:
+    """The samplers of a sweep of post-hoc EMAs (--phema): one denoiser (on every rank), into which
+    the weights reconstructed for each σ_rel are loaded in turn, with a compiled stand-in of its net
+    (or None). `reconstruct(stds)` returns {σ_rel: full state dict}; rank 0 alone calls it (it reads
+    every snapshot) and broadcasts the weights when a σ_rel is first sampled."""
+
+    def __init__(self, denoiser: torch.nn.Module, reconstruct: Callable[[list], dict], device: torch.device, compile_net: bool):
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.reconstruct, self.device = reconstruct, device
+        self.net = compile_sampling_net(self.denoiser.net) if compile_net else None
+        self.weights, self.loaded = {}, None
+
+    def refresh(self, stds):
+        """Rank 0 reconstructs the σ_rel of `stds` it has not yet, in one pass over the snapshots."""
+        todo = sorted(set(stds) - set(self.weights))
+        if todo and D.is_main_process():
+            self.weights.update(self.reconstruct(todo))
+
+    def __call__(self, sigma_rel: float):
+        """Collective. (denoiser, net stand-in or None) that sample with the post-hoc EMA of σ_rel."""
+        if sigma_rel != self.loaded:
+            if D.is_main_process():
+                self.denoiser.load_state_dict(self.weights[sigma_rel])
+            if D.get_world_size() > 1:
+                for t in self.denoiser.state_dict().values():  # views of the parameters and buffers
+                    torch.distributed.broadcast(t, src=0)
+            self.loaded = sigma_rel
+        return self.denoiser, self.net
+
+
 @dataclass
 class Evaluation:
     """How a run evaluates, fixed for the run. points: the --ema × interval × cfg grid at
@@ -307,9 +350,11 @@ class Evaluation:
     image count); scorer: FID / IS with one Inception network; log: a RunLog; output_dir: for
     --save_images folders and a sweep's csv / png; final_num_images: after a sweep, the best point
     again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points;
-    during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv."""
+    during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv;
+    weights_context: what else identifies the weights in the records (and when finished points are
+    matched): for post-hoc EMAs the step they are reconstructed at."""
 
-    samplers: Samplers
+    samplers: Samplers | PostHocSamplers
     points: list
     spec: GenerationSpec
     scorer: Scorer
@@ -319,14 +364,15 @@ class Evaluation:
     final_num_images: int | None = None
     stopper: StopSignal | None = None
     during_training: bool = False
+    weights_context: dict = dataclasses.field(default_factory=dict)
 
 
 def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> dict:
     """What, besides its point, every evaluation record holds and a finished sweep point is matched
     on: the weights (checkpoint file, epoch) and what generation and scoring depend on."""
     s = ev.spec
-    return dict(checkpoint=checkpoint, checkpoint_epoch=weights_epoch, seed=s.seed, gen_bsz=s.gen_bsz, class_num=s.class_num,
-                img_size=s.img_size, fid_stats=ev.scorer.fid_stats)
+    return dict(checkpoint=checkpoint, checkpoint_epoch=weights_epoch, **ev.weights_context, seed=s.seed, gen_bsz=s.gen_bsz,
+                class_num=s.class_num, img_size=s.img_size, fid_stats=ev.scorer.fid_stats)
 
 
 def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
@@ -335,15 +381,17 @@ def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
     `context` (eval_context)."""
     spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images)
     image_dir = os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size)) if ev.save_images else None
-    denoiser, net = ev.samplers(point.ema)
+    denoiser, net = ev.samplers(point.weights)
     with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
         result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
-    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **dataclasses.asdict(point.sampler),
+    std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
+    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **std, **dataclasses.asdict(point.sampler),
                   world_size=D.get_world_size())
     s = point.sampler
     D.print0(f"eval ({spec.num_images} images, cfg {s.cfg}): FID {result['fid']:.4f}, IS {result['inception_score']:.4f} "
              f"± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
-    suffix = f"_cfg{s.cfg}_res{spec.img_size}" + (f"_ema{point.ema}" if point.ema != 1 else "") + (
+    weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
+    suffix = f"_cfg{s.cfg}_res{spec.img_size}" + weights + (
         f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
     ev.log.scalars({f"fid{suffix}": result["fid"], f"is{suffix}": result["inception_score"]}, epoch)
     ev.log.flush()
@@ -355,7 +403,7 @@ def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str 
     """Evaluate the run's point, or sweep its points (then --final_num_images), with the current EMA
     weights (of `weights_epoch`, loaded from `checkpoint` if any). Call on every rank. Returns the
     (best) point's record; None when a sweep was stopped."""
-    ev.samplers.refresh(p.ema for p in ev.points)
+    ev.samplers.refresh(p.weights for p in ev.points)
     context = eval_context(ev, checkpoint, weights_epoch)
     if len(ev.points) == 1 and ev.final_num_images is None:
         return score_point(ev, ev.points[0], epoch=epoch, context=context)

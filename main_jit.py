@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from denoiser import CONVERSIONS, EMA, Denoiser
-from engine_jit import (Evaluation, LoopConfig, RunIO, Samplers, StepParts, StopRun, StopSignal, build_optimizer, evaluate,
-                        train_one_epoch)
+from engine_jit import (Evaluation, LoopConfig, PostHocSamplers, RunIO, Samplers, StepParts, StopRun, StopSignal, build_optimizer,
+                        evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
-from util import runlock, sharding, sweep
+from util import phema, runlock, sharding, sweep
 from util import weights as W
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, TrainState, remove_stale_temporaries
 from util.data import Data, ResumableSampler, make_loader, open_dataset
@@ -80,11 +80,18 @@ def get_args_parser():
     a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
     a("--grad_checkpoint", action="store_true", help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     a("--fsdp", action="store_true", help="shard weights, gradients, optimizer state and EMAs over the processes (FSDP2) instead of DDP")
+    a("--phema_stds", default=None, type=float, nargs="+", help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default")
+    a("--phema_every", default=None, type=int, help="a post-hoc EMA snapshot every N optimiser steps (default: the run's steps / 300)")
+    a("--phema_from", default=None, type=int, help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's last step always writes them")
+    a("--phema_dtype", default="float32", choices=tuple(phema.DTYPES), help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
 
     g = p.add_argument_group("sampling and evaluation")
     sweep.add_sampler_args(g, sweep=True)
     a = g.add_argument
     a("--ema", default=[1], type=int, nargs="+", choices=(1, 2, 3), help="which EMA's weights sample; several values: a sweep")
+    a("--phema", default=None, help="with --evaluate_gen, instead of --resume: evaluate post-hoc EMAs reconstructed from this folder of snapshots (a run's output_dir/phema)")
+    a("--ema_std", default=None, type=float, nargs="+", help="with --phema: the relative standard deviations σ_rel of the post-hoc EMAs to evaluate; several values: a sweep")
+    a("--phema_at", default=None, type=int, help="with --phema: reconstruct at this optimiser step, from the snapshots at or before it (default: the newest snapshot's step)")
     a("--final_num_images", default=None, type=int, help="after a sweep, evaluate its best point again with this many images")
     a("--num_images", default=50000, type=int, help="images to generate for FID / IS; a multiple of --class_num")
     a("--eval_freq", default=40, type=int, help="online evaluation every N epochs (and at the last)")
@@ -145,10 +152,36 @@ def check_args(args):
     for name in ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq", "save_last_freq", "class_num"):
         if getattr(args, name) < 1:
             raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.evaluate_gen and not args.resume:
-        raise BadValue("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER")
+    if args.evaluate_gen and not args.resume and not args.phema:
+        raise BadValue("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER (or --phema SNAPSHOT_FOLDER)")
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
+    check_phema_args(args)
+
+
+def check_phema_args(args):
+    """The post-hoc EMA flags: σ_rel in range and distinct, a schedule of whole steps, and --phema
+    (with --ema_std) as the one source of weights of an --evaluate_gen (BadValue)."""
+    for flag in ("phema_stds", "ema_std"):
+        for value in getattr(args, flag) or []:
+            if not 0 < value < phema.SIGMA_REL_MAX:
+                raise BadValue(f"--{flag} {value}: σ_rel must be in (0, {phema.SIGMA_REL_MAX:.4f})")
+    if args.phema_stds and len({f"{s:.6g}" for s in args.phema_stds}) < len(args.phema_stds):
+        raise BadValue(f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the snapshot files)")
+    for flag, least in (("phema_every", 1), ("phema_from", 0), ("phema_at", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            raise BadValue(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
+    if args.phema:
+        if not args.evaluate_gen:
+            raise BadValue("--phema evaluates post-hoc EMAs: add --evaluate_gen")
+        if args.resume:
+            raise BadValue("--phema and --resume both name the weights to evaluate: give one")
+        if not args.ema_std:
+            raise BadValue("--phema: give the σ_rel of the post-hoc EMAs to evaluate with --ema_std")
+        if sweep.as_list(args.ema) != [1]:
+            raise BadValue("--ema chooses an EMA of a checkpoint; with --phema the weights are the post-hoc EMAs of --ema_std")
+    elif args.ema_std or args.phema_at is not None:
+        raise BadValue(f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)")
 
 
 def resolve_config(args, world_size: int) -> argparse.Namespace:
@@ -156,7 +189,8 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
 
     lr: blr × global batch / 256 unless --lr is given; data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
     apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
-    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers. The default
+    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers; phema_stds: the
+    power EMAs training keeps, ascending (none for --evaluate_gen). The default
     --fid_stats is set by `setup`, once --evaluate_gen has taken --img_size from the weights.
     """
     config = argparse.Namespace(**vars(args))
@@ -169,6 +203,7 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
         config.data_path = os.path.join(config.output_dir, "demo_data")
     config.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
     config.grad_checkpoint = args.grad_checkpoint and not args.evaluate_gen
+    config.phema_stds = [] if args.evaluate_gen else sorted(args.phema_stds or [])  # ascending, as checkpoints keep them
     return config
 
 
@@ -183,6 +218,8 @@ def ignored_flags(args, world_size: int) -> list[str]:
         notes.append("--grad_checkpoint is ignored by --evaluate_gen (no backward pass)")
     if args.init_from and args.evaluate_gen:
         notes.append("--init_from is ignored by --evaluate_gen (it evaluates the weights --resume names)")
+    if args.phema_stds and args.evaluate_gen:
+        notes.append("--phema_stds is ignored by --evaluate_gen (it tracks power EMAs while training)")
     return notes
 
 
@@ -226,12 +263,16 @@ def build_denoiser(config, device) -> Denoiser:
 
 
 def build_model(config, device):
-    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], optimizer), freshly initialised from the global RNG; with
-    config.fsdp the denoiser and the EMAs are sharded (one unit per block) before the optimizer is built."""
+    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], [power EMA of each config.phema_stds], optimizer), freshly
+    initialised from the global RNG; with config.fsdp the denoiser and all EMAs are sharded (one unit
+    per block) before the optimizer is built."""
     denoiser = build_denoiser(config, device)
     decays = [d for d in (config.ema_decay1, config.ema_decay2, config.ema_decay3) if d is not None]
+    phemas = [phema.PowerEMA(denoiser, s) for s in config.phema_stds]
     if config.fsdp:
         emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=False) for d in decays]
+        for ema in phemas:  # copies of the unsharded denoiser, sharded with its plan (as ShardedEMA)
+            sharding.shard(ema.module, mixed_precision=False)
         sharding.shard(denoiser, mixed_precision=False)
     else:
         emas = [EMA(denoiser, d) for d in decays]
@@ -240,7 +281,7 @@ def build_model(config, device):
     D.print0(f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
              f"{D.get_world_size()} process(es){' (FSDP)' if config.fsdp else ''}; global batch "
              f"{config.batch_size * config.accum_iter * D.get_world_size()}, lr {config.lr:.3e}")
-    return denoiser, emas, optimizer
+    return denoiser, emas, phemas, optimizer
 
 
 def match_emas(config, state, path: str, denoiser, emas: list):
@@ -259,18 +300,78 @@ def match_emas(config, state, path: str, denoiser, emas: list):
                               "(a third EMA is kept when training with --ema_decay3)")
 
 
+def match_phema(config, state: TrainState, path: str):
+    """Training continues the power EMAs the checkpoint holds, and only those: a power EMA's profile
+    starts at step 0, so one cannot join a run midway, and one left out would end its snapshot series
+    unnoticed. Another --phema_stds is a CheckpointError (exit 2); evaluation ignores them."""
+    theirs = sorted(state.phema_stds)
+    if config.evaluate_gen or theirs == config.phema_stds:
+        return
+    fix = f"resume with --phema_stds {phema.stds_text(theirs)}" if theirs else "power EMAs start with a run, resume without --phema_stds"
+    raise CheckpointError(f"{path} tracks post-hoc EMAs of σ_rel {phema.stds_text(theirs)}, this run --phema_stds "
+                          f"{phema.stds_text(config.phema_stds)}: {fix}")
+
+
+def snapshot_weights(config) -> tuple[TrainState, str]:
+    """--evaluate_gen --phema: (the newest snapshot at or before --phema_at as weights-only
+    TrainState, the folder). Its run's args and tensors say what network to build; the weights
+    evaluated are reconstructed later (post_hoc_samplers). Sets config.phema_at to the step they
+    are reconstructed at (default: that snapshot's)."""
+    snapshots = phema.usable_snapshots(config.phema, config.phema_at)
+    config.phema_at = phema.reconstruction_point(snapshots, config.phema_at)[0]
+    newest, data = phema.read_snapshot(snapshots[-1].path)
+    state = TrainState(model=data["state_dict"], emas=[data["state_dict"]], optimizer=None, epoch=newest.epoch,
+                       args=data["args"], start={"epoch": newest.epoch + 1, "step": 0})
+    return state, os.path.abspath(config.phema)
+
+
+def post_hoc_samplers(config, denoiser, device) -> PostHocSamplers:
+    """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at
+    from the snapshots at or before it (util.phema.reconstruct, float64 sums), in one pass for all."""
+
+    def reconstruct(stds: list) -> dict:
+        snapshots = phema.usable_snapshots(config.phema, config.phema_at)
+        at, end_images, batch = phema.reconstruction_point(snapshots, config.phema_at)
+        D.print0(f"post-hoc EMA: reconstructing σ_rel {phema.stds_text(stds)} at step {at} ({end_images} images) "
+                 f"from {len(snapshots)} snapshots in {config.phema}")
+        targets = [("std", s) for s in stds]
+        fits, states = phema.reconstruct(snapshots, targets, end_images, batch)
+        for target, fit in zip(targets, fits):
+            D.print0(*phema.fit_report(target, fit), sep="\n")
+        return dict(zip(stds, states))
+
+    return PostHocSamplers(denoiser, reconstruct, device, use_compile(config, device))
+
+
+def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) -> phema.SnapshotWriter:
+    """--phema_stds: what writes the run's snapshots to output_dir/phema, every --phema_every steps
+    from --phema_from (defaults: util.phema.default_schedule of the run's steps). Says what the run
+    will write, warns when the disk is short, and removes what a killed write left."""
+    total = config.epochs * data.steps_per_epoch
+    every, first = phema.default_schedule(total)
+    writer = phema.SnapshotWriter(
+        os.path.join(config.output_dir, "phema"), phemas, every=config.phema_every or every,
+        start=first if config.phema_from is None else config.phema_from, total=total, steps_per_epoch=data.steps_per_epoch,
+        dtype=config.phema_dtype, args=vars(config), keep=frozenset(phema.frozen_names(denoiser)))
+    if D.is_main_process() and os.path.isdir(writer.folder):
+        remove_stale_temporaries(writer.folder, ".phema-")
+    D.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
+    return writer
+
+
 def evaluation_weights(config, changed: set) -> tuple[TrainState, str]:
-    """--evaluate_gen: (weights, file) of the checkpoint or exported folder --resume names. The flags
-    the user left at their defaults take the values the weights were trained with (model, image
-    size, classes, knobs, prediction target, noise; for an exported folder also its recommended
-    sampler); a changed flag that contradicts the weights is a BadValue. Says what it took."""
+    """--evaluate_gen: (weights, file) of the checkpoint or exported folder --resume names, or of the
+    snapshots --phema names (snapshot_weights). The flags the user left at their defaults take the
+    values the weights were trained with (model, image size, classes, knobs, prediction target,
+    noise; for an exported folder also its recommended sampler); a changed flag that contradicts the
+    weights is a BadValue. Says what it took."""
     if W.is_exported(config.resume):
         exported, state_dict = W.load_exported(config.resume)
         if max(sweep.as_list(config.ema)) > 1:
             raise BadValue(f"--ema {max(sweep.as_list(config.ema))}: the exported folder {config.resume} holds one network (--ema 1)")
         state, path = W.as_train_state(exported, state_dict), config.resume
     else:
-        state, path = W.load_checkpoint(config.resume, log=D.print0)
+        state, path = snapshot_weights(config) if config.phema else W.load_checkpoint(config.resume, log=D.print0)
         exported = W.command_line_sampler(W.export_config(state, "model", dtype="float32", source=path, records=[]), config)
     for note in W.apply_config(config, exported, changed, where=path):
         D.print0(f"note: {note}")
@@ -321,6 +422,7 @@ class Run:
     evaluation: Evaluation | None = None  # None: the run does not evaluate
     data: Data | None = None  # None for --evaluate_gen
     lock: str | None = None  # the output folder's lock file (rank 0)
+    snapshots: phema.SnapshotWriter | None = None  # None: no post-hoc EMA tracked
 
     def close(self):
         """Put the signal handlers back, close the log and release the output folder."""
@@ -383,15 +485,17 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     # all ranks start identical; then seed + rank for the training randomness (t, noise, label
     # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
     torch.manual_seed(config.seed)
-    denoiser, emas, optimizer = build_model(config, device)
+    denoiser, emas, phemas, optimizer = build_model(config, device)
     torch.manual_seed(config.seed + D.get_rank())
     np.random.seed(config.seed + D.get_rank())
-    checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, vars(config))
+    checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, vars(config),
+                               phemas)
     state, path = source or checkpoints.load(config.resume)
     if state is not None and config.init_from:
         D.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
     if state is not None:
         match_emas(config, state, path, denoiser, emas)
+        match_phema(config, state, path)
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
@@ -400,12 +504,15 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     if not config.evaluate_gen:
         checkpoints.check_free_space()
     stopper = StopSignal()
-    samplers = Samplers(emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
+    samplers = post_hoc_samplers(config, denoiser, device) if config.phema else Samplers(
+        emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
     evaluation = None if scores is None else Evaluation(
         samplers, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
-        final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen)
-    parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device)
-    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data, lock)
+        final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen,
+        weights_context={"phema_step": config.phema_at} if config.phema else {})
+    parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
+    snapshots = snapshot_writer(config, data, denoiser, phemas, start) if phemas else None
+    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data, lock, snapshots)
 
 
 def train(run: Run) -> int:
@@ -416,7 +523,7 @@ def train(run: Run) -> int:
     def save(epoch: int, next_step: int, name: str = "last") -> bool:
         return run.checkpoints.save(epoch, next_step, data.steps_per_epoch, name)
 
-    io = RunIO(log=run.log, stopper=run.stopper, save=save)
+    io = RunIO(log=run.log, stopper=run.stopper, save=save, snapshot=run.snapshots)
     start_step = run.start.step
     D.print0(f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
@@ -443,6 +550,8 @@ def train(run: Run) -> int:
         return run.checkpoints.unsaved_exit()
     if saves.failed:
         D.print0(f"warning: {saves.failed} checkpoint(s) of this run could not be written (see above)")
+    if run.snapshots and run.snapshots.failed:
+        D.print0(f"warning: {run.snapshots.failed} post-hoc EMA snapshot(s) of this run could not be written (see above)")
     D.print0(f"training done in {hms(time.time() - t0)}")
     if config.demo:
         point = sweep.eval_points(config, config.num_images)[0]

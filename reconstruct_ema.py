@@ -14,14 +14,12 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 from util import checkpoint, phema
-from util.errors import BadValue, MissingFile, exit_code
+from util.errors import BadValue, exit_code
 
 ACCUM = {"float64": torch.float64, "float32": torch.float32}
-POOR_FIT = 0.01  # profile-space fit error above which the snapshots do not cover a target well
 
 
 def get_args_parser():
@@ -49,48 +47,9 @@ def targets(stds, decays) -> list[tuple[str, float]]:
     return [("std", s) for s in stds] + [("decay", d) for d in decays]
 
 
-def usable_snapshots(folder: str, at: int | None) -> list[phema.Snapshot]:
-    """The snapshots in `folder` at or before step `at` (default: all), or BadInput."""
-    if not os.path.isdir(folder):
-        raise MissingFile(f"--snapshots {folder}: no such folder")
-    try:
-        found = phema.list_snapshots(folder)
-    except phema.SnapshotError as e:
-        raise BadValue(str(e)) from None
-    if not found:
-        raise BadValue(f"--snapshots {folder}: no phema-*.pth snapshots (train with --phema_stds)")
-    used = [s for s in found if at is None or s.step <= at]
-    if not used:
-        raise BadValue(f"--at {at}: no snapshot at or before that step (the first is at step {found[0].step})")
-    return used
-
-
-def images_per_step(snapshots: list[phema.Snapshot]) -> int:
-    """The global batch, the same for every snapshot (images_seen = step · batch), or BadValue."""
-    batches = {s.images_seen // s.step for s in snapshots if s.images_seen % s.step == 0}
-    if len(batches) != 1 or any(s.images_seen % s.step for s in snapshots):
-        raise BadValue("the snapshots do not share one global batch (images seen / step): "
-                         "--decay and --at between snapshots need a constant batch")
-    return batches.pop()
-
-
-def fit(target: tuple[str, float], snapshots: list[phema.Snapshot], end_images: int, batch: int | None) -> phema.Fit:
-    images = np.array([s.images_seen for s in snapshots], dtype=np.float64)
-    gammas = np.array([s.gamma for s in snapshots])
-    kind, value = target
-    if kind == "std":
-        return phema.fit_power(images, gammas, end_images, value)
-    return phema.fit_decay(images, gammas, end_images, value, batch)
-
-
 def output_name(target: tuple[str, float], step: int) -> str:
     kind, value = target
     return f"ema-{kind}{value:g}-step{step:010d}.pth"
-
-
-def describe(target: tuple[str, float]) -> str:
-    kind, value = target
-    return f"σ_rel {value:g}" if kind == "std" else f"decay {value:g}"
 
 
 def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step: int, end_images: int,
@@ -111,28 +70,21 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
 
 def reconstruct(args):
     wanted = targets(args.std, args.decay)
-    snapshots = usable_snapshots(args.snapshots, args.at)
-    batch = images_per_step(snapshots) if args.decay or (args.at is not None and args.at != snapshots[-1].step) else None
-    at_step = snapshots[-1].step if args.at is None else args.at
-    end_images = snapshots[-1].images_seen if at_step == snapshots[-1].step else at_step * batch
+    snapshots = phema.usable_snapshots(args.snapshots, args.at)
+    at_step, end_images, batch = phema.reconstruction_point(snapshots, args.at, need_batch=bool(args.decay))
     out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
     os.makedirs(out_dir, exist_ok=True)
     profiles = sorted({s.sigma_rel for s in snapshots})
     print(f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
           f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
           f"({end_images} images), sums in {args.accum}")
-    fits = [fit(t, snapshots, end_images, batch) for t in wanted]
-    weights = np.stack([f.weights for f in fits], axis=1)  # (snapshots, targets)
-    results = phema.combine(snapshots, weights, ACCUM[args.accum])
+    fits, results = phema.reconstruct(snapshots, wanted, end_images, batch, ACCUM[args.accum])
     run = phema.read_snapshot(snapshots[-1].path)[1]["args"]
     for target, fit_, state in zip(wanted, fits, results):
         path = os.path.join(out_dir, output_name(target, at_step))
         write(path, state, target, fit_, snapshots, at_step, end_images, args.accum, run)
-        print(f"{describe(target)}: condition {fit_.cond:.1e}, Σ|w| {fit_.gain:.2f}, "
-              f"fit error {fit_.fit_error:.1e} (relative, in profile space) -> {path}")
-        if fit_.fit_error > POOR_FIT:
-            print(f"warning: {describe(target)} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
-                  "track a σ_rel nearer to it, or snapshot more often")
+        summary, *warning = phema.fit_report(target, fit_)
+        print(f"{summary} -> {path}", *warning, sep="\n")
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ def test_every_script_exits_2_with_one_line_on_bad_input(script, args, message, 
 def test_a_bug_in_the_training_loop_keeps_its_traceback(data, tmp_path, monkeypatch, capsys):
     """A ValueError deep in training is a bug, not bad input: it propagates (Python prints the
     traceback and exits 1) instead of becoming a one-line exit 2."""
-    def buggy(parts, micro_batches):
+    def buggy(parts, micro_batches, images_seen, batch):
         raise ValueError("an injected bug")
 
     monkeypatch.setattr(engine_jit, "train_step", buggy)

@@ -1,5 +1,6 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
-DDP, checkpoints moving FSDP <-> DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
+DDP (post-hoc EMA's power EMAs and snapshots included), checkpoints moving FSDP <-> DDP <-> reference
+format, SIGTERM and rerun bit-exact, bad input."""
 import os
 import signal
 
@@ -8,8 +9,11 @@ import torch
 
 from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
                      save_reference_checkpoint, tiny_denoiser, worker_pids)
+from util import phema
 
 ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
+# Power EMAs (post-hoc EMA) in the runs compared: 2 epochs of 6 steps, snapshots at steps 4, 8 and 12.
+PHEMA = ["--phema_stds", 0.05, 0.1, "--phema_every", 4, "--phema_from", 3]
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +42,27 @@ def eval_record(out) -> dict:
 def ddp(data, tmp_path_factory, online_eval):
     """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
     out = tmp_path_factory.mktemp("ddp")
-    train(data, out, *online_eval)
-    return {**load_last(out), "eval": eval_record(out)}
+    train(data, out, *online_eval, *PHEMA)
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
 
 
 @pytest.fixture(scope="module")
 def fsdp(data, tmp_path_factory, online_eval):
     out = tmp_path_factory.mktemp("fsdp")
-    p = train(data, out, "--fsdp", *online_eval)
+    p = train(data, out, "--fsdp", *online_eval, *PHEMA)
     assert "2 process(es) (FSDP)" in p.stdout
-    return {**load_last(out), "eval": eval_record(out)}
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
+
+
+def snapshots(out) -> dict:
+    """{(step, σ_rel): (images seen, state dict)} of the post-hoc EMA snapshots in out/phema."""
+    found = phema.list_snapshots(os.path.join(out, "phema"))
+    return {(s.step, s.sigma_rel): (s.images_seen, phema.read_snapshot(s.path)[1]["state_dict"]) for s in found}
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0):
+    for name, t in a.items():
+        torch.testing.assert_close(t, b[name], rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.slow
@@ -59,6 +74,20 @@ def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
     fresh = tiny_denoiser()
     for key in ("model", "model_ema1", "model_ema2"):  # what the reference and sample.py load
         fresh.load_state_dict(fsdp[key], strict=True)
+
+
+@pytest.mark.slow
+def test_sharded_power_emas_and_their_snapshots_equal_ddps(ddp, fsdp):
+    """The power EMAs, sharded like the model, update their shards and are gathered to full weights for
+    the checkpoint and for the snapshots that rank 0 writes: as DDP's, up to the rounding of the weights."""
+    assert fsdp["phema_stds"] == ddp["phema_stds"] == [0.05, 0.1]
+    for a, b in zip(fsdp["model_phema"], ddp["model_phema"]):
+        assert_same_tensors(a, b, ROUNDING)
+    assert sorted(fsdp["snapshots"]) == sorted(ddp["snapshots"]) == [(k, s) for k in (4, 8, 12) for s in (0.05, 0.1)]
+    for key, (images, state) in fsdp["snapshots"].items():
+        assert images == ddp["snapshots"][key][0] == key[0] * 8  # global batch: 4 per process
+        assert_same_tensors(state, ddp["snapshots"][key][1], ROUNDING)
+    assert_same_tensors(fsdp["snapshots"][(12, 0.1)][1], fsdp["model_phema"][1])  # the last step's is the tracked one
 
 
 @pytest.mark.slow
@@ -82,7 +111,7 @@ def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then)
 
 @pytest.mark.slow
 def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp, start):
-    args = [*TINY, "--epochs", 2, "--fsdp", "--data_path", data, "--output_dir", tmp_path, "--resume", tmp_path]
+    args = [*TINY, "--epochs", 2, "--fsdp", "--data_path", data, "--output_dir", tmp_path, "--resume", tmp_path, *PHEMA]
     proc = start("main_jit.py", *args, nproc=2)
     read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
@@ -92,7 +121,14 @@ def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp, start):
     assert stopped != {"epoch": 2, "step": 0}
     p = run_script("main_jit.py", *args, nproc=2)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    assert_same_state(load_last(tmp_path), fsdp)  # (an online evaluation changes no training state)
+    resumed = load_last(tmp_path)
+    assert_same_state(resumed, fsdp)  # (an online evaluation changes no training state)
+    for a, b in zip(resumed["model_phema"], fsdp["model_phema"]):  # the sharded power EMAs resume exactly
+        assert_same_tensors(a, b)
+    series = snapshots(tmp_path)  # continued without gaps: each step once, as the uninterrupted run's
+    assert sorted(series) == sorted(fsdp["snapshots"])
+    for key, (_, state) in series.items():
+        assert_same_tensors(state, fsdp["snapshots"][key][1])
 
 
 @pytest.mark.slow
@@ -108,7 +144,7 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
     path = tmp_path / "checkpoint-last.pth"
     torch.save(fsdp, path)
-    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, "--dry_run", check=False)
+    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False)
     assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
 

@@ -6,7 +6,9 @@ Layout (the reference's keys, plus ours): `model`, `model_ema1`, `model_ema2` (f
 the denoiser, keys `net.*`), `optimizer`, `epoch` (last finished epoch), `args` (a plain dict; the
 reference stored an argparse.Namespace, which loads too), and for exact continuation `resume`
 (the start position {'epoch', 'step'} of the next run; `TrainState.start`), `rng` (one entry per
-rank), `world_size`; `model_ema3` when a third EMA is kept (--ema_decay3; the reference ignores it).
+rank), `world_size`; `model_ema3` when a third EMA is kept (--ema_decay3; the reference ignores it);
+`model_phema` (a list of state dicts) and `phema_stds` (their σ_rel, ascending) when power-function
+EMAs are tracked for post-hoc EMA (--phema_stds, util/phema.py).
 
 Names: `--resume` is the flag (a file or folder to continue from); the position a run continues
 from is its `start` (TrainState.start, Start).
@@ -17,7 +19,7 @@ import glob
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +39,8 @@ class CheckpointError(BadInput):
 class TrainState:
     """What a checkpoint holds. model / emas / optimizer: state dicts (optimizer None: weights only);
     epoch: the last finished epoch of these weights (-1: none); start: {'epoch', 'step'} to continue
-    from; rng: every rank's RNG states and world_size: their number (None in reference files)."""
+    from; rng: every rank's RNG states and world_size: their number (None in reference files);
+    phemas / phema_stds: the state dicts of the power EMAs and their σ_rel (empty: none tracked)."""
 
     model: dict
     emas: list
@@ -47,6 +50,8 @@ class TrainState:
     start: dict
     rng: list | None = None
     world_size: int | None = None
+    phemas: list = field(default_factory=list)
+    phema_stds: list = field(default_factory=list)
 
     def ema_states(self, n: int) -> list[dict]:
         """The state dicts of n EMAs: an EMA the checkpoint does not hold (a third one added on
@@ -65,10 +70,12 @@ class TrainState:
 
 
 def to_dict(state: TrainState) -> dict:
-    """The file's dict: the reference's keys, plus resume (the start position), rng and world_size."""
+    """The file's dict: the reference's keys, plus resume (the start position), rng, world_size and
+    the power EMAs (only when tracked)."""
+    phema = {"model_phema": state.phemas, "phema_stds": state.phema_stds} if state.phema_stds else {}
     return {"model": state.model, **dict(zip(EMA_KEYS, state.emas)), "optimizer": state.optimizer,
             "epoch": state.epoch, "args": state.args, "resume": state.start, "rng": state.rng,
-            "world_size": state.world_size}
+            "world_size": state.world_size, **phema}
 
 
 def from_dict(ckpt: dict) -> TrainState:
@@ -81,7 +88,7 @@ def from_dict(ckpt: dict) -> TrainState:
         model=ckpt["model"], emas=emas, optimizer=ckpt.get("optimizer"),
         epoch=epoch, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
         start=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
-        world_size=ckpt.get("world_size"),
+        world_size=ckpt.get("world_size"), phemas=ckpt.get("model_phema", []), phema_stds=ckpt.get("phema_stds", []),
     )
 
 
@@ -145,11 +152,11 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def estimated_size(denoiser) -> int:
-    """Bytes of a checkpoint of `denoiser`: its state three times (weights, two EMAs) and two AdamW
-    moments per trainable parameter."""
+def estimated_size(denoiser, copies: int = 3) -> int:
+    """Bytes of a checkpoint of `denoiser`: its state `copies` times (weights, two EMAs, ...) and
+    two AdamW moments per trainable parameter."""
     trainable = sum(p.numel() * p.element_size() for p in denoiser.parameters() if p.requires_grad)
-    return 3 * tensor_bytes(denoiser.state_dict()) + 2 * trainable
+    return copies * tensor_bytes(denoiser.state_dict()) + 2 * trainable
 
 
 def save_atomic(obj, path: str):
@@ -163,9 +170,10 @@ def save(state: TrainState, path: str):
     save_atomic(to_dict(state), path)
 
 
-def remove_stale_temporaries(folder: str):
-    """Delete temporary files left by a save that was killed (they are never read)."""
-    for tmp in glob.glob(os.path.join(folder, ".checkpoint-*.pth.tmp-*")):
+def remove_stale_temporaries(folder: str, prefix: str = ".checkpoint-"):
+    """Delete temporary files left by a save that was killed (they are never read): those of
+    checkpoints, or of other files whose temporaries' names start with `prefix`."""
+    for tmp in glob.glob(os.path.join(folder, f"{prefix}*.pth.tmp-*")):
         os.remove(tmp)
 
 
@@ -283,14 +291,16 @@ class Checkpointer:
     """A run's checkpoints in `output_dir`: `load` + `restore` at the start, `save` during the run.
 
     Holds the live denoiser, its EMAs (the list itself: an EMA added to it is saved too), the
-    optimizer (None: weights only), the run's settings `args` (a plain dict, stored in every file)
-    and the device (for RNG states). Sharded (FSDP) objects are gathered to and loaded from the
-    unsharded format, rank 0 alone reading and writing the file. `log` notes every write.
+    optimizer (None: weights only), the run's settings `args` (a plain dict, stored in every file),
+    the device (for RNG states) and the power EMAs `phemas` (util.phema.PowerEMA, ascending σ_rel).
+    Sharded (FSDP) objects are gathered to and loaded from the unsharded format, rank 0 alone
+    reading and writing the file. `log` notes every write.
     """
 
-    def __init__(self, output_dir: str, device: torch.device, denoiser, emas: list, optimizer, args: dict):
+    def __init__(self, output_dir: str, device: torch.device, denoiser, emas: list, optimizer, args: dict, phemas=()):
         self.output_dir, self.device = output_dir, device
         self.denoiser, self.emas, self.optimizer, self.args = denoiser, emas, optimizer, args
+        self.phemas = list(phemas)
         self.log = SaveLog()
 
     def load(self, source: str):
@@ -301,7 +311,8 @@ class Checkpointer:
             state, path = find_checkpoint(source, log=D.print0)
         else:
             state, path = find_checkpoint(source, log=D.print0) if D.is_main_process() else (None, None)
-            header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None)
+            header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
+                                                                    phemas=[None] * len(state.phemas))
             header, path = D.broadcast_object((header, path))
             state = state if D.is_main_process() else header
         if source and state is None:
@@ -322,19 +333,23 @@ class Checkpointer:
         return Start(state.start["epoch"], state.start["step"], state.epoch, os.path.abspath(path))
 
     def initialise(self, state: TrainState, source: str):
-        """Load the weights of `state` (--init_from: weights only) into the model and every EMA; the
-        optimizer stays fresh and nothing of `source`'s run (epoch, RNG states) carries over."""
+        """Load the weights of `state` (--init_from: weights only) into the model and every EMA (power
+        EMAs too); the optimizer stays fresh and nothing of `source`'s run (epoch, RNG states)
+        carries over."""
         self._load_weights(dataclasses.replace(state, optimizer=None), source)
 
     def _load_weights(self, state: TrainState, path: str):
+        phema_sds = state.phemas or [state.model] * len(self.phemas)  # none in the state (--init_from): the model's
         if not sharding.is_sharded(self.denoiser):
             load_weights(state, path, self.denoiser, self.emas)
+            for ema, state_dict in zip(self.phemas, phema_sds):
+                load_module(ema, state_dict, path, state.args)
             if self.optimizer is not None and state.optimizer is not None:
                 load_optimizer(self.optimizer, state.optimizer)
             return
-        ema_sds = None if state.model is None else state.ema_states(len(self.emas))  # None: not rank 0
+        ema_sds = None if state.model is None else state.ema_states(len(self.emas)) + phema_sds  # None: not rank 0
         try:
-            sharding.load_full_state(self.denoiser, self.emas, self.optimizer, state.model, ema_sds, state.optimizer)
+            sharding.load_full_state(self.denoiser, self.emas + self.phemas, self.optimizer, state.model, ema_sds, state.optimizer)
         except RuntimeError as e:
             raise does_not_fit(path, state.args, e) from None
         if self.optimizer is not None:
@@ -345,17 +360,19 @@ class Checkpointer:
         atomically, to continue at (epoch, next_step). A failed write is reported on one line and the
         previous checkpoint kept. Returns, on every rank, whether the file was written."""
         rngs = D.all_gather_object(capture_rng(self.device))
+        n = len(self.emas)
         if sharding.is_sharded(self.denoiser):  # collective: gathered to full state dicts on rank 0
-            model, emas, optimizer = sharding.full_state(self.denoiser, self.emas, self.optimizer)
+            model, averages, optimizer = sharding.full_state(self.denoiser, self.emas + self.phemas, self.optimizer)
         elif D.is_main_process():
-            model, emas, optimizer = self.denoiser.state_dict(), [e.state_dict() for e in self.emas], self.optimizer.state_dict()
+            model, optimizer = self.denoiser.state_dict(), self.optimizer.state_dict()
+            averages = [e.state_dict() for e in self.emas + self.phemas]
         written = None
         if D.is_main_process():
             done = next_step >= steps_per_epoch
             state = TrainState(
-                model=model, emas=emas, optimizer=optimizer, epoch=epoch if done else epoch - 1, args=self.args,
+                model=model, emas=averages[:n], optimizer=optimizer, epoch=epoch if done else epoch - 1, args=self.args,
                 start={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
-                rng=rngs, world_size=D.get_world_size(),
+                rng=rngs, world_size=D.get_world_size(), phemas=averages[n:], phema_stds=[e.sigma_rel for e in self.phemas],
             )
             path = os.path.join(self.output_dir, f"checkpoint-{name}.pth")
             try:
@@ -376,7 +393,8 @@ class Checkpointer:
 
     def check_free_space(self):
         """Say so before training when output_dir cannot hold a checkpoint and its temporary file."""
-        need, free = 2 * estimated_size(self.denoiser), files.free_bytes(self.output_dir)
+        need = 2 * estimated_size(self.denoiser, 1 + len(self.emas) + len(self.phemas))
+        free = files.free_bytes(self.output_dir)
         if free < need:
             D.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
                      f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "

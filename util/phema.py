@@ -14,7 +14,8 @@ the weights x that make Σ x_i p_i closest to its profile in L2 over τ (a least
 Gram matrix has a closed form), normalised to sum to 1.
 
 Snapshot files (`phema-{step}-{sigma_rel}.pth` in one folder) are torch.save'd plain dicts; see
-write_snapshot.
+write_snapshot. A training run (main_jit.py --phema_stds) writes them with SnapshotWriter;
+reconstruct_ema.py and main_jit.py --evaluate_gen --phema read them back (usable_snapshots, reconstruct).
 """
 import copy
 import glob
@@ -27,13 +28,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from util import checkpoint
-from util.errors import BadValue
-from util.sharding import local_tensors
+from util import checkpoint, files
+from util import distributed as D
+from util.errors import BadValue, MissingFile
+from util.sharding import full_state_dict, local_tensors
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0, the plain average over the whole run
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SNAPSHOT_NAME = re.compile(r"phema-(\d+)-[^/]*\.pth$")
+POOR_FIT = 0.01  # profile-space fit error above which the snapshots do not cover a target well
 
 
 # Profiles: exponent, relative standard deviation, per-step weight.
@@ -152,9 +155,9 @@ def default_schedule(total: int) -> tuple[int, int]:
     return max(1, total // 300), total - total // 10
 
 
-def snapshot_count(*, every: int, start: int, total: int) -> int:
-    """How many steps in 1..total are snapshot_due."""
-    first = max(start, 1)
+def snapshot_count(*, every: int, start: int, total: int, after: int = 0) -> int:
+    """How many steps in after + 1..total are snapshot_due (after: steps done already)."""
+    first = max(start, after + 1, 1)
     if first > total:
         return 0
     return total // every - (first - 1) // every + (total % every != 0)
@@ -183,10 +186,11 @@ def snapshot_file_bytes(state_dict: dict, dtype: str, keep=()) -> int:
                for n, v in state_dict.items())
 
 
-def snapshot_cost(file_bytes: int, profiles: int, *, every: int, start: int, total: int) -> tuple[int, int]:
-    """(files, bytes) that a run writes: `profiles` files of `file_bytes` at each snapshot step."""
-    files = profiles * snapshot_count(every=every, start=start, total=total)
-    return files, files * file_bytes
+def snapshot_cost(file_bytes: int, profiles: int, *, every: int, start: int, total: int, after: int = 0) -> tuple[int, int]:
+    """(files, bytes) that a run writes after step `after`: `profiles` files of `file_bytes` at each
+    snapshot step."""
+    count = profiles * snapshot_count(every=every, start=start, total=total, after=after)
+    return count, count * file_bytes
 
 
 def frozen_names(module: nn.Module) -> set[str]:
@@ -236,6 +240,78 @@ def list_snapshots(folder: str) -> list[Snapshot]:
     """The snapshots in `folder`, sorted by step, then σ_rel. SnapshotError for an unreadable one."""
     paths = [p for p in glob.glob(os.path.join(folder, "phema-*.pth")) if SNAPSHOT_NAME.search(p)]
     return sorted((read_snapshot(p)[0] for p in paths), key=lambda s: (s.step, s.sigma_rel))
+
+
+def usable_snapshots(folder: str, at: int | None = None) -> list[Snapshot]:
+    """The snapshots in `folder` at or before global step `at` (default: all), sorted as
+    list_snapshots; MissingFile or BadValue (one line) when there are none."""
+    if not os.path.isdir(folder):
+        raise MissingFile(f"{folder}: no such folder of snapshots")
+    try:
+        found = list_snapshots(folder)
+    except SnapshotError as e:
+        raise BadValue(str(e)) from None
+    if not found:
+        raise BadValue(f"{folder}: no phema-*.pth snapshots (train with --phema_stds)")
+    used = [s for s in found if at is None or s.step <= at]
+    if not used:
+        raise BadValue(f"{folder}: no snapshot at or before step {at} (the first is at step {found[0].step})")
+    return used
+
+
+@dataclass
+class SnapshotWriter:
+    """A training run's snapshots: at each global optimiser step that snapshot_due says (every
+    `every` steps from `start` on, and the run's last step `total`), one file per tracked profile in
+    `folder` (write_snapshot), from the full weights: gathered to rank 0 under FSDP, rank 0 writes,
+    every rank waits. A file that cannot be written (a full disk) is reported on one line and
+    counted in `failed`; training goes on, the series then has a gap."""
+
+    folder: str
+    emas: list  # PowerEMA (its module sharded under FSDP)
+    every: int
+    start: int
+    total: int
+    steps_per_epoch: int
+    dtype: str  # of the stored weights, a key of DTYPES
+    args: dict  # the run's flags, stored in every file
+    keep: frozenset = frozenset()  # names of the frozen parameters, stored exactly
+    failed: int = 0
+
+    def __call__(self, step: int, images_seen: int):
+        """Collective. Write the snapshots due at global step `step` (1-based: steps done), taken
+        after its optimiser step, `images_seen` images into the run."""
+        if not snapshot_due(step, every=self.every, start=self.start, total=self.total):
+            return
+        for ema in self.emas:
+            state = full_state_dict(ema.module)  # None on ranks > 0
+            if state is None:
+                continue
+            try:
+                write_snapshot(self.folder, state, sigma_rel=ema.sigma_rel, step=step, images_seen=images_seen,
+                               epoch=step // self.steps_per_epoch - 1, args=self.args, dtype=self.dtype, keep=self.keep)
+            except (files.WriteError, ValueError) as e:  # a full disk; weights beyond the float16 range
+                self.failed += 1
+                D.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
+                         "training goes on")
+        D.print0(f"post-hoc EMA snapshots at step {step} ({images_seen} images) -> {self.folder}")
+        D.barrier()
+
+    def plan(self, done: int) -> list[str]:
+        """Lines for the log before training, `done` global steps into the run: the files and bytes
+        the whole run writes, and a warning when the disk has less free than those still to write."""
+        one = snapshot_file_bytes(self.emas[0].module.state_dict(), self.dtype, self.keep)  # full shapes, also of DTensors
+        schedule = dict(every=self.every, start=self.start, total=self.total)
+        count, size = snapshot_cost(one, len(self.emas), **schedule)
+        left, need = snapshot_cost(one, len(self.emas), **schedule, after=done)
+        lines = [f"post-hoc EMA: σ_rel {stds_text(e.sigma_rel for e in self.emas)}; snapshots every {self.every} steps "
+                 f"from step {self.start} and at the last ({self.total}): {count} files of {files.human_bytes(one)} "
+                 f"({self.dtype}), {files.human_bytes(size)} in {self.folder}" + (f", {left} still to write" if done else "")]
+        free = files.free_bytes(self.folder)
+        if free < need:
+            lines.append(f"warning: {self.folder} has {files.human_bytes(free)} free, but the snapshots still to write need "
+                         f"{files.human_bytes(need)}: some will fail to be written (--phema_every, --phema_dtype float16)")
+        return lines
 
 
 # Inner products of profiles (L2 over τ, in units of 1/images).
@@ -373,3 +449,60 @@ def combine(snapshots: list[Snapshot], weights: np.ndarray, accum: torch.dtype =
                 else:
                     out[name] = value.to(accum).mul_(float(w))
     return [{n: v.to(torch.float32) if v.is_floating_point() else v for n, v in out.items()} for out in sums]
+
+
+def images_per_step(snapshots: list[Snapshot]) -> int:
+    """The global batch, the same for every snapshot (images_seen = step · batch), or BadValue."""
+    batches = {s.images_seen // s.step for s in snapshots if s.images_seen % s.step == 0}
+    if len(batches) != 1 or any(s.images_seen % s.step for s in snapshots):
+        raise BadValue("the snapshots do not share one global batch (images seen / step): "
+                       "a decay target and a step between snapshots need a constant batch")
+    return batches.pop()
+
+
+def reconstruction_point(snapshots: list[Snapshot], at: int | None = None, need_batch: bool = False) -> tuple[int, int, int | None]:
+    """(global step, images seen, global batch or None) to reconstruct at from `snapshots` (at or
+    before it): step `at`, default the newest snapshot's. Between snapshots the images seen are
+    at · batch, which needs one constant batch (images_per_step, also found when `need_batch`)."""
+    newest = snapshots[-1]
+    at = newest.step if at is None else at
+    batch = images_per_step(snapshots) if need_batch or at != newest.step else None
+    return at, newest.images_seen if at == newest.step else at * batch, batch
+
+
+def fit_target(target: tuple[str, float], snapshots: list[Snapshot], end_images: int, batch: int | None) -> Fit:
+    """The reconstruction weights of a target ('std', σ_rel) or ('decay', d) at `end_images` images
+    (a decay needs the constant global `batch`)."""
+    images = np.array([s.images_seen for s in snapshots], dtype=np.float64)
+    gammas = np.array([s.gamma for s in snapshots])
+    kind, value = target
+    if kind == "std":
+        return fit_power(images, gammas, end_images, value)
+    return fit_decay(images, gammas, end_images, value, batch)
+
+
+def reconstruct(snapshots: list[Snapshot], targets: list[tuple[str, float]], end_images: int, batch: int | None,
+                accum: torch.dtype = torch.float64) -> tuple[list[Fit], list[dict]]:
+    """(fits, float32 state dicts) of the targets (see fit_target), in one pass over the snapshots."""
+    fits = [fit_target(t, snapshots, end_images, batch) for t in targets]
+    return fits, combine(snapshots, np.stack([f.weights for f in fits], axis=1), accum)
+
+
+def stds_text(stds) -> str:
+    """σ_rel values for messages: '0.05 0.1', or 'none'."""
+    return " ".join(f"{s:g}" for s in stds) or "none"
+
+
+def describe_target(target: tuple[str, float]) -> str:
+    kind, value = target
+    return f"σ_rel {value:g}" if kind == "std" else f"decay {value:g}"
+
+
+def fit_report(target: tuple[str, float], fit: Fit) -> list[str]:
+    """How well the snapshots cover a target: one line, and a warning line when the fit is poor."""
+    name = describe_target(target)
+    lines = [f"{name}: condition {fit.cond:.1e}, Σ|w| {fit.gain:.2f}, fit error {fit.fit_error:.1e} (relative, in profile space)"]
+    if fit.fit_error > POOR_FIT:
+        lines.append(f"warning: {name} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
+                     "track a σ_rel nearer to it, or snapshot more often")
+    return lines

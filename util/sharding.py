@@ -85,10 +85,10 @@ def is_sharded(module) -> bool:
 
 def local_tensors(tensors) -> list[torch.Tensor]:
     """This rank's shard of each DTensor (a view: writing to it writes the parameter); plain
-    tensors pass through. Detached."""
-    from torch.distributed.tensor import DTensor
-
-    return [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
+    tensors pass through. Detached. Imports nothing: before torch.distributed.tensor is imported, no
+    tensor can be a DTensor."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    return [(t.to_local() if isinstance(t, dtensor) else t).detach() for t in tensors]
 
 
 class ShardedEMA(EMA):
@@ -107,10 +107,14 @@ class ShardedEMA(EMA):
         shard(self.module, mixed_precision=mixed_precision, mesh=mesh)
         self._ema = None  # fully_shard replaced the parameters; update() reads the shards afresh
 
+    def tensors(self) -> list[torch.Tensor]:
+        """This rank's shard of each EMA parameter (what update() writes)."""
+        return local_tensors(self.module.parameters())
+
     @torch.no_grad()
     def update(self, model: nn.Module):
         """One fused lerp of this rank's EMA shards towards its shards of `model` (no communication)."""
-        torch._foreach_lerp_(local_tensors(self.module.parameters()), local_tensors(model.parameters()), 1.0 - self.decay)
+        torch._foreach_lerp_(self.tensors(), local_tensors(model.parameters()), 1.0 - self.decay)
 
 
 def nonfinite_flag(params, group=None) -> torch.Tensor:
@@ -167,6 +171,20 @@ def optim_state_by_name(indexed: dict, names: list[str]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def full_state_dict(module: nn.Module) -> dict | None:
+    """Collective when `module` is sharded. Its full state dict on the CPU on rank 0 (gathered: a
+    snapshot that later steps do not change), None on the other ranks. An unsharded module gives
+    rank 0 its own tensors, moved to the CPU (the same tensors when they are there)."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(module, options=full_options(cpu_offload=True))
+    else:
+        state = {k: v.cpu() for k, v in module.state_dict().items()} if rank0 else None
+    return state if rank0 else None
+
+
 def full_state(denoiser: nn.Module, emas, optimizer=None):
     """Collective. Gather everything to full CPU state dicts on rank 0.
 
@@ -175,14 +193,13 @@ def full_state(denoiser: nn.Module, emas, optimizer=None):
     model_sd / ema_sd as `Denoiser.state_dict()` (keys `net.*`), optim_sd as
     `torch.optim.AdamW.state_dict()` of an unsharded model (None without an optimizer).
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    full = full_options(cpu_offload=True)  # gathered on rank 0, on the CPU
-    model_sd = get_model_state_dict(denoiser, options=full)
-    ema_sds = [get_model_state_dict(ema.module, options=full) for ema in emas]
+    model_sd = full_state_dict(denoiser)
+    ema_sds = [full_state_dict(ema.module) for ema in emas]
     optim_sd = None
     if optimizer is not None:
-        named = get_optimizer_state_dict(denoiser, optimizer, options=full)
+        named = get_optimizer_state_dict(denoiser, optimizer, options=full_options(cpu_offload=True))
         if named:  # the gathered moments are new tensors, but `step` is the live one: copy it
             named["state"] = {n: {k: v.clone() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for k, v in s.items()}
                               for n, s in named["state"].items()}

@@ -1,8 +1,10 @@
-"""Sweeps of the sampling settings: every combination of EMA, guidance interval and CFG scale,
-scored with the same per-image seeds and one Inception network; finished points are found again in
-metrics.jsonl, so a stopped sweep continues where it was; the results go to sweep.csv (sorted by
-FID) and sweep.png (FID and IS against the CFG scale, one line per EMA and interval). The sampler's
-command-line flags (shared by main_jit.py and sample.py) and the grid they give live here too."""
+"""Sweeps of the sampling settings: every combination of EMA (a checkpoint's EMA 1, 2, 3, or
+post-hoc EMAs of several lengths σ_rel), guidance interval and CFG scale, scored with the same
+per-image seeds and one Inception network; finished points are found again in metrics.jsonl, so a
+stopped sweep continues where it was; the results go to sweep.csv (sorted by FID) and sweep.png (FID
+and IS against the CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one
+line per CFG scale and interval). The sampler's command-line flags (shared by main_jit.py and
+sample.py) and the grid they give live here too."""
 import csv
 import io
 import itertools
@@ -20,6 +22,7 @@ from util.logger import hms
 
 COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
            "num_images", "checkpoint_epoch")
+STD_COLUMN = "ema_std"  # after "ema", in sweeps of post-hoc EMAs only
 
 
 def add_sampler_args(group, sweep: bool = False):
@@ -50,40 +53,56 @@ def as_list(value) -> list:
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluation: EMA `ema` (1, 2, 3) sampled with `sampler`, scored on `num_images` images."""
+    """One evaluation: the weights, EMA `ema` (1, 2, 3) of a checkpoint or (ema None) the post-hoc EMA
+    of relative standard deviation `ema_std`, sampled with `sampler`, scored on `num_images` images."""
 
-    ema: int
+    ema: int | None
     sampler: SamplerSettings
     num_images: int
+    ema_std: float | None = None
+
+    @property
+    def weights(self) -> int | float:
+        """What the run's samplers are asked for: the EMA number, or σ_rel of a post-hoc EMA."""
+        return self.ema if self.ema_std is None else self.ema_std
 
     def key(self) -> tuple:
-        return (self.ema, self.num_images, *asdict(self.sampler).values())
+        return (self.ema, self.ema_std, self.num_images, *asdict(self.sampler).values())
 
     def label(self) -> str:
         s = self.sampler
-        return f"EMA {self.ema}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {self.num_images} images"
+        return f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {self.num_images} images"
 
 
-def grid(*, emas, interval_mins, interval_maxs, cfgs, method: str, steps: int, num_images: int) -> list[Point]:
-    """Every combination, EMA first, then the interval, then the CFG scale (which varies fastest).
-    Raises BadValue for a combination the sampler rejects (e.g. interval_min >= interval_max)."""
+def ema_name(record: dict) -> str:
+    """'EMA k', or 'σ_rel s' for a post-hoc EMA, of a record (or a Point as a dict)."""
+    return f"EMA {record['ema']}" if record.get(STD_COLUMN) is None else f"σ_rel {record[STD_COLUMN]:g}"
+
+
+def grid(*, emas, interval_mins, interval_maxs, cfgs, method: str, steps: int, num_images: int, ema_stds=(None,)) -> list[Point]:
+    """Every combination, the weights first (EMA, then σ_rel of a post-hoc EMA), then the interval,
+    then the CFG scale (which varies fastest). Raises BadValue for a combination the sampler rejects
+    (e.g. interval_min >= interval_max)."""
     try:
-        return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images)
-                for ema, lo, hi, cfg in itertools.product(emas, interval_mins, interval_maxs, cfgs)]
+        return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images, std)
+                for ema, std, lo, hi, cfg in itertools.product(emas, ema_stds, interval_mins, interval_maxs, cfgs)]
     except ValueError as e:
         raise BadValue(str(e)) from None
 
 
 def eval_points(flags, num_images: int) -> list[Point]:
-    """The points of the flags --ema, --interval_min, --interval_max, --cfg (one value or several
-    each), --sampling_method and --num_sampling_steps, at num_images (see grid)."""
-    return grid(emas=as_list(flags.ema), interval_mins=as_list(flags.interval_min), interval_maxs=as_list(flags.interval_max),
-                cfgs=as_list(flags.cfg), method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images)
+    """The points of the flags --ema (or, with --phema, --ema_std), --interval_min, --interval_max,
+    --cfg (one value or several each), --sampling_method and --num_sampling_steps, at num_images
+    (see grid)."""
+    phema = bool(flags.phema)
+    return grid(emas=[None] if phema else as_list(flags.ema), ema_stds=as_list(flags.ema_std) if phema else [None],
+                interval_mins=as_list(flags.interval_min), interval_maxs=as_list(flags.interval_max), cfgs=as_list(flags.cfg),
+                method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images)
 
 
 def record_key(record: dict) -> tuple:
     """A metrics.jsonl eval record's Point.key()."""
-    return (record["ema"], record["num_images"], *(record[k] for k in asdict(SamplerSettings())))
+    return (record["ema"], record.get(STD_COLUMN), record["num_images"], *(record[k] for k in asdict(SamplerSettings())))
 
 
 def finished(metrics_path: str, context: dict) -> dict:
@@ -116,37 +135,53 @@ def best(records: list[dict]) -> dict | None:
 def describe(record: dict) -> str:
     """A point's settings and scores in one line (a missing or NaN score as n/a)."""
     num = lambda x: f"{x:.4f}" if finite(x) else "n/a"  # noqa: E731
-    return (f"EMA {record['ema']}, cfg {record['cfg']}, interval ({record['interval_min']}, {record['interval_max']}): "
+    return (f"{ema_name(record)}, cfg {record['cfg']}, interval ({record['interval_min']}, {record['interval_max']}): "
             f"FID {num(record['fid'])}, IS {num(record['inception_score'])}")
 
 
+def has_std_axis(records: list[dict]) -> bool:
+    """Whether the records are of post-hoc EMAs (they carry σ_rel as `ema_std`)."""
+    return any(r.get(STD_COLUMN) is not None for r in records)
+
+
 def write_csv(path: str, records: list[dict]):
-    """The records as a table sorted by FID (best first; no finite FID last)."""
+    """The records as a table sorted by FID (best first; no finite FID last); an `ema_std` column
+    after `ema` when the records are of post-hoc EMAs."""
+    columns = list(COLUMNS)
+    if has_std_axis(records):
+        columns.insert(columns.index("ema") + 1, STD_COLUMN)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(sorted(records, key=lambda r: r["fid"] if finite(r["fid"]) else math.inf))
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def plot(path: str, records: list[dict]):
-    """FID and IS against the CFG scale, one line per (EMA, interval)."""
+    """FID and IS against the CFG scale, one line per (EMA, interval); for post-hoc EMAs against
+    σ_rel (log scale), one line per (CFG scale, interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_std = has_std_axis(records)
+    x, x_label = (STD_COLUMN, "EMA length σ_rel") if by_std else ("cfg", "CFG scale")
+    line_of = (lambda r: (r["cfg"], r["interval_min"], r["interval_max"])) if by_std else (
+        lambda r: (r["ema"], r["interval_min"], r["interval_max"]))
     lines = {}
-    for r in sorted(records, key=lambda r: r["cfg"]):
-        lines.setdefault((r["ema"], r["interval_min"], r["interval_max"]), []).append(r)
+    for r in sorted(records, key=lambda r: r[x]):
+        lines.setdefault(line_of(r), []).append(r)
     fig, (ax_fid, ax_is) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for (ema, lo, hi), rs in sorted(lines.items()):
-        label = f"EMA {ema}, interval ({lo}, {hi})"
-        cfgs = [r["cfg"] for r in rs]
-        ax_fid.plot(cfgs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label)
-        ax_is.plot(cfgs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o", label=label)
+    for (first, lo, hi), rs in sorted(lines.items()):
+        label = f"{'cfg' if by_std else 'EMA'} {first}, interval ({lo}, {hi})"
+        xs = [r[x] for r in rs]
+        ax_fid.plot(xs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label)
+        ax_is.plot(xs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o", label=label)
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
-        ax.set_xlabel("CFG scale")
+        ax.set_xlabel(x_label)
+        if by_std:
+            ax.set_xscale("log")
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
     ax_fid.legend(fontsize=8)
