@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from util import files
+from util import files, sweep
 from util import weights as W
 from util.errors import BadValue, exit_code
 
@@ -69,7 +69,7 @@ def source_weights(args) -> tuple[dict, dict, str]:
     state, path = W.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
     which = W.weights_name(args.ema)
     metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
-    config = W.export_config(state, which, dtype=args.dtype, source=path, records=W.read_eval_records(metrics))
+    config = W.export_config(state, which, dtype=args.dtype, source=path, records=sweep.eval_records(metrics))
     return config, state.weights(which), f"{which} of {path} (epoch {state.epoch})"
 
 

@@ -105,22 +105,28 @@ def record_key(record: dict) -> tuple:
     return (record["ema"], record.get(STD_COLUMN), record["num_images"], *(record[k] for k in asdict(SamplerSettings())))
 
 
-def finished(metrics_path: str, context: dict) -> dict:
-    """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
-    are equal (engine_jit.eval_context: the same weights, seeds, batch size, resolution, classes and
-    reference statistics)."""
-    done = {}
-    if not os.path.exists(metrics_path):
-        return done
+def eval_records(metrics_path: str | None) -> list[dict]:
+    """The scored evaluation records ({"kind": "eval"} with a finite FID) of a metrics.jsonl, in file
+    order; a line cut short by a kill is skipped; [] without the file."""
+    records = []
+    if not metrics_path or not os.path.isfile(metrics_path):
+        return records
     with open(metrics_path) as f:
         for line in f:
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except json.JSONDecodeError:
                 continue
-            if r.get("kind") == "eval" and "ema" in r and r.get("fid") is not None and all(r.get(k) == v for k, v in context.items()):
-                done[record_key(r)] = r
-    return done
+            if isinstance(r, dict) and r.get("kind") == "eval" and finite(r.get("fid")):
+                records.append(r)
+    return records
+
+
+def finished(metrics_path: str, context: dict) -> dict:
+    """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
+    are equal (engine_jit.eval_context: the same weights, seeds, batch size, resolution, classes and
+    reference statistics)."""
+    return {record_key(r): r for r in eval_records(metrics_path) if "ema" in r and all(r.get(k) == v for k, v in context.items())}
 
 
 def finite(x) -> bool:

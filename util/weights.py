@@ -28,7 +28,7 @@ import torch
 
 from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT, JiT_models, RMSNorm
-from util import checkpoint, files
+from util import checkpoint, files, sweep
 from util.checkpoint import CheckpointError
 from util.errors import BadValue
 
@@ -319,22 +319,6 @@ def default_sampler() -> dict:
     return dict(method=s.method, steps=s.steps, cfg=s.cfg, interval_min=s.interval_min, interval_max=s.interval_max)
 
 
-def read_eval_records(path: str) -> list[dict]:
-    """The FID/IS records ({"kind": "eval"} with a finite fid) of a metrics.jsonl; [] without one."""
-    records = []
-    if not path or not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if isinstance(r, dict) and r.get("kind") == "eval" and r.get("fid") is not None and math.isfinite(r["fid"]):
-                records.append(r)
-    return records
-
-
 def records_of(records: list[dict], ema: int) -> list[dict]:
     """The records of EMA `ema` (a record without "ema" is EMA 1), compacted to RECORD_FIELDS."""
     out = []
@@ -383,7 +367,7 @@ def export_config(state: checkpoint.TrainState, which: str, *, dtype: str, sourc
     """config.json (ours) for the weights `which` ("model", "ema1", ...) of a checkpoint.
 
     state: the loaded checkpoint; source: its file (the name goes into config.json); records: its
-    run's metrics.jsonl eval records (read_eval_records). Raises CheckpointError if the weights do
+    run's metrics.jsonl eval records (util.sweep.eval_records). Raises CheckpointError if the weights do
     not fit the network the checkpoint's args describe.
     """
     args = state.args
