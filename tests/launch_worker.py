@@ -26,18 +26,18 @@ if mode == "slow_save":
 elif mode == "slow_steps":
     real_step = engine_jit.train_step
 
-    def slow_step(parts, micro_batches):
+    def slow_step(*args, **kwargs):
         time.sleep(seconds)
-        return real_step(parts, micro_batches)
+        return real_step(*args, **kwargs)
 
     engine_jit.train_step = slow_step
 elif mode == "stuck" and rank == 1:
     real_step = engine_jit.train_step
 
-    def stuck_once(parts, micro_batches):
+    def stuck_once(*args, **kwargs):
         engine_jit.train_step = real_step
         time.sleep(seconds)
-        return real_step(parts, micro_batches)
+        return real_step(*args, **kwargs)
 
     engine_jit.train_step = stuck_once
 sys.exit(main_jit.cli(argv))
