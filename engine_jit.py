@@ -278,6 +278,17 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
     return saved_at_end
 
 
+def compile_fsdp_blocks(denoiser, **compile_kwargs):
+    """torch.compile for a sharded (FSDP2) denoiser: each block's own forward is compiled, and FSDP's
+    hooks and the root (embeddings, in-context tokens, final layer) stay eager. Compiling the root
+    instead makes dynamo break its graph at every block's FSDP hooks, and the blocks before and after
+    the in-context tokens see other sequence lengths (bench/fsdp_compile.py counts both). Returns the
+    denoiser (changed in place)."""
+    for block in denoiser.net.blocks:
+        block.forward = torch.compile(block.forward, **compile_kwargs)
+    return denoiser
+
+
 def compile_sampling_net(net):
     """The network as evaluation samples it, compiled: static shapes (dynamic=False), so that the Heun
     + CFG-interval calls at batch B and 2B each get their own specialised kernels (bench/bench.py

@@ -84,3 +84,12 @@ def test_bench_data_reports_jpeg_and_store_throughput(tmp_path):
         assert size["jpeg"]["workers_needed"] == jpeg["workers_for_target"] >= 1
         assert size["conversion_img_per_s_per_process"] > 0
         assert size["store_vs_jpeg_per_process"]["0"] == pytest.approx(store["img_per_s"] / jpeg["img_per_s"])
+
+
+@pytest.mark.slow
+def test_fsdp_blocks_compile_without_graph_breaks_or_recompiles():
+    """--fsdp --compile compiles block by block (engine_jit.compile_fsdp_blocks): on 2 CPU processes
+    dynamo captures 2 graphs (the blocks before and after the in-context tokens), breaks none, and
+    captures nothing new after the first two steps (bench/fsdp_compile.py; aot_eager, no codegen)."""
+    p = run_script("bench/fsdp_compile.py", "--mode", "blocks", "--steps", 4, nproc=2)
+    assert "mode blocks, grad_checkpoint False: 2 graphs, 0 graph breaks, 0 graphs after step 2" in p.stdout, p.stdout

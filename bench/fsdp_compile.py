@@ -1,0 +1,60 @@
+"""How torch.compile meets FSDP2 (--fsdp): dynamo's counters for two ways to compile a sharded JiT.
+
+    torchrun --nproc_per_node=2 bench/fsdp_compile.py --mode root     # torch.compile of the whole denoiser
+    torchrun --nproc_per_node=2 bench/fsdp_compile.py --mode blocks   # each block's forward, the root eager
+
+Trains --steps optimiser steps of the tiny preset on CPU (gloo) through engine_jit.train_step and
+prints, on rank 0: the graphs dynamo captured, its graph breaks (with reasons), and the graphs
+captured after the first two steps (recompiles). The counts are dynamo's, the same for any backend:
+--backend aot_eager (default) skips code generation, inductor is what main_jit uses on CUDA.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from denoiser import Denoiser  # noqa: E402
+from engine_jit import StepParts, build_optimizer, compile_fsdp_blocks, train_step  # noqa: E402
+from model_jit import JiT_models  # noqa: E402
+from util import distributed as D  # noqa: E402
+from util import sharding  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("root", "blocks"), required=True)
+    p.add_argument("--grad_checkpoint", action="store_true")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--backend", default="aot_eager")
+    args = p.parse_args()
+    device = D.init("cpu")
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, grad_checkpoint=args.grad_checkpoint)
+    denoiser = sharding.shard(Denoiser(net, 3), mixed_precision=False)
+    if args.mode == "root":
+        model = torch.compile(denoiser, backend=args.backend)
+    else:
+        model = compile_fsdp_blocks(denoiser, backend=args.backend)
+    parts = StepParts(model, denoiser, build_optimizer(denoiser, 1e-3, 0.0), [], device)
+    g = torch.Generator().manual_seed(D.get_rank())
+    after_warmup = 0
+    for step in range(args.steps):
+        micro = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g), torch.randint(0, 3, (4,), generator=g))
+                 for _ in range(2)]
+        train_step(parts, micro)
+        if step == 1:
+            after_warmup = counters["stats"]["unique_graphs"]
+    breaks = dict(counters["graph_break"])
+    D.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {counters['stats']['unique_graphs']} graphs, "
+             f"{sum(breaks.values())} graph breaks, {counters['stats']['unique_graphs'] - after_warmup} graphs after step 2")
+    for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
+        D.print0(f"  {n}× {reason[:160]}")
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
