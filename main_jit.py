@@ -24,10 +24,10 @@ from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
 from util import phema, runlock, sharding, sweep
 from util import weights as W
-from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, TrainState, remove_stale_temporaries
+from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
 from util.data import Data, ResumableSampler, make_loader, open_dataset
 from util.demo import make_shapes_dataset, write_demo_outputs
-from util.errors import BadInput, BadValue, exit_code
+from util.errors import BadValue, exit_code
 from util.evaluation import GenerationSpec, Scorer
 from util.logger import RunLog, hms
 
@@ -300,46 +300,9 @@ def match_emas(config, state, path: str, denoiser, emas: list):
                               "(a third EMA is kept when training with --ema_decay3)")
 
 
-def match_phema(config, state: TrainState, path: str):
-    """Training continues the power EMAs the checkpoint holds, and only those: a power EMA's profile
-    starts at step 0, so one cannot join a run midway, and one left out would end its snapshot series
-    unnoticed. Another --phema_stds is a CheckpointError (exit 2); evaluation ignores them."""
-    theirs = sorted(state.phema_stds)
-    if config.evaluate_gen or theirs == config.phema_stds:
-        return
-    fix = f"resume with --phema_stds {phema.stds_text(theirs)}" if theirs else "power EMAs start with a run, resume without --phema_stds"
-    raise CheckpointError(f"{path} tracks post-hoc EMAs of σ_rel {phema.stds_text(theirs)}, this run --phema_stds "
-                          f"{phema.stds_text(config.phema_stds)}: {fix}")
-
-
-def snapshot_weights(config) -> tuple[TrainState, str]:
-    """--evaluate_gen --phema: (the newest snapshot at or before --phema_at as weights-only
-    TrainState, the folder). Its run's args and tensors say what network to build; the weights
-    evaluated are reconstructed later (post_hoc_samplers). Sets config.phema_at to the step they
-    are reconstructed at (default: that snapshot's)."""
-    snapshots = phema.usable_snapshots(config.phema, config.phema_at)
-    config.phema_at = phema.reconstruction_point(snapshots, config.phema_at)[0]
-    newest, data = phema.read_snapshot(snapshots[-1].path)
-    state = TrainState(model=data["state_dict"], emas=[data["state_dict"]], optimizer=None, epoch=newest.epoch,
-                       args=data["args"], start={"epoch": newest.epoch + 1, "step": 0})
-    return state, os.path.abspath(config.phema)
-
-
 def post_hoc_samplers(config, denoiser, device) -> PostHocSamplers:
-    """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at
-    from the snapshots at or before it (util.phema.reconstruct, float64 sums), in one pass for all."""
-
-    def reconstruct(stds: list) -> dict:
-        snapshots = phema.usable_snapshots(config.phema, config.phema_at)
-        at, end_images, batch = phema.reconstruction_point(snapshots, config.phema_at)
-        D.print0(f"post-hoc EMA: reconstructing σ_rel {phema.stds_text(stds)} at step {at} ({end_images} images) "
-                 f"from {len(snapshots)} snapshots in {config.phema}")
-        targets = [("std", s) for s in stds]
-        fits, states = phema.reconstruct(snapshots, targets, end_images, batch)
-        for target, fit in zip(targets, fits):
-            D.print0(*phema.fit_report(target, fit), sep="\n")
-        return dict(zip(stds, states))
-
+    """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at."""
+    reconstruct = functools.partial(phema.reconstruct_at, config.phema, config.phema_at, log=D.print0)
     return PostHocSamplers(denoiser, reconstruct, device, use_compile(config, device))
 
 
@@ -357,37 +320,6 @@ def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) ->
         remove_stale_temporaries(writer.folder, ".phema-")
     D.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
     return writer
-
-
-def evaluation_weights(config, changed: set) -> tuple[TrainState, str]:
-    """--evaluate_gen: (weights, file) of the checkpoint or exported folder --resume names, or of the
-    snapshots --phema names (snapshot_weights). The flags the user left at their defaults take the
-    values the weights were trained with (model, image size, classes, knobs, prediction target,
-    noise; for an exported folder also its recommended sampler); a changed flag that contradicts the
-    weights is a BadValue. Says what it took."""
-    if W.is_exported(config.resume):
-        exported, state_dict = W.load_exported(config.resume)
-        if max(sweep.as_list(config.ema)) > 1:
-            raise BadValue(f"--ema {max(sweep.as_list(config.ema))}: the exported folder {config.resume} holds one network (--ema 1)")
-        state, path = W.as_train_state(exported, state_dict), config.resume
-    else:
-        state, path = snapshot_weights(config) if config.phema else W.load_checkpoint(config.resume, log=D.print0)
-        exported = W.command_line_sampler(W.export_config(state, "model", dtype="float32", source=path, records=[]), config)
-    for note in W.apply_config(config, exported, changed, where=path):
-        D.print0(f"note: {note}")
-    return state, path
-
-
-def initial_weights(config, denoiser) -> TrainState:
-    """--init_from: the weights that start a new run (util.weights.init_from) as a weights-only
-    TrainState for Checkpointer.initialise; records where they came from in config.init_origin
-    (saved with the run's args in every checkpoint)."""
-    state_dict, notes, origin = W.init_from(config.init_from, config.init_ema, denoiser, log=D.print0)
-    for note in notes:
-        D.print0(f"note: {note}")
-    config.init_origin = origin
-    return TrainState(model=state_dict, emas=[state_dict], optimizer=None, epoch=-1, args=vars(config),
-                      start={"epoch": config.start_epoch, "step": 0})
 
 
 def use_compile(config, device) -> bool:
@@ -439,12 +371,12 @@ def setup(args) -> Run:
     check_args(args)
     device = D.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     config = resolve_config(args, D.get_world_size())
-    source = evaluation_weights(config, W.changed_flags(get_args_parser(), args)) if config.evaluate_gen else None
+    source = W.evaluation_source(config, W.changed_flags(get_args_parser(), args), log=D.print0) if config.evaluate_gen else None
     config.fid_stats = config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz")
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
     scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
     data = None if config.evaluate_gen or config.demo else build_data(config, device)  # reads only: before the lock
-    lock = take_lock(config)
+    lock = runlock.take(config.output_dir, "eval" if config.evaluate_gen else "train")
     try:
         return build_run(args, config, device, lock=lock, data=data, source=source, points=points, scores=scores)
     except BaseException:  # a bad checkpoint, an interrupt, ...: the next run finds the folder free
@@ -452,29 +384,12 @@ def setup(args) -> Run:
         raise
 
 
-def take_lock(config) -> str | None:
-    """Rank 0 creates the output folder and takes its lock (util.runlock: 'eval' for --evaluate_gen,
-    else 'train') and removes what a killed save left there; every rank raises the same BadInput when
-    another run holds it. Returns the lock file's path on rank 0 (None elsewhere)."""
-    path, error = None, None
-    if D.is_main_process():
-        os.makedirs(config.output_dir, exist_ok=True)
-        try:
-            path = runlock.acquire(config.output_dir, "eval" if config.evaluate_gen else "train", D.run_ids(), log=D.print0)
-        except BadInput as e:
-            error = str(e)
-        else:
-            remove_stale_temporaries(config.output_dir)
-    error = D.broadcast_object(error)
-    if error:
-        raise BadInput(error)
-    return path
-
-
 def build_run(args, config, device, *, lock: str | None, data: Data | None, source, points: list, scores) -> Run:
     """setup's second half, once the output folder is this run's (lock): log, demo data, model,
     EMAs, optimizer, the checkpoint (`source` for --evaluate_gen) or initial weights, evaluation of
     `points` with `scores` ((GenerationSpec, Scorer) or None)."""
+    if D.is_main_process():
+        remove_stale_temporaries(config.output_dir)
     log = RunLog(config.output_dir)
     for note in ignored_flags(args, D.get_world_size()):
         D.print0(f"note: {note}")
@@ -498,11 +413,13 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         D.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
     if state is not None:
         match_emas(config, state, path, denoiser, emas)
-        match_phema(config, state, path)
+        if not config.evaluate_gen:
+            phema.check_resume_stds(state, path, config.phema_stds)
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
-            checkpoints.initialise(initial_weights(config, denoiser), config.init_from)
+            state, config.init_origin = W.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
+            checkpoints.initialise(state, config.init_from)
         start = Start(config.start_epoch)
     if not config.evaluate_gen:
         checkpoints.check_free_space()

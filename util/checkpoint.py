@@ -399,3 +399,4 @@ class Checkpointer:
             D.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
                      f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
                      "checkpoints may fail to be written")
+

@@ -506,3 +506,40 @@ def fit_report(target: tuple[str, float], fit: Fit) -> list[str]:
         lines.append(f"warning: {name} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
                      "track a σ_rel nearer to it, or snapshot more often")
     return lines
+
+
+def check_resume_stds(state: checkpoint.TrainState, path: str, stds: list):
+    """Training continues the power EMAs `state` holds, and only those: a power EMA's profile starts
+    at step 0, so one cannot join a run midway, and one left out would end its snapshot series
+    unnoticed. Other `stds` (--phema_stds, sorted) are a checkpoint.CheckpointError (exit 2)."""
+    theirs = sorted(state.phema_stds)
+    if theirs == stds:
+        return
+    fix = f"resume with --phema_stds {stds_text(theirs)}" if theirs else "power EMAs start with a run, resume without --phema_stds"
+    raise checkpoint.CheckpointError(f"{path} tracks post-hoc EMAs of σ_rel {stds_text(theirs)}, this run --phema_stds {stds_text(stds)}: {fix}")
+
+
+def snapshot_state(folder: str, at: int | None) -> tuple[checkpoint.TrainState, int]:
+    """(the newest snapshot at or before step `at` of `folder` as a weights-only TrainState, the step
+    the EMAs are reconstructed at: `at`, default that snapshot's). Its run's args and tensors say
+    what network to build (--evaluate_gen --phema); the weights sampled are reconstruct_at's."""
+    snapshots = usable_snapshots(folder, at)
+    step = reconstruction_point(snapshots, at)[0]
+    newest, data = read_snapshot(snapshots[-1].path)
+    state = checkpoint.TrainState(model=data["state_dict"], emas=[data["state_dict"]], optimizer=None, epoch=newest.epoch,
+                                  args=data["args"], start={"epoch": newest.epoch + 1, "step": 0})
+    return state, step
+
+
+def reconstruct_at(folder: str, at: int, stds: list, log=print) -> dict:
+    """{σ_rel: state dict} of the power EMAs `stds` at step `at`, from the snapshots of `folder` at or
+    before it (reconstruct: float64 sums, one pass for all); the fits are reported through `log`."""
+    snapshots = usable_snapshots(folder, at)
+    at, end_images, batch = reconstruction_point(snapshots, at)
+    log(f"post-hoc EMA: reconstructing σ_rel {stds_text(stds)} at step {at} ({end_images} images) "
+        f"from {len(snapshots)} snapshots in {folder}")
+    targets = [("std", s) for s in stds]
+    fits, states = reconstruct(snapshots, targets, end_images, batch)
+    for target, fit in zip(targets, fits):
+        log("\n".join(fit_report(target, fit)))
+    return dict(zip(stds, states))

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 
+from util import distributed as D
 from util.errors import BadInput
 
 KINDS = ("train", "eval")
@@ -80,6 +81,23 @@ def acquire(output_dir: str, kind: str, ids: dict, log=print) -> str:
             json.dump(me, f)
         return path
     raise BadInput(f"--output_dir {output_dir}: another run took the {kind} lock at the same moment")
+
+
+def take(output_dir: str, kind: str) -> str | None:
+    """Collective: rank 0 creates output_dir and takes its `kind` lock (with the job's ids,
+    util.distributed.run_ids); every rank raises the same BadInput when another run holds it.
+    Returns the lock file's path on rank 0 (None elsewhere)."""
+    path, error = None, None
+    if D.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            path = acquire(output_dir, kind, D.run_ids(), log=D.print0)
+        except BadInput as e:
+            error = str(e)
+    error = D.broadcast_object(error)
+    if error:
+        raise BadInput(error)
+    return path
 
 
 def release(path: str | None):

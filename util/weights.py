@@ -15,7 +15,6 @@ the network's own names. Every error is one line: CheckpointError for files and 
 for settings.
 """
 import argparse
-import copy
 import inspect
 import json
 import math
@@ -28,7 +27,7 @@ import torch
 
 from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT, JiT_models, RMSNorm
-from util import checkpoint, files, sweep
+from util import checkpoint, files, phema, sweep
 from util.checkpoint import CheckpointError
 from util.errors import BadValue
 
@@ -802,3 +801,35 @@ def _init_source(path: str, ema: int, log) -> tuple[dict, dict, str]:
     origin = {"path": os.path.abspath(file), "weights": which, "epoch": state.epoch, "model": state.args.get("model"),
               "img_size": state.args.get("img_size"), "class_num": state.args.get("class_num")}
     return state_dict, origin, f"the {which} weights of {file} (epoch {state.epoch})"
+
+
+def evaluation_source(flags: argparse.Namespace, changed: set, log=print) -> tuple[checkpoint.TrainState, str]:
+    """--evaluate_gen: (weights, path) of what `flags.resume` names (a checkpoint or an exported
+    folder), or of the snapshots `flags.phema` names (then flags.phema_at is set to the step they are
+    reconstructed at). The flags the user left at their defaults (not in `changed`) take the values
+    the weights were trained with (apply_config); an exported folder also brings its recommended
+    sampler, a checkpoint samples with the command line's. BadValue for a contradicting flag."""
+    if is_exported(flags.resume):
+        exported, state_dict = load_exported(flags.resume)
+        if max(sweep.as_list(flags.ema)) > 1:
+            raise BadValue(f"--ema {max(sweep.as_list(flags.ema))}: the exported folder {flags.resume} holds one network (--ema 1)")
+        state, path = as_train_state(exported, state_dict), flags.resume
+    else:
+        if flags.phema:
+            (state, flags.phema_at), path = phema.snapshot_state(flags.phema, flags.phema_at), os.path.abspath(flags.phema)
+        else:
+            state, path = load_checkpoint(flags.resume, log=log)
+        exported = command_line_sampler(export_config(state, "model", dtype="float32", source=path, records=[]), flags)
+    for note in apply_config(flags, exported, changed, where=path):
+        log(f"note: {note}")
+    return state, path
+
+
+def initial_state(path: str, ema: int, target, log=print) -> tuple[checkpoint.TrainState, dict]:
+    """--init_from PATH --init_ema K: (the weights that start a new run as a weights-only TrainState
+    for Checkpointer.initialise, origin: where they came from, for the run's args). See init_from."""
+    state_dict, notes, origin = init_from(path, ema, target, log=log)
+    for note in notes:
+        log(f"note: {note}")
+    return checkpoint.TrainState(model=state_dict, emas=[state_dict], optimizer=None, epoch=-1, args={},
+                                 start={"epoch": 0, "step": 0}), origin
