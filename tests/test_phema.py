@@ -314,3 +314,47 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     code, out, err = run_cli([a.format(**paths) for a in argv], capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def folder_bytes(folder) -> dict:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".pth")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float32_sums_of_several_targets_equal_float64_and_leave_the_snapshots_alone(tmp_path, dtype):
+    """Seam bug 1: with --accum float32 and several targets, each output is its own weighted sum (the
+    snapshot's tensor is never scaled in place), equal to the float64 sums to float32 rounding; the
+    frozen entries (float32 also in float16 snapshots) too."""
+    snap_dir = str(tmp_path / "phema")
+    write_toy_snapshots(snap_dir, dtype=dtype)
+    before = folder_bytes(snap_dir)
+    snaps = phema.list_snapshots(snap_dir)
+    targets = [("std", 0.05), ("std", 0.1), ("std", 0.15)]
+    fits, wide = phema.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float64)
+    _, narrow = phema.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float32)
+    gain = max(f.gain for f in fits)
+    for a, b in zip(narrow, wide):
+        for name, value in b.items():
+            scale = float(value.abs().max()) or 1.0
+            torch.testing.assert_close(a[name], value, rtol=0, atol=4 * gain * len(snaps) * scale * 2 ** -24)
+    assert not torch.equal(narrow[0]["net.final_layer.linear.weight"], narrow[2]["net.final_layer.linear.weight"])
+    assert all(narrow[0][k].data_ptr() != narrow[1][k].data_ptr() for k in narrow[0])
+    pos = phema.read_snapshot(snaps[0].path)[1]["state_dict"]["net.pos_embed"]  # frozen: the weights sum to 1
+    assert all(torch.allclose(out["net.pos_embed"], pos.float(), rtol=0, atol=1e-6) for out in narrow)
+    assert folder_bytes(snap_dir) == before
+
+
+def test_a_snapshot_folder_that_cannot_be_made_is_a_write_error(tmp_path):
+    """Seam bug 5: the folder's creation is inside the write-error handling (a WriteError, which
+    SnapshotWriter reports and counts; other ranks are not left waiting at the barrier)."""
+    from util import files
+
+    blocked = tmp_path / "phema"
+    blocked.write_text("a file where the folder should be")
+    model = tiny_denoiser()
+    with pytest.raises(files.WriteError, match="could not write"):
+        phema.write_snapshot(str(blocked), model.state_dict(), sigma_rel=0.05, step=1, images_seen=8, epoch=0, args={})
+    writer = phema.SnapshotWriter(str(blocked), [phema.PowerEMA(model, 0.05)], every=1, start=1, total=2, steps_per_epoch=2,
+                                  dtype="float32", args={})
+    writer(1, 8)
+    assert writer.failed == 1

@@ -209,7 +209,10 @@ def write_snapshot(folder: str, state_dict: dict, *, sigma_rel: float, step: int
     `sigma_rel`, `gamma`, `step` (global optimiser steps done), `images_seen`, `epoch` (last finished
     epoch), `dtype`, `args` (the run's flags, so that the model can be rebuilt from it alone).
     util.files.WriteError on a failed write (a full disk), as checkpoints."""
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a file in its place, no permission: one line, as a failed write
+        raise files.write_error(folder, e) from e
     payload = {"state_dict": cast_state(state_dict, dtype, keep), "sigma_rel": float(sigma_rel),
                "gamma": gamma_from_sigma_rel(sigma_rel), "step": int(step), "images_seen": int(images_seen),
                "epoch": int(epoch), "dtype": dtype, "args": dict(args)}
@@ -446,8 +449,8 @@ def combine(snapshots: list[Snapshot], weights: np.ndarray, accum: torch.dtype =
                     out[name] = value.clone()
                 elif name in out:
                     out[name].add_(value.to(accum), alpha=float(w))
-                else:
-                    out[name] = value.to(accum).mul_(float(w))
+                else:  # a new tensor: .to() returns the snapshot's own when the dtype already matches
+                    out[name] = torch.mul(value.to(accum), float(w))
     return [{n: v.to(torch.float32) if v.is_floating_point() else v for n, v in out.items()} for out in sums]
 
 
