@@ -76,6 +76,8 @@ def source_weights(args) -> tuple[dict, dict, str]:
 def export(args) -> list[str]:
     check_output(args.output, args.overwrite)
     config, state_dict, what = source_weights(args)
+    if args.format == "diffusers" and (why := W.diffusers_refusal(config["network"])):
+        raise BadValue(why)  # before the output folder is touched
     config = {**config, "weights": {**config.get("weights", {}), "dtype": args.dtype}}
     prepare_output(args.output)
     paths = W.write_export(args.output, config, W.cast(state_dict, args.dtype), args.format)

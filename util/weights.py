@@ -142,6 +142,15 @@ def _lookup(name: str, rows) -> tuple:
     raise CheckpointError(f"unknown tensor {name}: it is not in the diffusers name table of util/weights.py")
 
 
+def diffusers_refusal(network: dict) -> str | None:
+    """Why diffusers' JiTTransformer2DModel cannot hold a network of these JiT keywords (None: it can).
+    The port has only the bottleneck patch embedding (proj1, proj2), no plain one (bottleneck_dim 0)."""
+    if network.get("bottleneck_dim") == 0:
+        return ("--format diffusers: this model has no patch-embedding bottleneck (--bottleneck_dim 0), and diffusers' "
+                f"{DIFFUSERS_CLASS} has only the bottleneck one: export it with --format jit")
+    return None
+
+
 def strip_net(state_dict: dict) -> dict:
     """A Denoiser state dict ("net.*") -> the network's names."""
     bad = next((k for k in state_dict if not k.startswith("net.")), None)
@@ -505,6 +514,8 @@ def write_export(folder: str, config: dict, state_dict: dict, fmt: str = FORMAT)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     config = {**config, "format": fmt}
+    if fmt == "diffusers" and (why := diffusers_refusal(config["network"])):
+        raise BadValue(why)
     if fmt == "diffusers":
         tensors, config_json = to_diffusers(state_dict), diffusers_config(config)
     else:
