@@ -31,7 +31,7 @@ def get_args_parser():
     a("--resume", required=True, type=str, help="checkpoint file, a folder holding checkpoint-*.pth, or an exported folder (export.py)")
     a("--ema", default=1, type=int, choices=(1, 2, 3), help="which EMA's weights sample (3: a checkpoint trained with --ema_decay3)")
     a("--weights", default=None, choices=["ema1", "ema2", "ema3", "model"], help="which weights to sample with (overrides --ema)")
-    a("--classes", default=[207, 360, 387, 974, 88, 979, 417, 279], type=int, nargs="+", help="one grid row per class")
+    a("--classes", default=None, type=int, nargs="+", help="one grid row per class (default: default_classes of the weights' class count)")
     a("--per_class", default=8, type=int, help="images per row")
     add_sampler_args(parser)
     a("--seed", default=0, type=int, help="image (r, j) starts from the noise of (seed, r·per_class + j)")
@@ -43,6 +43,17 @@ def get_args_parser():
     a("--noise_scale", default=None, type=float, help="default: the weights'")
     a("--t_eps", default=None, type=float, help="default: the weights'")
     return parser
+
+
+IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the grid of the reference's ImageNet figures
+
+
+def default_classes(num_classes: int) -> list[int]:
+    """The rows when --classes is not given: the reference's ImageNet classes when the weights have
+    them all, else the first (up to 8) of the weights' own classes."""
+    if num_classes > max(IMAGENET_CLASSES):
+        return list(IMAGENET_CLASSES)
+    return list(range(min(len(IMAGENET_CLASSES), num_classes)))
 
 
 def load(args) -> W.Loaded:
@@ -68,17 +79,18 @@ def main(args) -> int:
     model, size = loaded.denoiser.to(device), loaded.denoiser.net.input_size
     for note in loaded.notes:
         print(f"note: {note}")
-    bad = [c for c in args.classes if not 0 <= c < model.num_classes]
+    classes = default_classes(model.num_classes) if args.classes is None else args.classes
+    bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
         raise BadValue(f"--classes {bad} outside [0, {model.num_classes})")
-    n = len(args.classes) * args.per_class
-    labels = torch.tensor(args.classes).repeat_interleave(args.per_class).to(device)  # (n,) row-major
+    n = len(classes) * args.per_class
+    labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)  # (n,) row-major
     noise = initial_noise(args.seed, range(n), (3, size, size), model.noise_scale).to(device)
     with distributed.autocast(device):
         x = model.generate(labels, loaded.sampler, noise=noise)
     save_grid(quantize(x), args.per_class, args.output)
     w = loaded.config.get("weights", {})
-    print(f"wrote {len(args.classes)}×{args.per_class} grid from {args.resume} ({w.get('which')}, epoch {w.get('epoch')}) "
+    print(f"wrote {len(classes)}×{args.per_class} grid from {args.resume} ({w.get('which')}, epoch {w.get('epoch')}) "
           f"to {args.output}")
     return 0
 

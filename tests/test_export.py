@@ -484,3 +484,18 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
         assert (loaded.denoiser.pred, loaded.denoiser.loss) == (model.pred, model.loss)
         assert all(loaded.config["network"][k] == v for k, v in arch.items())
         assert torch.equal(outputs(loaded.denoiser), outputs(model))
+
+
+def test_sample_without_classes_draws_the_weights_own_classes(exported, tmp_path, capsys):
+    """Seam bug 3: sample.py of weights with fewer than 1000 classes and no --classes draws a row of
+    each of their classes (the reference's ImageNet rows only where the weights have them)."""
+    import sample
+    from PIL import Image
+
+    grid = tmp_path / "grid.png"
+    argv = ["--resume", exported, "--per_class", "2", "--num_sampling_steps", "1", "--device", "cpu", "--output", str(grid)]
+    assert sample.main(sample.get_args_parser().parse_args(argv)) == 0
+    assert "wrote 3×2 grid" in capsys.readouterr().out
+    assert Image.open(grid).size[1] > Image.open(grid).size[0]  # 3 rows of 2 images
+    assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert sample.default_classes(100) == list(range(8))
