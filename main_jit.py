@@ -25,6 +25,7 @@ from util import distributed as D
 from util import phema, runlock, sharding, sweep
 from util import weights as W
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
+from util.config import RunConfig, parse
 from util.data import Data, ResumableSampler, make_loader, open_dataset
 from util.demo import make_shapes_dataset, write_demo_outputs
 from util.errors import BadValue, exit_code
@@ -133,13 +134,11 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.demo:  # demo values replace the defaults, not what was given on the command line
-        parser.set_defaults(**DEMO_DEFAULTS)
-        args = parser.parse_args(argv)
-    return args
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (a frozen util.config.RunConfig; `given`: the flags typed). --demo's values
+    replace the defaults, not what was typed."""
+    config = parse(get_args_parser(), argv)
+    return parse(get_args_parser(), argv, DEMO_DEFAULTS) if config.demo else config
 
 
 def check_args(args):
@@ -184,8 +183,9 @@ def check_phema_args(args):
         raise BadValue(f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)")
 
 
-def resolve_config(args, world_size: int) -> argparse.Namespace:
-    """The run's settings: the flags plus the values derived from them (`args` is left as given).
+def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
+    """The run's settings: the flags plus the values derived from them, a new config (`args` is the
+    flags as given).
 
     lr: blr × global batch / 256 unless --lr is given; data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
     apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
@@ -193,18 +193,18 @@ def resolve_config(args, world_size: int) -> argparse.Namespace:
     power EMAs training keeps, ascending (none for --evaluate_gen). The default
     --fid_stats is set by `setup`, once --evaluate_gen has taken --img_size from the weights.
     """
-    config = argparse.Namespace(**vars(args))
+    derived = {}
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
-        values = sweep.as_list(getattr(config, name))
-        setattr(config, name, values[0] if len(values) == 1 else values)
-    if config.lr is None:
-        config.lr = config.blr * config.batch_size * config.accum_iter * world_size / 256
-    if config.demo:
-        config.data_path = os.path.join(config.output_dir, "demo_data")
-    config.fsdp = args.fsdp and world_size > 1 and not args.evaluate_gen
-    config.grad_checkpoint = args.grad_checkpoint and not args.evaluate_gen
-    config.phema_stds = [] if args.evaluate_gen else sorted(args.phema_stds or [])  # ascending, as checkpoints keep them
-    return config
+        values = sweep.as_list(getattr(args, name))
+        derived[name] = values[0] if len(values) == 1 else values
+    if args.lr is None:
+        derived["lr"] = args.blr * args.batch_size * args.accum_iter * world_size / 256
+    if args.demo:
+        derived["data_path"] = os.path.join(args.output_dir, "demo_data")
+    derived["fsdp"] = args.fsdp and world_size > 1 and not args.evaluate_gen
+    derived["grad_checkpoint"] = args.grad_checkpoint and not args.evaluate_gen
+    derived["phema_stds"] = [] if args.evaluate_gen else sorted(args.phema_stds or [])  # ascending, as checkpoints keep them
+    return args.replace(**derived)
 
 
 def ignored_flags(args, world_size: int) -> list[str]:
@@ -315,7 +315,7 @@ def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) ->
     writer = phema.SnapshotWriter(
         os.path.join(config.output_dir, "phema"), phemas, every=config.phema_every or every,
         start=first if config.phema_from is None else config.phema_from, total=total, steps_per_epoch=data.steps_per_epoch,
-        dtype=config.phema_dtype, args=vars(config), keep=frozenset(phema.frozen_names(denoiser)))
+        dtype=config.phema_dtype, args=config.as_dict(), keep=frozenset(phema.frozen_names(denoiser)))
     if D.is_main_process() and os.path.isdir(writer.folder):
         remove_stale_temporaries(writer.folder, ".phema-")
     D.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
@@ -371,8 +371,11 @@ def setup(args) -> Run:
     check_args(args)
     device = D.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     config = resolve_config(args, D.get_world_size())
-    source = W.evaluation_source(config, W.changed_flags(get_args_parser(), args), log=D.print0) if config.evaluate_gen else None
-    config.fid_stats = config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz")
+    source = None
+    if config.evaluate_gen:  # the weights' settings, where the user typed no flag: a new config
+        weights, path, config = W.evaluation_source(config, log=D.print0)
+        source = (weights, path)
+    config = config.replace(fid_stats=config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz"))
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
     scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
     data = None if config.evaluate_gen or config.demo else build_data(config, device)  # reads only: before the lock
@@ -406,7 +409,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     denoiser, emas, phemas, optimizer = build_model(config, device)
     torch.manual_seed(config.seed + D.get_rank())
     np.random.seed(config.seed + D.get_rank())
-    checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, vars(config),
+    checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, None,
                                phemas)
     state, path = source or checkpoints.load(config.resume)
     if state is not None and config.init_from:
@@ -415,12 +418,18 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         match_emas(config, state, path, denoiser, emas)
         if not config.evaluate_gen:
             phema.check_resume_stds(state, path, config.phema_stds)
+            check_resume_objective(state, path, config)
+            config = config.replace(**{k: state.args[k] for k in ("init_origin", "run_id") if k in state.args})
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
-            state, config.init_origin = W.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
+            state, origin = W.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
+            config = config.replace(init_origin=origin)
             checkpoints.initialise(state, config.init_from)
+        if not config.evaluate_gen:
+            config = config.replace(run_id=phema.run_identity(config.as_dict()))
         start = Start(config.start_epoch)
+    checkpoints.args = config.as_dict()  # the run's settings, final: stored in every checkpoint
     if not config.evaluate_gen:
         checkpoints.check_free_space()
     stopper = StopSignal()
@@ -433,6 +442,17 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
     snapshots = snapshot_writer(config, data, denoiser, phemas, start) if phemas else None
     return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data, lock, snapshots)
+
+
+def check_resume_objective(state, path: str, config):
+    """Training continues the objective the checkpoint was trained with: another --pred or --loss
+    keeps every shape but changes what the weights mean (CheckpointError: exit 2). A reference
+    checkpoint without them was trained with x-prediction and the v-loss."""
+    for flag, default in (("pred", "x"), ("loss", "v")):
+        theirs = state.args.get(flag) or default
+        if theirs != getattr(config, flag):
+            raise CheckpointError(f"{path} was trained with --{flag} {theirs}, this run --{flag} {getattr(config, flag)}: "
+                                  f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)")
 
 
 def train(run: Run) -> int:

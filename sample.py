@@ -19,6 +19,7 @@ import torch
 from model_jit import JiT_models
 from util import distributed
 from util import weights as W
+from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 from util.evaluation import initial_noise, quantize
 from util.sweep import add_sampler_args, sampler_settings
@@ -56,11 +57,15 @@ def default_classes(num_classes: int) -> list[int]:
     return list(range(min(len(IMAGENET_CLASSES), num_classes)))
 
 
-def load(args) -> W.Loaded:
-    """The denoiser --resume names with its weights, and the sampler: the flags given (not None, or
-    changed from their defaults) override what the weights bring (util.weights.load_denoiser)."""
-    changed = W.changed_flags(get_args_parser(), args)
-    overrides = {k: getattr(args, k) for k in changed if getattr(args, k) is not None}
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
+    return parse(get_args_parser(), argv)
+
+
+def load(args: RunConfig) -> W.Loaded:
+    """The denoiser --resume names with its weights, and the sampler: the flags typed (args.given,
+    also a default typed out) override what the weights bring (util.weights.load_denoiser)."""
+    overrides = {k: getattr(args, k) for k in args.given}
     if W.is_exported(args.resume):
         if args.weights or args.ema != 1:
             raise BadValue(f"{args.resume} is an exported folder holding one network: --ema / --weights do not apply")
@@ -71,8 +76,8 @@ def load(args) -> W.Loaded:
     return W.load_denoiser((exported, state.weights(which)), overrides, where=f"{path} ({which})")
 
 
-def main(args) -> int:
-    """Exit status as util.errors: 2 for bad input (one line), 1 for a grid that could not be written."""
+def main(args: RunConfig) -> int:
+    """Sample the grid; BadInput for bad input (see cli)."""
     sampler_settings(args)  # BadValue before any work
     device = distributed.init(args.device)
     loaded = load(args)
@@ -95,5 +100,10 @@ def main(args) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line), 1 for a grid that could not be written."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main, get_args_parser().parse_args()))
+    sys.exit(cli())

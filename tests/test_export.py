@@ -16,6 +16,7 @@ from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files
+from util.config import parse
 from util import weights as W
 from util.pos_embed import sincos_2d_pos_embed
 from helpers import save_reference_checkpoint, tiny_denoiser
@@ -296,12 +297,13 @@ def test_config_flags_override_or_disagree(exported):
     parser.add_argument("--img_size", default=256, type=int)
     parser.add_argument("--noise_scale", default=1.0, type=float)
     parser.add_argument("--num_sampling_steps", default=50, type=int)
-    argv = ["--resume", exported, "--cfg", "1.0", "4.0", "--num_sampling_steps", "50"]
-    args = parser.parse_args(argv)
-    assert W.changed_flags(parser, args) == {"resume", "cfg"}  # --num_sampling_steps 50 is the default: config.json's is taken
-    notes = W.apply_config(args, config, W.changed_flags(parser, args))
-    assert (args.img_size, args.cfg, args.num_sampling_steps) == (16, [1.0, 4.0], config["sampler"]["steps"])
-    assert notes_with(notes, "--cfg [1.0, 4.0] overrides 2.0")
+    flags = parse(parser, ["--resume", exported, "--cfg", "1.0"])  # the parser's default, typed out
+    assert flags.given == {"resume", "cfg"}  # seam bug 7: a default typed out is typed, and beats config.json's 2.0
+    adopted, notes = W.adopt_settings(flags, config)
+    assert adopted == {"img_size": 16, "noise_scale": 1.0, "num_sampling_steps": 50}  # the rest comes from config.json
+    new = flags.replace(**adopted)
+    assert (new.img_size, new.cfg, flags.img_size) == (16, [1.0], 256)
+    assert notes_with(notes, "--cfg 1.0 overrides 2.0")
     state = W.as_train_state(config, sd)
     assert state.weights("ema1") is sd and state.epoch == 7 and state.start == {"epoch": 8, "step": 0}
 
@@ -409,7 +411,7 @@ def test_evaluate_gen_and_sample_read_an_exported_folder(run, exported, tmp_path
         path = tmp_path / f"grid{len(grids)}.png"
         argv = ["--resume", source, "--classes", 0, 2, "--per_class", 2, "--output", path, "--device", "cpu",
                 *(["--num_sampling_steps", 50, "--cfg", 2.0, "--interval_min", 0.1] if source == run[0] else [])]
-        assert sample.main(sample.get_args_parser().parse_args([str(x) for x in argv])) == 0
+        assert sample.main(sample.parse_args([str(x) for x in argv])) == 0
         grids.append(path.read_bytes())
     assert grids[0] == grids[1]  # the exported folder's recommended sampler is the sweep's best: CFG 2.0 from 0.1
     with pytest.raises(ValueError, match="--model JiT-T/4 disagrees with"):  # util.errors.BadValue: exit status 2
@@ -494,7 +496,7 @@ def test_sample_without_classes_draws_the_weights_own_classes(exported, tmp_path
 
     grid = tmp_path / "grid.png"
     argv = ["--resume", exported, "--per_class", "2", "--num_sampling_steps", "1", "--device", "cpu", "--output", str(grid)]
-    assert sample.main(sample.get_args_parser().parse_args(argv)) == 0
+    assert sample.main(sample.parse_args(argv)) == 0
     assert "wrote 3×2 grid" in capsys.readouterr().out
     assert Image.open(grid).size[1] > Image.open(grid).size[0]  # 3 rows of 2 images
     assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]

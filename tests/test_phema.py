@@ -273,7 +273,7 @@ def test_cli_writes_checkpoints_that_sample_py_reads(tmp_path, capsys):
     record = torch.load(os.path.join(out_dir, names[2]), weights_only=True)["phema"]
     assert record["sigma_rel"] == 0.15 and record["accum"] == "float64" and len(record["weights"]) == 12
     grid = str(tmp_path / "grid.png")
-    sample.main(sample.get_args_parser().parse_args(["--resume", os.path.join(out_dir, names[1]), "--classes", "0", "1",
+    sample.main(sample.parse_args(["--resume", os.path.join(out_dir, names[1]), "--classes", "0", "1",
                                                      "--per_class", "1", "--num_sampling_steps", "2", "--device", "cpu",
                                                      "--output", grid]))
     assert os.path.getsize(grid) > 0

@@ -19,6 +19,8 @@ reconstruct_ema.py and main_jit.py --evaluate_gen --phema read them back (usable
 """
 import copy
 import glob
+import hashlib
+import json
 import math
 import os
 import re
@@ -134,6 +136,7 @@ class Snapshot:
     gamma: float
     dtype: str
     epoch: int
+    run: str | None = None  # the identity of the run that wrote it (run_identity; None: written before runs had one)
 
 
 class SnapshotError(BadValue):
@@ -207,7 +210,8 @@ def write_snapshot(folder: str, state_dict: dict, *, sigma_rel: float, step: int
     """Write one snapshot of a power EMA's full (unsharded) state dict to `folder` atomically; return
     its path. The file is a plain dict: `state_dict` (floating tensors in `dtype`, except `keep`),
     `sigma_rel`, `gamma`, `step` (global optimiser steps done), `images_seen`, `epoch` (last finished
-    epoch), `dtype`, `args` (the run's flags, so that the model can be rebuilt from it alone).
+    epoch), `dtype`, `args` (the run's flags, so that the model can be rebuilt from it alone), `run`
+    (args["run_id"], the run's identity: a reconstruction uses the snapshots of one run).
     util.files.WriteError on a failed write (a full disk), as checkpoints."""
     try:
         os.makedirs(folder, exist_ok=True)
@@ -215,7 +219,7 @@ def write_snapshot(folder: str, state_dict: dict, *, sigma_rel: float, step: int
         raise files.write_error(folder, e) from e
     payload = {"state_dict": cast_state(state_dict, dtype, keep), "sigma_rel": float(sigma_rel),
                "gamma": gamma_from_sigma_rel(sigma_rel), "step": int(step), "images_seen": int(images_seen),
-               "epoch": int(epoch), "dtype": dtype, "args": dict(args)}
+               "epoch": int(epoch), "dtype": dtype, "args": dict(args), "run": args.get("run_id")}
     path = snapshot_path(folder, step, sigma_rel)
     checkpoint.save_atomic(payload, path)
     return path
@@ -233,7 +237,7 @@ def read_snapshot(path: str) -> tuple[Snapshot, dict]:
     data = _load(path)
     try:
         info = Snapshot(path=path, step=data["step"], images_seen=data["images_seen"], sigma_rel=data["sigma_rel"],
-                        gamma=data["gamma"], dtype=data["dtype"], epoch=data["epoch"])
+                        gamma=data["gamma"], dtype=data["dtype"], epoch=data["epoch"], run=data.get("run"))
     except (KeyError, TypeError) as e:
         raise SnapshotError(f"{path} is not a post-hoc EMA snapshot (no {e})") from None
     return info, data
@@ -245,9 +249,31 @@ def list_snapshots(folder: str) -> list[Snapshot]:
     return sorted((read_snapshot(p)[0] for p in paths), key=lambda s: (s.step, s.sigma_rel))
 
 
-def usable_snapshots(folder: str, at: int | None = None) -> list[Snapshot]:
-    """The snapshots in `folder` at or before global step `at` (default: all), sorted as
-    list_snapshots; MissingFile or BadValue (one line) when there are none."""
+def run_identity(args: dict) -> str:
+    """A run's identity, made when it starts (a resumed run keeps its checkpoint's): a digest of its
+    settings, so that the same command in the same folder is the same run (its snapshots byte for
+    byte), while a run of other settings left in the folder is another."""
+    text = json.dumps({k: v for k, v in args.items() if k != "run_id"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def one_run(found: list[Snapshot], folder: str, log=print) -> list[Snapshot]:
+    """The snapshots of the run that wrote the newest file of `found` (by modification time, then
+    step); those of other runs (an earlier or abandoned run in the same folder) are left out and
+    named through `log`."""
+    newest = max(found, key=lambda s: (os.path.getmtime(s.path), s.step))
+    kept = [s for s in found if s.run == newest.run]
+    skipped = [s for s in found if s.run != newest.run]
+    if skipped:
+        names = ", ".join(os.path.basename(s.path) for s in skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
+        log(f"note: {folder}: {len(skipped)} snapshot(s) of another run skipped ({names}); "
+            f"using the {len(kept)} of run {newest.run or '(unnamed)'}, which wrote the newest")
+    return kept
+
+
+def usable_snapshots(folder: str, at: int | None = None, log=print) -> list[Snapshot]:
+    """The snapshots of one run in `folder` (one_run) at or before global step `at` (default: all),
+    sorted as list_snapshots; MissingFile or BadValue (one line) when there are none."""
     if not os.path.isdir(folder):
         raise MissingFile(f"{folder}: no such folder of snapshots")
     try:
@@ -256,6 +282,7 @@ def usable_snapshots(folder: str, at: int | None = None) -> list[Snapshot]:
         raise BadValue(str(e)) from None
     if not found:
         raise BadValue(f"{folder}: no phema-*.pth snapshots (train with --phema_stds)")
+    found = one_run(found, folder, log)
     used = [s for s in found if at is None or s.step <= at]
     if not used:
         raise BadValue(f"{folder}: no snapshot at or before step {at} (the first is at step {found[0].step})")
@@ -522,11 +549,11 @@ def check_resume_stds(state: checkpoint.TrainState, path: str, stds: list):
     raise checkpoint.CheckpointError(f"{path} tracks post-hoc EMAs of σ_rel {stds_text(theirs)}, this run --phema_stds {stds_text(stds)}: {fix}")
 
 
-def snapshot_state(folder: str, at: int | None) -> tuple[checkpoint.TrainState, int]:
+def snapshot_state(folder: str, at: int | None, log=print) -> tuple[checkpoint.TrainState, int]:
     """(the newest snapshot at or before step `at` of `folder` as a weights-only TrainState, the step
     the EMAs are reconstructed at: `at`, default that snapshot's). Its run's args and tensors say
     what network to build (--evaluate_gen --phema); the weights sampled are reconstruct_at's."""
-    snapshots = usable_snapshots(folder, at)
+    snapshots = usable_snapshots(folder, at, log)
     step = reconstruction_point(snapshots, at)[0]
     newest, data = read_snapshot(snapshots[-1].path)
     state = checkpoint.TrainState(model=data["state_dict"], emas=[data["state_dict"]], optimizer=None, epoch=newest.epoch,
@@ -537,7 +564,7 @@ def snapshot_state(folder: str, at: int | None) -> tuple[checkpoint.TrainState, 
 def reconstruct_at(folder: str, at: int, stds: list, log=print) -> dict:
     """{σ_rel: state dict} of the power EMAs `stds` at step `at`, from the snapshots of `folder` at or
     before it (reconstruct: float64 sums, one pass for all); the fits are reported through `log`."""
-    snapshots = usable_snapshots(folder, at)
+    snapshots = usable_snapshots(folder, at, log=lambda note: None)  # named once, by snapshot_state
     at, end_images, batch = reconstruction_point(snapshots, at)
     log(f"post-hoc EMA: reconstructing σ_rel {stds_text(stds)} at step {at} ({end_images} images) "
         f"from {len(snapshots)} snapshots in {folder}")

@@ -14,7 +14,6 @@ Inside this repository weights are always the Denoiser's state dict (keys "net.*
 the network's own names. Every error is one line: CheckpointError for files and weights, ValueError
 for settings.
 """
-import argparse
 import inspect
 import json
 import math
@@ -695,28 +694,24 @@ def command_line_sampler(config: dict, flags) -> dict:
     return {**config, "sampler": sampler}
 
 
-def changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
-    """The flags of `args` whose values differ from the parser's defaults: what the user chose. A flag
-    left at (or set to) its default takes the weights' value (apply_config)."""
-    return {k for k, v in vars(args).items() if v != parser.get_default(k)}
-
-
-def apply_config(args: argparse.Namespace, config: dict, given: set, where: str = CONFIG) -> list[str]:
-    """Set the flags of `args` that the user did not give (`given`, see given_flags) from config.json;
-    given ones override it (merge_flags). A FIXED_FLAGS value the script has no flag for must
-    equal what the script builds (the preset's knob, x-prediction), else ValueError. Returns the notes."""
-    values, notes = merge_flags(config, {k: getattr(args, k) for k in given if hasattr(args, k)}, where)
+def adopt_settings(flags, config: dict, where: str = CONFIG) -> tuple[dict, list[str]]:
+    """The values config.json gives the flags the user did not type (`flags.given`); typed ones
+    override it, or contradict it (BadValue, see merge_flags). A FIXED_FLAGS value the script has no
+    flag for must equal what the script builds (the preset's knob, x-prediction), else BadValue.
+    Returns ({flag: value} to adopt, notes for the log): `flags.replace(**values)` is the new config."""
+    values, notes = merge_flags(config, {k: getattr(flags, k) for k in flags.given if k in flags}, where)
     if values["model"] not in JiT_models:
         raise BadValue(f"{where}: its network ({describe_network(config['network'])}) matches no preset of model_jit.JiT_models")
+    adopted = {}
     for flag, value in values.items():
-        if hasattr(args, flag):
-            if flag not in given:
-                setattr(args, flag, value)
+        if flag in flags:
+            if flag not in flags.given:
+                adopted[flag] = value
         elif flag in ("bottleneck_dim", "in_context_len", "in_context_start", "pred"):
             built = DENOISER_DEFAULTS[flag] if flag == "pred" else JiT_models[values["model"]].keywords[flag]
             if value != built:
                 raise BadValue(f"{where} has {flag} {value}, but this script has no --{flag} flag and would build {built}")
-    return notes
+    return adopted, notes
 
 
 def as_train_state(config: dict, state_dict: dict) -> checkpoint.TrainState:
@@ -814,12 +809,14 @@ def _init_source(path: str, ema: int, log) -> tuple[dict, dict, str]:
     return state_dict, origin, f"the {which} weights of {file} (epoch {state.epoch})"
 
 
-def evaluation_source(flags: argparse.Namespace, changed: set, log=print) -> tuple[checkpoint.TrainState, str]:
-    """--evaluate_gen: (weights, path) of what `flags.resume` names (a checkpoint or an exported
-    folder), or of the snapshots `flags.phema` names (then flags.phema_at is set to the step they are
-    reconstructed at). The flags the user left at their defaults (not in `changed`) take the values
-    the weights were trained with (apply_config); an exported folder also brings its recommended
-    sampler, a checkpoint samples with the command line's. BadValue for a contradicting flag."""
+def evaluation_source(flags, log=print) -> tuple[checkpoint.TrainState, str, object]:
+    """--evaluate_gen: (weights, path, config) of what `flags.resume` names (a checkpoint or an exported
+    folder), or of the snapshots `flags.phema` names (then config.phema_at is the step they are
+    reconstructed at). `flags` is a util.config.RunConfig; the returned config is it with the values
+    the weights were trained with for the flags the user did not type (adopt_settings); an exported
+    folder also brings its recommended sampler, a checkpoint samples with the command line's.
+    BadValue for a contradicting flag."""
+    changes = {}
     if is_exported(flags.resume):
         exported, state_dict = load_exported(flags.resume)
         if max(sweep.as_list(flags.ema)) > 1:
@@ -827,13 +824,14 @@ def evaluation_source(flags: argparse.Namespace, changed: set, log=print) -> tup
         state, path = as_train_state(exported, state_dict), flags.resume
     else:
         if flags.phema:
-            (state, flags.phema_at), path = phema.snapshot_state(flags.phema, flags.phema_at), os.path.abspath(flags.phema)
+            (state, changes["phema_at"]), path = phema.snapshot_state(flags.phema, flags.phema_at, log), os.path.abspath(flags.phema)
         else:
             state, path = load_checkpoint(flags.resume, log=log)
         exported = command_line_sampler(export_config(state, "model", dtype="float32", source=path, records=[]), flags)
-    for note in apply_config(flags, exported, changed, where=path):
+    adopted, notes = adopt_settings(flags, exported, where=path)
+    for note in notes:
         log(f"note: {note}")
-    return state, path
+    return state, path, flags.replace(**adopted, **changes)
 
 
 def initial_state(path: str, ema: int, target, log=print) -> tuple[checkpoint.TrainState, dict]:
