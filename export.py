@@ -1,6 +1,6 @@
 """Export one network of a checkpoint (ours or the reference's) as a folder to share: its weights in
 safetensors (no optimizer, no pickle), config.json (everything needed to rebuild and sample it) and
-a README.md model card. The formats are described in util/weights.py.
+a README.md model card. The formats are described in weights.py.
 
     python export.py output_dir/checkpoint-last.pth exported/jit-b16                  # EMA 1, float32
     python export.py output_dir exported/jit-b16-bf16 --ema 2 --dtype bfloat16        # a run folder: its newest checkpoint
@@ -16,7 +16,7 @@ import os
 import sys
 
 from util import files, sweep
-from util import weights as W
+import weights
 from util.errors import BadValue, exit_code
 
 
@@ -26,8 +26,8 @@ def get_args_parser():
     a("source", help="checkpoint file, run folder (its newest readable checkpoint-*.pth) or exported folder")
     a("output", help="folder to write (new or empty; --overwrite replaces an export there)")
     a("--ema", default=1, type=int, choices=(0, 1, 2, 3), help="which weights: EMA 1, 2, 3 (--ema_decay3 runs), 0 the raw model")
-    a("--dtype", default="float32", choices=list(W.DTYPES), help="dtype of the weights written")
-    a("--format", default=W.FORMAT, choices=W.FORMATS, help="jit: model.safetensors, names as model_jit.JiT; "
+    a("--dtype", default="float32", choices=list(weights.DTYPES), help="dtype of the weights written")
+    a("--format", default=weights.FORMAT, choices=weights.FORMATS, help="jit: model.safetensors, names as model_jit.JiT; "
                                                              "diffusers: the layout of diffusers' JiTTransformer2DModel")
     a("--metrics", default=None, help="the run's metrics.jsonl (default: the one beside the checkpoint)")
     a("--overwrite", action="store_true", help="replace the export in a non-empty output folder")
@@ -51,7 +51,7 @@ def prepare_output(folder: str):
     left half-written is not taken for an export)."""
     try:
         os.makedirs(folder, exist_ok=True)
-        for name in (W.CONFIG, *W.WEIGHTS.values(), W.CARD):
+        for name in (weights.CONFIG, *weights.WEIGHTS.values(), weights.CARD):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 os.remove(path)
@@ -61,26 +61,26 @@ def prepare_output(folder: str):
 
 def source_weights(args) -> tuple[dict, dict, str]:
     """(config, state dict "net.*", a description) of what to export."""
-    if W.is_exported(args.source):
-        config, state_dict = W.load_exported(args.source)
+    if weights.is_exported(args.source):
+        config, state_dict = weights.load_exported(args.source)
         if args.ema != 1:
             print(f"note: {args.source} is an exported folder holding one network; --ema {args.ema} does not apply")
         return config, state_dict, f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}"
-    state, path = W.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
-    which = W.weights_name(args.ema)
+    state, path = weights.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
+    which = weights.weights_name(args.ema)
     metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
-    config = W.export_config(state, which, dtype=args.dtype, source=path, records=sweep.eval_records(metrics))
+    config = weights.export_config(state, which, dtype=args.dtype, source=path, records=sweep.eval_records(metrics))
     return config, state.weights(which), f"{which} of {path} (epoch {state.epoch})"
 
 
 def export(args) -> list[str]:
     check_output(args.output, args.overwrite)
     config, state_dict, what = source_weights(args)
-    if args.format == "diffusers" and (why := W.diffusers_refusal(config["network"])):
+    if args.format == "diffusers" and (why := weights.diffusers_refusal(config["network"])):
         raise BadValue(why)  # before the output folder is touched
     config = {**config, "weights": {**config.get("weights", {}), "dtype": args.dtype}}
     prepare_output(args.output)
-    paths = W.write_export(args.output, config, W.cast(state_dict, args.dtype), args.format)
+    paths = weights.write_export(args.output, config, weights.cast(state_dict, args.dtype), args.format)
     size = files.human_bytes(os.path.getsize(paths[0]))
     print(f"exported {what} as {args.format}, {args.dtype} ({size}) to {args.output}: "
           + ", ".join(os.path.basename(p) for p in paths))

@@ -23,7 +23,7 @@ from engine_jit import (Evaluation, LoopConfig, PostHocSamplers, RunIO, Samplers
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed as D
 from util import phema, runlock, sharding, sweep
-from util import weights as W
+import weights
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
 from util.config import RunConfig, parse
 from util.data import Data, ResumableSampler, make_loader, open_dataset
@@ -373,8 +373,8 @@ def setup(args) -> Run:
     config = resolve_config(args, D.get_world_size())
     source = None
     if config.evaluate_gen:  # the weights' settings, where the user typed no flag: a new config
-        weights, path, config = W.evaluation_source(config, log=D.print0)
-        source = (weights, path)
+        state, path, config = weights.evaluation_source(config, log=D.print0)
+        source = (state, path)
     config = config.replace(fid_stats=config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz"))
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
     scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
@@ -423,7 +423,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
-            state, origin = W.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
+            state, origin = weights.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
             config = config.replace(init_origin=origin)
             checkpoints.initialise(state, config.init_from)
         if not config.evaluate_gen:

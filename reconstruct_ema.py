@@ -58,8 +58,7 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
     args, and a `phema` record of how it was made."""
     kind, value = target
     newest = snapshots[-1]
-    state = checkpoint.TrainState(model=weights, emas=[weights], optimizer=None, epoch=newest.epoch, args=run,
-                                  start={"epoch": newest.epoch + 1, "step": 0})
+    state = checkpoint.TrainState.weights_only(weights, epoch=newest.epoch, args=run)
     record = {"target": kind, "sigma_rel": value if kind == "std" else None, "decay": value if kind == "decay" else None,
               "step": at_step, "images_seen": end_images, "snapshots": [os.path.basename(s.path) for s in snapshots],
               "snapshot_sigma_rel": [s.sigma_rel for s in snapshots], "weights": fit_.weights.tolist(),

@@ -18,7 +18,7 @@ import torch
 
 from model_jit import JiT_models
 from util import distributed
-from util import weights as W
+import weights
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 from util.evaluation import initial_noise, quantize
@@ -62,18 +62,18 @@ def parse_args(argv=None) -> RunConfig:
     return parse(get_args_parser(), argv)
 
 
-def load(args: RunConfig) -> W.Loaded:
+def load(args: RunConfig) -> weights.Loaded:
     """The denoiser --resume names with its weights, and the sampler: the flags typed (args.given,
-    also a default typed out) override what the weights bring (util.weights.load_denoiser)."""
+    also a default typed out) override what the weights bring (weights.load_denoiser)."""
     overrides = {k: getattr(args, k) for k in args.given}
-    if W.is_exported(args.resume):
+    if weights.is_exported(args.resume):
         if args.weights or args.ema != 1:
             raise BadValue(f"{args.resume} is an exported folder holding one network: --ema / --weights do not apply")
-        return W.load_denoiser(args.resume, overrides)
-    state, path = W.load_checkpoint(args.resume, log=lambda msg: None)
+        return weights.load_denoiser(args.resume, overrides)
+    state, path = weights.load_checkpoint(args.resume, log=lambda msg: None)
     which = args.weights or f"ema{args.ema}"
-    exported = W.command_line_sampler(W.export_config(state, which, dtype="float32", source=path, records=[]), args)
-    return W.load_denoiser((exported, state.weights(which)), overrides, where=f"{path} ({which})")
+    exported = weights.command_line_sampler(weights.export_config(state, which, dtype="float32", source=path, records=[]), args)
+    return weights.load_denoiser((exported, state.weights(which)), overrides, where=f"{path} ({which})")
 
 
 def main(args: RunConfig) -> int:

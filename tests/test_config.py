@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-import torch
 
 import main_jit
 from helpers import TINY, tiny_denoiser

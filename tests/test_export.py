@@ -1,4 +1,4 @@
-"""Weights in and out: export.py and util/weights.py. Checkpoint -> exported folder -> the same
+"""Weights in and out: export.py, weights.py and model_jit_adapters.py. Checkpoint -> exported folder -> the same
 network outputs and samples (float32 bit for bit, bfloat16 the rounded weights), the diffusers name
 table both ways, reference checkpoints, starting a run from other weights (--init_from), and bad
 inputs as one-line errors."""
@@ -12,12 +12,13 @@ import safetensors.torch
 import torch
 
 import export
+import model_jit_adapters
+import weights
 from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files
 from util.config import parse
-from util import weights as W
 from util.pos_embed import sincos_2d_pos_embed
 from helpers import save_reference_checkpoint, tiny_denoiser
 
@@ -91,7 +92,7 @@ def one_line_error(capsys, code: int, expected_code: int = 2) -> str:
 
 def test_round_trip_gives_bit_identical_outputs_and_samples(run, exported):
     folder, state = run
-    loaded = W.load_denoiser(exported)
+    loaded = weights.load_denoiser(exported)
     ema1 = denoiser_with(state.emas[0])
     assert torch.equal(outputs(loaded.denoiser), outputs(ema1))
     assert torch.equal(samples(loaded.denoiser), samples(ema1))
@@ -121,7 +122,7 @@ def test_round_trip_gives_bit_identical_outputs_and_samples(run, exported):
 def test_ema_choice_and_bfloat16_export(run, tmp_path):
     folder, state = run
     assert export.main([folder, str(tmp_path / "raw"), "--ema", "0"]) == 0
-    config, sd = W.load_exported(str(tmp_path / "raw"))
+    config, sd = weights.load_exported(str(tmp_path / "raw"))
     assert config["weights"]["which"] == "model" and config["weights"]["ema_decay"] is None
     assert config["evaluations"] == [] and "training flags" in config["sampler"]["chosen_by"]
     assert config["sampler"]["cfg"] == 1.0  # the first of the run's swept --cfg values
@@ -130,11 +131,11 @@ def test_ema_choice_and_bfloat16_export(run, tmp_path):
     assert export.main([folder, str(tmp_path / "bf16"), "--ema", "2", "--dtype", "bfloat16"]) == 0
     raw = safetensors.torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert {v.dtype for v in raw.values()} == {torch.bfloat16}
-    config, sd = W.load_exported(str(tmp_path / "bf16"))
+    config, sd = weights.load_exported(str(tmp_path / "bf16"))
     assert config["weights"]["dtype"] == "bfloat16" and set(sd) == set(state.emas[1])
     for k, v in state.emas[1].items():
         assert torch.equal(sd[k], v.to(torch.bfloat16)), k  # round to nearest, nothing else
-    loaded = W.load_denoiser(str(tmp_path / "bf16")).denoiser
+    loaded = weights.load_denoiser(str(tmp_path / "bf16")).denoiser
     assert next(loaded.parameters()).dtype == torch.float32
     ref = outputs(denoiser_with(state.emas[1]))
     err = (outputs(loaded) - ref).norm() / ref.norm()
@@ -156,7 +157,7 @@ def diffusers_names(depth: int) -> set:
 
 def test_diffusers_names_map_every_tensor_exactly_once_and_back():
     sd = tiny_denoiser().state_dict()
-    theirs = W.to_diffusers(sd)
+    theirs = model_jit_adapters.to_diffusers(sd)
     assert set(theirs) == diffusers_names(4)
     assert sum(v.numel() for v in theirs.values()) == sum(v.numel() for v in sd.values())  # nothing twice, nothing lost
     for p in ("weight", "bias"):
@@ -164,15 +165,15 @@ def test_diffusers_names_map_every_tensor_exactly_once_and_back():
         assert torch.equal(torch.cat([q, k, v]), sd[f"net.blocks.3.attn.qkv.{p}"]) and q.shape[0] == 64
     assert torch.equal(theirs["blocks.1.adaLN_modulation.weight"], sd["net.blocks.1.adaLN_modulation.1.weight"])
     assert torch.equal(theirs["linear_final.bias"], sd["net.final_layer.linear.bias"])
-    back = W.from_diffusers(theirs)
+    back = model_jit_adapters.from_diffusers(theirs)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
 
     with pytest.raises(ckpt_util.CheckpointError, match=r"unknown tensor blocks\.0\.attn\.to_x\.weight"):
-        W.from_diffusers({**theirs, "blocks.0.attn.to_x.weight": torch.zeros(1)})
+        model_jit_adapters.from_diffusers({**theirs, "blocks.0.attn.to_x.weight": torch.zeros(1)})
     with pytest.raises(ckpt_util.CheckpointError, match=r"missing tensor blocks\.2\.attn\.to_v\.bias"):
-        W.from_diffusers({k: v for k, v in theirs.items() if k != "blocks.2.attn.to_v.bias"})
+        model_jit_adapters.from_diffusers({k: v for k, v in theirs.items() if k != "blocks.2.attn.to_v.bias"})
     with pytest.raises(ckpt_util.CheckpointError, match="net"):
-        W.to_diffusers({"pos_embed": torch.zeros(1)})
+        model_jit_adapters.to_diffusers({"pos_embed": torch.zeros(1)})
 
 
 def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp_path):
@@ -189,7 +190,7 @@ def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp
     assert set(safetensors.torch.load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))) == diffusers_names(4)
     assert open(os.path.join(out, "README.md")).read().startswith("---\nlibrary_name: diffusers\n")
 
-    loaded = W.load_denoiser(out)
+    loaded = weights.load_denoiser(out)
     assert torch.equal(outputs(loaded.denoiser), outputs(denoiser_with(state.emas[0])))
     assert loaded.sampler.cfg == 2.0 and loaded.config["weights"]["epoch"] == 7
     # diffusers -> ours again: the very tensors of the direct export
@@ -200,7 +201,7 @@ def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp
 
     # A diffusers folder made elsewhere (no _jit entry): the defaults, and a note that says so.
     json.dump({k: v for k, v in raw.items() if k != "_jit"}, open(os.path.join(out, "config.json"), "w"))
-    loaded = W.load_denoiser(out)
+    loaded = weights.load_denoiser(out)
     assert loaded.config["model"] == "JiT-XS/4" and loaded.denoiser.noise_scale == 1.0
     assert any("records no denoiser or sampler settings" in n for n in loaded.notes)
 
@@ -211,14 +212,14 @@ def test_reference_checkpoints_export(tmp_path):
     ref = str(tmp_path / "checkpoint-last.pth")
     save_reference_checkpoint(ref, model, epoch=4)
     assert export.main([str(tmp_path), str(tmp_path / "a")]) == 0
-    config, sd = W.load_exported(str(tmp_path / "a"))
+    config, sd = weights.load_exported(str(tmp_path / "a"))
     assert config["denoiser"]["label_drop_prob"] == 0.1 and config["weights"]["ema_decay"] is None
     assert config["weights"]["epoch"] == 4 and config["weights"]["images_seen"] is None  # no optimizer step, no world size
-    assert torch.equal(outputs(W.load_denoiser(str(tmp_path / "a")).denoiser), outputs(model))
+    assert torch.equal(outputs(weights.load_denoiser(str(tmp_path / "a")).denoiser), outputs(model))
 
     torch.save({"model": model.state_dict(), "epoch": 4, "args": argparse.Namespace(epochs=9)}, ref)
     assert export.main([ref, str(tmp_path / "b")]) == 0
-    config, _ = W.load_exported(str(tmp_path / "b"))
+    config, _ = weights.load_exported(str(tmp_path / "b"))
     assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
 
 
@@ -231,27 +232,27 @@ def test_init_with_another_class_count_keeps_every_other_tensor_and_trains():
     source = tiny_denoiser(0).state_dict()
     target = tiny_target(class_num=5)
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
-    sd, notes = W.adapt_for_init(source, target)
+    sd, notes = model_jit_adapters.adapt_for_init(source, target)
     target.load_state_dict(sd)
     after = target.state_dict()
-    assert torch.equal(after[W.LABEL_KEY], fresh[W.LABEL_KEY]) and after[W.LABEL_KEY].shape == (6, 64)
-    assert all(torch.equal(after[k], source[k]) for k in source if k != W.LABEL_KEY)
+    assert torch.equal(after[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY]) and after[model_jit_adapters.LABEL_KEY].shape == (6, 64)
+    assert all(torch.equal(after[k], source[k]) for k in source if k != model_jit_adapters.LABEL_KEY)
     assert len(notes) == 1 and "label embedding is freshly initialised: 3 classes there, --class_num 5" in notes[0]
     opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
     loss = target.train()(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 3, 4]))
     loss.backward()
     opt.step()
-    assert math.isfinite(loss.item()) and not torch.equal(target.state_dict()[W.LABEL_KEY], fresh[W.LABEL_KEY])
+    assert math.isfinite(loss.item()) and not torch.equal(target.state_dict()[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY])
 
 
 def test_init_with_another_img_size_rebuilds_the_position_tables():
     source = tiny_denoiser(0).state_dict()
     target = tiny_target(img_size=32)
-    sd, notes = W.adapt_for_init(source, target)
+    sd, notes = model_jit_adapters.adapt_for_init(source, target)
     target.load_state_dict(sd)
     assert torch.equal(target.net.pos_embed[0], sincos_2d_pos_embed(64, 8))
     assert target.net.rope_cos.shape == (4 + 64, 16)
-    assert all(torch.equal(target.state_dict()[k], source[k]) for k in source if k != W.POS_KEY)
+    assert all(torch.equal(target.state_dict()[k], source[k]) for k in source if k != model_jit_adapters.POS_KEY)
     assert len(notes) == 1 and "rebuilt for 8×8 patches (--img_size 32; the weights were trained at 16)" in notes[0]
     assert target.eval()(torch.rand(2, 3, 32, 32), torch.tensor([0, 1])).isfinite()
 
@@ -259,37 +260,37 @@ def test_init_with_another_img_size_rebuilds_the_position_tables():
 def test_init_with_another_network_is_a_one_line_error():
     source = tiny_denoiser(0).state_dict()
     with pytest.raises(ckpt_util.CheckpointError) as e:
-        W.adapt_for_init(source, tiny_target(model="JiT-T/4"))
+        model_jit_adapters.adapt_for_init(source, tiny_target(model="JiT-T/4"))
     assert "\n" not in str(e.value) and "--model" in str(e.value)
     cut = {k: v for k, v in source.items() if k != "net.in_context_posemb"}
     with pytest.raises(ckpt_util.CheckpointError, match="missing tensor net.in_context_posemb"):
-        W.adapt_for_init(cut, tiny_target())
+        model_jit_adapters.adapt_for_init(cut, tiny_target())
 
 
 def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported):
     folder, state = run
-    sd, notes, origin = W.init_from(folder, 2, tiny_target(class_num=5), log=print)
-    assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != W.LABEL_KEY)
+    sd, notes, origin = weights.init_from(folder, 2, tiny_target(class_num=5), log=print)
+    assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != model_jit_adapters.LABEL_KEY)
     assert origin["weights"] == "ema2" and origin["epoch"] == 7 and origin["path"].endswith("checkpoint-last.pth")
     assert notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
-    sd, _, origin = W.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
+    sd, _, origin = weights.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
     assert all(torch.equal(sd[k], state.model[k]) for k in sd) and origin["weights"] == "model"
-    sd, notes, origin = W.init_from(exported, 1, tiny_target(), log=print)
+    sd, notes, origin = weights.init_from(exported, 1, tiny_target(), log=print)
     assert all(torch.equal(sd[k], state.emas[0][k]) for k in sd) and origin["weights"] == "ema1" and len(notes) == 1
     with pytest.raises(ckpt_util.CheckpointError, match=r"^--init_from .*no model_ema3"):
-        W.init_from(folder, 3, tiny_target(), log=print)
+        weights.init_from(folder, 3, tiny_target(), log=print)
 
 
 def test_config_flags_override_or_disagree(exported):
-    config, sd = W.load_exported(exported)
-    loaded = W.load_denoiser(exported, {"cfg": 3.5, "noise_scale": 2.0, "class_num": 3, "attn_impl": "reference", "seed": 1})
+    config, sd = weights.load_exported(exported)
+    loaded = weights.load_denoiser(exported, {"cfg": 3.5, "noise_scale": 2.0, "class_num": 3, "attn_impl": "reference", "seed": 1})
     assert loaded.sampler.cfg == 3.5 and loaded.denoiser.noise_scale == 2.0
     assert loaded.denoiser.net.blocks[0].attn.attn_impl == "reference"
     assert notes_with(loaded.notes, "--cfg 3.5 overrides 2.0") and notes_with(loaded.notes, "--noise_scale 2.0 overrides 1.0")
     assert loaded.notes[0].startswith(f"from {exported}/config.json: --model JiT-XS/4 --img_size 16 --t_eps 0.05")
     for flag, value in (("class_num", 5), ("img_size", 32), ("model", "JiT-T/4"), ("pred", "v")):
         with pytest.raises(ValueError, match=f"--{flag} {value} disagrees with"):
-            W.build_from_config(config, {flag: value})
+            weights.merge_flags(config, {flag: value})
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--resume", required=True)
@@ -299,12 +300,12 @@ def test_config_flags_override_or_disagree(exported):
     parser.add_argument("--num_sampling_steps", default=50, type=int)
     flags = parse(parser, ["--resume", exported, "--cfg", "1.0"])  # the parser's default, typed out
     assert flags.given == {"resume", "cfg"}  # seam bug 7: a default typed out is typed, and beats config.json's 2.0
-    adopted, notes = W.adopt_settings(flags, config)
+    adopted, notes = weights.adopt_settings(flags, config)
     assert adopted == {"img_size": 16, "noise_scale": 1.0, "num_sampling_steps": 50}  # the rest comes from config.json
     new = flags.replace(**adopted)
     assert (new.img_size, new.cfg, flags.img_size) == (16, [1.0], 256)
     assert notes_with(notes, "--cfg 1.0 overrides 2.0")
-    state = W.as_train_state(config, sd)
+    state = weights.as_train_state(config, sd)
     assert state.weights("ema1") is sd and state.epoch == 7 and state.start == {"epoch": 8, "step": 0}
 
 
@@ -336,12 +337,12 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
         return out
 
     with pytest.raises(ckpt_util.CheckpointError, match="has no config.json"):
-        W.load_exported(str(tmp_path / "empty"))
+        weights.load_exported(str(tmp_path / "empty"))
     broken = copy_of_export("truncated")
     path = os.path.join(broken, "model.safetensors")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    errors = [capture(lambda: W.load_exported(broken))]
+    errors = [capture(lambda: weights.load_exported(broken))]
     one_line_error(capsys, export.main([broken, str(tmp_path / "o5")]))
 
     tensors = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
@@ -349,14 +350,14 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
                          ("missing", {k: v for k, v in tensors.items() if k != "final_layer.linear.bias"})):
         bad = copy_of_export(name)
         safetensors.torch.save_file(change, os.path.join(bad, "model.safetensors"))
-        errors.append(capture(lambda: W.load_exported(bad)))
+        errors.append(capture(lambda: weights.load_exported(bad)))
     bad = copy_of_export("shape")
     config = json.load(open(os.path.join(bad, "config.json")))
     config["network"]["num_classes"] = 4
     json.dump(config, open(os.path.join(bad, "config.json"), "w"))
-    errors.append(capture(lambda: W.load_exported(bad)))
+    errors.append(capture(lambda: weights.load_exported(bad)))
     open(os.path.join(bad, "config.json"), "w").write("{not json")
-    errors.append(capture(lambda: W.load_exported(bad)))
+    errors.append(capture(lambda: weights.load_exported(bad)))
     assert all("\n" not in e for e in errors), errors
     assert "cannot read" in errors[0] and "model.safetensors" in errors[0]
     assert "unknown tensor net.blocks.0.attn.qkv.scale" in errors[1] and "missing tensor net.final_layer.linear.bias" in errors[2]
@@ -378,7 +379,7 @@ def test_a_failed_write_exits_1_and_leaves_no_config(run, tmp_path, capsys, monk
     out = tmp_path / "out"
     err = one_line_error(capsys, export.main([run[0], str(out)]), expected_code=1)
     assert "model.safetensors: No space left on device" in err
-    assert not W.is_exported(str(out))
+    assert not weights.is_exported(str(out))
 
 
 def evaluate_gen(source, out, *extra, inception_weights, fid_ref_stats) -> dict:
@@ -440,7 +441,7 @@ def test_init_from_with_another_class_count_trains_and_resumes_exactly(run, data
     setup.close()
     for module in (setup.parts.denoiser, *(e.module for e in setup.parts.emas)):
         for k, v in module.state_dict().items():
-            assert torch.equal(v, source[k]) != (k == W.LABEL_KEY), k
+            assert torch.equal(v, source[k]) != (k == model_jit_adapters.LABEL_KEY), k
     assert "the label embedding is freshly initialised" in capsys.readouterr().out
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -473,7 +474,7 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
     state = ckpt_util.TrainState(model=sd, emas=[sd, sd], optimizer=None, epoch=0, args=args, start={"epoch": 1, "step": 0})
     ckpt = str(tmp_path / "checkpoint-last.pth")
     ckpt_util.save(state, ckpt)
-    for fmt in W.FORMATS:
+    for fmt in weights.FORMATS:
         out = tmp_path / fmt
         code = export.main([ckpt, str(out), "--format", fmt])
         if fmt == "diffusers" and knobs.get("bottleneck_dim") == 0:
@@ -482,7 +483,7 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
             assert not out.exists()
             continue
         assert code == 0, capsys.readouterr().err
-        loaded = W.load_denoiser(str(out))
+        loaded = weights.load_denoiser(str(out))
         assert (loaded.denoiser.pred, loaded.denoiser.loss) == (model.pred, model.loss)
         assert all(loaded.config["network"][k] == v for k, v in arch.items())
         assert torch.equal(outputs(loaded.denoiser), outputs(model))

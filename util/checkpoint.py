@@ -53,6 +53,14 @@ class TrainState:
     phemas: list = field(default_factory=list)
     phema_stds: list = field(default_factory=list)
 
+    @classmethod
+    def weights_only(cls, state_dict: dict, *, epoch: int = -1, args: dict | None = None, start: dict | None = None) -> "TrainState":
+        """One network's weights as a TrainState: the model and EMA 1 are `state_dict` (the other
+        EMAs then start from it, see ema_states), no optimizer; `epoch` the last finished epoch of
+        the weights (-1: none), continued at the next (`start`, default {epoch + 1, step 0})."""
+        return cls(model=state_dict, emas=[state_dict], optimizer=None, epoch=epoch, args=dict(args or {}),
+                   start=start or {"epoch": epoch + 1, "step": 0})
+
     def ema_states(self, n: int) -> list[dict]:
         """The state dicts of n EMAs: an EMA the checkpoint does not hold (a third one added on
         resume) starts from the model's weights."""

@@ -556,8 +556,7 @@ def snapshot_state(folder: str, at: int | None, log=print) -> tuple[checkpoint.T
     snapshots = usable_snapshots(folder, at, log)
     step = reconstruction_point(snapshots, at)[0]
     newest, data = read_snapshot(snapshots[-1].path)
-    state = checkpoint.TrainState(model=data["state_dict"], emas=[data["state_dict"]], optimizer=None, epoch=newest.epoch,
-                                  args=data["args"], start={"epoch": newest.epoch + 1, "step": 0})
+    state = checkpoint.TrainState.weights_only(data["state_dict"], epoch=newest.epoch, args=data["args"])
     return state, step
 
 
