@@ -268,14 +268,13 @@ def build_model(config, device):
     per block) before the optimizer is built."""
     denoiser = build_denoiser(config, device)
     decays = [d for d in (config.ema_decay1, config.ema_decay2, config.ema_decay3) if d is not None]
-    phemas = [phema.PowerEMA(denoiser, s) for s in config.phema_stds]
-    if config.fsdp:
+    if config.fsdp:  # each copy of the unsharded denoiser is sharded with its plan as it is made
         emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=False) for d in decays]
-        for ema in phemas:  # copies of the unsharded denoiser, sharded with its plan (as ShardedEMA)
-            sharding.shard(ema.module, mixed_precision=False)
+        phemas = [phema.PowerEMA(denoiser, s, sharded=True) for s in config.phema_stds]
         sharding.shard(denoiser, mixed_precision=False)
     else:
         emas = [EMA(denoiser, d) for d in decays]
+        phemas = [phema.PowerEMA(denoiser, s) for s in config.phema_stds]
     optimizer = build_optimizer(denoiser, config.lr, config.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     D.print0(f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "

@@ -66,13 +66,23 @@ def param_counts(denoiser) -> dict:
             "block": max(blocks), "root": total - sum(blocks), "matmul": matmul}
 
 
-def state_bytes(counts: dict, *, world_size: int, fsdp: bool, mixed_precision: bool = False) -> dict:
+def state_bytes(counts: dict, *, world_size: int, fsdp: bool, mixed_precision: bool = False, phemas: int = 0) -> dict:
     """Persistent per-GPU bytes by kind. 'state' is the 24 B/parameter part (weights, gradients,
-    AdamW moments, two EMAs), divided by world_size under FSDP (shard padding ignored)."""
+    AdamW moments, two EMAs) plus 4 B per parameter and power EMA (--phema_stds), divided by
+    world_size under FSDP (shard padding ignored). 'build_peak': the most the EMAs' construction
+    holds, before training: under FSDP the live weights still whole and one full copy being sharded
+    (main_jit.build_model shards each copy as it is made), with the shards made so far; before
+    issue 28 item 3 the power EMAs were all copied before sharding (2 + P full copies)."""
     n, tr = counts["total"], counts["trainable"]
     state = {"weights": 4 * n, "grads": 4 * tr, "adamw": 8 * tr, "emas": 2 * 4 * n}
+    if phemas:
+        state["phemas"] = phemas * 4 * n
     out = {k: v / world_size for k, v in state.items()} if fsdp else dict(state)
     out["state"] = sum(out.values())
+    copies = 2 + phemas  # EMA 1, EMA 2 and the power EMAs
+    out["build_peak"] = 2 * 4 * n + copies * 4 * n / world_size if fsdp else (1 + copies) * 4 * n
+    if fsdp:  # the power EMAs copied whole first, then each EMA copied and sharded
+        out["build_peak_unsharded_copies"] = (2 + phemas) * 4 * n + 2 * 4 * n / world_size
     if fsdp:  # root unit stays gathered from forward to backward; two blocks gathered (current, prefetched)
         p_bytes, g_bytes = (2, 2 + 4) if mixed_precision else (4, 4)  # bf16 grads get a float32 copy to reduce
         out["fsdp_gathered"] = counts["root"] * (4 + 4) + 2 * counts["block"] * p_bytes + counts["block"] * g_bytes
@@ -248,14 +258,15 @@ def activation_bytes(trace: dict, *, grad_checkpoint: bool, fp32_params: bool = 
 
 def estimate(model: str, img_size: int, batch_size: int, *, world_size: int = 8, fsdp: bool = False,
              grad_checkpoint: bool = False, mixed_precision: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-             compiled: bool = False, trace: dict | None = None) -> dict:
+             compiled: bool = False, trace: dict | None = None, phemas: int = 0) -> dict:
     """Per-GPU bytes by kind and their total. compiled: activations as torch.compile saves them
     (slow) instead of eager. `trace` (activation_trace / compiled_trace) may be reused."""
     denoiser = build_meta(model, img_size, attn_drop=attn_drop, proj_drop=proj_drop)
     counts = param_counts(denoiser)
     if trace is None:
         trace = compiled_trace(denoiser, batch_size) if compiled else activation_trace(denoiser, batch_size)
-    out = {"params": counts["total"], **state_bytes(counts, world_size=world_size, fsdp=fsdp, mixed_precision=mixed_precision)}
+    out = {"params": counts["total"], **state_bytes(counts, world_size=world_size, fsdp=fsdp, mixed_precision=mixed_precision,
+                                                    phemas=phemas)}
     acts = activation_bytes(trace, grad_checkpoint=grad_checkpoint, fp32_params=not (fsdp and mixed_precision))
     out["activations"] = acts["saved"]
     out["weight_casts"] = acts["weight_casts"]
@@ -296,6 +307,7 @@ def main(argv=None):
     a("--attn_dropout", default=0.0, type=float)
     a("--proj_dropout", default=0.0, type=float)
     a("--compiled", action="store_true", help="activations as torch.compile saves them (main_jit's CUDA default); slow")
+    a("--phema_stds", default=[], type=float, nargs="+", help="post-hoc EMA: the σ_rel main_jit.py tracks (their count matters)")
     a("--table", action="store_true", help="print the README table instead")
     args = p.parse_args(argv)
     if args.table:
@@ -303,17 +315,21 @@ def main(argv=None):
         return
     e = estimate(args.model, args.img_size, args.batch_size, world_size=args.world_size, fsdp=args.fsdp,
                  grad_checkpoint=args.grad_checkpoint, mixed_precision=args.mixed_precision,
-                 attn_drop=args.attn_dropout, proj_drop=args.proj_dropout, compiled=args.compiled)
+                 attn_drop=args.attn_dropout, proj_drop=args.proj_dropout, compiled=args.compiled, phemas=len(args.phema_stds))
     mode = ("FSDP" if args.fsdp else "DDP") + (" + grad checkpointing" if args.grad_checkpoint else "")
     print(f"{args.model} at {args.img_size}px, batch {args.batch_size}/GPU, {args.world_size} GPUs, {mode}: "
           f"{e['params'] / 1e6:.1f}M parameters")
     lines = [("weights (fp32)", "weights"), ("gradients (fp32)", "grads"), ("AdamW moments", "adamw"), ("two EMAs", "emas"),
+             (f"{len(args.phema_stds)} power EMAs (--phema_stds)", "phemas"),
              ("DDP gradient buckets", "ddp_buckets"), ("FSDP gathered units", "fsdp_gathered"),
              (f"saved activations ({'compiled' if args.compiled else 'eager'}, bf16)", "activations"), ("autocast bf16 weight copies", "weight_casts")]
     for label, key in lines:
         if key in e:
             print(f"  {label:36s} {e[key] / GiB:8.2f} GiB")
     print(f"  {'total':36s} {e['total'] / GiB:8.2f} GiB  (+ ~{HEADROOM_GIB:.0f} GiB context / workspaces)")
+    print(f"  {'peak while building the EMAs':36s} {e['build_peak'] / GiB:8.2f} GiB  (before training; each copy sharded as it is made)")
+    if "build_peak_unsharded_copies" in e and args.phema_stds:
+        print(f"  {'  with the power EMAs copied whole':36s} {e['build_peak_unsharded_copies'] / GiB:8.2f} GiB  (how main_jit built them before)")
     for k, ok in e["fits"].items():
         print(f"  fits a {k} GPU ({CAPACITY_GIB[k]} GiB): {'yes' if ok else 'no'}")
 

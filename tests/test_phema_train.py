@@ -244,3 +244,43 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
     monkeypatch.undo()
     writer(5, 20)  # the last step
     assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema.list_snapshots(writer.folder)] == [(5, 20, 0, "float16")] * 2
+
+
+def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
+    """Issue 28 item 3: building the EMAs and power EMAs of an FSDP run never holds more than one
+    full copy of the network besides the live one (counted on the CPU: copies made minus copies
+    sharded, with a stand-in shard that frees a module's parameters)."""
+    import copy
+
+    from denoiser import Denoiser
+    from util import sharding
+
+    events = []
+    real_deepcopy = copy.deepcopy
+
+    def counting_deepcopy(x, memo=None, _nil=[]):
+        if isinstance(x, Denoiser):
+            events.append(+1)
+        return real_deepcopy(x, memo)
+
+    def stand_in_shard(module, **kw):
+        if any(m is module for m in live):  # the live denoiser: sharded last, not a copy
+            return module
+        with torch.no_grad():
+            for p in module.parameters():
+                p.data = torch.empty(0)
+        events.append(-1)
+        return module
+
+    live = []
+    monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+    monkeypatch.setattr(sharding, "shard", stand_in_shard)
+    monkeypatch.setattr(sharding, "is_sharded", lambda m: False)
+    config = main_jit.resolve_config(main_jit.parse_args([*TINY, "--fsdp", *PHEMA, "--ema_decay3", "0.99"]), world_size=2)
+    assert config.fsdp
+    real_build = main_jit.build_denoiser
+    monkeypatch.setattr(main_jit, "build_denoiser", lambda *a: live.append(real_build(*a)) or live[-1])
+    denoiser, emas, phemas, _ = main_jit.build_model(config, torch.device("cpu"))
+    held = np.cumsum(events)
+    assert events.count(1) == 3 + len(STDS) and held[-1] == 0 and held.max() == 1
+    assert [e.sigma_rel for e in phemas] == list(STDS) and all(p.numel() == 0 for e in phemas for p in e.module.parameters())

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from util import checkpoint, files
+from util import checkpoint, files, sharding
 from util import distributed as D
 from util.errors import BadValue, MissingFile
 from util.sharding import full_state_dict, local_tensors
@@ -90,16 +90,22 @@ def lerp_together_(targets: list[list[torch.Tensor]], source: list[torch.Tensor]
 class PowerEMA:
     """Power-function EMA of all parameters of a module, with relative standard deviation `sigma_rel`.
 
-    The API of denoiser.EMA (`module`, a frozen copy that samples directly; `state_dict`,
-    `load_state_dict`), but `update` takes the images seen. Under FSDP, build it from the unsharded
-    model and shard `module` with the live model's plan (util.sharding.shard), as ShardedEMA does:
+    The interface of denoiser.EMA and util.sharding.ShardedEMA (`module`, a frozen copy that
+    samples directly; `tensors`, `weight`, `state_dict`, `load_state_dict`), but `update` and
+    `weight` take the images seen. sharded: build it from the unsharded model before that is
+    sharded; the copy shards itself at once with the live model's plan (util.sharding.shard), as
+    ShardedEMA does, so that building P power EMAs never holds more than one extra full copy;
     update() then lerps this rank's local shards only.
     """
 
-    def __init__(self, model: nn.Module, sigma_rel: float):
+    def __init__(self, model: nn.Module, sigma_rel: float, *, sharded: bool = False, mixed_precision: bool = False):
         self.sigma_rel = float(sigma_rel)
         self.gamma = gamma_from_sigma_rel(self.sigma_rel)
+        if sharded and sharding.is_sharded(model):
+            raise ValueError("a sharded PowerEMA copies the unsharded model: build it before sharding the model")
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        if sharded:
+            sharding.shard(self.module, mixed_precision=mixed_precision)
 
     def weight(self, images_seen: int, batch: int) -> float:
         """The lerp weight of the step that ends at `images_seen` with a global batch of `batch`."""
