@@ -296,7 +296,7 @@ def compile_sampling_net(net):
     return torch.compile(net, dynamic=False)
 
 
-class Samplers:
+class EMAWeights:
     """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
     unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
     made by `make_denoiser()` at the first use and refreshed by `refresh` (collective), so that
@@ -324,7 +324,7 @@ class Samplers:
         return denoiser, self.nets[k]
 
 
-class PostHocSamplers:
+class PostHocWeights:
     """The samplers of a sweep of post-hoc EMAs (--phema): one denoiser (on every rank), into which
     the weights reconstructed for each σ_rel are loaded in turn, with a compiled stand-in of its net
     (or None). `reconstruct(stds)` returns {σ_rel: full state dict}; rank 0 alone calls it (it reads
@@ -365,7 +365,7 @@ class Evaluation:
     weights_context: what else identifies the weights in the records (and when finished points are
     matched): for post-hoc EMAs the step they are reconstructed at."""
 
-    samplers: Samplers | PostHocSamplers
+    samplers: EMAWeights | PostHocWeights
     points: list
     spec: GenerationSpec
     scorer: Scorer

@@ -26,7 +26,7 @@ def get_args_parser():
     a("source", help="checkpoint file, run folder (its newest readable checkpoint-*.pth) or exported folder")
     a("output", help="folder to write (new or empty; --overwrite replaces an export there)")
     a("--ema", default=1, type=int, choices=(0, 1, 2, 3), help="which weights: EMA 1, 2, 3 (--ema_decay3 runs), 0 the raw model")
-    a("--dtype", default="float32", choices=list(weights.DTYPES), help="dtype of the weights written")
+    a("--dtype", default="float32", choices=weights.EXPORT_DTYPES, help="dtype of the weights written")
     a("--format", default=weights.FORMAT, choices=weights.FORMATS, help="jit: model.safetensors, names as model_jit.JiT; "
                                                              "diffusers: the layout of diffusers' JiTTransformer2DModel")
     a("--metrics", default=None, help="the run's metrics.jsonl (default: the one beside the checkpoint)")

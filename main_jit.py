@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from denoiser import CONVERSIONS, EMA, Denoiser
-from engine_jit import (Evaluation, LoopConfig, PostHocSamplers, RunIO, Samplers, StepParts, StopRun, StopSignal, build_optimizer,
+from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunIO, StepParts, StopRun, StopSignal, build_optimizer,
                         compile_fsdp_blocks, evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-from util import distributed as D
+from util import distributed
 from util import phema, runlock, sharding, sweep
 import weights
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
@@ -84,7 +84,7 @@ def get_args_parser():
     a("--phema_stds", default=None, type=float, nargs="+", help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default")
     a("--phema_every", default=None, type=int, help="a post-hoc EMA snapshot every N optimiser steps (default: the run's steps / 300)")
     a("--phema_from", default=None, type=int, help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's last step always writes them")
-    a("--phema_dtype", default="float32", choices=tuple(phema.DTYPES), help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
+    a("--phema_dtype", default="float32", choices=phema.SNAPSHOT_DTYPES, help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
 
     g = p.add_argument_group("sampling and evaluation")
     sweep.add_sampler_args(g, sweep=True)
@@ -237,13 +237,13 @@ def build_data(config, device) -> Data:
     """The training images (the demo's are generated first; a folder or a store), this rank's sampler
     and the loader."""
     if config.demo:
-        if D.is_main_process():
+        if distributed.is_main_process():
             make_shapes_dataset(config.data_path, image_size=config.img_size)
-        D.barrier()
+        distributed.barrier()
     dataset = open_dataset(config.data_path, config.img_size)
     if len(dataset.classes) > config.class_num:
         raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
-    sampler = ResumableSampler(len(dataset), D.get_rank(), D.get_world_size(), seed=config.seed)
+    sampler = ResumableSampler(len(dataset), distributed.get_rank(), distributed.get_world_size(), seed=config.seed)
     loader = make_loader(dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
                          pin_memory=config.pin_mem and device.type == "cuda", seed=config.seed)
     steps_per_epoch = sampler.num_samples // config.batch_size // config.accum_iter
@@ -277,9 +277,9 @@ def build_model(config, device):
         phemas = [phema.PowerEMA(denoiser, s) for s in config.phema_stds]
     optimizer = build_optimizer(denoiser, config.lr, config.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    D.print0(f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
-             f"{D.get_world_size()} process(es){' (FSDP)' if config.fsdp else ''}; global batch "
-             f"{config.batch_size * config.accum_iter * D.get_world_size()}, lr {config.lr:.3e}")
+    distributed.print0(f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
+             f"{distributed.get_world_size()} process(es){' (FSDP)' if config.fsdp else ''}; global batch "
+             f"{config.batch_size * config.accum_iter * distributed.get_world_size()}, lr {config.lr:.3e}")
     return denoiser, emas, phemas, optimizer
 
 
@@ -291,7 +291,7 @@ def match_emas(config, state, path: str, denoiser, emas: list):
     if config.evaluate_gen and len(state.emas) > len(emas):
         emas.append(EMA(denoiser, decay=config.ema_decay3 or 0.0))
     elif not config.evaluate_gen and len(state.emas) != len(emas):
-        D.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
+        distributed.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
                  + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
                     "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
     if max(sweep.as_list(config.ema)) > len(emas):
@@ -299,10 +299,10 @@ def match_emas(config, state, path: str, denoiser, emas: list):
                               "(a third EMA is kept when training with --ema_decay3)")
 
 
-def post_hoc_samplers(config, denoiser, device) -> PostHocSamplers:
+def post_hoc_weights(config, denoiser, device) -> PostHocWeights:
     """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at."""
-    reconstruct = functools.partial(phema.reconstruct_at, config.phema, config.phema_at, log=D.print0)
-    return PostHocSamplers(denoiser, reconstruct, device, use_compile(config, device))
+    reconstruct = functools.partial(phema.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
+    return PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
 
 
 def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) -> phema.SnapshotWriter:
@@ -315,9 +315,9 @@ def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) ->
         os.path.join(config.output_dir, "phema"), phemas, every=config.phema_every or every,
         start=first if config.phema_from is None else config.phema_from, total=total, steps_per_epoch=data.steps_per_epoch,
         dtype=config.phema_dtype, args=config.as_dict(), keep=frozenset(phema.frozen_names(denoiser)))
-    if D.is_main_process() and os.path.isdir(writer.folder):
+    if distributed.is_main_process() and os.path.isdir(writer.folder):
         remove_stale_temporaries(writer.folder, ".phema-")
-    D.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
+    distributed.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
     return writer
 
 
@@ -332,7 +332,7 @@ def wrap_for_training(denoiser, config, device):
     if config.fsdp:
         return compile_fsdp_blocks(denoiser) if use_compile(config, device) else denoiser
     model = denoiser
-    if D.get_world_size() > 1 and not config.evaluate_gen:
+    if distributed.get_world_size() > 1 and not config.evaluate_gen:
         ddp = torch.nn.parallel.DistributedDataParallel
         # No buffer broadcast before each forward: the only buffers are the RoPE tables, constants
         # built alike on every rank (torch 2.14 renamed the flag to forward_sync_buffers).
@@ -350,7 +350,7 @@ class Run:
     parts: StepParts  # the step's model, denoiser, optimizer, EMAs and device
     checkpoints: Checkpointer
     start: Start  # where the run starts (its checkpoint, epoch and step)
-    samplers: Samplers  # what samples with each EMA
+    weights: EMAWeights | PostHocWeights  # what samples with each EMA (or post-hoc EMA)
     log: RunLog
     stopper: StopSignal
     evaluation: Evaluation | None = None  # None: the run does not evaluate
@@ -368,11 +368,11 @@ class Run:
 def setup(args) -> Run:
     """Validate, join the process group, build data, model, EMAs and optimizer, and resume."""
     check_args(args)
-    device = D.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
-    config = resolve_config(args, D.get_world_size())
+    device = distributed.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
+    config = resolve_config(args, distributed.get_world_size())
     source = None
     if config.evaluate_gen:  # the weights' settings, where the user typed no flag: a new config
-        state, path, config = weights.evaluation_source(config, log=D.print0)
+        state, path, config = weights.evaluation_source(config, log=distributed.print0)
         source = (state, path)
     config = config.replace(fid_stats=config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz"))
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
@@ -390,29 +390,29 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     """setup's second half, once the output folder is this run's (lock): log, demo data, model,
     EMAs, optimizer, the checkpoint (`source` for --evaluate_gen) or initial weights, evaluation of
     `points` with `scores` ((GenerationSpec, Scorer) or None)."""
-    if D.is_main_process():
+    if distributed.is_main_process():
         remove_stale_temporaries(config.output_dir)
     log = RunLog(config.output_dir)
-    for note in ignored_flags(args, D.get_world_size()):
-        D.print0(f"note: {note}")
-    if (attempt := D.elastic_attempt()) and attempt[0] > 0:
-        D.print0(f"torchelastic restart {attempt[0]} of at most {attempt[1]}: resuming from the newest checkpoint")
+    for note in ignored_flags(args, distributed.get_world_size()):
+        distributed.print0(f"note: {note}")
+    if (attempt := distributed.elastic_attempt()) and attempt[0] > 0:
+        distributed.print0(f"torchelastic restart {attempt[0]} of at most {attempt[1]}: resuming from the newest checkpoint")
     if config.demo:
         data = build_data(config, device)  # generates its shapes first
     if data:
-        D.print0(f"data: {data}")
+        distributed.print0(f"data: {data}")
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
     # all ranks start identical; then seed + rank for the training randomness (t, noise, label
     # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
     torch.manual_seed(config.seed)
     denoiser, emas, phemas, optimizer = build_model(config, device)
-    torch.manual_seed(config.seed + D.get_rank())
-    np.random.seed(config.seed + D.get_rank())
+    torch.manual_seed(config.seed + distributed.get_rank())
+    np.random.seed(config.seed + distributed.get_rank())
     checkpoints = Checkpointer(config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, None,
                                phemas)
     state, path = source or checkpoints.load(config.resume)
     if state is not None and config.init_from:
-        D.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
+        distributed.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
     if state is not None:
         match_emas(config, state, path, denoiser, emas)
         if not config.evaluate_gen:
@@ -422,7 +422,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
-            state, origin = weights.initial_state(config.init_from, config.init_ema, denoiser, log=D.print0)
+            state, origin = weights.initial_state(config.init_from, config.init_ema, denoiser, log=distributed.print0)
             config = config.replace(init_origin=origin)
             checkpoints.initialise(state, config.init_from)
         if not config.evaluate_gen:
@@ -432,15 +432,15 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     if not config.evaluate_gen:
         checkpoints.check_free_space()
     stopper = StopSignal()
-    samplers = post_hoc_samplers(config, denoiser, device) if config.phema else Samplers(
+    ema_weights = post_hoc_weights(config, denoiser, device) if config.phema else EMAWeights(
         emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
     evaluation = None if scores is None else Evaluation(
-        samplers, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
+        ema_weights, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
         final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen,
         weights_context={"phema_step": config.phema_at} if config.phema else {})
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
     snapshots = snapshot_writer(config, data, denoiser, phemas, start) if phemas else None
-    return Run(config, parts, checkpoints, start, samplers, log, stopper, evaluation, data, lock, snapshots)
+    return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots)
 
 
 def check_resume_objective(state, path: str, config):
@@ -464,7 +464,7 @@ def train(run: Run) -> int:
 
     io = RunIO(log=run.log, stopper=run.stopper, save=save, snapshot=run.snapshots)
     start_step = run.start.step
-    D.print0(f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
+    distributed.print0(f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
     try:
         for epoch in range(run.start.epoch, config.epochs):
@@ -481,22 +481,22 @@ def train(run: Run) -> int:
                     torch.cuda.empty_cache()
                 evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
     except StopRun as e:
-        D.print0(str(e))
+        distributed.print0(str(e))
         return e.code if saves.last_ok else run.checkpoints.unsaved_exit()
     finally:
         run.log.flush()
     if not saves.last_ok:
         return run.checkpoints.unsaved_exit()
     if saves.failed:
-        D.print0(f"warning: {saves.failed} checkpoint(s) of this run could not be written (see above)")
+        distributed.print0(f"warning: {saves.failed} checkpoint(s) of this run could not be written (see above)")
     if run.snapshots and run.snapshots.failed:
-        D.print0(f"warning: {run.snapshots.failed} post-hoc EMA snapshot(s) of this run could not be written (see above)")
-    D.print0(f"training done in {hms(time.time() - t0)}")
+        distributed.print0(f"warning: {run.snapshots.failed} post-hoc EMA snapshot(s) of this run could not be written (see above)")
+    distributed.print0(f"training done in {hms(time.time() - t0)}")
     if config.demo:
         point = sweep.eval_points(config, config.num_images)[0]
-        run.samplers.refresh([point.ema])
-        if D.is_main_process():
-            write_demo_outputs(run.samplers(point.ema)[0], config.output_dir, point.sampler, config.seed)
+        run.weights.refresh([point.ema])
+        if distributed.is_main_process():
+            write_demo_outputs(run.weights(point.ema)[0], config.output_dir, point.sampler, config.seed)
     return 0
 
 
@@ -504,7 +504,7 @@ def main(args) -> int:
     run = setup(args)
     try:
         if args.dry_run:
-            D.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
+            distributed.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
         if args.evaluate_gen:
             s = run.start
@@ -522,13 +522,13 @@ def cli(argv=None) -> int:
     try:
         code = exit_code(main, args)
     except RuntimeError as e:
-        if not D.is_collective_failure(e):
+        if not distributed.is_collective_failure(e):
             raise
-        print(f"error: rank {D.get_rank()}: {str(e).splitlines()[0][:300]} (another process is stuck or gone; "
+        print(f"error: rank {distributed.get_rank()}: {str(e).splitlines()[0][:300]} (another process is stuck or gone; "
               f"--dist_timeout is {args.dist_timeout} min); rerun the same command to continue from the newest checkpoint",
               file=sys.stderr, flush=True)
         return 1  # the group is broken: leave without shutdown
-    D.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
+    distributed.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
     return code
 
 

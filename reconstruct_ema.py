@@ -14,12 +14,11 @@ import argparse
 import os
 import sys
 
-import torch
 
 from util import checkpoint, phema
 from util.errors import BadValue, exit_code
 
-ACCUM = {"float64": torch.float64, "float32": torch.float32}
+ACCUM = ("float64", "float32")  # names in util.checkpoint.DTYPES
 
 
 def get_args_parser():
@@ -30,7 +29,7 @@ def get_args_parser():
     a("--decay", default=[], type=float, nargs="+", help="target classic EMA decays per optimiser step, each in (0, 1)")
     a("--at", default=None, type=int, help="global optimiser step to reconstruct at (default: the newest snapshot's)")
     a("--output_dir", default=None, help="where the checkpoints go (default: SNAPSHOTS/reconstructed)")
-    a("--accum", default="float64", choices=list(ACCUM), help="precision of the weighted sums (the weights are solved in float64)")
+    a("--accum", default="float64", choices=ACCUM, help="precision of the weighted sums (the weights are solved in float64)")
     return parser
 
 
@@ -77,7 +76,7 @@ def reconstruct(args):
     print(f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
           f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
           f"({end_images} images), sums in {args.accum}")
-    fits, results = phema.reconstruct(snapshots, wanted, end_images, batch, ACCUM[args.accum])
+    fits, results = phema.reconstruct(snapshots, wanted, end_images, batch, checkpoint.DTYPES[args.accum])
     run = phema.read_snapshot(snapshots[-1].path)[1]["args"]
     for target, fit_, state in zip(wanted, fits, results):
         path = os.path.join(out_dir, output_name(target, at_step))

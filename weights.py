@@ -37,7 +37,7 @@ FORMATS = ("jit", "diffusers")
 CONFIG = "config.json"
 CARD = "README.md"
 WEIGHTS = {"jit": "model.safetensors", "diffusers": "diffusion_pytorch_model.safetensors"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = ("float32", "bfloat16")  # names in util.checkpoint.DTYPES
 # Denoiser keywords kept in config.json, with their defaults (the fallback for a reference checkpoint
 # whose args lack one); pred / loss: prediction target and loss space, "x" / "v" unless the
 # Denoiser says otherwise.
@@ -302,9 +302,9 @@ def model_card(config: dict, fmt: str = FORMAT) -> str:
 
 def cast(state_dict: dict, dtype: str) -> dict:
     """Floating tensors in `dtype` ("float32" or "bfloat16"; round to nearest)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    return {k: v.to(checkpoint.DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def write_export(folder: str, config: dict, state_dict: dict, fmt: str = FORMAT) -> list[str]:

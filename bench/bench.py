@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
 from engine_jit import StepParts, build_optimizer, compile_sampling_net, train_step  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
-from util import distributed as D  # noqa: E402
+from util import distributed  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import quantize  # noqa: E402
 
@@ -185,7 +185,7 @@ def bench_sample(args, device, fwd_flops):
     sampler = bench_sampler(args, args.sample_steps)
 
     def generate():
-        with D.autocast(device):
+        with distributed.autocast(device):
             return denoiser.generate(labels, sampler, net=net)
 
     reset_peak_memory(device)
@@ -224,7 +224,7 @@ def bench_parity(args, device, n=8):
     z0 = torch.randn(shape, generator=g).to(device)
     labels = (torch.arange(n) % args.class_num).to(device)
     sampler = bench_sampler(args, args.parity_steps)
-    with torch.no_grad(), D.autocast(device):
+    with torch.no_grad(), distributed.autocast(device):
         loss = fast(x, labels, t=t, noise=noise).item()
         img = fast.generate(labels, sampler, noise=z0).float()
     with torch.no_grad(), full_fp32():
@@ -257,7 +257,7 @@ def main(argv=None):
     for name in ("batch_size", "steps", "sample_batch", "sample_steps", "parity_steps"):
         if getattr(args, name) < 1:
             raise BadValue(f"--{name} must be at least 1")
-    device = D.init(args.device)
+    device = distributed.init(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
     if device.type == "cuda" and args.peak_tflops is None and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):

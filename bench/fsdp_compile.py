@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, compile_fsdp_blocks, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import distributed as D  # noqa: E402
+from util import distributed  # noqa: E402
 from util import sharding  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--backend", default="aot_eager")
     args = p.parse_args()
-    device = D.init("cpu")
+    device = distributed.init("cpu")
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def main():
     else:
         model = compile_fsdp_blocks(denoiser, backend=args.backend)
     parts = StepParts(model, denoiser, build_optimizer(denoiser, 1e-3, 0.0), [], device)
-    g = torch.Generator().manual_seed(D.get_rank())
+    g = torch.Generator().manual_seed(distributed.get_rank())
     after_warmup = 0
     for step in range(args.steps):
         micro = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g), torch.randint(0, 3, (4,), generator=g))
@@ -49,11 +49,11 @@ def main():
         if step == 1:
             after_warmup = counters["stats"]["unique_graphs"]
     breaks = dict(counters["graph_break"])
-    D.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {counters['stats']['unique_graphs']} graphs, "
+    distributed.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {counters['stats']['unique_graphs']} graphs, "
              f"{sum(breaks.values())} graph breaks, {counters['stats']['unique_graphs'] - after_warmup} graphs after step 2")
     for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
-        D.print0(f"  {n}× {reason[:160]}")
-    D.shutdown()
+        distributed.print0(f"  {n}× {reason[:160]}")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

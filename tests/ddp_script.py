@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_jit  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import distributed as D  # noqa: E402
+from util import distributed  # noqa: E402
 
 
 def dump_training_state(dump, argv):
@@ -28,12 +28,12 @@ def dump_training_state(dump, argv):
         "optimizer": run.parts.optimizer.state_dict()["state"],
         "sync_buffers": getattr(run.parts.model, "forward_sync_buffers", None) or run.parts.model.broadcast_buffers,
     }
-    torch.save(state, os.path.join(dump, f"rank{D.get_rank()}.pt"))
+    torch.save(state, os.path.join(dump, f"rank{distributed.get_rank()}.pt"))
 
 
 def dump_gradients(dump):
-    D.init("cpu")
-    rank, world = D.get_rank(), D.get_world_size()
+    distributed.init("cpu")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     torch.manual_seed(0)
     denoiser = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3, label_drop_prob=0.0)
     with torch.no_grad():  # make every layer matter (adaLN and output layers start at zero)
@@ -61,4 +61,4 @@ if __name__ == "__main__":
         dump_training_state(dump, sys.argv[3:])
     else:
         dump_gradients(dump)
-    D.shutdown()
+    distributed.shutdown()

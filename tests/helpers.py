@@ -88,10 +88,10 @@ def generated(denoiser, spec, net=None) -> torch.Tensor:
 
 def evaluation_of(denoiser, spec, scorer, log, output_dir, save_images: bool = False):
     """An engine_jit.Evaluation that scores `denoiser` (as EMA 1) at spec's sampler and image count."""
-    from engine_jit import Evaluation, Samplers
+    from engine_jit import EMAWeights, Evaluation
     from util.sweep import Point
 
-    samplers = Samplers([EMA(denoiser, 0.0)], torch.device("cpu"), make_denoiser=None, compile_net=False)
+    samplers = EMAWeights([EMA(denoiser, 0.0)], torch.device("cpu"), make_denoiser=None, compile_net=False)
     return Evaluation(samplers, [Point(1, spec.sampler, spec.num_images)], spec, scorer, log, str(output_dir),
                       save_images=save_images)
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import EMA, Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import distributed as D  # noqa: E402
+from util import distributed  # noqa: E402
 from util import sharding  # noqa: E402
 
 STEPS, ACCUM, MICRO = 3, 2, 2  # optimiser steps, micro-batches per step, images per micro-batch
@@ -290,7 +290,7 @@ def main_precision(dump):
 
 if __name__ == "__main__":
     mode, dump = sys.argv[1], sys.argv[2]
-    D.init("cpu")
+    distributed.init("cpu")
     torch.set_num_threads(1)
     {"train": main_train, "precision": main_precision}[mode](dump)
-    D.shutdown()
+    distributed.shutdown()

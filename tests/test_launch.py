@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
-from util import distributed as D
+from util import distributed
 from util import runlock
 
 STANDINS = os.path.join(ROOT, "tests", "slurm_standins")
@@ -38,9 +38,9 @@ def wait_ok(proc, timeout=300) -> str:
 
 
 def test_gpu_index_is_the_local_rank_modulo_the_visible_gpus():
-    assert [D.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
-    assert [D.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
-    assert D.gpu_index(9, 4) == 1 and D.gpu_index(2, 0) == 2
+    assert [distributed.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [distributed.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
+    assert distributed.gpu_index(9, 4) == 1 and distributed.gpu_index(2, 0) == 2
 
 
 def test_stale_locks_are_those_of_dead_processes_here_or_of_the_same_job(tmp_path):

@@ -28,7 +28,10 @@ from util import distributed as D
 from util import files, sharding
 from util.errors import BadInput
 
-EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
+EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")
+# The dtypes weights are stored or summed in, by the names flags take (--phema_dtype, export.py
+# --dtype, reconstruct_ema.py --accum each accept some of them).
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
 
 
 class CheckpointError(BadInput):

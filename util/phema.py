@@ -31,12 +31,12 @@ import torch
 import torch.nn as nn
 
 from util import checkpoint, files, sharding
-from util import distributed as D
+from util import distributed
 from util.errors import BadValue, MissingFile
 from util.sharding import full_state_dict, local_tensors
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0, the plain average over the whole run
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SNAPSHOT_DTYPES = ("float32", "float16")  # names in util.checkpoint.DTYPES
 SNAPSHOT_NAME = re.compile(r"phema-(\d+)-[^/]*\.pth$")
 POOR_FIT = 0.01  # profile-space fit error above which the snapshots do not cover a target well
 
@@ -176,7 +176,7 @@ def cast_state(state_dict: dict, dtype: str, keep=()) -> dict:
     """The state dict with floating tensors cast to `dtype` ('float32' or 'float16'), except the
     entries named in `keep` (e.g. frozen parameters such as pos_embed, kept exact). ValueError if a
     value does not fit in float16."""
-    target = DTYPES[dtype]
+    target = checkpoint.DTYPES[dtype]
     out = {}
     for name, value in state_dict.items():
         if name in keep or not value.is_floating_point():
@@ -190,7 +190,7 @@ def cast_state(state_dict: dict, dtype: str, keep=()) -> dict:
 
 def snapshot_file_bytes(state_dict: dict, dtype: str, keep=()) -> int:
     """Bytes of the tensors of one snapshot of `state_dict` (which may live on the meta device)."""
-    size = DTYPES[dtype].itemsize
+    size = checkpoint.DTYPES[dtype].itemsize
     return sum(v.numel() * (size if v.is_floating_point() and n not in keep else v.element_size())
                for n, v in state_dict.items())
 
@@ -309,7 +309,7 @@ class SnapshotWriter:
     start: int
     total: int
     steps_per_epoch: int
-    dtype: str  # of the stored weights, a key of DTYPES
+    dtype: str  # of the stored weights, one of SNAPSHOT_DTYPES
     args: dict  # the run's flags, stored in every file
     keep: frozenset = frozenset()  # names of the frozen parameters, stored exactly
     failed: int = 0
@@ -328,10 +328,10 @@ class SnapshotWriter:
                                epoch=step // self.steps_per_epoch - 1, args=self.args, dtype=self.dtype, keep=self.keep)
             except (files.WriteError, ValueError) as e:  # a full disk; weights beyond the float16 range
                 self.failed += 1
-                D.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
+                distributed.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
                          "training goes on")
-        D.print0(f"post-hoc EMA snapshots at step {step} ({images_seen} images) -> {self.folder}")
-        D.barrier()
+        distributed.print0(f"post-hoc EMA snapshots at step {step} ({images_seen} images) -> {self.folder}")
+        distributed.barrier()
 
     def plan(self, done: int) -> list[str]:
         """Lines for the log before training, `done` global steps into the run: the files and bytes

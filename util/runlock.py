@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from util import distributed as D
+from util import distributed
 from util.errors import BadInput
 
 KINDS = ("train", "eval")
@@ -88,13 +88,13 @@ def take(output_dir: str, kind: str) -> str | None:
     util.distributed.run_ids); every rank raises the same BadInput when another run holds it.
     Returns the lock file's path on rank 0 (None elsewhere)."""
     path, error = None, None
-    if D.is_main_process():
+    if distributed.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         try:
-            path = acquire(output_dir, kind, D.run_ids(), log=D.print0)
+            path = acquire(output_dir, kind, distributed.run_ids(), log=distributed.print0)
         except BadInput as e:
             error = str(e)
-    error = D.broadcast_object(error)
+    error = distributed.broadcast_object(error)
     if error:
         raise BadInput(error)
     return path
