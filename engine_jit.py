@@ -96,7 +96,7 @@ class RunIO:
     """How the loop talks to the run. log: a RunLog (None: no records); stopper: a StopSignal (None:
     no signals); save: save(epoch, next_step) writes a resumable checkpoint and returns whether it could;
     snapshot: snapshot(global step, images seen), called after every optimiser step, writes the
-    post-hoc EMA snapshots due then (util.phema.SnapshotWriter; collective; None: none)."""
+    post-hoc EMA snapshots due then (util.phema_files.SnapshotWriter; collective; None: none)."""
 
     log: object = None
     stopper: StopSignal | None = None

@@ -22,7 +22,7 @@ from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunI
                         compile_fsdp_blocks, evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 from util import distributed
-from util import phema, runlock, sharding, sweep
+from util import phema, phema_files, phema_run, runlock, sharding, sweep
 import weights
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
 from util.config import RunConfig, parse
@@ -84,7 +84,7 @@ def get_args_parser():
     a("--phema_stds", default=None, type=float, nargs="+", help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default")
     a("--phema_every", default=None, type=int, help="a post-hoc EMA snapshot every N optimiser steps (default: the run's steps / 300)")
     a("--phema_from", default=None, type=int, help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's last step always writes them")
-    a("--phema_dtype", default="float32", choices=phema.SNAPSHOT_DTYPES, help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
+    a("--phema_dtype", default="float32", choices=phema_files.SNAPSHOT_DTYPES, help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
 
     g = p.add_argument_group("sampling and evaluation")
     sweep.add_sampler_args(g, sweep=True)
@@ -155,32 +155,7 @@ def check_args(args):
         raise BadValue("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER (or --phema SNAPSHOT_FOLDER)")
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
-    check_phema_args(args)
-
-
-def check_phema_args(args):
-    """The post-hoc EMA flags: σ_rel in range and distinct, a schedule of whole steps, and --phema
-    (with --ema_std) as the one source of weights of an --evaluate_gen (BadValue)."""
-    for flag in ("phema_stds", "ema_std"):
-        for value in getattr(args, flag) or []:
-            if not 0 < value < phema.SIGMA_REL_MAX:
-                raise BadValue(f"--{flag} {value}: σ_rel must be in (0, {phema.SIGMA_REL_MAX:.4f})")
-    if args.phema_stds and len({f"{s:.6g}" for s in args.phema_stds}) < len(args.phema_stds):
-        raise BadValue(f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the snapshot files)")
-    for flag, least in (("phema_every", 1), ("phema_from", 0), ("phema_at", 1)):
-        if getattr(args, flag) is not None and getattr(args, flag) < least:
-            raise BadValue(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
-    if args.phema:
-        if not args.evaluate_gen:
-            raise BadValue("--phema evaluates post-hoc EMAs: add --evaluate_gen")
-        if args.resume:
-            raise BadValue("--phema and --resume both name the weights to evaluate: give one")
-        if not args.ema_std:
-            raise BadValue("--phema: give the σ_rel of the post-hoc EMAs to evaluate with --ema_std")
-        if sweep.as_list(args.ema) != [1]:
-            raise BadValue("--ema chooses an EMA of a checkpoint; with --phema the weights are the post-hoc EMAs of --ema_std")
-    elif args.ema_std or args.phema_at is not None:
-        raise BadValue(f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)")
+    phema_run.check_flags(args)
 
 
 def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
@@ -301,24 +276,8 @@ def match_emas(config, state, path: str, denoiser, emas: list):
 
 def post_hoc_weights(config, denoiser, device) -> PostHocWeights:
     """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at."""
-    reconstruct = functools.partial(phema.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
+    reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
     return PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
-
-
-def snapshot_writer(config, data: Data, denoiser, phemas: list, start: Start) -> phema.SnapshotWriter:
-    """--phema_stds: what writes the run's snapshots to output_dir/phema, every --phema_every steps
-    from --phema_from (defaults: util.phema.default_schedule of the run's steps). Says what the run
-    will write, warns when the disk is short, and removes what a killed write left."""
-    total = config.epochs * data.steps_per_epoch
-    every, first = phema.default_schedule(total)
-    writer = phema.SnapshotWriter(
-        os.path.join(config.output_dir, "phema"), phemas, every=config.phema_every or every,
-        start=first if config.phema_from is None else config.phema_from, total=total, steps_per_epoch=data.steps_per_epoch,
-        dtype=config.phema_dtype, args=config.as_dict(), keep=frozenset(phema.frozen_names(denoiser)))
-    if distributed.is_main_process() and os.path.isdir(writer.folder):
-        remove_stale_temporaries(writer.folder, ".phema-")
-    distributed.print0(*writer.plan(done=start.epoch * data.steps_per_epoch + start.step), sep="\n")
-    return writer
 
 
 def use_compile(config, device) -> bool:
@@ -356,7 +315,7 @@ class Run:
     evaluation: Evaluation | None = None  # None: the run does not evaluate
     data: Data | None = None  # None for --evaluate_gen
     lock: str | None = None  # the output folder's lock file (rank 0)
-    snapshots: phema.SnapshotWriter | None = None  # None: no post-hoc EMA tracked
+    snapshots: phema_files.SnapshotWriter | None = None  # None: no post-hoc EMA tracked
 
     def close(self):
         """Put the signal handlers back, close the log and release the output folder."""
@@ -416,7 +375,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     if state is not None:
         match_emas(config, state, path, denoiser, emas)
         if not config.evaluate_gen:
-            phema.check_resume_stds(state, path, config.phema_stds)
+            phema_run.check_resume_stds(state, path, config.phema_stds)
             check_resume_objective(state, path, config)
             config = config.replace(**{k: state.args[k] for k in ("init_origin", "run_id") if k in state.args})
         start = checkpoints.restore(state, path)
@@ -426,7 +385,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
             config = config.replace(init_origin=origin)
             checkpoints.initialise(state, config.init_from)
         if not config.evaluate_gen:
-            config = config.replace(run_id=phema.run_identity(config.as_dict()))
+            config = config.replace(run_id=phema_files.run_identity(config.as_dict()))
         start = Start(config.start_epoch)
     checkpoints.args = config.as_dict()  # the run's settings, final: stored in every checkpoint
     if not config.evaluate_gen:
@@ -439,7 +398,8 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen,
         weights_context={"phema_step": config.phema_at} if config.phema else {})
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
-    snapshots = snapshot_writer(config, data, denoiser, phemas, start) if phemas else None
+    done = start.epoch * data.steps_per_epoch + start.step if phemas else 0
+    snapshots = phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None
     return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots)
 
 

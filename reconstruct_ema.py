@@ -15,7 +15,7 @@ import os
 import sys
 
 
-from util import checkpoint, phema
+from util import checkpoint, phema, phema_files
 from util.errors import BadValue, exit_code
 
 ACCUM = ("float64", "float32")  # names in util.checkpoint.DTYPES
@@ -68,16 +68,16 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
 
 def reconstruct(args):
     wanted = targets(args.std, args.decay)
-    snapshots = phema.usable_snapshots(args.snapshots, args.at)
-    at_step, end_images, batch = phema.reconstruction_point(snapshots, args.at, need_batch=bool(args.decay))
+    snapshots = phema_files.usable_snapshots(args.snapshots, args.at)
+    at_step, end_images, batch = phema_files.reconstruction_point(snapshots, args.at, need_batch=bool(args.decay))
     out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
     os.makedirs(out_dir, exist_ok=True)
     profiles = sorted({s.sigma_rel for s in snapshots})
     print(f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
           f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
           f"({end_images} images), sums in {args.accum}")
-    fits, results = phema.reconstruct(snapshots, wanted, end_images, batch, checkpoint.DTYPES[args.accum])
-    run = phema.read_snapshot(snapshots[-1].path)[1]["args"]
+    fits, results = phema_files.reconstruct(snapshots, wanted, end_images, batch, checkpoint.DTYPES[args.accum])
+    run = phema_files.read_snapshot(snapshots[-1].path)[1]["args"]
     for target, fit_, state in zip(wanted, fits, results):
         path = os.path.join(out_dir, output_name(target, at_step))
         write(path, state, target, fit_, snapshots, at_step, end_images, args.accum, run)

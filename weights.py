@@ -27,7 +27,7 @@ from denoiser import Denoiser, SamplerSettings
 from model_jit_adapters import (DIFFUSERS_CLASS, DIFFUSERS_CONFIG, NETWORK_DEFAULTS, NORM_EPS, POS_KEY, RUNTIME_KEYWORDS,
                                 adapt_for_init, add_net, build_denoiser, check_fits, describe_network, diffusers_refusal, fits_preset,
                                 from_diffusers, network_config, is_preset, preset_knob, preset_of, strip_net, to_diffusers)
-from util import checkpoint, files, phema, sweep
+from util import checkpoint, files, phema_run, sweep
 from util.checkpoint import CheckpointError
 from util.errors import BadValue
 
@@ -577,7 +577,7 @@ def evaluation_source(flags, log=print) -> tuple[checkpoint.TrainState, str, obj
         state, path = as_train_state(exported, state_dict), flags.resume
     else:
         if flags.phema:
-            (state, changes["phema_at"]), path = phema.snapshot_state(flags.phema, flags.phema_at, log), os.path.abspath(flags.phema)
+            (state, changes["phema_at"]), path = phema_run.snapshot_state(flags.phema, flags.phema_at, log), os.path.abspath(flags.phema)
         else:
             state, path = load_checkpoint(flags.resume, log=log)
         exported = command_line_sampler(export_config(state, "model", dtype="float32", source=path, records=[]), flags)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import reconstruct_ema  # noqa: E402
 from denoiser import EMA, Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import checkpoint, phema  # noqa: E402
+from util import checkpoint, phema, phema_files  # noqa: E402
 from util.files import human_bytes  # noqa: E402
 
 # ImageNet 600 epochs at a global batch of 1024, and the defaults chosen from this benchmark.
@@ -45,7 +45,7 @@ IMAGENET_STEPS_PER_EPOCH, IMAGENET_EPOCHS, IMAGENET_BATCH = 1251, 600, 1024
 IMAGENET_STEPS = IMAGENET_STEPS_PER_EPOCH * IMAGENET_EPOCHS
 PAPER_DECAYS = (0.9996, 0.9998, 0.9999)
 SNAPSHOT_STDS = (0.003, 0.006, 0.012)
-DEFAULT_EVERY, DEFAULT_FROM = phema.default_schedule(IMAGENET_STEPS)  # 2502, 675540: every 2 epochs from epoch 540
+DEFAULT_EVERY, DEFAULT_FROM = phema_files.default_schedule(IMAGENET_STEPS)  # 2502, 675540: every 2 epochs from epoch 540
 SPACINGS_IN_EPOCHS = (0.5, 1, 2, 4)
 DIRECT_STDS = (0.0045, 0.009)
 TARGET_STDS = (0.003, 0.0045, 0.006, 0.009, 0.012)
@@ -159,7 +159,7 @@ def own_profile_through_files(run: dict, steps: int, start: int) -> dict:
         for s in SNAPSHOT_STDS:
             for k, vector in run["snapshots"][s].items():
                 if k % spacing == 0:
-                    phema.write_snapshot(folder, unflatten(vector, template), sigma_rel=s, step=k, images_seen=k * BATCH,
+                    phema_files.write_snapshot(folder, unflatten(vector, template), sigma_rel=s, step=k, images_seen=k * BATCH,
                                          epoch=0, args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3})
         code = reconstruct_ema.main(["--snapshots", folder, "--std", "0.006", "--output_dir", tmp])
         assert code == 0
@@ -186,7 +186,7 @@ def imagenet_fits() -> list[dict]:
         row = {"target": kind, "value": value, "spacing": {}}
         for epochs in SPACINGS_IN_EPOCHS:
             every = round(epochs * IMAGENET_STEPS_PER_EPOCH)
-            steps = [k for k in range(1, IMAGENET_STEPS + 1) if phema.snapshot_due(k, every=every, start=DEFAULT_FROM, total=IMAGENET_STEPS)]
+            steps = [k for k in range(1, IMAGENET_STEPS + 1) if phema_files.snapshot_due(k, every=every, start=DEFAULT_FROM, total=IMAGENET_STEPS)]
             images = np.array([k * IMAGENET_BATCH for k in steps for _ in SNAPSHOT_STDS], dtype=np.float64)
             gammas = np.array([phema.gamma_from_sigma_rel(s) for _ in steps for s in SNAPSHOT_STDS])
             end = IMAGENET_STEPS * IMAGENET_BATCH
@@ -203,11 +203,11 @@ def disk_costs() -> list[dict]:
     for name in ("JiT-B/16", "JiT-L/16", "JiT-H/16"):
         with torch.device("meta"):
             model = Denoiser(JiT_models[name](input_size=256, num_classes=1000), 1000)
-        state, keep = model.state_dict(), phema.frozen_names(model)
+        state, keep = model.state_dict(), phema_files.frozen_names(model)
         row = {"model": name, "params": sum(v.numel() for v in state.values())}
         for dtype in ("float16", "float32"):
-            one = phema.snapshot_file_bytes(state, dtype, keep)
-            files, total = phema.snapshot_cost(one, len(SNAPSHOT_STDS), every=DEFAULT_EVERY, start=DEFAULT_FROM, total=IMAGENET_STEPS)
+            one = phema_files.snapshot_file_bytes(state, dtype, keep)
+            files, total = phema_files.snapshot_cost(one, len(SNAPSHOT_STDS), every=DEFAULT_EVERY, start=DEFAULT_FROM, total=IMAGENET_STEPS)
             row[dtype] = {"file_bytes": one, "files": files, "bytes": total}
         rows.append(row)
     return rows
@@ -253,7 +253,7 @@ def main():
     torch.set_num_threads(1)  # a 0.3M-parameter model: more threads only contend (10x slower on a busy 2-core VM)
     t0 = time.time()
     steps = args.steps
-    start = phema.default_schedule(steps)[1]
+    start = phema_files.default_schedule(steps)[1]
     finest = round(steps * min(SPACINGS_IN_EPOCHS) / IMAGENET_EPOCHS)
     print(f"training JiT-XS/4 for {steps} steps (snapshots every {finest} steps from step {start})")
     run = train(steps, finest, start)

@@ -10,7 +10,7 @@ import pytest
 import main_jit
 from helpers import TINY, tiny_denoiser
 from util import checkpoint as ckpt_util
-from util import phema
+from util import phema, phema_files
 from util.config import DERIVED, parse, sections_of
 
 
@@ -102,15 +102,15 @@ def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
     model = tiny_denoiser()
     ema = phema.PowerEMA(model, 0.1)
     folder = str(tmp_path / "phema")
-    stale = phema.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=90, images_seen=720, epoch=10,
+    stale = phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=90, images_seen=720, epoch=10,
                                  args={"run_id": "old", "epochs": 12})
     os.utime(stale, (time.time() - 3600,) * 2)
     for step in (10, 20):
-        phema.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=step, images_seen=8 * step, epoch=0,
+        phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=step, images_seen=8 * step, epoch=0,
                              args={"run_id": "new", "epochs": 3})
     notes = []
-    used = phema.usable_snapshots(folder, log=notes.append)
+    used = phema_files.usable_snapshots(folder, log=notes.append)
     assert [s.step for s in used] == [10, 20] and {s.run for s in used} == {"new"}
     assert len(notes) == 1 and "1 snapshot(s) of another run skipped (phema-0000000090-0.1.pth)" in notes[0]
-    assert phema.reconstruction_point(used)[0] == 20
-    assert phema.run_identity({"a": 1, "run_id": "x"}) == phema.run_identity({"a": 1}) != phema.run_identity({"a": 2})
+    assert phema_files.reconstruction_point(used)[0] == 20
+    assert phema_files.run_identity({"a": 1, "run_id": "x"}) == phema_files.run_identity({"a": 1}) != phema_files.run_identity({"a": 2})

@@ -9,7 +9,7 @@ import torch
 
 from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
                      save_reference_checkpoint, tiny_denoiser, worker_pids)
-from util import phema
+from util import phema_files
 
 ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
 # Power EMAs (post-hoc EMA) in the runs compared: 2 epochs of 6 steps, snapshots at steps 4, 8 and 12.
@@ -56,8 +56,8 @@ def fsdp(data, tmp_path_factory, online_eval):
 
 def snapshots(out) -> dict:
     """{(step, σ_rel): (images seen, state dict)} of the post-hoc EMA snapshots in out/phema."""
-    found = phema.list_snapshots(os.path.join(out, "phema"))
-    return {(s.step, s.sigma_rel): (s.images_seen, phema.read_snapshot(s.path)[1]["state_dict"]) for s in found}
+    found = phema_files.list_snapshots(os.path.join(out, "phema"))
+    return {(s.step, s.sigma_rel): (s.images_seen, phema_files.read_snapshot(s.path)[1]["state_dict"]) for s in found}
 
 
 def assert_same_tensors(a: dict, b: dict, atol: float = 0.0):

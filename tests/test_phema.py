@@ -14,7 +14,7 @@ import reconstruct_ema
 import sample
 from denoiser import EMA
 from helpers import tiny_denoiser
-from util import checkpoint, phema
+from util import checkpoint, phema, phema_files
 
 
 def power_density(tau, end, gamma):
@@ -198,19 +198,19 @@ def write_toy_snapshots(folder, stds=(0.05, 0.15), steps=60, every=10, batch=8, 
                     p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
         for ema in emas:
             ema.update(model, step * batch, batch)
-        if phema.snapshot_due(step, every=every, start=every, total=steps):
+        if phema_files.snapshot_due(step, every=every, start=every, total=steps):
             for ema in emas:
-                phema.write_snapshot(folder, ema.state_dict(), sigma_rel=ema.sigma_rel, step=step, images_seen=step * batch,
-                                     epoch=step // 20 - 1, args=args, dtype=dtype, keep=phema.frozen_names(model))
+                phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=ema.sigma_rel, step=step, images_seen=step * batch,
+                                     epoch=step // 20 - 1, args=args, dtype=dtype, keep=phema_files.frozen_names(model))
     return emas, model, args
 
 
 def test_snapshots_round_trip_and_list_in_step_order(tmp_path):
     emas, model, args = write_toy_snapshots(str(tmp_path), steps=30, dtype="float16")
     (tmp_path / ".phema-0000000030-0.05.pth.tmp-123").write_bytes(b"partial")  # a killed write: ignored
-    found = phema.list_snapshots(str(tmp_path))
+    found = phema_files.list_snapshots(str(tmp_path))
     assert [(s.step, s.sigma_rel) for s in found] == [(st, sd) for st in (10, 20, 30) for sd in (0.05, 0.15)]
-    info, data = phema.read_snapshot(found[-1].path)
+    info, data = phema_files.read_snapshot(found[-1].path)
     assert (info.images_seen, info.dtype, info.epoch, data["args"]) == (240, "float16", 0, args)
     assert info.gamma == phema.gamma_from_sigma_rel(0.15)
     state = data["state_dict"]
@@ -219,34 +219,34 @@ def test_snapshots_round_trip_and_list_in_step_order(tmp_path):
     trained = [k for k in state if k != "net.pos_embed"]
     assert all(state[k].dtype == torch.float16 for k in trained)
     torch.testing.assert_close(state[trained[0]].float(), emas[1].state_dict()[trained[0]], rtol=1e-3, atol=1e-4)
-    one = phema.snapshot_file_bytes(model.state_dict(), "float16", phema.frozen_names(model))
+    one = phema_files.snapshot_file_bytes(model.state_dict(), "float16", phema_files.frozen_names(model))
     assert abs(os.path.getsize(found[-1].path) - one) < 0.1 * one
 
 
 def test_snapshot_count_and_cost():
     for every, start, total in [(10, 0, 95), (10, 35, 100), (7, 50, 50), (5, 60, 50), (2502, 675540, 750600)]:
-        brute = sum(phema.snapshot_due(s, every=every, start=start, total=total) for s in range(1, total + 1))
-        assert phema.snapshot_count(every=every, start=start, total=total) == brute
-    assert phema.snapshot_cost(1000, 3, every=2502, start=675540, total=750600) == (93, 93_000)
-    assert phema.default_schedule(750600) == (2502, 675540)  # ImageNet 600 epochs: every 2 epochs from epoch 540
-    assert phema.default_schedule(100) == (1, 90)
+        brute = sum(phema_files.snapshot_due(s, every=every, start=start, total=total) for s in range(1, total + 1))
+        assert phema_files.snapshot_count(every=every, start=start, total=total) == brute
+    assert phema_files.snapshot_cost(1000, 3, every=2502, start=675540, total=750600) == (93, 93_000)
+    assert phema_files.default_schedule(750600) == (2502, 675540)  # ImageNet 600 epochs: every 2 epochs from epoch 540
+    assert phema_files.default_schedule(100) == (1, 90)
 
 
 def test_float16_overflow_is_refused():
     with pytest.raises(ValueError, match="float16 range"):
-        phema.cast_state({"w": torch.tensor([1e5])}, "float16")
+        phema_files.cast_state({"w": torch.tensor([1e5])}, "float16")
 
 
 def test_reconstruction_of_a_tracked_profile_is_that_ema(tmp_path):
     """Item 5 (a): the reconstruction of a tracked σ_rel at a snapshot time is the tracked EMA."""
     emas, _, _ = write_toy_snapshots(str(tmp_path))
-    snaps = phema.list_snapshots(str(tmp_path))
+    snaps = phema_files.list_snapshots(str(tmp_path))
     images = [s.images_seen for s in snaps]
     gammas = [s.gamma for s in snaps]
     fits = [phema.fit_power(images, gammas, snaps[-1].images_seen, ema.sigma_rel) for ema in emas]
     for fit in fits:
         assert fit.fit_error < 1e-6
-    got = phema.combine(snaps, np.stack([f.weights for f in fits], 1))
+    got = phema_files.combine(snaps, np.stack([f.weights for f in fits], 1))
     for ema, state in zip(emas, got):
         for k, v in ema.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6)
@@ -328,10 +328,10 @@ def test_float32_sums_of_several_targets_equal_float64_and_leave_the_snapshots_a
     snap_dir = str(tmp_path / "phema")
     write_toy_snapshots(snap_dir, dtype=dtype)
     before = folder_bytes(snap_dir)
-    snaps = phema.list_snapshots(snap_dir)
+    snaps = phema_files.list_snapshots(snap_dir)
     targets = [("std", 0.05), ("std", 0.1), ("std", 0.15)]
-    fits, wide = phema.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float64)
-    _, narrow = phema.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float32)
+    fits, wide = phema_files.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float64)
+    _, narrow = phema_files.reconstruct(snaps, targets, snaps[-1].images_seen, None, torch.float32)
     gain = max(f.gain for f in fits)
     for a, b in zip(narrow, wide):
         for name, value in b.items():
@@ -339,7 +339,7 @@ def test_float32_sums_of_several_targets_equal_float64_and_leave_the_snapshots_a
             torch.testing.assert_close(a[name], value, rtol=0, atol=4 * gain * len(snaps) * scale * 2 ** -24)
     assert not torch.equal(narrow[0]["net.final_layer.linear.weight"], narrow[2]["net.final_layer.linear.weight"])
     assert all(narrow[0][k].data_ptr() != narrow[1][k].data_ptr() for k in narrow[0])
-    pos = phema.read_snapshot(snaps[0].path)[1]["state_dict"]["net.pos_embed"]  # frozen: the weights sum to 1
+    pos = phema_files.read_snapshot(snaps[0].path)[1]["state_dict"]["net.pos_embed"]  # frozen: the weights sum to 1
     assert all(torch.allclose(out["net.pos_embed"], pos.float(), rtol=0, atol=1e-6) for out in narrow)
     assert folder_bytes(snap_dir) == before
 
@@ -353,8 +353,8 @@ def test_a_snapshot_folder_that_cannot_be_made_is_a_write_error(tmp_path):
     blocked.write_text("a file where the folder should be")
     model = tiny_denoiser()
     with pytest.raises(files.WriteError, match="could not write"):
-        phema.write_snapshot(str(blocked), model.state_dict(), sigma_rel=0.05, step=1, images_seen=8, epoch=0, args={})
-    writer = phema.SnapshotWriter(str(blocked), [phema.PowerEMA(model, 0.05)], every=1, start=1, total=2, steps_per_epoch=2,
+        phema_files.write_snapshot(str(blocked), model.state_dict(), sigma_rel=0.05, step=1, images_seen=8, epoch=0, args={})
+    writer = phema_files.SnapshotWriter(str(blocked), [phema.PowerEMA(model, 0.05)], every=1, start=1, total=2, steps_per_epoch=2,
                                   dtype="float32", args={})
     writer(1, 8)
     assert writer.failed == 1

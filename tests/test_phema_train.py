@@ -18,7 +18,7 @@ import reconstruct_ema
 from denoiser import SamplerSettings
 from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoiser
 from util import checkpoint as ckpt_util
-from util import phema, sweep
+from util import phema, phema_files, sweep
 
 STDS = (0.05, 0.1)
 # 2 epochs of 6 steps, global batch 4: snapshots at steps 5, 10 and 12 (the last).
@@ -86,10 +86,10 @@ def test_tracked_power_emas_are_phema_power_emas_of_the_weights(straight):
             torch.testing.assert_close(tracked[name].double(), explicit, rtol=0, atol=1e-6)
     assert not torch.equal(ckpt["model_phema"][0]["net.final_layer.linear.weight"], ckpt["model_phema"][1]["net.final_layer.linear.weight"])
 
-    snaps = phema.list_snapshots(str(base / "straight" / "phema"))
+    snaps = phema_files.list_snapshots(str(base / "straight" / "phema"))
     assert [(s.step, s.sigma_rel) for s in snaps] == [(k, s) for k in DUE for s in STDS]
     assert [(s.images_seen, s.epoch) for s in snaps[::2]] == [(20, -1), (40, 0), (48, 1)]
-    info, data = phema.read_snapshot(snaps[0].path)  # step 5: the PowerEMA after 5 steps, float32
+    info, data = phema_files.read_snapshot(snaps[0].path)  # step 5: the PowerEMA after 5 steps, float32
     assert data["args"]["phema_stds"] == list(STDS) and info.dtype == "float32"
     for name, value in power_ema_over(trajectory, STDS[0], 5).items():
         assert torch.equal(data["state_dict"][name], value), name
@@ -223,9 +223,9 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
 
     model = tiny_denoiser()
     emas = [phema.PowerEMA(model, s) for s in STDS]
-    writer = phema.SnapshotWriter(str(tmp_path / "phema"), emas, every=2, start=1, total=5, steps_per_epoch=3, dtype="float16",
-                                  args={"model": "JiT-XS/4"}, keep=frozenset(phema.frozen_names(model)))
-    one = phema.snapshot_file_bytes(model.state_dict(), "float16", writer.keep)
+    writer = phema_files.SnapshotWriter(str(tmp_path / "phema"), emas, every=2, start=1, total=5, steps_per_epoch=3, dtype="float16",
+                                  args={"model": "JiT-XS/4"}, keep=frozenset(phema_files.frozen_names(model)))
+    one = phema_files.snapshot_file_bytes(model.state_dict(), "float16", writer.keep)
     monkeypatch.setattr(files, "free_bytes", lambda path: 3 * one)
     plan = writer.plan(done=2)  # steps 4 and 5 still to come: 4 files
     assert plan[0].startswith("post-hoc EMA: σ_rel 0.05 0.1; snapshots every 2 steps from step 1 and at the last (5): 6 files of ")
@@ -235,7 +235,7 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
     def full_disk(obj, path):
         raise files.WriteError(f"could not write {path}: No space left on device")
 
-    monkeypatch.setattr(phema.checkpoint, "save_atomic", full_disk)
+    monkeypatch.setattr(phema_files.checkpoint, "save_atomic", full_disk)
     writer(3, 12)  # not due: nothing happens
     writer(4, 16)
     out = capsys.readouterr().out
@@ -243,7 +243,7 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
     assert "training goes on" in out and os.listdir(tmp_path / "phema") == []
     monkeypatch.undo()
     writer(5, 20)  # the last step
-    assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema.list_snapshots(writer.folder)] == [(5, 20, 0, "float16")] * 2
+    assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema_files.list_snapshots(writer.folder)] == [(5, 20, 0, "float16")] * 2
 
 
 def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
