@@ -21,15 +21,14 @@ from denoiser import CONVERSIONS, EMA, Denoiser
 from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunIO, StepParts, StopRun, StopSignal, build_optimizer,
                         compile_fsdp_blocks, evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-from util import distributed
-from util import phema, phema_files, phema_run, runlock, sharding, sweep
 import weights
-from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, remove_stale_temporaries
+from util import distributed, phema, phema_files, phema_run, runlock, sharding, sweep
+from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, check_objective, remove_stale_temporaries
 from util.config import RunConfig, parse
-from util.data import Data, ResumableSampler, make_loader, open_dataset
-from util.demo import make_shapes_dataset, write_demo_outputs
+from util.data import Data, build_data
+from util.demo import write_demo_outputs
 from util.errors import BadValue, exit_code
-from util.evaluation import GenerationSpec, Scorer
+from util.evaluation import scoring
 from util.logger import RunLog, hms
 
 DEMO_DEFAULTS = dict(
@@ -159,15 +158,11 @@ def check_args(args):
 
 
 def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
-    """The run's settings: the flags plus the values derived from them, a new config (`args` is the
-    flags as given).
-
-    lr: blr × global batch / 256 unless --lr is given; data_path: the generated shapes under output_dir for --demo; fsdp, grad_checkpoint: whether they
-    apply (sharding needs several processes; evaluation has no backward pass). Single-valued sweep
-    flags (--cfg, --interval_min, --interval_max, --ema) become plain numbers; phema_stds: the
-    power EMAs training keeps, ascending (none for --evaluate_gen). The default
-    --fid_stats is set by `setup`, once --evaluate_gen has taken --img_size from the weights.
-    """
+    """The run's settings, a new config: the flags as given (`args`) plus what follows from them. lr:
+    blr × global batch / 256 unless --lr is given; data_path: the demo's shapes under output_dir;
+    fsdp, grad_checkpoint: whether they apply (several processes; a backward pass); single-valued
+    sweep flags (--cfg, --interval_min, --interval_max, --ema) as plain numbers; phema_stds: the
+    power EMAs training keeps, ascending (none for --evaluate_gen). `setup` adds the default --fid_stats."""
     derived = {}
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
         values = sweep.as_list(getattr(args, name))
@@ -196,35 +191,6 @@ def ignored_flags(args, world_size: int) -> list[str]:
     if args.phema_stds and args.evaluate_gen:
         notes.append("--phema_stds is ignored by --evaluate_gen (it tracks power EMAs while training)")
     return notes
-
-
-def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
-    """What evaluation generates and how it is scored; checks --num_images, --final_num_images, the
-    FID statistics and the Inception weights (downloaded now if not cached and not given)."""
-    spec = GenerationSpec(num_images=config.num_images, class_num=config.class_num, img_size=config.img_size,
-                          sampler=points[0].sampler, gen_bsz=config.gen_bsz, seed=config.seed)
-    if config.final_num_images is not None:
-        GenerationSpec(**{**vars(spec), "num_images": config.final_num_images})
-    return spec, Scorer(config.fid_stats, config.inception_weights, device)
-
-
-def build_data(config, device) -> Data:
-    """The training images (the demo's are generated first; a folder or a store), this rank's sampler
-    and the loader."""
-    if config.demo:
-        if distributed.is_main_process():
-            make_shapes_dataset(config.data_path, image_size=config.img_size)
-        distributed.barrier()
-    dataset = open_dataset(config.data_path, config.img_size)
-    if len(dataset.classes) > config.class_num:
-        raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
-    sampler = ResumableSampler(len(dataset), distributed.get_rank(), distributed.get_world_size(), seed=config.seed)
-    loader = make_loader(dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
-                         pin_memory=config.pin_mem and device.type == "cuda", seed=config.seed)
-    steps_per_epoch = sampler.num_samples // config.batch_size // config.accum_iter
-    if steps_per_epoch < 1:
-        raise BadValue(f"{len(dataset)} images make no full batch of {config.batch_size} × {config.accum_iter} per process")
-    return Data(loader, sampler, steps_per_epoch, len(dataset), len(dataset.classes))
 
 
 def build_denoiser(config, device) -> Denoiser:
@@ -272,12 +238,6 @@ def match_emas(config, state, path: str, denoiser, emas: list):
     if max(sweep.as_list(config.ema)) > len(emas):
         raise CheckpointError(f"--ema {max(sweep.as_list(config.ema))}: {path} has no {EMA_KEYS[len(emas)]} "
                               "(a third EMA is kept when training with --ema_decay3)")
-
-
-def post_hoc_weights(config, denoiser, device) -> PostHocWeights:
-    """--phema: `denoiser` samples with each σ_rel's weights, reconstructed at step config.phema_at."""
-    reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
-    return PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
 
 
 def use_compile(config, device) -> bool:
@@ -376,7 +336,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         match_emas(config, state, path, denoiser, emas)
         if not config.evaluate_gen:
             phema_run.check_resume_stds(state, path, config.phema_stds)
-            check_resume_objective(state, path, config)
+            check_objective(state, path, config.pred, config.loss)
             config = config.replace(**{k: state.args[k] for k in ("init_origin", "run_id") if k in state.args})
         start = checkpoints.restore(state, path)
     else:
@@ -391,8 +351,11 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     if not config.evaluate_gen:
         checkpoints.check_free_space()
     stopper = StopSignal()
-    ema_weights = post_hoc_weights(config, denoiser, device) if config.phema else EMAWeights(
-        emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
+    if config.phema:  # each σ_rel's weights, reconstructed at step config.phema_at
+        reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
+        ema_weights = PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
+    else:
+        ema_weights = EMAWeights(emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device))
     evaluation = None if scores is None else Evaluation(
         ema_weights, points, *scores, log=log, output_dir=config.output_dir, save_images=config.save_images,
         final_num_images=config.final_num_images, stopper=stopper, during_training=not config.evaluate_gen,
@@ -401,17 +364,6 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     done = start.epoch * data.steps_per_epoch + start.step if phemas else 0
     snapshots = phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None
     return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots)
-
-
-def check_resume_objective(state, path: str, config):
-    """Training continues the objective the checkpoint was trained with: another --pred or --loss
-    keeps every shape but changes what the weights mean (CheckpointError: exit 2). A reference
-    checkpoint without them was trained with x-prediction and the v-loss."""
-    for flag, default in (("pred", "x"), ("loss", "v")):
-        theirs = state.args.get(flag) or default
-        if theirs != getattr(config, flag):
-            raise CheckpointError(f"{path} was trained with --{flag} {theirs}, this run --{flag} {getattr(config, flag)}: "
-                                  f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)")
 
 
 def train(run: Run) -> int:

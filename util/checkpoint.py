@@ -411,3 +411,14 @@ class Checkpointer:
                      f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
                      "checkpoints may fail to be written")
 
+
+
+def check_objective(state: TrainState, path: str, pred: str, loss: str):
+    """Training continues the objective the checkpoint was trained with: another --pred or --loss
+    keeps every shape but changes what the weights mean (CheckpointError: exit 2). A reference
+    checkpoint without them was trained with x-prediction and the v-loss."""
+    for flag, ours, default in (("pred", pred, "x"), ("loss", loss, "v")):
+        theirs = state.args.get(flag) or default
+        if theirs != ours:
+            raise CheckpointError(f"{path} was trained with --{flag} {theirs}, this run --{flag} {ours}: "
+                                  f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)")

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from util.distributed import print_all
-from util.errors import MissingFile
+from util.distributed import barrier, get_rank, get_world_size, is_main_process, print_all
+from util.errors import BadValue, MissingFile
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -193,3 +193,24 @@ def make_loader(dataset, sampler, *, batch_size: int, num_workers: int, pin_memo
         return ThreadedBatches(dataset, sampler, batch_size=batch_size, threads=num_workers, pin_memory=pin_memory)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       drop_last=True, persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def build_data(config, device) -> Data:
+    """The training images of a run (`config`: main_jit's; the demo's are generated first; a folder or a
+    store), this rank's sampler and the loader. BadValue for data that cannot make a batch."""
+    from util.demo import make_shapes_dataset  # the demo imports evaluation helpers: only when needed
+
+    if config.demo:
+        if is_main_process():
+            make_shapes_dataset(config.data_path, image_size=config.img_size)
+        barrier()
+    dataset = open_dataset(config.data_path, config.img_size)
+    if len(dataset.classes) > config.class_num:
+        raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
+    sampler = ResumableSampler(len(dataset), get_rank(), get_world_size(), seed=config.seed)
+    loader = make_loader(dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
+                         pin_memory=config.pin_mem and device.type == "cuda", seed=config.seed)
+    steps_per_epoch = sampler.num_samples // config.batch_size // config.accum_iter
+    if steps_per_epoch < 1:
+        raise BadValue(f"{len(dataset)} images make no full batch of {config.batch_size} × {config.accum_iter} per process")
+    return Data(loader, sampler, steps_per_epoch, len(dataset), len(dataset.classes))

@@ -192,3 +192,13 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
         if image_dir:
             result["images_saved"] = png_failures == 0
     return all_gather_object(result)[0]
+
+
+def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
+    """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and how it is scored; checks --num_images, --final_num_images, the
+    FID statistics and the Inception weights (downloaded now if not cached and not given)."""
+    spec = GenerationSpec(num_images=config.num_images, class_num=config.class_num, img_size=config.img_size,
+                          sampler=points[0].sampler, gen_bsz=config.gen_bsz, seed=config.seed)
+    if config.final_num_images is not None:
+        GenerationSpec(**{**vars(spec), "num_images": config.final_num_images})
+    return spec, Scorer(config.fid_stats, config.inception_weights, device)
