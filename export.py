@@ -17,6 +17,7 @@ import sys
 
 from util import files, sweep
 import weights
+from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
 
@@ -32,6 +33,11 @@ def get_args_parser():
     a("--metrics", default=None, help="the run's metrics.jsonl (default: the one beside the checkpoint)")
     a("--overwrite", action="store_true", help="replace the export in a non-empty output folder")
     return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
+    return parse(get_args_parser(), argv)
 
 
 def check_output(folder: str, overwrite: bool):
@@ -73,7 +79,8 @@ def source_weights(args) -> tuple[dict, dict, str]:
     return config, state.weights(which), f"{which} of {path} (epoch {state.epoch})"
 
 
-def export(args) -> list[str]:
+def main(args) -> list[str]:
+    """Export; BadInput for bad input, WriteError for a file that could not be written (see cli)."""
     check_output(args.output, args.overwrite)
     config, state_dict, what = source_weights(args)
     if args.format == "diffusers" and (why := weights.diffusers_refusal(config["network"])):
@@ -90,10 +97,10 @@ def export(args) -> list[str]:
     return paths
 
 
-def main(argv=None) -> int:
+def cli(argv=None) -> int:
     """Exit status as util.errors: 2 for bad input (one line on stderr), 1 for a failed write."""
-    return exit_code(export, get_args_parser().parse_args(argv))
+    return exit_code(main, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

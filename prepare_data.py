@@ -24,6 +24,7 @@ import PIL
 
 from util.data import CenterCropFolder, load_center_crop
 from util.distributed import print0
+from util.config import RunConfig, parse
 from util.errors import BadInput, BadValue, RunFailed, exit_code
 from util.files import atomic_write, free_bytes, human_bytes
 from util.logger import hms
@@ -44,6 +45,11 @@ def get_args_parser():
     a("--verify_samples", default=100, type=int)
     a("--seed", default=0, type=int, help="picks the images --verify re-decodes")
     return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
+    return parse(get_args_parser(), argv)
 
 
 def load_crop(path: str, size: int) -> np.ndarray:
@@ -297,8 +303,8 @@ def check_indices(labels: np.ndarray, source: np.ndarray, manifest: dict, sample
     return problems
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def main(args):
+    """Convert (and verify); BadInput for bad input, RunFailed for a conversion that failed (see cli)."""
     for name, low in (("img_size", 1), ("shard_size", 1), ("num_workers", 0), ("verify_samples", 0)):
         if getattr(args, name) < low:
             raise BadValue(f"--{name} must be at least {low}, got {getattr(args, name)}")
@@ -329,5 +335,10 @@ def main(argv=None):
         print0(f"verify: {args.store} passed")
 
 
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr), 1 for a failed conversion."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main))
+    sys.exit(cli())

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from util import distributed, fid
 from util.data import open_dataset
+from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 from util.evaluation import gather_rows
 from util.files import atomic_write
@@ -41,8 +42,13 @@ def get_args_parser():
     return parser
 
 
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
+    return parse(get_args_parser(), argv)
+
+
 def main(args):
-    """Exit status as util.errors: 2 for bad input (one line), 1 for a file that could not be written."""
+    """Write the PNGs and / or the statistics; BadInput for bad input, WriteError for a failed write (see cli)."""
     if not (args.png_dir or args.stats):
         raise BadValue("nothing to do: give --png_dir and/or --stats")
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url)
@@ -77,7 +83,12 @@ def main(args):
         distributed.print0(f"wrote {n} images to {args.png_dir}")
 
 
-if __name__ == "__main__":
-    code = exit_code(main, get_args_parser().parse_args())
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line), 1 for a file that could not be written."""
+    code = exit_code(main, parse_args(argv))
     distributed.shutdown()  # not after a bug: a rank that raised leaves at once, so that the launcher ends the others
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

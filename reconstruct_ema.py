@@ -16,6 +16,7 @@ import sys
 
 
 from util import checkpoint, phema, phema_files
+from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
 ACCUM = ("float64", "float32")  # names in util.checkpoint.DTYPES
@@ -31,6 +32,11 @@ def get_args_parser():
     a("--output_dir", default=None, help="where the checkpoints go (default: SNAPSHOTS/reconstructed)")
     a("--accum", default="float64", choices=ACCUM, help="precision of the weighted sums (the weights are solved in float64)")
     return parser
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
+    return parse(get_args_parser(), argv)
 
 
 def targets(stds, decays) -> list[tuple[str, float]]:
@@ -66,7 +72,8 @@ def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step:
     checkpoint.save_atomic({**checkpoint.to_dict(state), "phema": record}, path)
 
 
-def reconstruct(args):
+def main(args):
+    """Reconstruct and write the targets; BadInput for bad input, WriteError for a failed write (see cli)."""
     wanted = targets(args.std, args.decay)
     snapshots = phema_files.usable_snapshots(args.snapshots, args.at)
     at_step, end_images, batch = phema_files.reconstruction_point(snapshots, args.at, need_batch=bool(args.decay))
@@ -85,10 +92,10 @@ def reconstruct(args):
         print(f"{summary} -> {path}", *warning, sep="\n")
 
 
-def main(argv=None) -> int:
+def cli(argv=None) -> int:
     """Exit status as util.errors: 2 for bad input (one line on stderr), 1 for a failed write."""
-    return exit_code(reconstruct, get_args_parser().parse_args(argv))
+    return exit_code(main, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -142,7 +142,7 @@ def convert(folder: str, store: str, size: int) -> float:
     """prepare_data.py in one process; returns its images/s."""
     n = len(open_dataset(folder, size))
     start = time.perf_counter()
-    prepare_data.main(["--data_path", folder, "--img_size", str(size), "--store", store, "--num_workers", "0"])
+    prepare_data.main(prepare_data.parse_args(["--data_path", folder, "--img_size", str(size), "--store", store, "--num_workers", "0"]))
     return n / (time.perf_counter() - start)
 
 

@@ -161,7 +161,7 @@ def own_profile_through_files(run: dict, steps: int, start: int) -> dict:
                 if k % spacing == 0:
                     phema_files.write_snapshot(folder, unflatten(vector, template), sigma_rel=s, step=k, images_seen=k * BATCH,
                                          epoch=0, args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3})
-        code = reconstruct_ema.main(["--snapshots", folder, "--std", "0.006", "--output_dir", tmp])
+        code = reconstruct_ema.cli(["--snapshots", folder, "--std", "0.006", "--output_dir", tmp])
         assert code == 0
         state = checkpoint.load(os.path.join(tmp, f"ema-std0.006-step{steps:010d}.pth")).weights("ema1")
     got = torch.cat([state[n].reshape(-1) for n in template])

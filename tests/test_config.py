@@ -49,7 +49,7 @@ def exported_tiny(tmp_path) -> str:
     ckpt = str(tmp_path / "checkpoint-last.pth")
     ckpt_util.save(ckpt_util.TrainState(model=sd, emas=[sd, sd], optimizer=None, epoch=0, start={"epoch": 1, "step": 0},
                                         args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3}), ckpt)
-    assert export.main([ckpt, str(tmp_path / "jit")]) == 0
+    assert export.cli([ckpt, str(tmp_path / "jit")]) == 0
     return ckpt
 
 

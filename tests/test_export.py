@@ -61,7 +61,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("exported") / "jit")
-    assert export.main([run[0], out]) == 0
+    assert export.cli([run[0], out]) == 0
     return out
 
 
@@ -121,14 +121,14 @@ def test_round_trip_gives_bit_identical_outputs_and_samples(run, exported):
 
 def test_ema_choice_and_bfloat16_export(run, tmp_path):
     folder, state = run
-    assert export.main([folder, str(tmp_path / "raw"), "--ema", "0"]) == 0
+    assert export.cli([folder, str(tmp_path / "raw"), "--ema", "0"]) == 0
     config, sd = weights.load_exported(str(tmp_path / "raw"))
     assert config["weights"]["which"] == "model" and config["weights"]["ema_decay"] is None
     assert config["evaluations"] == [] and "training flags" in config["sampler"]["chosen_by"]
     assert config["sampler"]["cfg"] == 1.0  # the first of the run's swept --cfg values
     assert all(torch.equal(sd[k], v) for k, v in state.model.items())
 
-    assert export.main([folder, str(tmp_path / "bf16"), "--ema", "2", "--dtype", "bfloat16"]) == 0
+    assert export.cli([folder, str(tmp_path / "bf16"), "--ema", "2", "--dtype", "bfloat16"]) == 0
     raw = safetensors.torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert {v.dtype for v in raw.values()} == {torch.bfloat16}
     config, sd = weights.load_exported(str(tmp_path / "bf16"))
@@ -179,7 +179,7 @@ def test_diffusers_names_map_every_tensor_exactly_once_and_back():
 def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp_path):
     folder, state = run
     out = str(tmp_path / "diffusers")
-    assert export.main([folder, out, "--format", "diffusers"]) == 0
+    assert export.cli([folder, out, "--format", "diffusers"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
     raw = json.load(open(os.path.join(out, "config.json")))
     assert raw["_class_name"] == "JiTTransformer2DModel"
@@ -194,7 +194,7 @@ def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp
     assert torch.equal(outputs(loaded.denoiser), outputs(denoiser_with(state.emas[0])))
     assert loaded.sampler.cfg == 2.0 and loaded.config["weights"]["epoch"] == 7
     # diffusers -> ours again: the very tensors of the direct export
-    assert export.main([out, str(tmp_path / "back")]) == 0
+    assert export.cli([out, str(tmp_path / "back")]) == 0
     a = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -211,14 +211,14 @@ def test_reference_checkpoints_export(tmp_path):
     model = tiny_denoiser(3)
     ref = str(tmp_path / "checkpoint-last.pth")
     save_reference_checkpoint(ref, model, epoch=4)
-    assert export.main([str(tmp_path), str(tmp_path / "a")]) == 0
+    assert export.cli([str(tmp_path), str(tmp_path / "a")]) == 0
     config, sd = weights.load_exported(str(tmp_path / "a"))
     assert config["denoiser"]["label_drop_prob"] == 0.1 and config["weights"]["ema_decay"] is None
     assert config["weights"]["epoch"] == 4 and config["weights"]["images_seen"] is None  # no optimizer step, no world size
     assert torch.equal(outputs(weights.load_denoiser(str(tmp_path / "a")).denoiser), outputs(model))
 
     torch.save({"model": model.state_dict(), "epoch": 4, "args": argparse.Namespace(epochs=9)}, ref)
-    assert export.main([ref, str(tmp_path / "b")]) == 0
+    assert export.cli([ref, str(tmp_path / "b")]) == 0
     config, _ = weights.load_exported(str(tmp_path / "b"))
     assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
 
@@ -315,25 +315,25 @@ def notes_with(notes, text) -> bool:
 
 def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
     folder, _ = run
-    err = one_line_error(capsys, export.main([str(tmp_path / "nothing"), str(tmp_path / "o1")]))
+    err = one_line_error(capsys, export.cli([str(tmp_path / "nothing"), str(tmp_path / "o1")]))
     assert "no such file or folder" in err
     os.makedirs(tmp_path / "empty")
-    err = one_line_error(capsys, export.main([str(tmp_path / "empty"), str(tmp_path / "o2")]))
+    err = one_line_error(capsys, export.cli([str(tmp_path / "empty"), str(tmp_path / "o2")]))
     assert "has no checkpoint-*.pth and no config.json" in err
-    err = one_line_error(capsys, export.main([folder, str(tmp_path / "o3"), "--ema", "3"]))
+    err = one_line_error(capsys, export.cli([folder, str(tmp_path / "o3"), "--ema", "3"]))
     assert "checkpoint-last.pth: the checkpoint has no model_ema3" in err
-    err = one_line_error(capsys, export.main([folder, folder, "--overwrite"]))
+    err = one_line_error(capsys, export.cli([folder, folder, "--overwrite"]))
     assert "holds checkpoints" in err
-    err = one_line_error(capsys, export.main([folder, exported]))
+    err = one_line_error(capsys, export.cli([folder, exported]))
     assert "is not empty" in err
     with pytest.raises(SystemExit) as e:
-        export.main([folder, str(tmp_path / "o4"), "--dtype", "float16"])
+        export.cli([folder, str(tmp_path / "o4"), "--dtype", "float16"])
     assert e.value.code == 2  # argparse's own usage error
     capsys.readouterr()
 
     def copy_of_export(name) -> str:
         out = str(tmp_path / name)
-        assert export.main([exported, out]) == 0
+        assert export.cli([exported, out]) == 0
         return out
 
     with pytest.raises(ckpt_util.CheckpointError, match="has no config.json"):
@@ -343,7 +343,7 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     errors = [capture(lambda: weights.load_exported(broken))]
-    one_line_error(capsys, export.main([broken, str(tmp_path / "o5")]))
+    one_line_error(capsys, export.cli([broken, str(tmp_path / "o5")]))
 
     tensors = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
     for name, change in (("unknown", {**tensors, "blocks.0.attn.qkv.scale": torch.ones(1)}),
@@ -377,7 +377,7 @@ def test_a_failed_write_exits_1_and_leaves_no_config(run, tmp_path, capsys, monk
 
     monkeypatch.setattr(files, "atomic_write", full_disk)
     out = tmp_path / "out"
-    err = one_line_error(capsys, export.main([run[0], str(out)]), expected_code=1)
+    err = one_line_error(capsys, export.cli([run[0], str(out)]), expected_code=1)
     assert "model.safetensors: No space left on device" in err
     assert not weights.is_exported(str(out))
 
@@ -476,7 +476,7 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
     ckpt_util.save(state, ckpt)
     for fmt in weights.FORMATS:
         out = tmp_path / fmt
-        code = export.main([ckpt, str(out), "--format", fmt])
+        code = export.cli([ckpt, str(out), "--format", fmt])
         if fmt == "diffusers" and knobs.get("bottleneck_dim") == 0:
             err = one_line_error(capsys, code)
             assert "--bottleneck_dim 0" in err and "--format jit" in err and "x_embedder" not in err

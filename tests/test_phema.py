@@ -253,7 +253,7 @@ def test_reconstruction_of_a_tracked_profile_is_that_ema(tmp_path):
 
 
 def run_cli(argv, capsys):
-    code = reconstruct_ema.main(argv)
+    code = reconstruct_ema.cli(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -178,7 +178,7 @@ def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, t
     assert sorted(float(r["ema_std"]) for r in rows) == [0.05, 0.07]
     assert (out / "sweep.png").stat().st_size > 0
 
-    assert reconstruct_ema.main(["--snapshots", snapshots, "--std", "0.07", "--output_dir", str(tmp_path / "rec")]) == 0
+    assert reconstruct_ema.cli(["--snapshots", snapshots, "--std", "0.07", "--output_dir", str(tmp_path / "rec")]) == 0
     single = tmp_path / "single"
     resume = tmp_path / "rec" / "ema-std0.07-step0000000012.pth"
     assert main_jit.main(main_jit.parse_args(eval_argv(single, inception_weights, fid_ref_stats, "--resume", resume))) == 0

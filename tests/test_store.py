@@ -16,7 +16,6 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, default_collate
 
 import prepare_data
-from util.errors import exit_code
 from helpers import TINY, assert_same_state, load_last, read_until, run_script
 from util import store as store_mod
 from util.data import CenterCropFolder, ResumableSampler, center_crop_arr, make_loader, open_dataset
@@ -52,13 +51,13 @@ def convert_args(data_path, out, *extra, size=SIZE, workers=0) -> list[str]:
 
 def convert(*args, **kwargs):
     """prepare_data.py's main in this process (its errors raise); returns the store's path."""
-    prepare_data.main(convert_args(*args, **kwargs))
+    prepare_data.main(prepare_data.parse_args(convert_args(*args, **kwargs)))
     return str(args[1])
 
 
 def convert_status(*args, **kwargs) -> int:
     """prepare_data.py's exit status in this process (its one-line errors on stderr)."""
-    return exit_code(prepare_data.main, convert_args(*args, **kwargs))
+    return prepare_data.cli(convert_args(*args, **kwargs))
 
 
 def run_cli(*args):
