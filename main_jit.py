@@ -22,6 +22,7 @@ from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunI
                         compile_fsdp_blocks, evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 import weights
+from weights import DENOISER_DEFAULTS
 from util import distributed, phema, phema_files, phema_run, runlock, sharding, sweep
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, check_objective, remove_stale_temporaries
 from util.config import RunConfig, parse
@@ -52,7 +53,7 @@ def get_args_parser():
     a("--in_context_len", default=None, type=int, help="number of in-context class tokens; 0: none (paper Table 4); None: the preset's")
     a("--in_context_start", default=None, type=int, help="block where the in-context class tokens are prepended; None: the preset's")
 
-    g = p.add_argument_group("training")
+    g = p.add_argument_group("training")  # the denoiser's defaults are Denoiser's own (weights.DENOISER_DEFAULTS)
     a = g.add_argument
     a("--epochs", default=200, type=int, help="epochs to train in all (a resumed run continues up to this)")
     a("--warmup_epochs", default=5, type=int, help="epochs of linear learning-rate warmup from 0")
@@ -66,13 +67,13 @@ def get_args_parser():
     a("--ema_decay1", default=0.9999, type=float, help="decay per step of EMA 1 (the weights evaluation samples with)")
     a("--ema_decay2", default=0.9996, type=float, help="decay per step of EMA 2")
     a("--ema_decay3", default=None, type=float, help="decay per step of an optional third EMA (the paper's sweep: 0.9998); off by default")
-    a("--P_mean", default=-0.8, type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
-    a("--P_std", default=0.8, type=float, help="standard deviation of logit(t) for training times")
-    a("--noise_scale", default=1.0, type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
-    a("--t_eps", default=5e-2, type=float, help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our choice)")
-    a("--pred", default="x", choices=tuple(CONVERSIONS), help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = x - eps (paper Table 2)")
-    a("--loss", default="v", choices=tuple(CONVERSIONS), help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)")
-    a("--label_drop_prob", default=0.1, type=float, help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
+    a("--P_mean", default=DENOISER_DEFAULTS["P_mean"], type=float, help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
+    a("--P_std", default=DENOISER_DEFAULTS["P_std"], type=float, help="standard deviation of logit(t) for training times")
+    a("--noise_scale", default=DENOISER_DEFAULTS["noise_scale"], type=float, help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
+    a("--t_eps", default=DENOISER_DEFAULTS["t_eps"], type=float, help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our choice)")
+    a("--pred", default=DENOISER_DEFAULTS["pred"], choices=tuple(CONVERSIONS), help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = x - eps (paper Table 2)")
+    a("--loss", default=DENOISER_DEFAULTS["loss"], choices=tuple(CONVERSIONS), help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)")
+    a("--label_drop_prob", default=DENOISER_DEFAULTS["label_drop_prob"], type=float, help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
     a("--seed", default=0, type=int, help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))")
     a("--start_epoch", default=0, type=int, help="first epoch when not resuming from a checkpoint")
     a("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network (default: on for CUDA)")

@@ -217,10 +217,11 @@ def test_bad_knobs_are_a_clear_error():
 
 
 @pytest.mark.slow
-def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_weights, fid_ref_stats):
+def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_weights, fid_ref_stats, capsys):
     """One epoch of e-prediction with the x-loss, no bottleneck and no in-context tokens, evaluated
     online: the checkpoint's args rebuild the same network (strict load), the FID is finite, and
-    --evaluate_gen of the checkpoint (no ablation flags given) reproduces it."""
+    --evaluate_gen of the checkpoint (no ablation flags given) reproduces it; so do its export as jit
+    and sample.py of the export with no model flags; --format diffusers of it is one line, exit 2."""
     data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
     run_script("main_jit.py", *TINY, "--epochs", 1, "--pred", "eps", "--loss", "x", "--bottleneck_dim", 0, "--in_context_len", 0,
                "--online_eval", "--num_images", 6, "--gen_bsz", 6, "--num_sampling_steps", 2, "--fid_stats", fid_ref_stats,
@@ -246,3 +247,24 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
         (again,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
     assert again["fid"] == pytest.approx(record["fid"], rel=1e-6)  # this process runs 2 threads, the training 1
     assert again["img_size"] == 16 and again["checkpoint"] == str(out / "checkpoint-last.pth")
+
+    import export
+    import sample
+
+    exported = str(tmp_path / "exported")
+    assert export.cli([str(out), exported]) == 0
+    assert export.cli([str(out), str(tmp_path / "diffusers"), "--format", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--bottleneck_dim 0" in err and "--format jit" in err
+    args = main_jit.parse_args([str(a) for a in (
+        "--evaluate_gen", "--resume", exported, "--output_dir", tmp_path / "eval_export", "--num_images", 6, "--gen_bsz", 6,
+        "--num_sampling_steps", 2, "--cfg", 1.0, "--interval_min", 0.0, "--device", "cpu", "--fid_stats", fid_ref_stats,
+        "--inception_weights", inception_weights)])  # the sampler typed: the folder recommends its own
+    assert main_jit.main(args) == 0
+    with open(tmp_path / "eval_export" / "metrics.jsonl") as f:
+        (exported_record,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+    assert exported_record["fid"] == pytest.approx(again["fid"], rel=1e-6)
+    grid = tmp_path / "grid.png"
+    assert sample.main(sample.parse_args(["--resume", exported, "--per_class", "1", "--num_sampling_steps", "2",
+                                          "--device", "cpu", "--output", str(grid)])) == 0
+    assert "wrote 3×1 grid" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import weights
 from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
-from util import files
+from util import files, phema_files
 from util.config import parse
 from util.pos_embed import sincos_2d_pos_embed
 from helpers import save_reference_checkpoint, tiny_denoiser
@@ -502,3 +502,34 @@ def test_sample_without_classes_draws_the_weights_own_classes(exported, tmp_path
     assert Image.open(grid).size[1] > Image.open(grid).size[0]  # 3 rows of 2 images
     assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
     assert sample.default_classes(100) == list(range(8))
+
+
+@pytest.mark.slow
+def test_init_from_an_export_with_power_emas_evaluates_alike_on_one_and_two_processes(exported, data, tmp_path, inception_weights,
+                                                                                       fid_ref_stats):
+    """The combination: --init_from an exported folder for another class count, with --phema_stds;
+    then --evaluate_gen --phema of that run, no model flags, on 1 and on 2 processes: the same FID.
+    The snapshots' args record where the weights came from (the config is final before any write)."""
+    import main_jit
+    from helpers import TINY, read_metrics, run_script
+
+    two = str(tmp_path / "two")
+    for c in ("c0", "c1"):
+        os.makedirs(os.path.join(two, "train", c))
+        for name in os.listdir(os.path.join(data, "train", c)):
+            os.symlink(os.path.join(data, "train", c, name), os.path.join(two, "train", c, name))
+    out = tmp_path / "run"
+    flags = [*TINY[:TINY.index("--class_num")], *TINY[TINY.index("--class_num") + 2:], "--class_num", "2", "--data_path", two,
+             "--init_from", exported, "--epochs", "2", "--output_dir", str(out), "--phema_stds", "0.05", "0.1", "--phema_every", "2"]
+    assert main_jit.main(main_jit.parse_args(flags)) == 0
+    snaps = phema_files.list_snapshots(str(out / "phema"))
+    assert len(snaps) == 8 and len({s.run for s in snaps}) == 1
+    assert phema_files.read_snapshot(snaps[0].path)[1]["args"]["init_origin"]["path"] == os.path.abspath(exported)
+
+    evaluate = ["--evaluate_gen", "--phema", out / "phema", "--ema_std", 0.07, "--num_images", 6, "--gen_bsz", 3,
+                "--num_sampling_steps", 2, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights]
+    assert main_jit.main(main_jit.parse_args([str(a) for a in (*evaluate, "--output_dir", tmp_path / "one")])) == 0
+    run_script("main_jit.py", *evaluate, "--output_dir", tmp_path / "two_procs", nproc=2)
+    (one,), (both,) = read_metrics(tmp_path / "one", "eval"), read_metrics(tmp_path / "two_procs", "eval")
+    assert one["class_num"] == both["class_num"] == 2 and one["ema_std"] == both["ema_std"] == 0.07
+    assert one["fid"] == pytest.approx(both["fid"], rel=1e-5)

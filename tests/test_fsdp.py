@@ -48,10 +48,16 @@ def ddp(data, tmp_path_factory, online_eval):
 
 @pytest.fixture(scope="module")
 def fsdp(data, tmp_path_factory, online_eval):
-    out = tmp_path_factory.mktemp("fsdp")
-    p = train(data, out, "--fsdp", *online_eval, *PHEMA)
+    """Two epochs with FSDP, power EMAs and an online evaluation, run in base/run (with --resume of
+    it, as a rerun's command) and then moved to base/straight: a rerun of the same command in
+    base/run is the same run, file for file. Returns its checkpoint, records, snapshots and base."""
+    base = tmp_path_factory.mktemp("fsdp")
+    out = base / "run"
+    p = train(data, out, "--fsdp", "--resume", out, *online_eval, *PHEMA)
     assert "2 process(es) (FSDP)" in p.stdout
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
+    os.rename(out, base / "straight")
+    out = base / "straight"
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "base": base}
 
 
 def snapshots(out) -> dict:
@@ -67,7 +73,7 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0):
 
 @pytest.mark.slow
 def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
-    assert set(fsdp) == set(ddp) and REF_KEYS <= set(fsdp)
+    assert set(fsdp) - {"base"} == set(ddp) and REF_KEYS <= set(fsdp)
     assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
     assert list(fsdp["optimizer"]["state"]) == list(ddp["optimizer"]["state"])
     assert_same_state(fsdp, ddp, atol=ROUNDING)
@@ -109,26 +115,71 @@ def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then)
     assert_same_state(load_last(tmp_path), ddp, atol=ROUNDING)
 
 
+TIMING = ("seconds", "time", "per_s")  # the wall-clock fields of an eval record
+
+
+def same_records(a: list, b: list) -> bool:
+    drop = lambda r: {k: v for k, v in r.items() if not any(w in k for w in TIMING)}  # noqa: E731
+    return [drop(r) for r in a] == [drop(r) for r in b]
+
+
+def file_bytes(folder) -> dict:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".pth")}
+
+
 @pytest.mark.slow
-def test_sigterm_and_rerun_under_fsdp_is_bit_exact(data, tmp_path, fsdp, start):
-    args = [*TINY, "--epochs", 2, "--fsdp", "--data_path", data, "--output_dir", tmp_path, "--resume", tmp_path, *PHEMA]
+def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data, fsdp, online_eval, start, capsys):
+    """The combination users make: FSDP on 2 processes + --phema_stds + --online_eval, SIGTERM
+    mid-epoch, the same command again: the weights, every EMA, the power EMAs, the optimizer, the
+    snapshot files byte for byte and the eval records equal the uninterrupted run's. Then on its
+    snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to float32
+    rounding) and leaves the files unchanged, and a stale snapshot of another run is skipped and named."""
+    import reconstruct_ema
+
+    out = fsdp["base"] / "run"
+    args = [*TINY, "--epochs", 2, "--data_path", data, "--output_dir", out, "--fsdp", "--resume", out, *online_eval, *PHEMA]
     proc = start("main_jit.py", *args, nproc=2)
     read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0 and "stop requested" in rest, rest
-    stopped = load_last(tmp_path)["resume"]
-    assert stopped != {"epoch": 2, "step": 0}
+    stopped = load_last(out)["resume"]
+    assert stopped["step"] > 0 and stopped != {"epoch": 2, "step": 0}  # mid-epoch
     p = run_script("main_jit.py", *args, nproc=2)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    resumed = load_last(tmp_path)
-    assert_same_state(resumed, fsdp)  # (an online evaluation changes no training state)
+    resumed = load_last(out)
+    assert_same_state(resumed, fsdp)
+    assert resumed["args"]["run_id"] == fsdp["args"]["run_id"]
     for a, b in zip(resumed["model_phema"], fsdp["model_phema"]):  # the sharded power EMAs resume exactly
         assert_same_tensors(a, b)
-    series = snapshots(tmp_path)  # continued without gaps: each step once, as the uninterrupted run's
-    assert sorted(series) == sorted(fsdp["snapshots"])
-    for key, (_, state) in series.items():
-        assert_same_tensors(state, fsdp["snapshots"][key][1])
+    straight = fsdp["base"] / "straight"
+    assert file_bytes(out / "phema") == file_bytes(straight / "phema")  # each step once, byte for byte
+    assert same_records(read_metrics(out, "eval"), read_metrics(straight, "eval"))
+    assert len(read_metrics(out, "eval")) == 2
+
+    before = file_bytes(out / "phema")
+    outputs = {}
+    for accum in ("float32", "float64"):
+        target = out / f"rec-{accum}"
+        assert reconstruct_ema.cli(["--snapshots", out / "phema", "--std", "0.04", "0.07", "0.1", "--accum", accum,
+                                    "--output_dir", target]) == 0
+        outputs[accum] = {n: torch.load(target / n, weights_only=True)["model"] for n in sorted(os.listdir(target))}
+    assert len(outputs["float32"]) == 3 and file_bytes(out / "phema") == before
+    for name, state in outputs["float32"].items():
+        assert_same_tensors(state, outputs["float64"][name], 1e-6)
+    a, b = list(outputs["float32"].values())[:2]
+    assert not torch.equal(a["net.final_layer.linear.weight"], b["net.final_layer.linear.weight"])
+
+    stale = out / "phema" / "phema-0000000016-0.05.pth"  # another run's (DDP, other folder) later snapshot
+    other = phema_files.read_snapshot(str(out / "phema" / "phema-0000000012-0.05.pth"))[1]
+    other["run"], other["step"] = "another-run", 16
+    torch.save(other, stale)
+    os.utime(stale, (1, 1))
+    capsys.readouterr()
+    assert reconstruct_ema.cli(["--snapshots", out / "phema", "--std", "0.07", "--output_dir", out / "rec-stale"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 snapshot(s) of another run skipped (phema-0000000016-0.05.pth)" in printed
+    assert os.listdir(out / "rec-stale") == ["ema-std0.07-step0000000012.pth"]  # not step 16: the stale one sets nothing
 
 
 @pytest.mark.slow
@@ -143,7 +194,7 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
 @pytest.mark.slow
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
     path = tmp_path / "checkpoint-last.pth"
-    torch.save(fsdp, path)
+    torch.save({k: v for k, v in fsdp.items() if k != "base"}, path)
     p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False)
     assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
