@@ -161,8 +161,8 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     outputs = {}
     for accum in ("float32", "float64"):
         target = out / f"rec-{accum}"
-        assert reconstruct_ema.cli(["--snapshots", out / "phema", "--std", "0.04", "0.07", "0.1", "--accum", accum,
-                                    "--output_dir", target]) == 0
+        assert reconstruct_ema.cli(["--snapshots", str(out / "phema"), "--std", "0.04", "0.07", "0.1", "--accum", accum,
+                                    "--output_dir", str(target)]) == 0
         outputs[accum] = {n: torch.load(target / n, weights_only=True)["model"] for n in sorted(os.listdir(target))}
     assert len(outputs["float32"]) == 3 and file_bytes(out / "phema") == before
     for name, state in outputs["float32"].items():
@@ -176,7 +176,7 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     torch.save(other, stale)
     os.utime(stale, (1, 1))
     capsys.readouterr()
-    assert reconstruct_ema.cli(["--snapshots", out / "phema", "--std", "0.07", "--output_dir", out / "rec-stale"]) == 0
+    assert reconstruct_ema.cli(["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]) == 0
     printed = capsys.readouterr().out
     assert "1 snapshot(s) of another run skipped (phema-0000000016-0.05.pth)" in printed
     assert os.listdir(out / "rec-stale") == ["ema-std0.07-step0000000012.pth"]  # not step 16: the stale one sets nothing
