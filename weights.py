@@ -12,7 +12,10 @@ Two layouts, each a folder with a README.md model card (see model_card):
 
 Inside this repository weights are always the Denoiser's state dict (keys "net.*"); the files hold
 the network's own names. Every error is one line: CheckpointError for files and weights, ValueError
-for settings.
+for settings. What this module knows of the network (its keywords from tensor shapes, the diffusers
+name table, adapting a state dict to another class count or image size) is model_jit_adapters.py;
+checkpoints are read by util.checkpoint (load_checkpoint below is its find_checkpoint); the flags
+a script's config adopts from the weights: adopt_settings, evaluation_source.
 """
 import inspect
 import json
