@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import string
 from typing import NamedTuple
 
 import safetensors.torch
@@ -212,95 +213,115 @@ def _num(x, digits: int = 4) -> str:
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+# README.md of an exported folder: fixed text with $fields (model_card fills them in).
+CARD_TEMPLATE = string.Template("""---
+library_name: $library
+license:  # fill in the license of these weights (e.g. mit, apache-2.0, cc-by-nc-4.0)
+tags:
+- jit
+- pixel-diffusion
+- flow-matching
+- class-conditional-image-generation
+- image-generation
+---
+
+# $model, $size×$size px, $classes classes
+
+A JiT (Just image Transformer; Li & He, *Back to Basics: Let Denoising Generative Models Denoise*, \
+[arXiv 2511.13720](https://arxiv.org/abs/2511.13720)): class-conditional diffusion directly on pixels. \
+The ViT sees the noisy image z_t = t·x + (1 − t)·e (t in [0, 1], t = 1 is the clean image x in [−1, 1], \
+e ~ N(0, $noise_scale²)) and predicts $prediction; class $classes is "no class" (classifier-free guidance).
+
+## Weights
+
+- $weights
+- network: depth $depth, hidden size $hidden_size, $num_heads heads, $patch×$patch patches through a \
+$bottleneck_dim-d bottleneck, $in_context_len in-context class tokens from block $in_context_start, \
+dropout $attn_drop / $proj_drop
+- denoiser: noise_scale $noise_scale, t_eps $t_eps, training times logit-normal ($P_mean, $P_std), \
+label drop $label_drop_prob, prediction $pred, loss on $loss
+- files: `$weights_file` ($layout), `config.json` (everything above, the recommended sampler and the records below)
+
+$assumed$training## Sampling and evaluation
+
+Recommended sampler: $method, $steps steps, CFG $cfg for t in ($interval_min, $interval_max), chosen by $chosen_by.
+
+$records## Use
+
+With the JiT repository this folder came from (`--resume` takes the folder; the model, sampler and class count come from `config.json`):
+```
+python sample.py --resume FOLDER --classes 0 1 2 --per_class 8 --output grid.png
+python main_jit.py --resume FOLDER --evaluate_gen --num_images 50000 --output_dir eval
+python main_jit.py --init_from FOLDER --class_num N --data_path DATA --output_dir finetune  # fine-tune
+```
+or in Python:
+```python
+import torch
+from weights import load_denoiser
+model, sampler, config, notes = load_denoiser("FOLDER")
+images = model.generate(torch.tensor([0, 1, 2]), sampler)  # (3, 3, H, W), about [-1, 1]
+```
+$diffusers
+
+## Upload
+
+With the Hub's own CLI (`pip install huggingface_hub`):
+```
+hf auth login                       # once (older versions: huggingface-cli login)
+hf upload USER/REPO FOLDER .        # (older versions: huggingface-cli upload USER/REPO FOLDER .)
+```
+""")
+CARD_DIFFUSERS = """With diffusers, once its JiT port (huggingface/diffusers PR #13098) is merged:
+```python
+from diffusers import JiTTransformer2DModel
+model = JiTTransformer2DModel.from_pretrained("USER/REPO")  # or the local folder
+x_hat = model(hidden_states=z, timestep=t, class_labels=y).sample  # t: flow time in [0, 1]
+```"""
+CARD_JIT = "For diffusers (its JiT port, huggingface/diffusers PR #13098), export with `python export.py ... --format diffusers`."
+
+
 def model_card(config: dict, fmt: str = FORMAT) -> str:
-    """README.md: front matter for the Hub (library, tags; the license is left to fill in), what the
-    network is, how it was trained, its FID/IS records and how to load and upload the folder."""
+    """README.md (CARD_TEMPLATE): front matter for the Hub (library, tags; the license is left to fill
+    in), what the network is, how it was trained, its FID/IS records and how to load and upload the folder."""
     net, den, smp, w, tr = config["network"], config["denoiser"], config["sampler"], config["weights"], config["training"]
-    model = config.get("model") or "JiT"
     which = w.get("which", "model")
     who = "the raw (non-EMA) weights" if which == "model" else f"EMA {which.removeprefix('ema')}" + (
         f" (decay {w['ema_decay']})" if w.get("ema_decay") else "")
     seen = f", {w['images_seen']:,} images seen" if w.get("images_seen") else ""
     params = f"{w['num_parameters'] / 1e6:.1f}M parameters, " if w.get("num_parameters") else ""
-    lines = [
-        "---",
-        f"library_name: {'diffusers' if fmt == 'diffusers' else 'jit'}",
-        "license:  # fill in the license of these weights (e.g. mit, apache-2.0, cc-by-nc-4.0)",
-        "tags:",
-        *[f"- {t}" for t in ("jit", "pixel-diffusion", "flow-matching", "class-conditional-image-generation", "image-generation")],
-        "---",
-        "",
-        f"# {model}, {net['input_size']}×{net['input_size']} px, {net['num_classes']} classes",
-        "",
-        "A JiT (Just image Transformer; Li & He, *Back to Basics: Let Denoising Generative Models Denoise*, "
-        "[arXiv 2511.13720](https://arxiv.org/abs/2511.13720)): class-conditional diffusion directly on pixels. "
-        f"The ViT sees the noisy image z_t = t·x + (1 − t)·e (t in [0, 1], t = 1 is the clean image x in [−1, 1], "
-        f"e ~ N(0, {den['noise_scale']}²)) and predicts {'the clean image x̂' if den['pred'] == 'x' else repr(den['pred']) + ' (its prediction target)'}; "
-        f"class {net['num_classes']} is \"no class\" (classifier-free guidance).",
-        "",
-        "## Weights",
-        "",
-        f"- {who} after epoch {w.get('epoch', 'n/a')}{seen}; {params}{w.get('dtype', 'float32')}"
-        + (f"; exported from `{w['source']}`" if w.get("source") else ""),
-        f"- network: depth {net['depth']}, hidden size {net['hidden_size']}, {net['num_heads']} heads, "
-        f"{net['patch_size']}×{net['patch_size']} patches through a {net['bottleneck_dim']}-d bottleneck, "
-        f"{net['in_context_len']} in-context class tokens from block {net['in_context_start']}, "
-        f"dropout {net['attn_drop']} / {net['proj_drop']}",
-        f"- denoiser: noise_scale {den['noise_scale']}, t_eps {den['t_eps']}, training times logit-normal "
-        f"({den['P_mean']}, {den['P_std']}), label drop {den['label_drop_prob']}, prediction {den['pred']}, loss on {den['loss']}",
-        f"- files: `{WEIGHTS[fmt]}` ({'the layout of diffusers JiTTransformer2DModel' if fmt == 'diffusers' else 'names as model_jit.JiT'}), "
-        "`config.json` (everything above, the recommended sampler and the records below)",
-        "",
-    ]
-    if any(k in config.get("assumed", ()) for k in ("denoiser", "sampler")):
-        lines += ["The denoiser and sampler settings are the defaults: the folder these weights came from did not record them.", ""]
+    assumed = ("The denoiser and sampler settings are the defaults: the folder these weights came from did not record them.\n\n"
+               if any(k in config.get("assumed", ()) for k in ("denoiser", "sampler")) else "")
+    training = ""
     if tr:
-        lines += ["## Training", "", "| setting | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in tr.items()], ""]
+        training = "## Training\n\n| setting | value |\n|---|---|\n" + "".join(f"| `{k}` | {v} |\n" for k, v in tr.items()) + "\n"
         if tr.get("global_batch"):
-            lines += [f"Global batch {tr['global_batch']} (batch_size × accum_iter × processes)"
-                      + (f", {tr['epochs']} epochs planned." if tr.get("epochs") else "."), ""]
-    lines += ["## Sampling and evaluation", "",
-              f"Recommended sampler: {smp['method']}, {smp['steps']} steps, CFG {smp['cfg']} for t in "
-              f"({smp['interval_min']}, {smp['interval_max']}), chosen by {smp.get('chosen_by', 'the training flags')}.", ""]
+            training += (f"Global batch {tr['global_batch']} (batch_size × accum_iter × processes)"
+                         + (f", {tr['epochs']} epochs planned." if tr.get("epochs") else ".") + "\n\n")
     records = config.get("evaluations") or []
     if records:
-        lines += ["FID / Inception Score of these weights' EMA in the run's `metrics.jsonl` (best first):", "",
-                  "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(records, key=lambda r: (-(r.get("checkpoint_epoch") or 0), r["fid"])):
-            lines.append(f"| {_num(r.get('checkpoint_epoch'))} | {r.get('method')} | {r.get('steps')} | {r.get('cfg')} | "
-                         f"({r.get('interval_min')}, {r.get('interval_max')}) | {r.get('num_images')} | {_num(r['fid'])} | "
-                         f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | {r.get('fid_stats') or ''} |")
-        lines.append("")
+        rows = [f"| {_num(r.get('checkpoint_epoch'))} | {r.get('method')} | {r.get('steps')} | {r.get('cfg')} | "
+                f"({r.get('interval_min')}, {r.get('interval_max')}) | {r.get('num_images')} | {_num(r['fid'])} | "
+                f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | {r.get('fid_stats') or ''} |"
+                for r in sorted(records, key=lambda r: (-(r.get("checkpoint_epoch") or 0), r["fid"]))]
+        records_text = ("FID / Inception Score of these weights' EMA in the run's `metrics.jsonl` (best first):\n\n"
+                        "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats |\n|---|---|---|---|---|---|---|---|---|\n"
+                        + "\n".join(rows) + "\n\n")
     else:
-        lines += ["No FID / IS records of these weights were found in the run's `metrics.jsonl`.", ""]
-    lines += [
-        "## Use", "",
-        "With the JiT repository this folder came from (`--resume` takes the folder; the model, sampler and class count come from `config.json`):",
-        "```",
-        "python sample.py --resume FOLDER --classes 0 1 2 --per_class 8 --output grid.png",
-        "python main_jit.py --resume FOLDER --evaluate_gen --num_images 50000 --output_dir eval",
-        "python main_jit.py --init_from FOLDER --class_num N --data_path DATA --output_dir finetune  # fine-tune",
-        "```",
-        "or in Python:",
-        "```python",
-        "import torch",
-        "from weights import load_denoiser",
-        "model, sampler, config, notes = load_denoiser(\"FOLDER\")",
-        "images = model.generate(torch.tensor([0, 1, 2]), sampler)  # (3, 3, H, W), about [-1, 1]",
-        "```",
-    ]
-    if fmt == "diffusers":
-        lines += ["With diffusers, once its JiT port (huggingface/diffusers PR #13098) is merged:", "```python",
-                  "from diffusers import JiTTransformer2DModel",
-                  "model = JiTTransformer2DModel.from_pretrained(\"USER/REPO\")  # or the local folder",
-                  "x_hat = model(hidden_states=z, timestep=t, class_labels=y).sample  # t: flow time in [0, 1]",
-                  "```"]
-    else:
-        lines += ["For diffusers (its JiT port, huggingface/diffusers PR #13098), export with `python export.py ... --format diffusers`."]
-    lines += ["", "## Upload", "", "With the Hub's own CLI (`pip install huggingface_hub`):", "```",
-              "hf auth login                       # once (older versions: huggingface-cli login)",
-              "hf upload USER/REPO FOLDER .        # (older versions: huggingface-cli upload USER/REPO FOLDER .)", "```", ""]
-    return "\n".join(lines)
+        records_text = "No FID / IS records of these weights were found in the run's `metrics.jsonl`.\n\n"
+    return CARD_TEMPLATE.substitute(
+        library="diffusers" if fmt == "diffusers" else "jit", model=config.get("model") or "JiT", size=net["input_size"],
+        classes=net["num_classes"], noise_scale=den["noise_scale"],
+        prediction="the clean image x̂" if den["pred"] == "x" else repr(den["pred"]) + " (its prediction target)",
+        weights=f"{who} after epoch {w.get('epoch', 'n/a')}{seen}; {params}{w.get('dtype', 'float32')}"
+        + (f"; exported from `{w['source']}`" if w.get("source") else ""),
+        depth=net["depth"], hidden_size=net["hidden_size"], num_heads=net["num_heads"], patch=net["patch_size"],
+        bottleneck_dim=net["bottleneck_dim"], in_context_len=net["in_context_len"], in_context_start=net["in_context_start"],
+        attn_drop=net["attn_drop"], proj_drop=net["proj_drop"], t_eps=den["t_eps"], P_mean=den["P_mean"], P_std=den["P_std"],
+        label_drop_prob=den["label_drop_prob"], pred=den["pred"], loss=den["loss"], weights_file=WEIGHTS[fmt],
+        layout="the layout of diffusers JiTTransformer2DModel" if fmt == "diffusers" else "names as model_jit.JiT",
+        assumed=assumed, training=training, method=smp["method"], steps=smp["steps"], cfg=smp["cfg"],
+        interval_min=smp["interval_min"], interval_max=smp["interval_max"], chosen_by=smp.get("chosen_by", "the training flags"),
+        records=records_text, diffusers=CARD_DIFFUSERS if fmt == "diffusers" else CARD_JIT)
 
 
 def cast(state_dict: dict, dtype: str) -> dict:
