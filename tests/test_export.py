@@ -520,7 +520,7 @@ def test_init_from_an_export_with_power_emas_evaluates_alike_on_one_and_two_proc
             os.symlink(os.path.join(data, "train", c, name), os.path.join(two, "train", c, name))
     out = tmp_path / "run"
     flags = [*TINY[:TINY.index("--class_num")], *TINY[TINY.index("--class_num") + 2:], "--class_num", "2", "--data_path", two,
-             "--init_from", exported, "--epochs", "2", "--output_dir", str(out), "--phema_stds", "0.05", "0.1", "--phema_every", "2"]
+             "--init_from", exported, "--epochs", "2", "--output_dir", str(out), "--phema_stds", "0.05", "0.1", "--phema_every", "2", "--phema_from", "1"]
     assert main_jit.main(main_jit.parse_args(flags)) == 0
     snaps = phema_files.list_snapshots(str(out / "phema"))
     assert len(snaps) == 8 and len({s.run for s in snaps}) == 1
