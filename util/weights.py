@@ -719,8 +719,8 @@ def as_train_state(config: dict, state_dict: dict) -> checkpoint.TrainState:
 
 def load_checkpoint(path: str, log=print) -> tuple[checkpoint.TrainState, str]:
     """A checkpoint file, or the newest readable checkpoint-*.pth of a run folder
-    (checkpoint.find_checkpoint). CheckpointError if there is none."""
-    state, file = checkpoint.find_checkpoint(path, log)
+    (checkpoint.load_checkpoint). CheckpointError if there is none."""
+    state, file = checkpoint.load_checkpoint(path, log, required=False)
     if state is None:
         raise CheckpointError(f"{path} has no checkpoint-*.pth and no {CONFIG}")
     return state, file
