@@ -28,7 +28,7 @@ def live_tensor_bytes() -> int:
     seen = {}
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
                 storage = obj.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, ReferenceError):
@@ -81,3 +81,70 @@ def test_a_resume_holds_only_the_adamw_moments_of_the_checkpoint(tmp_path):
     assert held < moments + 0.25 * size, (held / size, moments / size)
     assert torch.equal(fresh.padding.detach(), torch.load(path, weights_only=True)["model"]["padding"])
     assert all(float(s["step"]) == 1.0 for s in fresh_opt.state.values())
+
+
+class StandinScorer:
+    """What score_images asks of a Scorer, without Inception: features are the images' pixel means."""
+
+    fid_stats = "standin"
+
+    class inception:  # noqa: N801 (an attribute of the scorer in util.evaluation.Scorer)
+        device = torch.device("cpu")
+
+        @staticmethod
+        def features(images):
+            return images.float().mean(dim=(1, 2, 3))[:, None].expand(-1, 2048 + 1008).contiguous()
+
+    @staticmethod
+    def scores(features):
+        return 1.0, 1.0, 0.0
+
+
+class NoLog:
+    metrics_path = os.devnull
+
+    def scalars(self, *args):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def flush(self):
+        pass
+
+
+def test_an_evaluation_during_training_frees_the_gathered_copies_of_sharded_emas(tmp_path):
+    """--fsdp --online_eval: every rank gathers a full copy of each evaluated EMA (Samplers.refresh);
+    after the evaluation the live tensors are back to what they were before it (one process group of
+    1, gloo). An evaluation outside training (--evaluate_gen) keeps its copy, and shows that the count
+    sees it."""
+    import torch.distributed as dist
+
+    from denoiser import SamplerSettings
+    from engine_jit import Evaluation, Samplers, evaluate
+    from util import sharding
+    from util.evaluation import GenerationSpec
+    from util.sweep import Point
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        denoiser = tiny_denoiser()
+        emas = [sharding.ShardedEMA(denoiser, 0.99)]
+        sharding.shard(denoiser, mixed_precision=False)
+        net_bytes = sum(p.numel() * 4 for p in tiny_denoiser().parameters())
+        spec = GenerationSpec(num_images=3, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"],
+                              sampler=SamplerSettings(steps=2, cfg=2.0), gen_bsz=3)
+        held = {}
+        for during_training in (True, False):
+            samplers = Samplers(emas, torch.device("cpu"), make_denoiser=tiny_denoiser, compile_net=False)
+            ev = Evaluation(samplers, [Point(1, spec.sampler, spec.num_images)], spec, StandinScorer(), NoLog(), str(tmp_path),
+                            during_training=during_training)
+            before = live_tensor_bytes()
+            record = evaluate(ev, epoch=0, weights_epoch=0)
+            held[during_training] = live_tensor_bytes() - before
+            assert record["num_images"] == 3
+            del samplers, ev
+    finally:
+        dist.destroy_process_group()
+    assert held[False] >= net_bytes  # the copy, kept for --evaluate_gen's next point
+    assert abs(held[True]) < 0.05 * net_bytes, (held, net_bytes)
