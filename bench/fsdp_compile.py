@@ -25,7 +25,7 @@ from util import distributed as D  # noqa: E402
 from util import sharding  # noqa: E402
 
 
-def main():
+def get_args_parser():
     p = argparse.ArgumentParser(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("root", "blocks"), required=True)
     p.add_argument("--grad_checkpoint", action="store_true")
@@ -33,7 +33,11 @@ def main():
     p.add_argument("--backend", default="aot_eager")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the counts here (rank 0)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_args_parser().parse_args()
     device = D.init(args.device)
     from torch._dynamo import lookup_backend
     from torch._dynamo.utils import counters
