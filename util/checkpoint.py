@@ -222,9 +222,9 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
 
     `source` is a file (read as is: a bad file is an error) or a run folder, searched newest first
     (an unreadable checkpoint is reported through `log` and the next older one tried). A folder
-    without checkpoints, or an empty `source`, gives (None, None), or a CheckpointError when
-    `required`; a path that does not exist is always an error. (The messages name the file or folder
-    as --resume, the flag most callers pass it with.)
+    without checkpoints gives (None, None), or a CheckpointError when `required`; an empty `source`
+    (no --resume) gives (None, None); a path that does not exist is an error. (The messages name the
+    file or folder as --resume, the flag most callers pass it with.)
 
     Host memory: the tensors are memory-mapped from the file, not read into the process. Loading them
     into modules copies from the page cache, which the ranks of a node share (one copy per node, and
