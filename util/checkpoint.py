@@ -194,9 +194,7 @@ def _read(path: str) -> TrainState:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # a file of torch < 1.6 (not a zip archive) cannot be mapped
-                if "mmap can only be used with files saved with" not in str(e):
-                    raise
+            except Exception:  # a file of torch < 1.6 (no zip archive), a file system without mmap: read it whole
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
@@ -229,7 +227,8 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
     Host memory: the tensors are memory-mapped from the file, not read into the process. Loading them
     into modules copies from the page cache, which the ranks of a node share (one copy per node, and
     reclaimable: it is not the processes' own memory), so a rank holds nothing of the file but what it
-    keeps (the AdamW moments of a CPU run, see load_optimizer). Files of torch < 1.6 are read whole.
+    keeps (the AdamW moments of a CPU run, see load_optimizer). Files that cannot be mapped (written
+by torch < 1.6, or on a file system without mmap) are read whole.
 
     main_only: collective; rank 0 alone reads, the other ranks get the state without its tensors
     (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
