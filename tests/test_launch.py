@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
 from util import distributed as D
@@ -184,3 +185,20 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
                    nproc=2, check=False)
     assert p.returncode != 0 and time.time() - t0 < 60, p.stdout
     assert "--dist_timeout is 0.1 min); rerun the same command" in p.stdout and 'main_jit.py", line' not in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_new_sigma(monkeypatch, rank):
+    """Rank 0 reconstructs while the others wait at a control-group barrier (bounded by --dist_timeout,
+    unlike a wait in an NCCL broadcast): every rank passes the same barriers, also when asked again."""
+    import engine_jit
+
+    calls, barriers = [], []
+    monkeypatch.setattr(engine_jit.D, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(engine_jit.D, "barrier", lambda: barriers.append(len(calls)))
+    samplers = engine_jit.PostHocSamplers(torch.nn.Module(), lambda stds: calls.append(stds) or {s: {} for s in stds},
+                                          torch.device("cpu"), compile_net=False)
+    for stds in ([0.05, 0.1], [0.1], [0.1, 0.2]):
+        samplers.refresh(stds)
+    assert barriers == ([1, 2] if rank == 0 else [0, 0])  # after each reconstruction; none when nothing is new
+    assert calls == ([[0.05, 0.1], [0.2]] if rank == 0 else [])
