@@ -96,11 +96,11 @@ part_large() {
 
 parts=("$@")
 ((${#parts[@]})) || parts=(train checks b16 large)
+for part in "${parts[@]}"; do
+  declare -F "part_$part" > /dev/null || { echo "error: no part '$part' (train, checks, b16, large)" >&2; exit 2; }
+done
 [ "${PRINT:-0}" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 for part in "${parts[@]}"; do
-  if ! declare -F "part_$part" > /dev/null; then
-    echo "error: no part '$part' (train, checks, b16, large)" >&2; exit 2
-  fi
   part_end=$((SECONDS + PART_SECONDS))
   "part_$part"
 done
