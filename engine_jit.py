@@ -283,9 +283,13 @@ def compile_fsdp_blocks(denoiser, **compile_kwargs):
     hooks and the root (embeddings, in-context tokens, final layer) stay eager. Compiling the root
     instead makes dynamo break its graph at every block's FSDP hooks, and the blocks before and after
     the in-context tokens see other sequence lengths (bench/fsdp_compile.py counts both). Returns the
-    denoiser (changed in place)."""
+    denoiser (changed in place).
+    Static shapes (dynamic=False): the two sequence lengths (the patches; the patches and the
+    in-context tokens) get one specialised graph each, instead of a dynamic graph that torch's
+    automatic dynamic shapes would make for every block after seeing the second length.
+    """
     for block in denoiser.net.blocks:
-        block.forward = torch.compile(block.forward, **compile_kwargs)
+        block.forward = torch.compile(block.forward, dynamic=False, **compile_kwargs)
     return denoiser
 
 
@@ -300,7 +304,9 @@ class EMAWeights:
     """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
     unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
     made by `make_denoiser()` at the first use and refreshed by `refresh` (collective), so that
-    evaluation runs as in an unsharded run, each rank generating its share of the images."""
+    evaluation runs as in an unsharded run, each rank generating its share of the images. `release`
+    frees those copies (a full float32 network per EMA on every GPU) when an evaluation during
+    training is done."""
 
     def __init__(self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool):
         self.emas, self.device, self.make_denoiser, self.compile_net = emas, device, make_denoiser, compile_net
@@ -316,6 +322,14 @@ class EMAWeights:
                         self.copies[k] = self.make_denoiser().eval().requires_grad_(False)
                 sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
 
+    def release(self):
+        """Free the gathered copies of sharded EMAs and their compiled stand-ins (nothing else holds
+        them); the next `refresh` builds them again. torch.compile's cache matches a new copy's net by
+        its type and shapes, not its identity, so this costs no recompilation."""
+        for k in list(self.copies):
+            del self.copies[k]
+            self.nets.pop(k, None)
+
     def __call__(self, k: int):
         """(denoiser, net stand-in or None) that sample with EMA k."""
         denoiser = self.copies.get(k, self.emas[k - 1].module)
@@ -328,19 +342,26 @@ class PostHocWeights:
     """The samplers of a sweep of post-hoc EMAs (--phema): one denoiser (on every rank), into which
     the weights reconstructed for each σ_rel are loaded in turn, with a compiled stand-in of its net
     (or None). `reconstruct(stds)` returns {σ_rel: full state dict}; rank 0 alone calls it (it reads
-    every snapshot) and broadcasts the weights when a σ_rel is first sampled."""
+    every snapshot) and broadcasts the weights when a σ_rel is first sampled; the other ranks wait for
+    the reconstruction at a barrier of the control group, which fails after --dist_timeout (a wait in
+    the NCCL broadcast would be ended by NCCL's watchdog instead)."""
 
     def __init__(self, denoiser: torch.nn.Module, reconstruct: Callable[[list], dict], device: torch.device, compile_net: bool):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.reconstruct, self.device = reconstruct, device
         self.net = compile_sampling_net(self.denoiser.net) if compile_net else None
-        self.weights, self.loaded = {}, None
+        self.weights, self.loaded, self.done = {}, None, set()
 
     def refresh(self, stds):
-        """Rank 0 reconstructs the σ_rel of `stds` it has not yet, in one pass over the snapshots."""
-        todo = sorted(set(stds) - set(self.weights))
-        if todo and D.is_main_process():
+        """Collective. Rank 0 reconstructs the σ_rel of `stds` it has not yet, in one pass over the
+        snapshots, while the other ranks wait at a barrier (bounded by --dist_timeout)."""
+        todo = sorted(set(stds) - self.done)
+        if not todo:
+            return
+        if D.is_main_process():
             self.weights.update(self.reconstruct(todo))
+        self.done.update(todo)
+        D.barrier()
 
     def __call__(self, sigma_rel: float):
         """Collective. (denoiser, net stand-in or None) that sample with the post-hoc EMA of σ_rel."""
@@ -413,12 +434,17 @@ def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
 def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str | None = None) -> dict | None:
     """Evaluate the run's point, or sweep its points (then --final_num_images), with the current EMA
     weights (of `weights_epoch`, loaded from `checkpoint` if any). Call on every rank. Returns the
-    (best) point's record; None when a sweep was stopped."""
+    (best) point's record; None when a sweep was stopped. During training, the gathered copies of
+    sharded EMAs are freed afterwards (EMAWeights.release)."""
     ev.samplers.refresh(p.weights for p in ev.points)
     context = eval_context(ev, checkpoint, weights_epoch)
-    if len(ev.points) == 1 and ev.final_num_images is None:
-        return score_point(ev, ev.points[0], epoch=epoch, context=context)
-    return run_sweep(ev, epoch=epoch, context=context)
+    try:
+        if len(ev.points) == 1 and ev.final_num_images is None:
+            return score_point(ev, ev.points[0], epoch=epoch, context=context)
+        return run_sweep(ev, epoch=epoch, context=context)
+    finally:
+        if ev.during_training:
+            ev.samplers.release()
 
 
 def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:

@@ -14,7 +14,7 @@ Inside this repository weights are always the Denoiser's state dict (keys "net.*
 the network's own names. Every error is one line: CheckpointError for files and weights, ValueError
 for settings. What this module knows of the network (its keywords from tensor shapes, the diffusers
 name table, adapting a state dict to another class count or image size) is model_jit_adapters.py;
-checkpoints are read by util.checkpoint (load_checkpoint below is its find_checkpoint); the flags
+checkpoints are read by util.checkpoint (load_checkpoint below is its load_checkpoint, which must find one); the flags
 a script's config adopts from the weights: adopt_settings, evaluation_source.
 """
 import inspect
@@ -537,8 +537,8 @@ def as_train_state(config: dict, state_dict: dict) -> checkpoint.TrainState:
 
 def load_checkpoint(path: str, log=print) -> tuple[checkpoint.TrainState, str]:
     """A checkpoint file, or the newest readable checkpoint-*.pth of a run folder
-    (checkpoint.find_checkpoint). CheckpointError if there is none."""
-    state, file = checkpoint.find_checkpoint(path, log)
+    (checkpoint.load_checkpoint). CheckpointError if there is none."""
+    state, file = checkpoint.load_checkpoint(path, log, required=False)
     if state is None:
         raise CheckpointError(f"{path} has no checkpoint-*.pth and no {CONFIG}")
     return state, file

@@ -2,12 +2,15 @@
 
     torchrun --nproc_per_node=2 bench/fsdp_compile.py --mode root     # torch.compile of the whole denoiser
     torchrun --nproc_per_node=2 bench/fsdp_compile.py --mode blocks   # each block's forward, the root eager
+    torchrun --nproc_per_node=1 bench/fsdp_compile.py --mode blocks --device cuda --backend inductor --json out.json
 
-Trains --steps optimiser steps of the tiny preset on CPU (gloo) through engine_jit.train_step and
-prints, on rank 0: the graphs dynamo captured, its graph breaks (with reasons), and the graphs
-captured after the first two steps (recompiles). The counts are dynamo's, the same for any backend:
---backend aot_eager (default) skips code generation, inductor is what main_jit uses on CUDA.
+Trains --steps optimiser steps of the tiny preset (CPU: gloo; CUDA: NCCL, bf16 autocast) through
+engine_jit.train_step and prints, on rank 0: the graphs dynamo captured, how many of them have
+dynamic (symbolic) shapes, its graph breaks (with reasons), and the graphs captured after the first
+two steps (recompiles). The counts are dynamo's, the same for any backend: --backend aot_eager
+(default) skips code generation, inductor is what main_jit uses on CUDA.
 """
+import json
 import argparse
 import os
 import sys
@@ -22,23 +25,37 @@ from util import distributed  # noqa: E402
 from util import sharding  # noqa: E402
 
 
-def main():
+def get_args_parser():
     p = argparse.ArgumentParser(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("root", "blocks"), required=True)
     p.add_argument("--grad_checkpoint", action="store_true")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--backend", default="aot_eager")
-    args = p.parse_args()
-    device = distributed.init("cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the counts here (rank 0)")
+    return p
+
+
+def main():
+    args = get_args_parser().parse_args()
+    device = distributed.init(args.device)
+    from torch._dynamo import lookup_backend
     from torch._dynamo.utils import counters
+
+    inner, dynamic = lookup_backend(args.backend), []
+
+    def backend(gm, example_inputs):  # notes whether dynamo handed the graph symbolic sizes
+        dynamic.append(any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+                           for x in example_inputs))
+        return inner(gm, example_inputs)
 
     torch.manual_seed(0)
     net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, grad_checkpoint=args.grad_checkpoint)
-    denoiser = sharding.shard(Denoiser(net, 3), mixed_precision=False)
+    denoiser = sharding.shard(Denoiser(net, 3).to(device), mixed_precision=False)
     if args.mode == "root":
-        model = torch.compile(denoiser, backend=args.backend)
+        model = torch.compile(denoiser, backend=backend)
     else:
-        model = compile_fsdp_blocks(denoiser, backend=args.backend)
+        model = compile_fsdp_blocks(denoiser, backend=backend)
     parts = StepParts(model, denoiser, build_optimizer(denoiser, 1e-3, 0.0), [], device)
     g = torch.Generator().manual_seed(distributed.get_rank())
     after_warmup = 0
@@ -48,11 +65,16 @@ def main():
         train_step(parts, micro)
         if step == 1:
             after_warmup = counters["stats"]["unique_graphs"]
-    breaks = dict(counters["graph_break"])
-    distributed.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {counters['stats']['unique_graphs']} graphs, "
-             f"{sum(breaks.values())} graph breaks, {counters['stats']['unique_graphs'] - after_warmup} graphs after step 2")
+    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    distributed.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {graphs} graphs ({sum(dynamic)} with dynamic shapes), "
+             f"{sum(breaks.values())} graph breaks, {graphs - after_warmup} graphs after step 2")
     for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
         distributed.print0(f"  {n}× {reason[:160]}")
+    if args.json and distributed.is_main_process():
+        with open(args.json, "w") as f:
+            json.dump({"mode": args.mode, "grad_checkpoint": args.grad_checkpoint, "backend": args.backend, "device": str(device),
+                       "world_size": distributed.get_world_size(), "graphs": graphs, "dynamic_graphs": sum(dynamic),
+                       "graph_breaks": sum(breaks.values()), "graphs_after_step_2": graphs - after_warmup}, f, indent=1)
     distributed.shutdown()
 
 

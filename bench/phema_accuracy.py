@@ -163,7 +163,7 @@ def own_profile_through_files(run: dict, steps: int, start: int) -> dict:
                                          epoch=0, args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3})
         code = reconstruct_ema.cli(["--snapshots", folder, "--std", "0.006", "--output_dir", tmp])
         assert code == 0
-        state = checkpoint.load(os.path.join(tmp, f"ema-std0.006-step{steps:010d}.pth")).weights("ema1")
+        state = checkpoint.load_checkpoint(os.path.join(tmp, f"ema-std0.006-step{steps:010d}.pth"))[0].weights("ema1")
     got = torch.cat([state[n].reshape(-1) for n in template])
     tracked = flat(run["power"][0.006].module)
     return {"spacing_steps": spacing, "max_abs_diff": float((got - tracked).abs().max()),

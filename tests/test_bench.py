@@ -92,4 +92,34 @@ def test_fsdp_blocks_compile_without_graph_breaks_or_recompiles():
     dynamo captures 2 graphs (the blocks before and after the in-context tokens), breaks none, and
     captures nothing new after the first two steps (bench/fsdp_compile.py; aot_eager, no codegen)."""
     p = run_script("bench/fsdp_compile.py", "--mode", "blocks", "--steps", 4, nproc=2)
-    assert "mode blocks, grad_checkpoint False: 2 graphs, 0 graph breaks, 0 graphs after step 2" in p.stdout, p.stdout
+    assert "mode blocks, grad_checkpoint False: 2 graphs (0 with dynamic shapes), 0 graph breaks, 0 graphs after step 2" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("smoke", ["0", "1"])
+def test_gpu_check_commands_parse_with_each_scripts_flags(smoke):
+    """Every command bench/gpu_check.sh runs (PRINT=1 lists them), the GPU ones and SMOKE=1's, is
+    accepted by the argument parser of the script it runs, so the check cannot fail on a renamed flag."""
+    import shlex
+    import subprocess
+
+    import fsdp_compile
+    import main_jit
+
+    listed = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env={**os.environ, "PRINT": "1", "SMOKE": smoke},
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    parsers = {"main_jit.py": main_jit.parse_args, "bench/bench.py": bench.get_args_parser().parse_args,
+               "bench/fsdp_compile.py": fsdp_compile.get_args_parser().parse_args,
+               "bench/reference_resume.py": lambda argv: main_jit.parse_args(argv[2:])}  # CHECKPOINT OUT MAIN_JIT_FLAGS
+    seen = set()
+    for line in listed:
+        argv = shlex.split(line)
+        if argv[0] != "python":
+            continue
+        script = next(a for a in argv if a.endswith(".py"))
+        args = argv[argv.index(script) + 1:]
+        try:
+            parsers[script](args)
+        except SystemExit:
+            raise AssertionError(f"gpu_check.sh runs {script} with flags it does not take: {line}") from None
+        seen.add(script)
+    assert seen == set(parsers)

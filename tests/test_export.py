@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     ref = folder / "ref.pth"
     save_reference_checkpoint(ref, tiny_denoiser(0), tiny_denoiser(1), tiny_denoiser(2), epoch=7, steps=2)
-    state = ckpt_util.load(str(ref))
+    state = ckpt_util.load_checkpoint(str(ref))[0]
     os.remove(ref)
     state.args = {**state.args, "accum_iter": 2, "ema_decay1": 0.9999, "ema_decay2": 0.9996, "cfg": [1.0, 2.0],
                   "interval_min": 0.1, "label_drop_prob": 0.2}

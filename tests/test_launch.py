@@ -9,10 +9,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
 from util import distributed
 from util import runlock
+from util.errors import exit_code
 
 STANDINS = os.path.join(ROOT, "tests", "slurm_standins")
 SBATCH = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
@@ -37,10 +39,35 @@ def wait_ok(proc, timeout=300) -> str:
     return out
 
 
-def test_gpu_index_is_the_local_rank_modulo_the_visible_gpus():
-    assert [distributed.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
-    assert [distributed.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
-    assert distributed.gpu_index(9, 4) == 1 and distributed.gpu_index(2, 0) == 2
+def test_gpu_index_is_the_local_rank_and_more_processes_than_gpus_is_bad_input(monkeypatch, capsys):
+    assert [distributed.gpu_index(r, 8, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [distributed.gpu_index(r, 1, 8) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
+    assert distributed.gpu_index(2, 0) == 2
+    for local_rank, local_size in ((5, 8), (0, 8), (4, None)):  # every rank of the node knows, where the launcher says
+        with pytest.raises(distributed.BadInput, match=r"processes on this node but 4 visible GPUs"):
+            distributed.gpu_index(local_rank, 4, local_size)
+    # through init, as torchrun --nproc_per_node=8 starts it on a node with 4 GPUs: exit 2, one line, before NCCL
+    monkeypatch.setattr(distributed.torch.backends.cudnn, "benchmark", False)  # init sets it for CUDA: put back after
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 4)
+    for k, v in dict(RANK=5, WORLD_SIZE=8, LOCAL_RANK=5, LOCAL_WORLD_SIZE=8, MASTER_ADDR="127.0.0.1", MASTER_PORT=1).items():
+        monkeypatch.setenv(k, str(v))
+    assert exit_code(distributed.init, "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 8 processes on this node but 4 visible GPUs") and err.count("\n") == 1, err
+
+
+def test_the_network_line_names_each_backends_interface(monkeypatch):
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setattr(distributed.socket, "gethostbyname", lambda host: "127.0.0.1")
+    line = distributed.network_note(["nccl", "gloo"], multi_node=True)
+    assert line.startswith("network: nccl on its own choice (NCCL_SOCKET_IFNAME unset); gloo on lo (127.0.0.1, what host name")
+    assert line.endswith("loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME")
+    assert "loopback" not in distributed.network_note(["gloo"], multi_node=False)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    assert distributed.network_note(["nccl", "gloo"], multi_node=True) == "network: nccl on NCCL_SOCKET_IFNAME=ib0; gloo on GLOO_SOCKET_IFNAME=eth1"
 
 
 def test_stale_locks_are_those_of_dead_processes_here_or_of_the_same_job(tmp_path):
@@ -115,25 +142,30 @@ def test_slurm_srun_one_task_per_gpu_equals_torchrun(data48, tmp_path, reference
 
 
 @pytest.mark.slow
-def test_the_sbatch_script_runs_two_nodes_and_requeues_on_usr1(data48, tmp_path, reference, start):
+def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_before_the_requeue(data48, tmp_path, reference,
+                                                                                                   start):
     """The sbatch script itself, its srun and scontrol replaced by stand-ins that run here: USR1 (the
-    time limit's warning) stops the job step (SIGTERM through srun and torchrun to the workers, which
-    save), requeues the job, and the requeued job continues to the uninterrupted result."""
+    time limit's warning) reaches the workers (through srun and each node's task, not through
+    torchrun), which save, the job is requeued, and the requeued job continues to the uninterrupted
+    result. The save takes 8 s (tests/launch_worker.py slow_save) and torchrun's shutdown timeout is
+    2 s: a SIGTERM through torchrun (or srun, which makes it a SIGKILL) would lose it."""
     out, requeued = tmp_path / "out", tmp_path / "requeued"
     env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NAME": "jit", "GPUS_PER_NODE": "1", "MAX_RESTARTS": "0",
            "OUTPUT_DIR": str(out), "RDZV_PORT": str(free_port()), "PYTHON": sys.executable,
-           "SCONTROL_REQUEUED": str(requeued)}
+           "SCONTROL_REQUEUED": str(requeued), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "IFNAME": "lo",
+           "TRAIN_SCRIPT": "tests/launch_worker.py slow_save 8"}
     args = [str(a) for a in train_args(data48, out)[:-4]]  # the script sets --output_dir and --resume
     job = start("", env=env, argv=["bash", SBATCH, *args])
-    read_until(job, "Epoch [0] [2/6]")
+    first = "".join(read_until(job, "Epoch [0] [2/6]"))
+    assert "network: gloo on GLOO_SOCKET_IFNAME=lo" in first, first
     os.kill(job.pid, signal.SIGUSR1)
     rest = wait_ok(job)
     assert "USR1 (the time limit is near)" in rest and "stop requested" in rest and "checkpoint saved" in rest, rest
     assert requeued.read_text().split() == ["4242"]
     stopped = load_last(out)["resume"]
     assert stopped != {"epoch": 2, "step": 0}
-    again = start("", env={**env, "RDZV_PORT": str(free_port())}, argv=["bash", SBATCH, *args])
+    again = start("", env={**env, "RDZV_PORT": str(free_port()), "TRAIN_SCRIPT": "main_jit.py"}, argv=["bash", SBATCH, *args])
     rest = wait_ok(again)
     assert f"epoch {stopped['epoch']}, step {stopped['step']}" in rest and "taking over the train lock" not in rest, rest
     assert_same_state(load_last(out), reference)
@@ -153,3 +185,20 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
                    nproc=2, check=False)
     assert p.returncode != 0 and time.time() - t0 < 60, p.stdout
     assert "--dist_timeout is 0.1 min); rerun the same command" in p.stdout and 'main_jit.py", line' not in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_new_sigma(monkeypatch, rank):
+    """Rank 0 reconstructs while the others wait at a control-group barrier (bounded by --dist_timeout,
+    unlike a wait in an NCCL broadcast): every rank passes the same barriers, also when asked again."""
+    import engine_jit
+
+    calls, barriers = [], []
+    monkeypatch.setattr(engine_jit.D, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(engine_jit.D, "barrier", lambda: barriers.append(len(calls)))
+    samplers = engine_jit.PostHocWeights(torch.nn.Module(), lambda stds: calls.append(stds) or {s: {} for s in stds},
+                                          torch.device("cpu"), compile_net=False)
+    for stds in ([0.05, 0.1], [0.1], [0.1, 0.2]):
+        samplers.refresh(stds)
+    assert barriers == ([1, 2] if rank == 0 else [0, 0])  # after each reconstruction; none when nothing is new
+    assert calls == ([[0.05, 0.1], [0.2]] if rank == 0 else [])

@@ -266,7 +266,7 @@ def test_cli_writes_checkpoints_that_sample_py_reads(tmp_path, capsys):
     assert "float64" in out and out.count(" -> ") == 3
     names = sorted(os.listdir(out_dir))
     assert names == ["ema-decay0.97-step0000000060.pth", "ema-std0.1-step0000000060.pth", "ema-std0.15-step0000000060.pth"]
-    state = checkpoint.load(os.path.join(out_dir, names[2]))
+    state = checkpoint.load_checkpoint(os.path.join(out_dir, names[2]))[0]
     assert state.args == args and state.optimizer is None
     for k, v in emas[1].state_dict().items():  # the tracked σ_rel 0.15, reconstructed at its own snapshot
         torch.testing.assert_close(state.weights("ema1")[k], v, rtol=0, atol=1e-6)

@@ -94,7 +94,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert torch.equal(ckpt_util.load(str(path)).model["w"], torch.ones(4))
+    assert torch.equal(ckpt_util.load_checkpoint(str(path))[0].model["w"], torch.ones(4))
     leftovers = [f for f in os.listdir(tmp_path) if ".tmp-" in f]
     assert leftovers  # the killed save's temporary file ...
     ckpt_util.remove_stale_temporaries(str(tmp_path))  # ... is cleaned up at the next start
@@ -127,7 +127,7 @@ def test_a_full_disk_in_torch_save_is_one_line_with_sizes_and_keeps_the_old_file
     message = str(e.value)
     assert "\n" not in message and path in message and "No space left on device" in message
     assert "needs about 4.0 kB" in message and re.search(r"\d+\.\d [kMGT]?B free", message), message
-    assert torch.equal(ckpt_util.load(path).model["w"], torch.ones(2))
+    assert torch.equal(ckpt_util.load_checkpoint(path)[0].model["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # no temporary file left
 
 
@@ -190,7 +190,7 @@ def test_a_failed_periodic_save_lets_training_go_on(data, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert out.count("could not write") == 1 and "No space left on device" in out and "training goes on" in out
     assert "Epoch [1] [6/6]" in out and "1 checkpoint(s) of this run could not be written" in out and "training done" in out
-    assert ckpt_util.load(str(tmp_path / "checkpoint-last.pth")).start == {"epoch": 2, "step": 0}
+    assert ckpt_util.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))[0].start == {"epoch": 2, "step": 0}
 
 
 @pytest.mark.slow
@@ -213,7 +213,7 @@ def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_d
     out = capsys.readouterr().out
     last = tmp_path / "checkpoint-last.pth"
     assert f"the newest readable checkpoint is {last} (resume at epoch 1, step 0)" in out and "training done" not in out
-    assert ckpt_util.load(str(last)).start == {"epoch": 1, "step": 0}
+    assert ckpt_util.load_checkpoint(str(last))[0].start == {"epoch": 1, "step": 0}
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
 
@@ -240,7 +240,7 @@ def test_a_real_full_disk(data, small_disk):
                      r"\d+\.\d MB free\)", p.stdout), p.stdout
     assert f"the newest readable checkpoint is {out}/checkpoint-last.pth (resume at epoch 1, step 0)" in p.stdout
     assert "Traceback" not in p.stdout and "training done" not in p.stdout
-    assert ckpt_util.load(str(out / "checkpoint-last.pth")).start == {"epoch": 1, "step": 0}
+    assert ckpt_util.load_checkpoint(str(out / "checkpoint-last.pth"))[0].start == {"epoch": 1, "step": 0}
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     records = read_metrics(out)  # whole JSON lines only (a cut line would not parse), each step's until the disk filled
     expected = [(e, s) for e in range(3) for s in range(1, 7)]  # --log_freq 1, 6 steps per epoch

@@ -82,7 +82,7 @@ def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
 def test_reference_format_checkpoint_loads_and_resumes(data, tmp_path):
     path = tmp_path / "ref.pth"
     save_reference_checkpoint(path, tiny_denoiser().train(), epoch=0, steps=1)
-    state = ckpt_util.load(str(path))  # weights_only loading of an argparse.Namespace
+    state = ckpt_util.load_checkpoint(str(path))[0]  # weights_only loading of an argparse.Namespace
     assert state.args["model"] == "JiT-XS/4" and state.start == {"epoch": 1, "step": 0}
     out = tmp_path / "out"
     p = run_script("main_jit.py", *TINY, "--epochs", "2", "--resume", path, "--data_path", data, "--output_dir", out)
@@ -100,7 +100,7 @@ def test_loaded_adamw_steps_are_float32_on_the_parameters_device(tmp_path):
     are on the meta device here, so that a step left on the CPU would show."""
     path = tmp_path / "ref.pth"
     save_reference_checkpoint(path, tiny_denoiser().train(), steps=2)
-    state = ckpt_util.load(str(path))
+    state = ckpt_util.load_checkpoint(str(path))[0]
     first = next(iter(state.optimizer["state"].values()))
     assert first["step"].device.type == "cpu" and float(first["step"]) == 2.0
     first["step"] = first["step"].double()  # any dtype is made float32

@@ -136,10 +136,18 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict):
 
     The reference saves fused=None and its `step` counters as CPU tensors; fused AdamW needs each
     `step` as float32 on its parameter's device (CUDA refuses a CPU one), so they are moved there.
+    The moments of CPU parameters are copied into the process: loaded as they are, they would stay
+    views of the memory-mapped file (load_checkpoint), whose disk space a later save could then not
+    free for the rest of the run.
     """
     optimizer.load_state_dict(state_dict)
     for group in optimizer.param_groups:
         group.update(fused=True, foreach=None)
+        for p in group["params"]:
+            s = optimizer.state.get(p, {})
+            for k, v in s.items():
+                if k != "step" and isinstance(v, torch.Tensor) and v.device.type == "cpu":
+                    s[k] = v.clone()
     place_steps(optimizer)
 
 
@@ -188,14 +196,17 @@ def remove_stale_temporaries(folder: str, prefix: str = ".checkpoint-"):
         os.remove(tmp)
 
 
-def load(path: str) -> TrainState:
-    """Load a checkpoint with weights_only=True. Raises CheckpointError naming the file if it is
-    missing, truncated or not a checkpoint."""
+def _read(path: str) -> TrainState:
+    """One checkpoint file, its tensors memory-mapped (see load_checkpoint). CheckpointError naming the
+    file if it is missing, truncated or not a checkpoint."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # a file of torch < 1.6 (no zip archive), a file system without mmap: read it whole
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -214,23 +225,41 @@ def candidates(folder: str) -> list[str]:
     return sorted(paths, key=key, reverse=True)
 
 
-def find_checkpoint(source: str, log=print):
-    """Load the checkpoint `source` names (--resume). Returns (TrainState, path) or (None, None).
+def load_checkpoint(source: str, log=print, *, required: bool = True, main_only: bool = False):
+    """The one reader of checkpoints (--resume, --init_from, --evaluate_gen, export.py, sample.py).
+    Returns (TrainState, path of the file read).
 
-    A file is loaded as is (a bad file is an error). A folder is searched for checkpoints, newest
-    first; an unreadable one is reported and the next one tried; none at all gives (None, None).
-    A path that does not exist is an error.
+    `source` is a file (read as is: a bad file is an error) or a run folder, searched newest first
+    (an unreadable checkpoint is reported through `log` and the next older one tried). A folder
+    without checkpoints gives (None, None), or a CheckpointError when `required`; an empty `source`
+    (no --resume) gives (None, None); a path that does not exist is an error. (The messages name the
+    file or folder as --resume, the flag most callers pass it with.)
+
+    Host memory: the tensors are memory-mapped from the file, not read into the process. Loading them
+    into modules copies from the page cache, which the ranks of a node share (one copy per node, and
+    reclaimable: it is not the processes' own memory), so a rank holds nothing of the file but what it
+    keeps (the AdamW moments of a CPU run, see load_optimizer). Files that cannot be mapped (written
+by torch < 1.6, or on a file system without mmap) are read whole.
+
+    main_only: collective; rank 0 alone reads, the other ranks get the state without its tensors
+    (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
     """
+    if main_only and D.get_world_size() > 1:
+        state, path = load_checkpoint(source, log, required=required) if D.is_main_process() else (None, None)
+        header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
+                                                                phemas=[None] * len(state.phemas))
+        header, path = D.broadcast_object((header, path))
+        return (state if D.is_main_process() else header), path
     if not source:
         return None, None
     if not os.path.exists(source):
         raise CheckpointError(f"--resume {source}: no such file or folder")
     if os.path.isfile(source):
-        return load(source), source
+        return _read(source), source
     found = candidates(source)
     for i, path in enumerate(found):
         try:
-            state = load(path)
+            state = _read(path)
         except CheckpointError as e:
             log(f"warning: {e}; trying an older checkpoint")
             continue
@@ -239,6 +268,8 @@ def find_checkpoint(source: str, log=print):
         return state, path
     if found:
         raise CheckpointError(f"--resume {source}: none of its {len(found)} checkpoints can be read")
+    if required:
+        raise CheckpointError(f"{source} has no checkpoint-*.pth")
     return None, None
 
 
@@ -315,17 +346,10 @@ class Checkpointer:
         self.log = SaveLog()
 
     def load(self, source: str):
-        """(TrainState, path) of --resume `source`, or (None, None) (find_checkpoint). Sharded: rank
-        0 alone reads the file; the other ranks get the state without its tensors (rank 0 broadcasts
-        them in `restore`)."""
-        if not sharding.is_sharded(self.denoiser):
-            state, path = find_checkpoint(source, log=D.print0)
-        else:
-            state, path = find_checkpoint(source, log=D.print0) if D.is_main_process() else (None, None)
-            header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
-                                                                    phemas=[None] * len(state.phemas))
-            header, path = D.broadcast_object((header, path))
-            state = state if D.is_main_process() else header
+        """(TrainState, path) of --resume `source`, or (None, None) when it names nothing to resume
+        (load_checkpoint). Sharded: rank 0 alone reads the file; the other ranks get the state
+        without its tensors (rank 0 broadcasts them in `restore`)."""
+        state, path = load_checkpoint(source, log=D.print0, required=False, main_only=sharding.is_sharded(self.denoiser))
         if source and state is None:
             D.print0(f"no checkpoint in {source}: training from scratch")
         return state, path

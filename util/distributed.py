@@ -10,6 +10,7 @@ import builtins
 import contextlib
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -87,11 +88,68 @@ def _launcher_env(dist_on_itp: bool):
     return None
 
 
-def gpu_index(local_rank: int, visible: int) -> int:
-    """The CUDA device of the process with this node-local rank when `visible` devices are visible:
-    local_rank modulo their number. One task per GPU under `srun --gpus-per-task=1` (or with
-    CUDA_VISIBLE_DEVICES naming one device) sees a single GPU, device 0, whatever its local rank."""
-    return local_rank % visible if visible > 0 else local_rank
+def local_world_size() -> int | None:
+    """The number of processes on this node, where the launcher says it (torchrun, OpenMPI, srun with
+    --ntasks-per-node); None otherwise."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def gpu_index(local_rank: int, visible: int, local_size: int | None = None) -> int:
+    """The CUDA device of the process with this node-local rank when `visible` devices are visible
+    and `local_size` processes run on the node (None: unknown): its local rank. One task per GPU
+    under `srun --gpus-per-task=1` (or with CUDA_VISIBLE_DEVICES naming one device) sees a single
+    GPU, device 0, whatever its local rank. More processes than the several GPUs visible would put
+    two of them on one GPU, which NCCL refuses later with a less clear error: BadInput (exit 2)."""
+    if visible == 1:
+        return 0
+    if visible > 1 and max(local_rank + 1, local_size or 0) > visible:
+        raise BadInput(f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process per GPU "
+                       "(--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)")
+    return local_rank
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the network interface holding the IPv4 `address` (Linux), or None."""
+    import fcntl
+    import struct
+
+    for _, name in socket.if_nameindex():
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+        except OSError:  # no IPv4 address
+            continue
+        if socket.inet_ntoa(packed[20:24]) == address:
+            return name
+    return None
+
+
+def network_note(backends: list[str], multi_node: bool) -> str:
+    """One line: the network interface of each backend's sockets. NCCL: NCCL_SOCKET_IFNAME, else its
+    own choice (InfiniBand / RoCE when present, else the first interface that is not loopback or
+    docker). Gloo (the control group, used every step): GLOO_SOCKET_IFNAME, else the address this
+    host's name resolves to, which on some clusters is loopback: then nodes cannot reach each other."""
+    parts = []
+    if "nccl" in backends:
+        nccl = os.environ.get("NCCL_SOCKET_IFNAME")
+        parts.append(f"nccl on NCCL_SOCKET_IFNAME={nccl}" if nccl else "nccl on its own choice (NCCL_SOCKET_IFNAME unset)")
+    gloo = os.environ.get("GLOO_SOCKET_IFNAME")
+    if gloo:
+        parts.append(f"gloo on GLOO_SOCKET_IFNAME={gloo}")
+    else:
+        host = socket.gethostname()
+        try:
+            address = socket.gethostbyname(host)
+        except OSError:
+            address = "127.0.0.1"  # gloo falls back to loopback
+        loopback = address.startswith("127.")
+        parts.append(f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; GLOO_SOCKET_IFNAME unset)"
+                     + (" - loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME" if loopback and multi_node else ""))
+    return "network: " + "; ".join(parts)
 
 
 def elastic_attempt() -> tuple[int, int] | None:
@@ -162,7 +220,7 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
         if missing:
             raise BadInput(f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
     if device.type == "cuda":
-        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count(), local_world_size()))
         torch.cuda.set_device(device)
     # torch._dynamo, imported after a process group exists (by torch.compile, torchvision or
     # torch-fidelity), keeps a reference to it that destroy_process_group cannot drop, and the group's
@@ -182,6 +240,7 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
     )
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     barrier()
+    print0(network_note(["nccl", "gloo"] if device.type == "cuda" else ["gloo"], multi_node=world_size > (local_world_size() or world_size)))
     return device
 
 
