@@ -1,11 +1,13 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
-DDP (post-hoc EMA's power EMAs and snapshots included), checkpoints moving FSDP <-> DDP <-> reference
-format, SIGTERM and rerun bit-exact, bad input."""
+DDP (post-hoc EMA's power EMAs and snapshots included, and the sample grids), checkpoints moving FSDP <->
+DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
                      save_reference_checkpoint, tiny_denoiser, worker_pids)
@@ -42,16 +44,22 @@ def eval_record(out) -> dict:
 def ddp(data, tmp_path_factory, online_eval):
     """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
     out = tmp_path_factory.mktemp("ddp")
-    train(data, out, *online_eval, *PHEMA)
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
+    train(data, out, *online_eval, *PHEMA, "--sample_every", 1)
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out)}
 
 
 @pytest.fixture(scope="module")
 def fsdp(data, tmp_path_factory, online_eval):
     out = tmp_path_factory.mktemp("fsdp")
-    p = train(data, out, "--fsdp", *online_eval, *PHEMA)
+    p = train(data, out, "--fsdp", *online_eval, *PHEMA, "--sample_every", 1)
     assert "2 process(es) (FSDP)" in p.stdout
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out)}
+
+
+def grids(out) -> dict:
+    """{file name: (H, W, 3) uint8} of out/samples."""
+    folder = os.path.join(out, "samples")
+    return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
 
 
 def snapshots(out) -> dict:
@@ -97,6 +105,16 @@ def test_online_evaluation_of_a_sharded_run_equals_ddps(ddp, fsdp):
     assert a["ema"] == b["ema"] == 2 and a["epoch"] == b["epoch"] == 1 and a["num_images"] == 12
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
     assert a["inception_score"] == b["inception_score"]  # None: the near-uniform samples of this tiny run give NaN
+
+
+@pytest.mark.slow
+def test_the_sample_grids_of_a_sharded_run_are_ddps(ddp, fsdp):
+    """EMA 1, sharded, is gathered into a full copy on each rank, each samples its share of the grid and
+    rank 0 alone writes it: DDP's pictures, up to a level where the weights' rounding moves a pixel."""
+    assert list(fsdp["grids"]) == list(ddp["grids"]) == ["epoch-0000.png", "epoch-0001.png"]  # no temporary files
+    for name, picture in fsdp["grids"].items():
+        diff = np.abs(picture.astype(int) - ddp["grids"][name])
+        assert picture.shape == (3 * 18 + 2, 10 * 18 + 2, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.01, name
 
 
 @pytest.mark.slow
