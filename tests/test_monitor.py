@@ -289,3 +289,20 @@ def test_the_report_of_a_real_run_loads_in_chromium(straight, tmp_path):
     chromium(f"--screenshot={shot}", "--window-size=1000,1400", (out / "report.html").as_uri())
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (1400, 1000) and pixels.std() > 10 and (pixels < 200).mean() > 0.005  # a blank page: 0 and 0
+
+
+@pytest.mark.slow
+def test_the_cost_bench_measures_and_works_out_figures(tmp_path):
+    from helpers import run_script
+
+    out = tmp_path / "cost.json"
+    run_script("bench/monitor_cost.py", "--model", "JiT-XS/4", "--img_size", 16, "--class_num", 3, "--batch_size", 4, "--steps", 1,
+               "--sample_steps", 2, "--images_per_epoch", 24, "--log_freq", 2, "--json", out)
+    r = json.loads(out.read_text())
+    assert r["grid"].startswith("3 × 10, heun 2 steps") and r["grid_s"] > 0 and r["epoch_s"] == pytest.approx(6 * r["step_s"])
+    assert r["grid_pct"] == pytest.approx(100 * r["grid_s"] / (r["epoch_s"] * 12))
+    p = run_script("bench/monitor_cost.py", "--from_figures", "--train_img_per_s", 1958, "--sample_img_per_s", 32.3,
+                   "--class_num", 1000, "--images_per_epoch", 1281167, "--world_size", 8, "--sample_every", 5)
+    figures = json.loads(p.stdout)
+    assert figures["grid_images"] == 32 and figures["epoch_s"] == pytest.approx(1281167 / (8 * 1958))
+    assert figures["grid_s"] == pytest.approx([32 / 8 / 32.3, 32 / 32.3])
