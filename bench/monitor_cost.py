@@ -44,6 +44,7 @@ def get_args():
     a("--from_figures", action="store_true", help="no measurement: work out the grid's cost from --train_img_per_s and --sample_img_per_s")
     a("--train_img_per_s", default=None, type=float, help="training images/s per process (SPEC: B/16 on an H200, 1958)")
     a("--sample_img_per_s", default=None, type=float, help="sampling images/s at a full batch (SPEC: B/16 50-step Heun + CFG, 32.3)")
+    a("--probe_only", action="store_true", help="time the probe's own operations alone (steady on a loaded machine), no steps or grid")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default=None)
     return p.parse_args()
@@ -77,6 +78,26 @@ def from_figures(args) -> dict:
             "grid_pct_of_training": [100 * low / (epoch_s * args.sample_every), 100 * high / (epoch_s * args.sample_every)]}
 
 
+def probe_ops(monitor, params, device, batch: int, reps: int = 200) -> tuple[float, float]:
+    """Seconds of the probe's own work per step (binning one batch's losses) and per measured step
+    (gradient norm, weight copy, update norm), timed alone."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    losses, t, skipped = torch.rand(batch, device=device), torch.rand(batch, device=device), torch.zeros((), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        monitor.add_samples(losses, t)
+        monitor.end_step(skipped, params, None, sharded=False)
+    sync(device)
+    per_step = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps // 10):
+        monitor.end_step(skipped, params, monitor.before_step(params, sharded=False), sharded=False)
+    sync(device)
+    return per_step, (time.perf_counter() - t0) / (reps // 10)
+
+
 def main():
     args = get_args()
     if args.from_figures:
@@ -92,6 +113,14 @@ def main():
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8)
     batch = (x, torch.randint(0, args.class_num, (args.batch_size,)))
     monitor = StepMonitor(device, t_bin_edges(-0.8, 0.8))
+    if args.probe_only:
+        per_step, per_measure = probe_ops(monitor, [p for p in denoiser.parameters() if p.requires_grad], device, args.batch_size)
+        steps_per_epoch = args.images_per_epoch // (args.batch_size * args.world_size)
+        result = {"device": str(device), "model": args.model, "batch_size": args.batch_size, "probe_s_per_step": per_step,
+                  "probe_s_per_measured_step": per_measure, "steps_per_epoch": steps_per_epoch, "log_freq": args.log_freq,
+                  "per_t_loss_s_per_epoch": per_step * steps_per_epoch + per_measure * steps_per_epoch / args.log_freq}
+        print(json.dumps(result, indent=1))
+        return
     timed_steps(parts, batch, 2, device, monitor)  # warm-up
     plain, probed = [], []
     for _ in range(args.steps):

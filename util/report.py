@@ -193,10 +193,11 @@ def svg_plot(series: list[dict], *, xlabel: str, ylabel: str, log_y: bool = Fals
     for t in nice_ticks(x0, x1):
         out.append(f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{top + h}" stroke="#eee"/>'
                    f'<text x="{px(t):.1f}" y="{top + h + 14}" text-anchor="middle">{fmt(t)}</text>')
-    if log_y and y1 - y0 > 1.5:
-        yticks = [10 ** e for e in range(math.floor(y0), math.ceil(y1) + 1)]
+    if log_y:
+        mantissas = (1,) if y1 - y0 > 2.5 else (1, 2, 5) if y1 - y0 > 0.7 else range(1, 10)
+        yticks = [m * 10.0 ** e for e in range(math.floor(y0) - 1, math.ceil(y1) + 1) for m in mantissas]
     else:
-        yticks = nice_ticks(10 ** y0, 10 ** y1) if log_y else nice_ticks(y0, y1)
+        yticks = nice_ticks(y0, y1)
     for t in yticks:
         if y0 <= ty(t) <= y1:
             out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + w}" y2="{py(t):.1f}" stroke="#eee"/>'
@@ -229,7 +230,8 @@ def loss_series(runs: list[dict]) -> list[dict]:
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
         colour = COLOURS[i % len(COLOURS)]
         series.append({"xs": xs, "ys": ys, "colour": colour, "faint": True, "dots": True})
-        series.append({"name": run["name"] + " (smoothed)", "xs": xs, "ys": smooth(ys), "colour": colour})
+        weight = min(0.95, max(0.0, 1 - 10 / max(len(ys), 1)))  # about a tenth of the points, at most ~20 of them
+        series.append({"name": run["name"] + " (smoothed)", "xs": xs, "ys": smooth(ys, weight), "colour": colour})
     return series
 
 
@@ -305,14 +307,16 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
         done = p["total_steps"] and p["global_step"] >= p["total_steps"]
         parts.append(f'<p class="status">epoch {p["epoch"]}, step {p["step"]} (optimiser step {p["global_step"]}{total}); '
                      f'{img_s}{"; finished" if done else eta}</p>')
-    cfg = run["config"]
-    if cfg:
-        rows = [[k, cfg[k]] for k in CONFIG_KEYS if k in cfg]
-        everything = [[k, json.dumps(v, default=str)] for k, v in sorted(cfg.items())]
-        parts.append("<h3>Config</h3>" + table(["setting", "value"], rows)
-                     + "<details><summary>all settings</summary>" + table(["setting", "value"], everything) + "</details>")
+    parts.append("<h3>Sample grids</h3>")
+    if run["grids"]:
+        latest_epoch, latest = run["grids"][-1]
+        parts.append(f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch {latest_epoch}">'
+                     f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every grid)</figcaption></figure>")
+        parts.append('<div class="grids">' + "".join(
+            f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample grid after epoch {e}"></a>'
+            f"<figcaption>epoch {e}</figcaption></figure>" for e, path in run["grids"]) + "</div>")
     else:
-        parts.append("<h3>Config</h3><p>no readable checkpoint yet</p>")
+        parts.append("<p>none yet</p>")
     bins = noise_level_series(run)
     if bins:
         parts.append("<h3>Loss by noise level</h3><p>Mean training loss in bins of t (0: noise, 1: clean image; each bin "
@@ -330,16 +334,6 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
         parts.append("<h3>Throughput</h3>" + svg_plot(
             [{"name": "img/s", "xs": [r["x"] for r in throughput], "ys": [r["img_per_s"] for r in throughput], "colour": COLOURS[2]}],
             xlabel="epoch", ylabel="images / s", height=220))
-    parts.append("<h3>Sample grids</h3>")
-    if run["grids"]:
-        latest_epoch, latest = run["grids"][-1]
-        parts.append(f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch {latest_epoch}">'
-                     f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every grid)</figcaption></figure>")
-        parts.append('<div class="grids">' + "".join(
-            f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample grid after epoch {e}"></a>'
-            f"<figcaption>epoch {e}</figcaption></figure>" for e, path in run["grids"]) + "</div>")
-    else:
-        parts.append("<p>none yet</p>")
     if run["evals"]:
         rows = [[r.get("epoch"), r.get("ema"), r.get("cfg"), f"({r.get('interval_min')}, {r.get('interval_max')})", r.get("num_sampling_steps", r.get("steps")),
                  r.get("num_images"), r.get("fid"), r.get("inception_score")] for r in run["evals"]]
@@ -351,6 +345,14 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
         if sw["rows"]:
             header = list(sw["rows"][0])
             parts.append(table(header, [[r.get(k) for k in header] for r in sw["rows"]]))
+    cfg = run["config"]
+    if cfg:
+        rows = [[k, cfg[k]] for k in CONFIG_KEYS if k in cfg]
+        everything = [[k, json.dumps(v, default=str)] for k, v in sorted(cfg.items())]
+        parts.append("<h3>Config</h3>" + table(["setting", "value"], rows)
+                     + "<details><summary>all settings</summary>" + table(["setting", "value"], everything) + "</details>")
+    else:
+        parts.append("<h3>Config</h3><p>no readable checkpoint yet</p>")
     ck = run["checkpoints"]
     parts.append("<h3>Checkpoints</h3>" + (table(["file", "size", "written"], [
         [c["name"], human_bytes(c["bytes"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["mtime"]))] for c in ck])
