@@ -106,6 +106,8 @@ class Denoiser(nn.Module):
     forward(x, labels, t=None, noise=None) returns the scalar training loss; `t` (B,) and `noise`
     (like x, already scaled by noise_scale) may be given to make it deterministic. Labels are
     replaced by the null class `num_classes` with probability `label_drop_prob` in training mode.
+    With per_sample=True it returns (loss, per-sample losses (B,), t (B,)), the loss being the mean of
+    the very same per-sample values (what the training monitor bins by noise level).
     """
 
     def __init__(self, net, num_classes: int, P_mean=-0.8, P_std=0.8, noise_scale=1.0, t_eps=0.05, label_drop_prob=0.1,
@@ -132,7 +134,7 @@ class Denoiser(nn.Module):
         drop = torch.rand(labels.shape[0], device=labels.device) < self.label_drop_prob
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, x, labels, t=None, noise=None):
+    def forward(self, x, labels, t=None, noise=None, per_sample: bool = False):
         if self.training and self.label_drop_prob > 0:
             labels = self.drop_labels(labels)
         if t is None:
@@ -144,7 +146,10 @@ class Denoiser(nn.Module):
         to_loss_space = CONVERSIONS[self.pred][self.loss]
         target = to_loss_space(TRUTHS[self.pred](x, noise), z, t, self.t_eps)  # x-pred, v-loss: (x - z)/max(1 - t, t_eps)
         out = to_loss_space(self.net(z, t.flatten(), labels), z, t, self.t_eps)
-        return ((target - out) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()
+        losses = ((target - out) ** 2).mean(dim=tuple(range(1, x.ndim)))  # (B,)
+        if per_sample:
+            return losses.mean(), losses.detach(), t.detach().flatten()
+        return losses.mean()
 
     @torch.no_grad()
     def generate(self, labels, settings: SamplerSettings, *, noise=None, net=None):

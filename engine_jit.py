@@ -5,13 +5,14 @@ import dataclasses
 import math
 import os
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from util import distributed as D
+from util import distributed
 from util import lr_sched, phema, sharding, sweep
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
 from util.logger import hms
@@ -81,7 +82,9 @@ class StepParts:
     """What one optimiser step touches. model: what the step calls (the denoiser, DDP-wrapped and/or
     compiled); denoiser: the plain (or FSDP-sharded) module; optimizer: fused AdamW (build_optimizer);
     emas: updated after every step, and so are phemas, the power-function EMAs of post-hoc EMA
-    (util.phema.PowerEMA; none unless --phema_stds)."""
+    (util.phema.PowerEMA; none unless --phema_stds); probe: a StepMonitor that the step hands its
+    per-sample losses and times, and on its marked steps the gradient norm and update size (None: none).
+    """
 
     model: torch.nn.Module
     denoiser: torch.nn.Module
@@ -89,6 +92,7 @@ class StepParts:
     emas: list
     device: torch.device
     phemas: list = dataclasses.field(default_factory=list)
+    probe: "StepMonitor | None" = None
 
 
 @dataclass
@@ -137,9 +141,12 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
     Then every EMA, classic and power, moves towards the new weights in one fused lerp (local
     shards under FSDP); a power EMA's weight depends on `images_seen` (the run's images including
     this step's, global) and the global `batch` (images per optimiser step), needed only with
-    parts.phemas. Returns (mean loss, skipped flag) as 0-dim device tensors.
+    parts.phemas. With parts.probe, the same forward also returns its per-sample losses and times
+    (the loss is their mean, unchanged), which the probe bins by t on the device; on a step the probe
+    marks (measure_next), it also reads the global gradient norm and the size of the update.
+    Returns (mean loss, skipped flag) as 0-dim device tensors.
     """
-    model, denoiser, optimizer, device = parts.model, parts.denoiser, parts.optimizer, parts.device
+    model, denoiser, optimizer, device, probe = parts.model, parts.denoiser, parts.optimizer, parts.device, parts.probe
     accum_iter = len(micro_batches)
     sharded = sharding.is_sharded(denoiser)
     loss_sum = torch.zeros((), device=device)
@@ -150,15 +157,23 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
         if sharded:  # read during backward: set before the forward, kept until the next micro-batch
             sharding.set_grad_sync(denoiser, sync)
         no_sync = not sync and hasattr(model, "no_sync")
-        with (model.no_sync() if no_sync else contextlib.nullcontext()), D.autocast(device):
-            loss = model(x, labels)
+        with (model.no_sync() if no_sync else contextlib.nullcontext()), distributed.autocast(device):
+            if probe is None:
+                loss = model(x, labels)
+            else:
+                loss, per_sample, t = model(x, labels, per_sample=True)
+                probe.add_samples(per_sample, t)
         (loss / accum_iter).backward()
         loss_sum += loss.detach()
     params = [p for p in denoiser.parameters() if p.requires_grad]
     skipped = (sharding.nonfinite_flag if sharded else nonfinite_flag)(params)
     optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
+    measure = probe is not None and probe.measure_next
+    before = probe.before_step(params, sharded) if measure else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if probe is not None:
+        probe.end_step(skipped, params, before, sharded)
     averages = parts.emas + parts.phemas  # towards unchanged weights on a skipped step, so they stay finite
     if averages:
         phema.lerp_together_([a.tensors() for a in averages], sharding.local_tensors(denoiser.parameters()),
@@ -166,15 +181,75 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
     return loss_sum / accum_iter, skipped
 
 
-class StepMonitor:
-    """Device-side counters, read back only when progress is shown or logged (no per-step host sync)."""
+T_BINS = 8  # bins of the training time t for the loss by noise level
 
-    def __init__(self, device):
+
+def t_bin_edges(P_mean: float, P_std: float, bins: int = T_BINS) -> list[float]:
+    """Edges 0 < e_1 < ... < e_{bins-1} < 1 of `bins` bins of t that each hold 1/bins of the training
+    times t = sigmoid(N(P_mean, P_std²)) (its quantiles, rounded to 4 decimals), with 0 and 1 at the ends.
+    Bin k holds e_k < t <= e_{k+1}; t near 0 is noise, near 1 clean images."""
+    normal = statistics.NormalDist(P_mean, P_std)
+    inner = [round(1 / (1 + math.exp(-normal.inv_cdf(k / bins))), 4) for k in range(1, bins)]
+    return [0.0, *inner, 1.0]
+
+
+def squared_norm(tensors, sharded: bool) -> torch.Tensor:
+    """Σ‖x‖² over the (local shards of the) tensors, as a 0-dim float32 device tensor; summed over
+    ranks when they are shards (collective), else every rank holds the whole."""
+    local = sharding.local_tensors(tensors)
+    total = torch.stack(torch._foreach_norm(local)).float().square().sum()
+    if sharded:
+        torch.distributed.all_reduce(total)
+    return total
+
+
+class StepMonitor:
+    """Device-side counters, read back only when progress is shown or logged (no per-step host sync):
+    the loss and skipped steps of the window, the per-sample losses binned by training time t (edges:
+    t_bin_edges; kept from one `read(bins=True)` to the next), and the global gradient norm and
+    update-to-weight ratio ‖Δw‖/‖w‖ of the last step marked with `measure_next`."""
+
+    def __init__(self, device, edges: list[float] | None = None):
         self.loss_sum = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
         self.streak = torch.zeros((), device=device)
         self.max_streak = torch.zeros((), device=device)
         self.steps = 0
+        self.edges = list(edges or [0.0, 1.0])
+        n = len(self.edges) - 1
+        self.inner = torch.tensor(self.edges[1:-1], dtype=torch.float32, device=device)
+        self.bins = torch.zeros(2, n, device=device)  # (sum of losses, count) per bin, of the steps taken
+        self.step_bins = torch.zeros(2, n, device=device)  # the current step's
+        self.measured = torch.full((2,), float("nan"), device=device)  # grad norm, update ratio
+        self.measure_next = False
+
+    def add_samples(self, losses, t):
+        """Per-sample losses (B,) at times t (B,) of one micro-batch of the current step."""
+        k = torch.bucketize(t.float(), self.inner)  # e_k < t <= e_{k+1}
+        self.step_bins[0].index_add_(0, k, losses.float())
+        self.step_bins[1].index_add_(0, k, torch.ones_like(losses, dtype=torch.float32))
+
+    def before_step(self, params, sharded: bool) -> list[torch.Tensor]:
+        """On a measured step: the gradient norm (before the update), and a copy of the weights (local
+        shards) to measure the update by. The optimiser step's memory peak is far below the backward's."""
+        self.measured[0] = squared_norm([p.grad for p in params if p.grad is not None], sharded).sqrt()
+        return [t.clone() for t in sharding.local_tensors(params)]
+
+    def end_step(self, skipped, params, before, sharded: bool):
+        """The step's bins count unless it was skipped; on a measured step, ‖w_new - w_old‖ / ‖w_new‖."""
+        self.bins += torch.where(skipped > 0, 0.0, self.step_bins)
+        self.step_bins.zero_()
+        if before is not None:
+            after = sharding.local_tensors(params)
+            torch._foreach_sub_(before, after)
+            update = squared_norm(before, sharded=False)
+            weights = squared_norm(after, sharded=False)
+            if sharded:
+                both = torch.stack([update, weights])
+                torch.distributed.all_reduce(both)
+                update, weights = both
+            self.measured[1] = (update / weights).sqrt()
+            self.measure_next = False
 
     def add(self, loss, skipped):
         self.loss_sum += torch.where(skipped > 0, 0.0, loss)
@@ -183,25 +258,46 @@ class StepMonitor:
         torch.maximum(self.max_streak, self.streak, out=self.max_streak)
         self.steps += 1
 
-    def read(self):
-        """(mean finite loss, skipped steps, longest run of skipped steps), and reset the window."""
-        loss_sum, skipped, max_streak = D.all_reduce_mean(torch.stack([self.loss_sum, self.skipped, self.max_streak])).tolist()
+    def read(self, bins: bool = False):
+        """(mean finite loss, skipped steps, longest run of skipped steps), and reset the window. With
+        bins: also {"loss_by_t": mean loss per bin of t (None: empty), "t_edges", "grad_norm",
+        "update_ratio"} (None where not measured), whose window resets then."""
+        values = torch.cat([torch.stack([self.loss_sum, self.skipped, self.max_streak]), self.bins.flatten(), self.measured])
+        values = distributed.all_reduce_mean(values).tolist()  # one collective; ranks hold equal norms, sums average as well
+        loss_sum, skipped, max_streak = values[:3]
+        n = len(self.edges) - 1
+        sums, counts, (grad_norm, ratio) = values[3 : 3 + n], values[3 + n : 3 + 2 * n], values[-2:]
         good = self.steps - skipped
         out = (loss_sum / good if good else float("nan"), round(skipped), round(max_streak))
         self.loss_sum.zero_(), self.skipped.zero_(), self.max_streak.copy_(self.streak)
         self.steps = 0
-        return out
+        if not bins:
+            return out
+        self.bins.zero_()
+        self.measured.fill_(float("nan"))
+        detail = {"loss_by_t": [s / c if c > 0 else None for s, c in zip(sums, counts)], "t_edges": self.edges,
+                  "grad_norm": grad_norm, "update_ratio": ratio}
+        return out + (detail,)
 
 
 def log_train(log, record: dict, x: int, mem: float):
-    """One training record (kind 'train': epoch, step, loss, lr, img_per_s, ...) to metrics.jsonl,
-    and its scalars to TensorBoard at x (epoch·1000, the reference's axis); mem: peak GiB (0: none)."""
+    """One training record (kind 'train': epoch, step, loss, lr, img_per_s, ..., and when measured
+    loss_by_t with its t_edges, grad_norm, update_ratio) to metrics.jsonl, and its scalars to
+    TensorBoard at x (epoch·1000, the reference's axis; the loss of t bin (a, b] as loss_t/a-b);
+    mem: peak GiB (0: none)."""
     log.record(record)
     scalars = {"lr": record["lr"], "img_per_s": record["img_per_s"]}
     if not math.isnan(record["loss"]):
         scalars["train_loss"] = record["loss"]
     if mem:
         scalars["peak_mem_gib"] = mem
+    for key in ("grad_norm", "update_ratio"):
+        if record.get(key) is not None and math.isfinite(record[key]):
+            scalars[key] = record[key]
+    edges = record.get("t_edges", [])
+    for lo, hi, value in zip(edges, edges[1:], record.get("loss_by_t", [])):
+        if value is not None:
+            scalars[f"loss_t/{lo:.3f}-{hi:.3f}"] = value
     log.scalars(scalars, x)
 
 
@@ -216,10 +312,11 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
     """
     parts.model.train()
     steps_per_epoch, device, log, stopper = data.steps_per_epoch, parts.device, io.log, io.stopper
-    monitor = StepMonitor(device)
+    monitor = StepMonitor(device, t_bin_edges(parts.denoiser.P_mean, parts.denoiser.P_std))
+    parts = dataclasses.replace(parts, probe=monitor)
     it = iter(data.loader)
     bad_files = 0
-    images_per_step = loop.batch_size * loop.accum_iter * D.get_world_size()
+    images_per_step = loop.batch_size * loop.accum_iter * distributed.get_world_size()
     bad_limit = loop.max_bad_frac * steps_per_epoch * images_per_step
     t_window, window_steps = time.time(), 0
     saved_at_end = False
@@ -232,6 +329,9 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
             micro.append((x, labels))
             step_bad += int(bad.sum())
         global_step = epoch * steps_per_epoch + step + 1  # a function of the position only: resume is exact
+        last = step + 1 == steps_per_epoch
+        write = (step + 1) % loop.log_freq == 0 or last
+        monitor.measure_next = write and log is not None
         loss, skipped = train_step(parts, micro, global_step * images_per_step, images_per_step)
         if io.snapshot:
             io.snapshot(global_step, global_step * images_per_step)
@@ -239,16 +339,14 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
         window_steps += 1
 
         # One small host-side collective per step: stop requests and unreadable files of all ranks.
-        stop_votes, step_bad = D.host_all_reduce_sum([float(stopper.requested if stopper else 0), step_bad])
+        stop_votes, step_bad = distributed.host_all_reduce_sum([float(stopper.requested if stopper else 0), step_bad])
         bad_files += round(step_bad)
-        last = step + 1 == steps_per_epoch
         if bad_files > bad_limit:
             raise StopRun(f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
                           f"{loop.max_bad_frac} of the epoch); fix the dataset", code=1)
         show = (step + 1) % loop.print_freq == 0 or last or stop_votes
-        write = (step + 1) % loop.log_freq == 0 or last
         if show or write:
-            loss_avg, n_skipped, max_streak = monitor.read()
+            loss_avg, n_skipped, max_streak, *detail = monitor.read(bins=write)
             elapsed = time.time() - t_window
             img_s = window_steps * images_per_step / max(elapsed, 1e-9)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -256,12 +354,13 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
                 per_step = elapsed / window_steps
                 left_epoch = steps_per_epoch - step - 1
                 left_run = left_epoch + (loop.epochs - epoch - 1) * steps_per_epoch
-                D.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
+                distributed.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
                          f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
                          + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
             if write and log is not None:
                 record = {"kind": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
-                          "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped}
+                          "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped,
+                          "images_per_step": images_per_step, "time": round(time.time(), 3), **detail[0]}
                 log_train(log, record, int((epoch + (step + 1) / steps_per_epoch) * 1000), mem)
             if max_streak >= loop.max_nonfinite_steps:
                 raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
@@ -274,7 +373,7 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
         if loop.save_every_steps and global_step % loop.save_every_steps == 0 and io.save:
             saved_at_end = io.save(epoch, step + 1) and last
     if bad_files:
-        D.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
+        distributed.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
     return saved_at_end
 
 
@@ -358,17 +457,17 @@ class PostHocWeights:
         todo = sorted(set(stds) - self.done)
         if not todo:
             return
-        if D.is_main_process():
+        if distributed.is_main_process():
             self.weights.update(self.reconstruct(todo))
         self.done.update(todo)
-        D.barrier()
+        distributed.barrier()
 
     def __call__(self, sigma_rel: float):
         """Collective. (denoiser, net stand-in or None) that sample with the post-hoc EMA of σ_rel."""
         if sigma_rel != self.loaded:
-            if D.is_main_process():
+            if distributed.is_main_process():
                 self.denoiser.load_state_dict(self.weights[sigma_rel])
-            if D.get_world_size() > 1:
+            if distributed.get_world_size() > 1:
                 for t in self.denoiser.state_dict().values():  # views of the parameters and buffers
                     torch.distributed.broadcast(t, src=0)
             self.loaded = sigma_rel
@@ -418,9 +517,9 @@ def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
         result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
     std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
     record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **std, **dataclasses.asdict(point.sampler),
-                  world_size=D.get_world_size())
+                  world_size=distributed.get_world_size())
     s = point.sampler
-    D.print0(f"eval ({spec.num_images} images, cfg {s.cfg}): FID {result['fid']:.4f}, IS {result['inception_score']:.4f} "
+    distributed.print0(f"eval ({spec.num_images} images, cfg {s.cfg}): FID {result['fid']:.4f}, IS {result['inception_score']:.4f} "
              f"± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
     weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
     suffix = f"_cfg{s.cfg}_res{spec.img_size}" + weights + (
@@ -454,23 +553,23 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
     points = ev.points
     done = sweep.finished_everywhere(ev.log.metrics_path, context)
     if len(points) > 50:
-        D.print0(sweep.cost_note(points))
+        distributed.print0(sweep.cost_note(points))
 
     def stop() -> bool:
-        return D.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
+        return distributed.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
 
     def score(p):
         return score_point(ev, p, epoch=epoch, context=context, in_sweep=True)
 
     records, stopped = sweep.run(points, score, done=done, should_stop=stop)
     if stopped:
-        D.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
+        distributed.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
         return None
     best = sweep.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
     if ev.final_num_images is None or best is None:
         return best
     best_point = next(p for p in points if p.key() == sweep.record_key(best))
-    D.print0(f"final: the best point again with {ev.final_num_images} images")
+    distributed.print0(f"final: the best point again with {ev.final_num_images} images")
     records, stopped = sweep.run([dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done,
                                  should_stop=stop)
     return None if stopped else records[0]

@@ -23,7 +23,7 @@ from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunI
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 import weights
 from weights import DENOISER_DEFAULTS
-from util import distributed, phema, phema_files, phema_run, runlock, sharding, sweep
+from util import distributed, grid, phema, phema_files, phema_run, report, runlock, sharding, sweep
 from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, check_objective, remove_stale_temporaries
 from util.config import RunConfig, parse
 from util.data import Data, build_data
@@ -35,7 +35,7 @@ from util.logger import RunLog, hms
 DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
     ema_decay1=0.995, ema_decay2=0.99, num_workers=1, save_last_freq=8, print_freq=8, log_freq=8,
-    num_sampling_steps=20, cfg=2.0, interval_min=0.1, output_dir="./output_dir/demo",
+    num_sampling_steps=20, cfg=2.0, interval_min=0.1, output_dir="./output_dir/demo", sample_every=12,
 )
 
 
@@ -102,6 +102,9 @@ def get_args_parser():
     a("--fid_stats", default=None, help="reference statistics (npz with mu, sigma); default fid_stats/jit_in{img_size}_stats.npz")
     a("--inception_weights", default=None, help="local Inception-v3 weights for torch-fidelity (default: download once to the torch hub cache)")
     a("--save_images", action="store_true", help="also keep the generated PNGs in output_dir")
+    a("--sample_every", default=5, type=int, help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples and TensorBoard after every N epochs and the last; 0: none")
+    a("--sample_classes", default=None, type=int, nargs="+", help="the sample grid's classes, one row each (default: 8 spread over --class_num, or all when fewer)")
+    a("--sample_per_class", default=None, type=int, help="images per row of the sample grid (default: 32 / number of classes)")
 
     g = p.add_argument_group("data and output")
     a = g.add_argument
@@ -156,6 +159,8 @@ def check_args(args):
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     phema_run.check_flags(args)
+    if not args.evaluate_gen:
+        grid.check_flags(args)
 
 
 def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
@@ -277,6 +282,7 @@ class Run:
     data: Data | None = None  # None for --evaluate_gen
     lock: str | None = None  # the output folder's lock file (rank 0)
     snapshots: phema_files.SnapshotWriter | None = None  # None: no post-hoc EMA tracked
+    grids: grid.GridWriter | None = None  # None: no sample grids (evaluation, --sample_every 0)
 
     def close(self):
         """Put the signal handlers back, close the log and release the output folder."""
@@ -364,7 +370,10 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
     done = start.epoch * data.steps_per_epoch + start.step if phemas else 0
     snapshots = phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None
-    return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots)
+    grids = None if config.evaluate_gen or not config.sample_every else grid.GridWriter(
+        config.output_dir, grid.spec_from_flags(config, points[0].sampler, config.class_num), config.sample_every, config.epochs,
+        log, device)
+    return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots, grids)
 
 
 def train(run: Run) -> int:
@@ -373,18 +382,24 @@ def train(run: Run) -> int:
     loop = LoopConfig.from_flags(config)
 
     def save(epoch: int, next_step: int, name: str = "last") -> bool:
-        return run.checkpoints.save(epoch, next_step, data.steps_per_epoch, name)
+        saved = run.checkpoints.save(epoch, next_step, data.steps_per_epoch, name)
+        report.write_during_training(config.output_dir)
+        return saved
 
     io = RunIO(log=run.log, stopper=run.stopper, save=save, snapshot=run.snapshots)
     start_step = run.start.step
     distributed.print0(f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else ""))
     t0 = time.time()
+    if run.grids:
+        run.grids.begin(run.start, run.weights, data.steps_per_epoch * config.batch_size * config.accum_iter * distributed.get_world_size())
     try:
         for epoch in range(run.start.epoch, config.epochs):
             data.sampler.set_position(epoch, start_step * config.accum_iter * config.batch_size)
             saved_at_end = train_one_epoch(run.parts, data, loop, io, epoch=epoch, start_step=start_step)
             start_step = 0
             last = epoch + 1 == config.epochs
+            if run.grids and run.grids.due(epoch):
+                run.grids(epoch, run.weights)
             if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
                 save(epoch, data.steps_per_epoch)
             if epoch % 100 == 0 and epoch > 0:
@@ -405,11 +420,9 @@ def train(run: Run) -> int:
     if run.snapshots and run.snapshots.failed:
         distributed.print0(f"warning: {run.snapshots.failed} post-hoc EMA snapshot(s) of this run could not be written (see above)")
     distributed.print0(f"training done in {hms(time.time() - t0)}")
-    if config.demo:
-        point = sweep.eval_points(config, config.num_images)[0]
-        run.weights.refresh([point.ema])
-        if distributed.is_main_process():
-            write_demo_outputs(run.weights(point.ema)[0], config.output_dir, point.sampler, config.seed)
+    if config.demo and distributed.is_main_process():
+        write_demo_outputs(config.output_dir)
+    report.write_during_training(config.output_dir)
     return 0
 
 

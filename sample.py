@@ -9,19 +9,18 @@ The network's settings (--model, --img_size, --class_num, --noise_scale, --t_eps
 prediction target and loss it was trained with) come from the weights (the checkpoint's `args`, or
 config.json) unless a flag is given. An exported folder also brings its recommended sampler. Image
 (row r, column j) starts from the noise of index r·per_class + j with the evaluation's seeding, so a
-grid is reproducible on any device.
+grid is reproducible on any device; it is util.grid's, the same code as training's sample grids
+(output_dir/samples: the same classes, per_class, sampler and --seed give the same picture).
 """
 import argparse
 import sys
 
-import torch
-
 from model_jit import JiT_models
 from util import distributed
 import weights
+from util import grid
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
-from util.evaluation import initial_noise, quantize
 from util.sweep import add_sampler_args, sampler_settings
 from util.viz import save_grid
 
@@ -81,19 +80,13 @@ def main(args: RunConfig) -> int:
     sampler_settings(args)  # BadValue before any work
     device = distributed.init(args.device)
     loaded = load(args)
-    model, size = loaded.denoiser.to(device), loaded.denoiser.net.input_size
+    model = loaded.denoiser.to(device)
     for note in loaded.notes:
         print(f"note: {note}")
     classes = default_classes(model.num_classes) if args.classes is None else args.classes
-    bad = [c for c in classes if not 0 <= c < model.num_classes]
-    if bad:
-        raise BadValue(f"--classes {bad} outside [0, {model.num_classes})")
-    n = len(classes) * args.per_class
-    labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)  # (n,) row-major
-    noise = initial_noise(args.seed, range(n), (3, size, size), model.noise_scale).to(device)
-    with distributed.autocast(device):
-        x = model.generate(labels, loaded.sampler, noise=noise)
-    save_grid(quantize(x), args.per_class, args.output)
+    spec = grid.GridSpec(tuple(classes), args.per_class, loaded.sampler, args.seed)  # training's grids are these
+    spec.check_classes(model.num_classes, "--classes")
+    save_grid(grid.sample_images(model, spec, device), args.per_class, args.output)
     w = loaded.config.get("weights", {})
     print(f"wrote {len(classes)}×{args.per_class} grid from {args.resume} ({w.get('which')}, epoch {w.get('epoch')}) "
           f"to {args.output}")

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
               "beyond_adamw_over_checkpoint": {}}
     print(f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of it; "
           f"{args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms")
-    print(f"  without a checkpoint: " + ", ".join(f"rank {r} {b / 2**30:.3f} GiB" for r, b in enumerate(results["none"])))
+    print("  without a checkpoint: " + ", ".join(f"rank {r} {b / 2**30:.3f} GiB" for r, b in enumerate(results["none"])))
     for mode in args.modes:
         rise = [(a - b) / size for a, b in zip(results[mode], results["none"])]
         beyond = [r - (adamw / size if mode == "resume" else 0.0) for r in rise]

@@ -21,10 +21,11 @@ from model_jit import JiT_models  # noqa: E402
 # The keys of a checkpoint the reference release writes (and reads).
 REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
 
-# The tiny configuration: JiT-XS/4 (0.4M parameters) on 16 px images of 3 classes, on the CPU.
+# The tiny configuration: JiT-XS/4 (0.4M parameters) on 16 px images of 3 classes, on the CPU; no sample
+# grids (the tests of util.grid turn them on).
 TINY_MODEL = dict(model="JiT-XS/4", img_size=16, class_num=3)
 TINY = ["--model", "JiT-XS/4", "--img_size", "16", "--class_num", "3", "--batch_size", "4", "--num_workers", "0",
-        "--device", "cpu", "--print_freq", "1", "--log_freq", "1", "--warmup_epochs", "1", "--lr", "1e-3"]
+        "--device", "cpu", "--print_freq", "1", "--log_freq", "1", "--warmup_epochs", "1", "--sample_every", "0", "--lr", "1e-3"]
 
 
 def make_image_folder(root, classes=3, per_class=8, seed=0):

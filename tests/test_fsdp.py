@@ -1,11 +1,13 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
-DDP (post-hoc EMA's power EMAs and snapshots included), checkpoints moving FSDP <-> DDP <-> reference
-format, SIGTERM and rerun bit-exact, bad input."""
+DDP (post-hoc EMA's power EMAs and snapshots included, and the sample grids), checkpoints moving FSDP <->
+DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
                      save_reference_checkpoint, tiny_denoiser, worker_pids)
@@ -42,22 +44,28 @@ def eval_record(out) -> dict:
 def ddp(data, tmp_path_factory, online_eval):
     """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
     out = tmp_path_factory.mktemp("ddp")
-    train(data, out, *online_eval, *PHEMA)
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out)}
+    train(data, out, *online_eval, *PHEMA, "--sample_every", 1)
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out)}
 
 
 @pytest.fixture(scope="module")
 def fsdp(data, tmp_path_factory, online_eval):
-    """Two epochs with FSDP, power EMAs and an online evaluation, run in base/run (with --resume of
-    it, as a rerun's command) and then moved to base/straight: a rerun of the same command in
-    base/run is the same run, file for file. Returns its checkpoint, records, snapshots and base."""
+    """Two epochs with FSDP, power EMAs, an online evaluation and sample grids, run in base/run (with
+    --resume of it, as a rerun's command) and then moved to base/straight: a rerun of the same command
+    in base/run is the same run, file for file. Returns its checkpoint, records, snapshots, grids and base."""
     base = tmp_path_factory.mktemp("fsdp")
     out = base / "run"
-    p = train(data, out, "--fsdp", "--resume", out, *online_eval, *PHEMA)
+    p = train(data, out, "--fsdp", "--resume", out, *online_eval, *PHEMA, "--sample_every", 1)
     assert "2 process(es) (FSDP)" in p.stdout
     os.rename(out, base / "straight")
     out = base / "straight"
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "base": base}
+    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out), "base": base}
+
+
+def grids(out) -> dict:
+    """{file name: (H, W, 3) uint8} of out/samples."""
+    folder = os.path.join(out, "samples")
+    return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
 
 
 def snapshots(out) -> dict:
@@ -106,6 +114,16 @@ def test_online_evaluation_of_a_sharded_run_equals_ddps(ddp, fsdp):
 
 
 @pytest.mark.slow
+def test_the_sample_grids_of_a_sharded_run_are_ddps(ddp, fsdp):
+    """EMA 1, sharded, is gathered into a full copy on each rank, each samples its share of the grid and
+    rank 0 alone writes it: DDP's pictures, up to a level where the weights' rounding moves a pixel."""
+    assert list(fsdp["grids"]) == list(ddp["grids"]) == ["epoch-0000.png", "epoch-0001.png"]  # no temporary files
+    for name, picture in fsdp["grids"].items():
+        diff = np.abs(picture.astype(int) - ddp["grids"][name])
+        assert picture.shape == (3 * 18 + 2, 10 * 18 + 2, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.01, name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [("--fsdp", None), (None, "--fsdp")])
 def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then):
     """One epoch one way, the second the other way: the same as two epochs of DDP."""
@@ -124,7 +142,7 @@ def same_records(a: list, b: list) -> bool:
 
 
 def file_bytes(folder) -> dict:
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".pth")}
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith((".pth", ".png"))}
 
 
 @pytest.mark.slow
@@ -137,7 +155,8 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     import reconstruct_ema
 
     out = fsdp["base"] / "run"
-    args = [*TINY, "--epochs", 2, "--data_path", data, "--output_dir", out, "--fsdp", "--resume", out, *online_eval, *PHEMA]
+    args = [*TINY, "--epochs", 2, "--data_path", data, "--output_dir", out, "--fsdp", "--resume", out, *online_eval, *PHEMA,
+            "--sample_every", 1]
     proc = start("main_jit.py", *args, nproc=2)
     read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
@@ -156,6 +175,7 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     assert file_bytes(out / "phema") == file_bytes(straight / "phema")  # each step once, byte for byte
     assert same_records(read_metrics(out, "eval"), read_metrics(straight, "eval"))
     assert len(read_metrics(out, "eval")) == 2
+    assert file_bytes(out / "samples") == file_bytes(straight / "samples")  # the grids too, byte for byte
 
     before = file_bytes(out / "phema")
     outputs = {}

@@ -194,8 +194,8 @@ def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_ne
     import engine_jit
 
     calls, barriers = [], []
-    monkeypatch.setattr(engine_jit.D, "is_main_process", lambda: rank == 0)
-    monkeypatch.setattr(engine_jit.D, "barrier", lambda: barriers.append(len(calls)))
+    monkeypatch.setattr(engine_jit.distributed, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(engine_jit.distributed, "barrier", lambda: barriers.append(len(calls)))
     samplers = engine_jit.PostHocWeights(torch.nn.Module(), lambda stds: calls.append(stds) or {s: {} for s in stds},
                                           torch.device("cpu"), compile_net=False)
     for stds in ([0.05, 0.1], [0.1], [0.1, 0.2]):

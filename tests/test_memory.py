@@ -3,7 +3,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from helpers import ROOT
 

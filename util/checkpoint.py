@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from util import distributed as D
+from util import distributed
 from util import files, sharding
 from util.errors import BadInput
 
@@ -244,12 +244,12 @@ by torch < 1.6, or on a file system without mmap) are read whole.
     main_only: collective; rank 0 alone reads, the other ranks get the state without its tensors
     (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
     """
-    if main_only and D.get_world_size() > 1:
-        state, path = load_checkpoint(source, log, required=required) if D.is_main_process() else (None, None)
+    if main_only and distributed.get_world_size() > 1:
+        state, path = load_checkpoint(source, log, required=required) if distributed.is_main_process() else (None, None)
         header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
                                                                 phemas=[None] * len(state.phemas))
-        header, path = D.broadcast_object((header, path))
-        return (state if D.is_main_process() else header), path
+        header, path = distributed.broadcast_object((header, path))
+        return (state if distributed.is_main_process() else header), path
     if not source:
         return None, None
     if not os.path.exists(source):
@@ -349,21 +349,21 @@ class Checkpointer:
         """(TrainState, path) of --resume `source`, or (None, None) when it names nothing to resume
         (load_checkpoint). Sharded: rank 0 alone reads the file; the other ranks get the state
         without its tensors (rank 0 broadcasts them in `restore`)."""
-        state, path = load_checkpoint(source, log=D.print0, required=False, main_only=sharding.is_sharded(self.denoiser))
+        state, path = load_checkpoint(source, log=distributed.print0, required=False, main_only=sharding.is_sharded(self.denoiser))
         if source and state is None:
-            D.print0(f"no checkpoint in {source}: training from scratch")
+            distributed.print0(f"no checkpoint in {source}: training from scratch")
         return state, path
 
     def restore(self, state: TrainState, path: str) -> Start:
         """Load `state` (from `load`) into the live objects, the optimizer's only if there is one, and
         this rank's RNG states when the process count is the same. Returns the run's Start."""
         self._load_weights(state, path)
-        if state.rng is not None and state.world_size == D.get_world_size():
-            restore_rng(state.rng[D.get_rank()], self.device)
+        if state.rng is not None and state.world_size == distributed.get_world_size():
+            restore_rng(state.rng[distributed.get_rank()], self.device)
         elif state.rng is not None:
-            D.print0(f"note: {path} was written by {state.world_size} processes, this run has "
-                     f"{D.get_world_size()}: training continues, but not bit-exactly as the original run would")
-        D.print0(f"resumed from {path}: epoch {state.start['epoch']}, step {state.start['step']}")
+            distributed.print0(f"note: {path} was written by {state.world_size} processes, this run has "
+                     f"{distributed.get_world_size()}: training continues, but not bit-exactly as the original run would")
+        distributed.print0(f"resumed from {path}: epoch {state.start['epoch']}, step {state.start['step']}")
         self.log.newest = describe(path, state.start)
         return Start(state.start["epoch"], state.start["step"], state.epoch, os.path.abspath(path))
 
@@ -394,34 +394,34 @@ class Checkpointer:
         """Collective: every rank contributes its RNG state; rank 0 writes checkpoint-{name}.pth
         atomically, to continue at (epoch, next_step). A failed write is reported on one line and the
         previous checkpoint kept. Returns, on every rank, whether the file was written."""
-        rngs = D.all_gather_object(capture_rng(self.device))
+        rngs = distributed.all_gather_object(capture_rng(self.device))
         n = len(self.emas)
         if sharding.is_sharded(self.denoiser):  # collective: gathered to full state dicts on rank 0
             model, averages, optimizer = sharding.full_state(self.denoiser, self.emas + self.phemas, self.optimizer)
-        elif D.is_main_process():
+        elif distributed.is_main_process():
             model, optimizer = self.denoiser.state_dict(), self.optimizer.state_dict()
             averages = [e.state_dict() for e in self.emas + self.phemas]
         written = None
-        if D.is_main_process():
+        if distributed.is_main_process():
             done = next_step >= steps_per_epoch
             state = TrainState(
                 model=model, emas=averages[:n], optimizer=optimizer, epoch=epoch if done else epoch - 1, args=self.args,
                 start={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
-                rng=rngs, world_size=D.get_world_size(), phemas=averages[n:], phema_stds=[e.sigma_rel for e in self.phemas],
+                rng=rngs, world_size=distributed.get_world_size(), phemas=averages[n:], phema_stds=[e.sigma_rel for e in self.phemas],
             )
             path = os.path.join(self.output_dir, f"checkpoint-{name}.pth")
             try:
                 save(state, path)
             except files.WriteError as e:
-                D.print0(f"error: {e}; the previous checkpoint is kept, training goes on")
+                distributed.print0(f"error: {e}; the previous checkpoint is kept, training goes on")
             else:
                 written = describe(path, state.start)
-                D.print0(f"saved {written}")
-        return self.log.note(name, D.broadcast_object(written))
+                distributed.print0(f"saved {written}")
+        return self.log.note(name, distributed.broadcast_object(written))
 
     def unsaved_exit(self) -> int:
         """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
-        D.print0("error: the final checkpoint of this run could not be written; "
+        distributed.print0("error: the final checkpoint of this run could not be written; "
                  + (f"the newest readable checkpoint is {self.log.newest}" if self.log.newest
                     else "no checkpoint of this run was written"))
         return 1
@@ -431,7 +431,7 @@ class Checkpointer:
         need = 2 * estimated_size(self.denoiser, 1 + len(self.emas) + len(self.phemas))
         free = files.free_bytes(self.output_dir)
         if free < need:
-            D.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
+            distributed.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
                      f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
                      "checkpoints may fail to be written")
 

@@ -1,17 +1,14 @@
 """The built-in demo: its data (one coloured shape per class, made on the spot) and what it leaves in
-its output folder (a class-by-row sample grid and a loss curve)."""
+its output folder (its last class-by-row sample grid as samples.png, and a loss curve)."""
 import json
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from denoiser import SamplerSettings
-from util.distributed import autocast, print0
-from util.evaluation import quantize
+from util.distributed import print0
 from util.files import atomic_write
-from util.viz import save_grid
+from util.grid import list_grids
 
 CLASSES = ("0_red_circle", "1_green_square", "2_blue_triangle", "3_yellow_cross")
 _COLOURS = ((220, 40, 40), (40, 180, 60), (50, 80, 230), (235, 200, 30))
@@ -54,20 +51,17 @@ def make_shapes_dataset(root: str, image_size: int = 32, per_class: int = 256, s
     return root
 
 
-@torch.no_grad()
-def write_demo_outputs(denoiser, output_dir: str, sampler: SamplerSettings, seed: int, per_class: int = 8):
-    """Write samples.png (one row per class of `denoiser`, `per_class` images each, sampled on its
-    device) and loss_curve.png to output_dir."""
-    net = denoiser.net
-    device = next(net.parameters()).device
-    labels = torch.arange(denoiser.num_classes, device=device).repeat_interleave(per_class)
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(len(labels), net.in_channels, net.input_size, net.input_size, generator=g, device=device)
-    with autocast(device):
-        images = denoiser.generate(labels, sampler, noise=noise * denoiser.noise_scale)
-    path = os.path.join(output_dir, "samples.png")
-    save_grid(quantize(images).cpu(), nrow=per_class, path=path)
-    print0(f"wrote {path} (one row per class, cfg {sampler.cfg}, {sampler.steps} {sampler.method} steps)")
+def write_demo_outputs(output_dir: str):
+    """Write samples.png (the run's last sample grid, util.grid: one row per class) and loss_curve.png
+    to output_dir."""
+    grids = list_grids(output_dir)
+    if grids:
+        epoch, source = grids[-1]
+        with open(source, "rb") as f:
+            data = f.read()
+        path = os.path.join(output_dir, "samples.png")
+        atomic_write(path, lambda f: f.write(data))
+        print0(f"wrote {path} (the sample grid of epoch {epoch}: one row per class)")
     curve = plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
     if curve:
         print0(f"wrote {curve}")

@@ -41,8 +41,8 @@ class RunLog:
         self.off.add(what)
         print0(f"error: {what} could not be written ({e}); it is not written from now on")
 
-    def scalars(self, values: dict, step: int):
-        """TensorBoard scalars {tag: value} at x = step."""
+    def _tensorboard(self, write):
+        """Call write(writer) with the TensorBoard writer (made at the first use)."""
         if not self.active or "TensorBoard" in self.off:
             return
         try:
@@ -50,11 +50,22 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(log_dir=self.output_dir)
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+            write(self.writer)
         except Exception as e:
             self.writer = None
             self.give_up("TensorBoard", e)
+
+    def scalars(self, values: dict, step: int):
+        """TensorBoard scalars {tag: value} at x = step."""
+        def write(writer):
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, step)
+
+        self._tensorboard(write)
+
+    def image(self, tag: str, picture, step: int):
+        """A TensorBoard image: an (H, W, 3) uint8 array at x = step."""
+        self._tensorboard(lambda writer: writer.add_image(tag, picture, step, dataformats="HWC"))
 
     def record(self, record: dict):
         """Append one line to metrics.jsonl; non-finite floats are written as null."""
