@@ -112,7 +112,7 @@ class SamplerSettings:
         if self.method in MULTISTEP:
             return [(grid[i], segment_cfg(grid, i, self)) for i in range(self.steps)]
         heun = self.method == "heun"
-        times = [*range(self.steps), *(range(1, self.steps) if heun else [])]
+        times = [j for i in range(self.steps) for j in ((i, i + 1) if heun and i < self.steps - 1 else (i,))]
         return [(grid[i], cfg_scale_at(grid[i], self.cfg, self.interval_min, self.interval_max)) for i in times]
 
     def nfe(self) -> int:

@@ -70,8 +70,9 @@ CONFIG_FLAGS = {
     "cfg": ("sampler", "cfg"),
     "interval_min": ("sampler", "interval_min"),
     "interval_max": ("sampler", "interval_max"),
+    "sampling_schedule": ("sampler", "schedule"),  # optional: absent (uniform) in folders exported before it
 }
-SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
+SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max", "sampling_schedule")
 # What the weights were trained as: a flag that disagrees with config.json is an error, not an override.
 FIXED_FLAGS = ("model", "img_size", "class_num", "bottleneck_dim", "in_context_len", "in_context_start", "pred")
 # The run's flags kept in config.json ("training") and shown in the model card, in this order.
@@ -81,7 +82,7 @@ TRAINING_FLAGS = ("model", "img_size", "class_num", "epochs", "warmup_epochs", "
                   "proj_dropout", "bottleneck_dim", "in_context_len", "in_context_start", "seed", "init_from",
                   "init_ema", "init_origin")
 # The fields of a metrics.jsonl eval record kept in config.json.
-RECORD_FIELDS = ("checkpoint_epoch", "ema", "method", "steps", "cfg", "interval_min", "interval_max", "num_images",
+RECORD_FIELDS = ("checkpoint_epoch", "ema", "method", "steps", "schedule", "nfe", "cfg", "interval_min", "interval_max", "num_images",
                  "fid", "inception_score", "inception_score_std", "fid_stats")
 
 
@@ -344,11 +345,12 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
             counts[r["num_images"]] = counts.get(r["num_images"], 0) + 1
         n = max(counts, key=lambda k: (counts[k], k))
         best = min((r for r in sweeps if r["num_images"] == n), key=lambda r: r["fid"])
-        return {**{k: best[k] for k in default_sampler()},
+        return {**{k: best[k] for k in default_sampler()}, "schedule": best.get("schedule") or "uniform",
                 "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images"}
     defaults = default_sampler()
     flags = dict(method="sampling_method", steps="num_sampling_steps", cfg="cfg", interval_min="interval_min",
-                 interval_max="interval_max")
+                 interval_max="interval_max", schedule="sampling_schedule")
+    defaults = {**defaults, "schedule": SamplerSettings().schedule}
     out = {}
     for key, flag in flags.items():
         value = args.get(flag)
@@ -448,7 +450,7 @@ def model_card(config: dict, fmt: str = FORMAT) -> str:
             lines += [f"Global batch {tr['global_batch']} (batch_size × accum_iter × processes)"
                       + (f", {tr['epochs']} epochs planned." if tr.get("epochs") else "."), ""]
     lines += ["## Sampling and evaluation", "",
-              f"Recommended sampler: {smp['method']}, {smp['steps']} steps, CFG {smp['cfg']} for t in "
+              f"Recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, CFG {smp['cfg']} for t in "
               f"({smp['interval_min']}, {smp['interval_max']}), chosen by {smp.get('chosen_by', 'the training flags')}.", ""]
     records = config.get("evaluations") or []
     if records:
@@ -623,7 +625,8 @@ def merge_flags(config: dict, given: dict, where: str = CONFIG) -> tuple[dict, l
 def sampler_from(values: dict) -> SamplerSettings:
     """The SamplerSettings of merged flag values (ValueError for an invalid one)."""
     return SamplerSettings(method=values["sampling_method"], steps=int(values["num_sampling_steps"]), cfg=float(values["cfg"]),
-                           interval_min=float(values["interval_min"]), interval_max=float(values["interval_max"]))
+                           interval_min=float(values["interval_min"]), interval_max=float(values["interval_max"]),
+                           schedule=values.get("sampling_schedule") or "uniform")
 
 
 def _denoiser_keywords(values: dict) -> dict:
@@ -680,7 +683,8 @@ def command_line_sampler(config: dict, flags) -> dict:
     --interval_min, --interval_max of `flags`) in place of its own: a checkpoint samples with the
     command line's, an exported folder with its recommendation."""
     sampler = {"method": flags.sampling_method, "steps": flags.num_sampling_steps, "cfg": flags.cfg,
-               "interval_min": flags.interval_min, "interval_max": flags.interval_max, "chosen_by": "the command line's"}
+               "interval_min": flags.interval_min, "interval_max": flags.interval_max,
+               "schedule": getattr(flags, "sampling_schedule", None) or "uniform", "chosen_by": "the command line's"}
     return {**config, "sampler": sampler}
 
 
