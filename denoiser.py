@@ -10,6 +10,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -304,7 +305,7 @@ def heun_step(v_at, z, i: int, ts):
 
 # Single-step method name (--sampling_method) -> one integration step.
 SAMPLERS = {"heun": heun_step, "euler": euler_step}
-# Multistep method name -> its order (see multistep_update).
+# Multistep method name -> (order, the variable x̂ is extrapolated in: "rho" (multistep_update) or "t" (ab_weights)).
 MULTISTEP = {"dpm++2m": (2, "rho"), "dpm++3m": (3, "rho"), "ab2": (2, "t"), "ab3": (3, "t")}
 METHODS = (*SAMPLERS, *MULTISTEP)
 # Schedule name -> its parameter's default (see schedule_warp).
@@ -353,23 +354,11 @@ def multistep_update(z, h: float, history: list):
     return out
 
 
-_GAUSS = None
-
-
-def gauss_legendre():
-    """32-point Gauss–Legendre nodes and weights on [-1, 1] (float64 numpy), made once."""
-    global _GAUSS
-    if _GAUSS is None:
-        import numpy as np
-
-        _GAUSS = np.polynomial.legendre.leggauss(32)
-    return _GAUSS
+GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(32)  # (nodes, weights) on [-1, 1], float64
 
 
 def t_of_rho(r, t_eps: float):
     """The inverse of rho() (numpy arrays)."""
-    import numpy as np
-
     if t_eps <= 0:
         return -np.expm1(-r)
     star = -math.log(t_eps)
@@ -377,11 +366,14 @@ def t_of_rho(r, t_eps: float):
 
 
 def ab_weights(t: float, t_next: float, nodes: list, t_eps: float) -> tuple[float, list]:
-    """(a, [w_j]) with z(t_next) ≈ a·z(t) + Σ_j w_j·D_j: the exact solution of dz/dρ = D - z with D the
-    Lagrange polynomial in t through (nodes[j], D_j), a = e^{-h}, w_j = ∫ e^{-(ρ' - r)} ℓ_j(t(r)) dr over
-    the step (32-point Gauss–Legendre in ρ on each side of the clamp's kink at 1 - t_eps). With ρ' = ∞
-    (t_next = 1, t_eps = 0) the kernel is a point mass at t = 1: a = 0, w_j = ℓ_j(1)."""
-    import numpy as np
+    """(a, [w_j]) with z(t_next) ≈ a·z(t) + Σ_j w_j·D_j: the exact solution of dz/dρ = D - z (see
+    multistep_update) with D the Lagrange polynomial in t (not ρ) through (nodes[j], D_j): a = e^{-h},
+    w_j = ∫ e^{-(ρ' - r)} ℓ_j(t(r)) dr over the step, by 32-point Gauss–Legendre in ρ on each side of
+    the clamp's kink at 1 - t_eps (the integrand is smooth there: exact to rounding for these steps).
+    This is DEIS's tAB (Zhang & Chen 2022, arXiv 2204.13902, eq. (14): the polynomial in the original
+    time, the weights by quadrature) for the data prediction. x̂ is smooth in t up to t = 1, while in
+    ρ (or log-SNR) it flattens out as t → 1, where a long last step extrapolates it too far. With
+    ρ' = ∞ (t_next = 1, t_eps = 0) the kernel is a point mass at t = 1: a = 0, w_j = ℓ_j(1)."""
 
     def basis(tau):
         out = []
@@ -396,7 +388,7 @@ def ab_weights(t: float, t_next: float, nodes: list, t_eps: float) -> tuple[floa
     r0, r1 = rho(t, t_eps), rho(t_next, t_eps)
     if math.isinf(r1):
         return 0.0, [float(b) for b in basis(np.array(t_next))]
-    x, w = gauss_legendre()
+    x, w = GAUSS_LEGENDRE
     star = -math.log(t_eps) if t_eps > 0 else math.inf
     weights = np.zeros(len(nodes))
     for a, b in ((r0, min(r1, star)), (max(r0, star), r1)):
@@ -409,10 +401,16 @@ def ab_weights(t: float, t_next: float, nodes: list, t_eps: float) -> tuple[floa
 
 
 def sample_multistep(net, z, labels, settings: SamplerSettings, *, null_label: int, t_eps: float, pred: str):
-    """A multistep method of MULTISTEP over settings.grid(): one guided evaluation per interval, at its
-    start (multistep_update). The history restarts (order 1) at a node where the guidance scale
-    changes (the grid holds the interval's ends, SamplerSettings.breaks), so no step crosses or
-    extrapolates over the jump of the guided velocity; t = 0 needs no restart (ρ(0) = 0 is finite)."""
+    """A multistep method of MULTISTEP over settings.grid(): one evaluation per interval, at its start,
+    of the guided velocity v̂ (guided_velocity: any `pred` through CONVERSIONS, the t_eps clamp
+    included, so the ODE is the one Heun integrates), turned into the data prediction
+    D = z + max(1 - t, t_eps)·v̂ (x̂ itself for x-prediction); then multistep_update (dpm++: D
+    extrapolated in ρ) or ab_weights (ab: in t). The history restarts (order 1) at a node where the
+    guidance scale changes (the grid holds the interval's ends, SamplerSettings.breaks), so no step
+    crosses the jump of the guided velocity or extrapolates over it. The ends: ρ(0) = 0 is finite, so
+    t = 0 needs no special step (the first is order 1, having no history); with t_eps > 0 ρ(1) is
+    finite too (the clamp makes the ODE regular at t = 1) and the last step keeps its order; with
+    t_eps = 0 the step into t = 1 is order 1 for dpm++ (h = ∞, z = D) and ab extrapolates D to t = 1."""
     grid = settings.grid()
     ts = grid.to(z.device)
     order, variable = MULTISTEP[settings.method]

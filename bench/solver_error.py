@@ -16,7 +16,8 @@
    digits' native resolution: 64 features, which the 1797 training images estimate well). It is not
    the Inception FID (its weights need a download): it compares the pixel statistics, so it says
    whether a fast solver moves the sample distribution, not how good the model is. The spread over
-   the seeds is its noise.
+   the seeds is its noise; its floor, --fd_images training images against all of them, is printed
+   first.
 """
 import argparse
 import json
@@ -174,6 +175,10 @@ def main(args) -> int:
               f"{row['seconds_per_image'] * 1e3:.1f} ms/image", flush=True)
     if fd_points:
         data = training_features(args.data_path, model.net.input_size)
+        floor = [frechet(data[np.random.default_rng(seed).choice(len(data), min(args.fd_images, len(data)), replace=False)], data)
+                 for seed in args.fd_seeds]
+        results["fd_floor"] = floor
+        print(f"FD floor: {args.fd_images} training images against all of them: {', '.join(f'{x:.5f}' for x in floor)}", flush=True)
         for s in fd_points:
             fds, secs = [], []
             for seed in args.fd_seeds:
