@@ -46,7 +46,7 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
     assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
     assert [(r["ema"], r["interval_min"]) for r in records] == [(1, 0.0), (1, 0.3), (2, 0.0), (2, 0.3)]
     assert all(r["checkpoint"] == str(checkpoint) and r["checkpoint_epoch"] == 7 for r in records)
-    assert [(r["nfe"], r["net_passes"]) for r in records] == [(3, 6), (3, 4)] * 2  # Heun 2 steps; from 0.3 on t = 0 is unguided
+    assert [(r["nfe"], r["net_passes"]) for r in records] == [(3, 6), (3, 5)] * 2  # Heun 2 steps; from 0.3 on, t = 0 is unguided
     assert len({r["fid"] for r in records}) == 4  # the EMAs and intervals really differ
     best = min(records, key=lambda r: r["fid"])
     assert f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']})" in out
