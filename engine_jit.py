@@ -516,11 +516,11 @@ def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
     with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
         result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
     std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
-    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **std, **dataclasses.asdict(point.sampler),
-                  world_size=distributed.get_world_size())
     s = point.sampler
-    distributed.print0(f"eval ({spec.num_images} images, cfg {s.cfg}): FID {result['fid']:.4f}, IS {result['inception_score']:.4f} "
-             f"± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
+    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **std, **dataclasses.asdict(point.sampler),
+                  nfe=s.nfe(), net_passes=s.net_passes(), world_size=distributed.get_world_size())
+    distributed.print0(f"eval ({spec.num_images} images, cfg {s.cfg}, {sweep.sampler_name(record)}): FID {result['fid']:.4f}, "
+             f"IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
     weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
     suffix = f"_cfg{s.cfg}_res{spec.img_size}" + weights + (
         f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")

@@ -92,7 +92,7 @@ def main(args) -> list[str]:
     print(f"exported {what} as {args.format}, {args.dtype} ({size}) to {args.output}: "
           + ", ".join(os.path.basename(p) for p in paths))
     smp = config["sampler"]
-    print(f"recommended sampler: {smp['method']}, {smp['steps']} steps, CFG {smp['cfg']} in "
+    print(f"recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, CFG {smp['cfg']} in "
           f"({smp['interval_min']}, {smp['interval_max']}), {smp.get('chosen_by', '')}")
     return paths
 

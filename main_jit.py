@@ -152,7 +152,7 @@ def check_args(args):
     if args.img_size % patch:
         raise BadValue(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
     for name in ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq", "save_last_freq", "class_num"):
-        if getattr(args, name) < 1:
+        if min(sweep.as_list(getattr(args, name))) < 1:
             raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_gen and not args.resume and not args.phema:
         raise BadValue("--evaluate_gen needs trained weights: pass --resume CHECKPOINT_OR_FOLDER (or --phema SNAPSHOT_FOLDER)")

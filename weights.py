@@ -64,8 +64,9 @@ CONFIG_FLAGS = {
     "cfg": ("sampler", "cfg"),
     "interval_min": ("sampler", "interval_min"),
     "interval_max": ("sampler", "interval_max"),
+    "sampling_schedule": ("sampler", "schedule"),  # optional: absent (uniform) in folders exported before it
 }
-SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max")
+SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min", "interval_max", "sampling_schedule")
 # What the weights were trained as: a flag that disagrees with config.json is an error, not an override.
 FIXED_FLAGS = ("model", "img_size", "class_num", "bottleneck_dim", "in_context_len", "in_context_start", "pred")
 # The run's flags kept in config.json ("training") and shown in the model card, in this order.
@@ -75,7 +76,7 @@ TRAINING_FLAGS = ("model", "img_size", "class_num", "epochs", "warmup_epochs", "
                   "proj_dropout", "bottleneck_dim", "in_context_len", "in_context_start", "seed", "init_from",
                   "init_ema", "init_origin")
 # The fields of a metrics.jsonl eval record kept in config.json.
-RECORD_FIELDS = ("checkpoint_epoch", "ema", "method", "steps", "cfg", "interval_min", "interval_max", "num_images",
+RECORD_FIELDS = ("checkpoint_epoch", "ema", "method", "steps", "schedule", "nfe", "cfg", "interval_min", "interval_max", "num_images",
                  "fid", "inception_score", "inception_score_std", "fid_stats")
 
 
@@ -157,11 +158,12 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
             counts[r["num_images"]] = counts.get(r["num_images"], 0) + 1
         n = max(counts, key=lambda k: (counts[k], k))
         best = min((r for r in sweeps if r["num_images"] == n), key=lambda r: r["fid"])
-        return {**{k: best[k] for k in default_sampler()},
+        return {**{k: best[k] for k in default_sampler()}, "schedule": best.get("schedule") or "uniform",
                 "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images"}
     defaults = default_sampler()
     flags = dict(method="sampling_method", steps="num_sampling_steps", cfg="cfg", interval_min="interval_min",
-                 interval_max="interval_max")
+                 interval_max="interval_max", schedule="sampling_schedule")
+    defaults = {**defaults, "schedule": SamplerSettings().schedule}
     out = {}
     for key, flag in flags.items():
         value = args.get(flag)
@@ -244,7 +246,7 @@ label drop $label_drop_prob, prediction $pred, loss on $loss
 
 $assumed$training## Sampling and evaluation
 
-Recommended sampler: $method, $steps steps, CFG $cfg for t in ($interval_min, $interval_max), chosen by $chosen_by.
+Recommended sampler: $method, $steps steps, $schedule schedule, CFG $cfg for t in ($interval_min, $interval_max), chosen by $chosen_by.
 
 $records## Use
 
@@ -319,7 +321,8 @@ def model_card(config: dict, fmt: str = FORMAT) -> str:
         attn_drop=net["attn_drop"], proj_drop=net["proj_drop"], t_eps=den["t_eps"], P_mean=den["P_mean"], P_std=den["P_std"],
         label_drop_prob=den["label_drop_prob"], pred=den["pred"], loss=den["loss"], weights_file=WEIGHTS[fmt],
         layout="the layout of diffusers JiTTransformer2DModel" if fmt == "diffusers" else "names as model_jit.JiT",
-        assumed=assumed, training=training, method=smp["method"], steps=smp["steps"], cfg=smp["cfg"],
+        assumed=assumed, training=training, method=smp["method"], steps=smp["steps"], schedule=smp.get("schedule") or "uniform",
+        cfg=smp["cfg"],
         interval_min=smp["interval_min"], interval_max=smp["interval_max"], chosen_by=smp.get("chosen_by", "the training flags"),
         records=records_text, diffusers=CARD_DIFFUSERS if fmt == "diffusers" else CARD_JIT)
 
@@ -457,7 +460,8 @@ def merge_flags(config: dict, given: dict, where: str = CONFIG) -> tuple[dict, l
 def sampler_from(values: dict) -> SamplerSettings:
     """The SamplerSettings of merged flag values (ValueError for an invalid one)."""
     return SamplerSettings(method=values["sampling_method"], steps=int(values["num_sampling_steps"]), cfg=float(values["cfg"]),
-                           interval_min=float(values["interval_min"]), interval_max=float(values["interval_max"]))
+                           interval_min=float(values["interval_min"]), interval_max=float(values["interval_max"]),
+                           schedule=values.get("sampling_schedule") or "uniform")
 
 
 def _denoiser_keywords(values: dict) -> dict:
@@ -503,7 +507,8 @@ def command_line_sampler(config: dict, flags) -> dict:
     --interval_min, --interval_max of `flags`) in place of its own: a checkpoint samples with the
     command line's, an exported folder with its recommendation."""
     sampler = {"method": flags.sampling_method, "steps": flags.num_sampling_steps, "cfg": flags.cfg,
-               "interval_min": flags.interval_min, "interval_max": flags.interval_max, "chosen_by": "the command line's"}
+               "interval_min": flags.interval_min, "interval_max": flags.interval_max,
+               "schedule": getattr(flags, "sampling_schedule", None) or "uniform", "chosen_by": "the command line's"}
     return {**config, "sampler": sampler}
 
 

@@ -46,6 +46,7 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
     assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
     assert [(r["ema"], r["interval_min"]) for r in records] == [(1, 0.0), (1, 0.3), (2, 0.0), (2, 0.3)]
     assert all(r["checkpoint"] == str(checkpoint) and r["checkpoint_epoch"] == 7 for r in records)
+    assert [(r["nfe"], r["net_passes"]) for r in records] == [(3, 6), (3, 5)] * 2  # Heun 2 steps; from 0.3 on, t = 0 is unguided
     assert len({r["fid"] for r in records}) == 4  # the EMAs and intervals really differ
     best = min(records, key=lambda r: r["fid"])
     assert f"best: EMA {best['ema']}, cfg {best['cfg']}, interval ({best['interval_min']}, {best['interval_max']})" in out
@@ -194,3 +195,44 @@ def test_a_sweep_of_more_than_50_points_prints_its_cost_first(checkpoint, tmp_pa
     out = capsys.readouterr().out
     assert "sweep of 52 points: 312 images" in out and "M network passes" in out
     assert "sweep stopped (signal) after 0 of 52 points" in out
+
+
+def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_against_nfe(tmp_path):
+    flags = main_jit.parse_args(["--sampling_method", "heun", "dpm++2m", "--num_sampling_steps", "5", "10",
+                                 "--sampling_schedule", "uniform", "edm:2", "--cfg", "2.0", "--interval_min", "0.1"])
+    points = sweep.eval_points(flags, 6)
+    assert [(p.sampler.method, p.sampler.schedule, p.sampler.steps) for p in points] == [
+        (m, s, n) for m in ("heun", "dpm++2m") for s in ("uniform", "edm:2") for n in (5, 10)]
+    assert [p.sampler.nfe() for p in points] == [9, 19, 9, 19, 5, 10, 5, 10]
+    assert "dpm++2m 10 steps edm:2 (10 NFE)" in points[-1].label()
+    with pytest.raises(ValueError, match="schedule"):  # BadValue: exit status 2
+        sweep.eval_points(main_jit.parse_args(["--sampling_schedule", "cosine"]), 6)
+    records = [{"kind": "eval", "fid": 10.0 - p.sampler.nfe() / 4, "inception_score": 1.0, "inception_score_std": 0.1, "ema": 1,
+                "num_images": 6, **dataclasses.asdict(p.sampler), "nfe": p.sampler.nfe()} for p in points]
+    old = {k: v for k, v in records[0].items() if k not in ("schedule", "nfe")}  # a record from before the sampler axes
+    assert sweep.record_key(old) == points[0].key() and sweep.nfe_of(old) == 9
+    sweep.write_csv(str(tmp_path / "sweep.csv"), [old, *records[1:]])
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["schedule"], int(r["nfe"])) for r in rows][0] == ("heun", "uniform", 19)
+    assert sorted(int(r["nfe"]) for r in rows) == sorted(p.sampler.nfe() for p in points)
+    x, label, log_x, line_of, _ = sweep.plot_axes(records)
+    assert (x, log_x) == ("nfe", True) and len({line_of(r) for r in records}) == 4  # one line per method and schedule
+    sweep.plot(str(tmp_path / "sweep.png"), records)
+    assert Image.open(tmp_path / "sweep.png").size == (1000, 400)
+    assert sweep.plot_axes(records[:1])[0] == "cfg"  # one sampler: against the CFG scale as before
+
+
+def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform():
+    import weights
+
+    records = [{"checkpoint": "c.pth", "checkpoint_epoch": 3, "ema": 1, "num_images": 6, "fid": fid, "method": m, "steps": n,
+                "cfg": 2.0, "interval_min": 0.1, "interval_max": 1.0, **({"schedule": s} if s else {})}
+               for fid, m, n, s in ((5.0, "heun", 50, None), (4.0, "ab3", 10, "edm:2"))]
+    best = weights.recommended_sampler({}, records, ema=1, epoch=3)
+    assert (best["method"], best["steps"], best["schedule"]) == ("ab3", 10, "edm:2")
+    assert weights.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
+    assert weights.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"] == "logsnr:3"
+    values = weights.flag_values({"sampler": {k: v for k, v in best.items() if k != "schedule"}})  # a folder exported before
+    assert weights.sampler_from(values) == SamplerSettings("ab3", 10, 2.0, 0.1, 1.0, "uniform")
+    assert weights.sampler_from(weights.flag_values({"sampler": best})).schedule == "edm:2"

@@ -1,10 +1,12 @@
 """Sweeps of the sampling settings: every combination of EMA (a checkpoint's EMA 1, 2, 3, or
 post-hoc EMAs of several lengths σ_rel), guidance interval and CFG scale, scored with the same
-per-image seeds and one Inception network; finished points are found again in metrics.jsonl, so a
-stopped sweep continues where it was; the results go to sweep.csv (sorted by FID) and sweep.png (FID
-and IS against the CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one
-line per CFG scale and interval). The sampler's command-line flags (shared by main_jit.py and
-sample.py) and the grid they give live here too."""
+per-image seeds and one Inception network; the sampler (method, steps, schedule) is an axis too.
+Finished points are found again in metrics.jsonl, so a stopped sweep continues where it was; the
+results go to sweep.csv (sorted by FID, with each point's NFE) and sweep.png (FID and IS against the
+CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one line per CFG scale
+and interval; with several samplers FID against NFE, one line per method and schedule). The
+sampler's command-line flags (shared by main_jit.py and sample.py) and the grid they give live here
+too."""
 import csv
 import io
 import itertools
@@ -14,25 +16,29 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from denoiser import SAMPLERS, SamplerSettings
+from denoiser import METHODS, SCHEDULES, SamplerSettings
 from util.distributed import broadcast_object, is_main_process, print0
 from util.errors import BadValue
 from util.files import WriteError, atomic_write
 from util.logger import hms
 
 COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
-           "num_images", "checkpoint_epoch")
+           "schedule", "nfe", "num_images", "checkpoint_epoch")
 STD_COLUMN = "ema_std"  # after "ema", in sweeps of post-hoc EMAs only
 
 
 def add_sampler_args(group, sweep: bool = False):
-    """The sampler's flags. sweep: --cfg, --interval_min and --interval_max take several values (a
-    sweep over all combinations)."""
+    """The sampler's flags. sweep: every one takes several values (a sweep over all combinations)."""
     a = group.add_argument
     many = dict(nargs="+") if sweep else {}
     also = "; several values: a sweep" if sweep else ""
-    a("--sampling_method", default="heun", choices=sorted(SAMPLERS), help="ODE integrator (Heun: 2nd order, Euler: 1st)")
-    a("--num_sampling_steps", default=50, type=int, help="integration steps from t = 0 (noise) to t = 1 (image)")
+    a("--sampling_method", default="heun", choices=METHODS, **many,
+      help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), the multistep dpm++2m / dpm++3m "
+           f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (denoiser.py){also}")
+    a("--num_sampling_steps", default=50, type=int, **many, help=f"integration steps from t = 0 (noise) to t = 1 (image){also}")
+    a("--sampling_schedule", default="uniform", **many,
+      help=f"where the steps go: {', '.join(SCHEDULES)} (name or name:parameter, e.g. edm:2, logsnr:3, shift:0.5; "
+           f"denoiser.schedule_warp){also}")
     a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
     a("--interval_min", default=0.0, type=float, **many, help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}")
     a("--interval_max", default=1.0, type=float, **many, help=f"guidance only for t < this, in (0, 1]{also}")
@@ -42,7 +48,8 @@ def sampler_settings(flags) -> SamplerSettings:
     """The sampler of single-valued flags (sample.py). BadValue for settings it rejects."""
     try:
         return SamplerSettings(method=flags.sampling_method, steps=flags.num_sampling_steps, cfg=flags.cfg,
-                               interval_min=flags.interval_min, interval_max=flags.interval_max)
+                               interval_min=flags.interval_min, interval_max=flags.interval_max,
+                               schedule=flags.sampling_schedule or "uniform")
     except ValueError as e:
         raise BadValue(str(e)) from None
 
@@ -71,7 +78,16 @@ class Point:
 
     def label(self) -> str:
         s = self.sampler
-        return f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {self.num_images} images"
+        return (f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {sampler_name(asdict(s))}, "
+                f"{self.num_images} images")
+
+
+def sampler_name(record: dict) -> str:
+    """'heun 50 steps (99 NFE)' (the schedule too if not uniform) of a record or a SamplerSettings as
+    a dict."""
+    schedule = record.get("schedule") or "uniform"
+    nfe = record.get("nfe") or SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
+    return f"{record['method']} {record['steps']} steps" + ("" if schedule == "uniform" else f" {schedule}") + f" ({nfe} NFE)"
 
 
 def ema_name(record: dict) -> str:
@@ -79,30 +95,36 @@ def ema_name(record: dict) -> str:
     return f"EMA {record['ema']}" if record.get(STD_COLUMN) is None else f"σ_rel {record[STD_COLUMN]:g}"
 
 
-def grid(*, emas, interval_mins, interval_maxs, cfgs, method: str, steps: int, num_images: int, ema_stds=(None,)) -> list[Point]:
-    """Every combination, the weights first (EMA, then σ_rel of a post-hoc EMA), then the interval,
-    then the CFG scale (which varies fastest). Raises BadValue for a combination the sampler rejects
+def grid(*, emas, interval_mins, interval_maxs, cfgs, method, steps, num_images: int, ema_stds=(None,),
+         schedule="uniform") -> list[Point]:
+    """Every combination, the weights first (EMA, then σ_rel of a post-hoc EMA), then the sampler
+    (method, schedule, steps), then the interval, then the CFG scale (which varies fastest). method,
+    steps, schedule: one value or a list. Raises BadValue for a combination the sampler rejects
     (e.g. interval_min >= interval_max)."""
     try:
-        return [Point(ema, SamplerSettings(method=method, steps=steps, cfg=cfg, interval_min=lo, interval_max=hi), num_images, std)
-                for ema, std, lo, hi, cfg in itertools.product(emas, ema_stds, interval_mins, interval_maxs, cfgs)]
+        return [Point(ema, SamplerSettings(method=m, steps=n, cfg=cfg, interval_min=lo, interval_max=hi, schedule=s), num_images, std)
+                for ema, std, m, s, n, lo, hi, cfg in itertools.product(emas, ema_stds, as_list(method), as_list(schedule),
+                                                                       as_list(steps), interval_mins, interval_maxs, cfgs)]
     except ValueError as e:
         raise BadValue(str(e)) from None
 
 
 def eval_points(flags, num_images: int) -> list[Point]:
     """The points of the flags --ema (or, with --phema, --ema_std), --interval_min, --interval_max,
-    --cfg (one value or several each), --sampling_method and --num_sampling_steps, at num_images
-    (see grid)."""
+    --cfg, --sampling_method, --num_sampling_steps and --sampling_schedule (one value or several
+    each), at num_images (see grid)."""
     phema = bool(flags.phema)
     return grid(emas=[None] if phema else as_list(flags.ema), ema_stds=as_list(flags.ema_std) if phema else [None],
                 interval_mins=as_list(flags.interval_min), interval_maxs=as_list(flags.interval_max), cfgs=as_list(flags.cfg),
-                method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images)
+                method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images,
+                schedule=as_list(getattr(flags, "sampling_schedule", None) or "uniform"))
 
 
 def record_key(record: dict) -> tuple:
-    """A metrics.jsonl eval record's Point.key()."""
-    return (record["ema"], record.get(STD_COLUMN), record["num_images"], *(record[k] for k in asdict(SamplerSettings())))
+    """A metrics.jsonl eval record's Point.key() (a record written before a sampler field existed has
+    that field's default)."""
+    return (record["ema"], record.get(STD_COLUMN), record["num_images"],
+            *(record.get(k, v) for k, v in asdict(SamplerSettings()).items()))
 
 
 def eval_records(metrics_path: str | None) -> list[dict]:
@@ -159,34 +181,64 @@ def write_csv(path: str, records: list[dict]):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(sorted(records, key=lambda r: r["fid"] if finite(r["fid"]) else math.inf))
+    w.writerows(sorted(({**r, "schedule": r.get("schedule") or "uniform", "nfe": nfe_of(r)} for r in records),
+                       key=lambda r: r["fid"] if finite(r["fid"]) else math.inf))
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def has_sampler_axis(records: list[dict]) -> bool:
+    """Whether the records are of more than one sampler (method, steps, schedule)."""
+    return len({(r.get("method"), r.get("steps"), r.get("schedule") or "uniform") for r in records}) > 1
+
+
+def nfe_of(record: dict) -> int:
+    """A record's NFE (computed from its settings for a record written before records held it)."""
+    if record.get("nfe") is not None:
+        return record["nfe"]
+    return SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
+
+
+def plot_axes(records: list[dict]):
+    """(x key, x label, log x, line key of a record, line label of a key) of plot(): against NFE with
+    several samplers (a line per method and schedule, and per the other settings that vary), against
+    σ_rel with post-hoc EMAs, else against the CFG scale."""
+    if has_sampler_axis(records):
+        parts = [("method", lambda r: r["method"]), ("schedule", lambda r: r.get("schedule") or "uniform"),
+                 ("weights", ema_name), ("cfg", lambda r: f"cfg {r['cfg']}"),
+                 ("interval", lambda r: f"interval ({r['interval_min']}, {r['interval_max']})")]
+        varying = [(n, f) for n, f in parts if n in ("method", "schedule") or len({f(r) for r in records}) > 1]
+        return ("nfe", "network evaluations per image (NFE)", True, lambda r: tuple(f(r) for _, f in varying),
+                lambda key: ", ".join(str(k) for k in key))
+    if has_std_axis(records):
+        return (STD_COLUMN, "EMA length σ_rel", True, lambda r: (r["cfg"], r["interval_min"], r["interval_max"]),
+                lambda key: f"cfg {key[0]}, interval ({key[1]}, {key[2]})")
+    return ("cfg", "CFG scale", False, lambda r: (r["ema"], r["interval_min"], r["interval_max"]),
+            lambda key: f"EMA {key[0]}, interval ({key[1]}, {key[2]})")
 
 
 def plot(path: str, records: list[dict]):
     """FID and IS against the CFG scale, one line per (EMA, interval); for post-hoc EMAs against
-    σ_rel (log scale), one line per (CFG scale, interval)."""
+    σ_rel (log scale), one line per (CFG scale, interval); with several samplers against NFE (log
+    scale), one line per method and schedule (see plot_axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_std = has_std_axis(records)
-    x, x_label = (STD_COLUMN, "EMA length σ_rel") if by_std else ("cfg", "CFG scale")
-    line_of = (lambda r: (r["cfg"], r["interval_min"], r["interval_max"])) if by_std else (
-        lambda r: (r["ema"], r["interval_min"], r["interval_max"]))
+    x, x_label, log_x, line_of, label_of = plot_axes(records)
+    records = [{**r, "nfe": nfe_of(r)} for r in records]
     lines = {}
     for r in sorted(records, key=lambda r: r[x]):
         lines.setdefault(line_of(r), []).append(r)
     fig, (ax_fid, ax_is) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for (first, lo, hi), rs in sorted(lines.items()):
-        label = f"{'cfg' if by_std else 'EMA'} {first}, interval ({lo}, {hi})"
+    for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
         xs = [r[x] for r in rs]
-        ax_fid.plot(xs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label)
-        ax_is.plot(xs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o", label=label)
+        ax_fid.plot(xs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label_of(key))
+        ax_is.plot(xs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o",
+                   label=label_of(key))
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
         ax.set_xlabel(x_label)
-        if by_std:
+        if log_x:
             ax.set_xscale("log")
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
@@ -225,17 +277,19 @@ def finished_everywhere(metrics_path: str, context: dict) -> dict:
 
 
 def cost_note(points: list[Point]) -> str:
-    """What a sweep will generate: images and network passes."""
+    """What a sweep will generate: images, network evaluations (NFE: a guided one on a doubled batch
+    counts once) and network passes (it counts twice)."""
+    nfe = sum(p.sampler.nfe() * p.num_images for p in points)
     passes = sum(p.sampler.net_passes() * p.num_images for p in points)
-    return (f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {passes / 1e6:.1f}M network passes "
-            "(the ETA follows after the first point)")
+    return (f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {nfe / 1e6:.1f}M network evaluations, "
+            f"{passes / 1e6:.1f}M network passes (the ETA follows after the first point)")
 
 
 def report(records: list[dict], output_dir: str, name: str, log) -> dict | None:
     """Print the best point; rank 0 writes {name}.csv and {name}.png (a failed write is reported
     through `log`, a RunLog). Returns the best record (None if no FID is finite)."""
     top = best(records)
-    print0(f"best: {describe(top)}" if top else "best: none, no point has a finite FID")
+    print0(f"best: {describe(top)}; sampler {sampler_name(top)}" if top else "best: none, no point has a finite FID")
     if is_main_process():
         try:
             write_csv(os.path.join(output_dir, f"{name}.csv"), records)
