@@ -24,7 +24,7 @@ from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
 import weights
 from weights import DENOISER_DEFAULTS
 from util import distributed, grid, phema, phema_files, phema_run, report, runlock, sharding, sweep
-from util.checkpoint import EMA_KEYS, Checkpointer, CheckpointError, Start, check_objective, remove_stale_temporaries
+from util.checkpoint import Checkpointer, Start, check_objective, match_emas, remove_stale_temporaries
 from util.config import RunConfig, parse
 from util.data import Data, build_data
 from util.demo import write_demo_outputs
@@ -230,22 +230,6 @@ def build_model(config, device):
     return denoiser, emas, phemas, optimizer
 
 
-def match_emas(config, state, path: str, denoiser, emas: list):
-    """The third EMA's policy when the checkpoint and the run disagree: evaluation samples the
-    checkpoint's EMA 3 (added here, never updated); training starts a new EMA 3 from the loaded
-    weights, or drops the checkpoint's (--ema_decay3 not given). CheckpointError for an --ema the
-    checkpoint does not hold."""
-    if config.evaluate_gen and len(state.emas) > len(emas):
-        emas.append(EMA(denoiser, decay=config.ema_decay3 or 0.0))
-    elif not config.evaluate_gen and len(state.emas) != len(emas):
-        distributed.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
-                 + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
-                    "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
-    if max(sweep.as_list(config.ema)) > len(emas):
-        raise CheckpointError(f"--ema {max(sweep.as_list(config.ema))}: {path} has no {EMA_KEYS[len(emas)]} "
-                              "(a third EMA is kept when training with --ema_decay3)")
-
-
 def use_compile(config, device) -> bool:
     return device.type == "cuda" if config.compile is None else config.compile
 
@@ -340,7 +324,8 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     if state is not None and config.init_from:
         distributed.print0(f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used")
     if state is not None:
-        match_emas(config, state, path, denoiser, emas)
+        match_emas(state, path, denoiser, emas, evaluate=config.evaluate_gen, decay3=config.ema_decay3,
+                   sampled=sweep.as_list(config.ema))
         if not config.evaluate_gen:
             phema_run.check_resume_stds(state, path, config.phema_stds)
             check_objective(state, path, config.pred, config.loss)

@@ -446,3 +446,21 @@ def check_objective(state: TrainState, path: str, pred: str, loss: str):
         if theirs != ours:
             raise CheckpointError(f"{path} was trained with --{flag} {theirs}, this run --{flag} {ours}: "
                                   f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)")
+
+
+def match_emas(state: TrainState, path: str, denoiser, emas: list, *, evaluate: bool, decay3: float | None, sampled: list[int]):
+    """The third EMA's policy when checkpoint `state` (read from `path`) and the run disagree:
+    evaluation (`evaluate`) samples the checkpoint's EMA 3 (appended to `emas`, never updated);
+    training starts a new EMA 3 from the loaded weights, or drops the checkpoint's (no `decay3`).
+    CheckpointError for an EMA of `sampled` (1-based) the checkpoint does not hold."""
+    from denoiser import EMA
+
+    if evaluate and len(state.emas) > len(emas):
+        emas.append(EMA(denoiser, decay=decay3 or 0.0))
+    elif not evaluate and len(state.emas) != len(emas):
+        distributed.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
+                           + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
+                              "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
+    if max(sampled) > len(emas):
+        raise CheckpointError(f"--ema {max(sampled)}: {path} has no {EMA_KEYS[len(emas)]} "
+                              "(a third EMA is kept when training with --ema_decay3)")
