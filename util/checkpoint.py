@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from denoiser import EMA
 from util import distributed
 from util import files, sharding
 from util.errors import BadInput
@@ -453,8 +454,6 @@ def match_emas(state: TrainState, path: str, denoiser, emas: list, *, evaluate: 
     evaluation (`evaluate`) samples the checkpoint's EMA 3 (appended to `emas`, never updated);
     training starts a new EMA 3 from the loaded weights, or drops the checkpoint's (no `decay3`).
     CheckpointError for an EMA of `sampled` (1-based) the checkpoint does not hold."""
-    from denoiser import EMA
-
     if evaluate and len(state.emas) > len(emas):
         emas.append(EMA(denoiser, decay=decay3 or 0.0))
     elif not evaluate and len(state.emas) != len(emas):
