@@ -167,4 +167,4 @@ def test_metrics_logged_to_tensorboard_and_jsonl(evaluated, reference):
     assert line["ema"] == 1 and line["checkpoint"] is None and line["images_saved"] is True
     assert line["fid"] == result["fid"] and line["inception_score"] == result["inception_score"]
     assert line["num_images"] == 12 and line["fid_stats"] == reference[1]
-    assert {k: line[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max")} == dataclasses.asdict(SAMPLER)
+    assert {k: line[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max", "schedule")} == dataclasses.asdict(SAMPLER)
