@@ -214,10 +214,15 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
 @pytest.mark.slow
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
     path = tmp_path / "checkpoint-last.pth"
-    torch.save({k: v for k, v in fsdp.items() if k != "base"}, path)
+    torch.save({k: v for k, v in fsdp.items() if k not in ("base", "grids")}, path)
     p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False)
     assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
+    bad = tmp_path / "checkpoint-bad.pth"  # rank 0 alone reads it (sharded): rank 1 must not wait for it
+    bad.write_bytes(b"not a checkpoint")
+    p = train(data, tmp_path / "out2", "--fsdp", "--resume", bad, *PHEMA, "--dry_run", "--dist_timeout", 1, check=False)
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]  # one line from each worker
+    assert p.returncode != 0 and len(errors) == 2 and all(str(bad) in e for e in errors), p.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -246,10 +246,17 @@ by torch < 1.6, or on a file system without mmap) are read whole.
     (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
     """
     if main_only and distributed.get_world_size() > 1:
-        state, path = load_checkpoint(source, log, required=required) if distributed.is_main_process() else (None, None)
+        state, path, error = None, None, None
+        if distributed.is_main_process():
+            try:
+                state, path = load_checkpoint(source, log, required=required)
+            except CheckpointError as e:  # every rank raises it: none is left waiting in the broadcast
+                error = e
         header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
                                                                 phemas=[None] * len(state.phemas))
-        header, path = distributed.broadcast_object((header, path))
+        header, path, error = distributed.broadcast_object((header, path, error))
+        if error is not None:
+            raise error
         return (state if distributed.is_main_process() else header), path
     if not source:
         return None, None
