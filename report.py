@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from util.config import RunConfig, parse
 from util.errors import MissingFile, exit_code
 from util.report import NAME, write_report
 
@@ -30,5 +31,15 @@ def main(args) -> int:
     return 0
 
 
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for a folder that does not exist (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main, get_args_parser().parse_args()))
+    sys.exit(cli())

@@ -77,7 +77,7 @@ def test_a_run_records_noise_levels_norms_grids_and_its_report(straight, capsys)
 
     # sample.py from the run's checkpoint, with the grid's classes, sampler and seed: the same bytes
     png = straight / "sample.png"
-    args = sample.get_args_parser().parse_args(["--resume", str(out), "--classes", "0", "1", "2", "--per_class", "10", *SAMPLER,
+    args = sample.parse_args(["--resume", str(out), "--classes", "0", "1", "2", "--per_class", "10", *SAMPLER,
                                                 "--device", "cpu", "--output", str(png)])
     assert sample.main(args) == 0
     assert png.read_bytes() == grid_files(out)["epoch-0001.png"]
@@ -226,7 +226,7 @@ def fake_run(folder, name_losses, fids, epochs=3):
 def test_the_report_overlays_runs_and_refers_only_to_files_that_exist(tmp_path, capsys):
     fake_run(tmp_path / "a", [1.0, 0.8], [(0, 50.0), (2, 40.0)])
     fake_run(tmp_path / "b", [2.0, 1.5], [(2, 45.0)])
-    args = report.get_args_parser().parse_args([str(tmp_path / "a"), str(tmp_path / "b")])
+    args = report.parse_args([str(tmp_path / "a"), str(tmp_path / "b")])
     assert exit_code(report.main, args) == 0
     page = (tmp_path / "a" / "report.html").read_text()
     assert "a (smoothed)" in page and "b (smoothed)" in page  # the loss curves overlaid
@@ -237,7 +237,7 @@ def test_the_report_overlays_runs_and_refers_only_to_files_that_exist(tmp_path, 
     sources = re.findall(r'src="([^"]+)"', page)
     assert "../b/samples/epoch-0002.png" in sources
     assert all((tmp_path / "a" / s).is_file() for s in sources)
-    assert exit_code(report.main, report.get_args_parser().parse_args([str(tmp_path / "nope")])) == 2
+    assert report.cli([str(tmp_path / "nope")]) == 2
     assert "error: " in capsys.readouterr().err
 
 

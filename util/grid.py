@@ -172,7 +172,7 @@ class GridWriter:
 
     def __call__(self, epoch: int, samplers) -> str | None:
         """Collective. The grid after `epoch`, sampled with EMA 1 of `samplers` (engine_jit.EMAWeights:
-        a sharded EMA is gathered into a full copy on every rank first). Returns its path (rank 0,
+        a sharded EMA is gathered into a full copy on every rank first, and freed after). Returns its path (rank 0,
         when written)."""
         t0 = time.time()
         samplers.refresh([1])
@@ -182,6 +182,7 @@ class GridWriter:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             images = sample_images(denoiser, self.spec, self.device, mine, net)
         images = gather_rows(images, self.device)
+        samplers.release()  # a gathered copy of a sharded EMA 1 is not kept between grids
         path = None
         if distributed.is_main_process():
             path = self.write(epoch, grid_of(images, self.spec))
