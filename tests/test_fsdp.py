@@ -221,8 +221,10 @@ def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fs
     bad = tmp_path / "checkpoint-bad.pth"  # rank 0 alone reads it (sharded): rank 1 must not wait for it
     bad.write_bytes(b"not a checkpoint")
     p = train(data, tmp_path / "out2", "--fsdp", "--resume", bad, *PHEMA, "--dry_run", "--dist_timeout", 1, check=False)
-    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]  # one line from each worker
-    assert p.returncode != 0 and len(errors) == 2 and all(str(bad) in e for e in errors), p.stdout[-2000:]
+    # each worker exits 2 at once with one line (torchrun may end rank 1 before it prints its own)
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and 1 <= len(errors) <= 2 and all(str(bad) in e for e in errors), p.stdout[-2000:]
+    assert "Timeout" not in p.stdout and "timed out" not in p.stdout  # no rank waited for --dist_timeout
 
 
 @pytest.mark.slow
