@@ -485,9 +485,10 @@ class EMA:
         return 1.0 - self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module):
-        """One EMA step towards `model`'s parameters (one fused foreach op, no host sync)."""
-        torch._foreach_lerp_(self.tensors(), [p.detach() for p in model.parameters()], self.weight())
+    def update(self, model: nn.Module, images_seen: int | None = None, batch: int | None = None):
+        """One EMA step towards `model`'s parameters (one fused foreach op, no host sync); the
+        arguments after `model` are those of weight(), as util.phema.PowerEMA's update takes them."""
+        torch._foreach_lerp_(self.tensors(), [p.detach() for p in model.parameters()], self.weight(images_seen, batch))
 
     def state_dict(self):
         return self.module.state_dict()

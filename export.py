@@ -15,8 +15,9 @@ import argparse
 import os
 import sys
 
-from util import files, sweep
+import run_sources
 import weights
+from util import files, sweep
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
@@ -72,8 +73,8 @@ def source_weights(args) -> tuple[dict, dict, str]:
         if args.ema != 1:
             print(f"note: {args.source} is an exported folder holding one network; --ema {args.ema} does not apply")
         return config, state_dict, f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}"
-    state, path = weights.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
-    which = weights.weights_name(args.ema)
+    state, path = run_sources.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
+    which = run_sources.weights_name(args.ema)
     metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     config = weights.export_config(state, which, dtype=args.dtype, source=path, records=sweep.eval_records(metrics))
     return config, state.weights(which), f"{which} of {path} (epoch {state.epoch})"

@@ -21,7 +21,7 @@ from denoiser import CONVERSIONS, EMA, Denoiser
 from engine_jit import (EMAWeights, Evaluation, LoopConfig, PostHocWeights, RunIO, StepParts, StopRun, StopSignal, build_optimizer,
                         compile_fsdp_blocks, evaluate, train_one_epoch)
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-import weights
+import run_sources
 from weights import DENOISER_DEFAULTS
 from util import distributed, grid, phema, phema_files, phema_run, report, runlock, sharding, sweep
 from util.checkpoint import Checkpointer, Start, check_objective, match_emas, remove_stale_temporaries
@@ -282,7 +282,7 @@ def setup(args) -> Run:
     config = resolve_config(args, distributed.get_world_size())
     source = None
     if config.evaluate_gen:  # the weights' settings, where the user typed no flag: a new config
-        state, path, config = weights.evaluation_source(config, log=distributed.print0)
+        state, path, config = run_sources.evaluation_source(config, log=distributed.print0)
         source = (state, path)
     config = config.replace(fid_stats=config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz"))
     points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
@@ -333,7 +333,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         start = checkpoints.restore(state, path)
     else:
         if config.init_from:
-            state, origin = weights.initial_state(config.init_from, config.init_ema, denoiser, log=distributed.print0)
+            state, origin = run_sources.initial_state(config.init_from, config.init_ema, denoiser, log=distributed.print0)
             config = config.replace(init_origin=origin)
             checkpoints.initialise(state, config.init_from)
         if not config.evaluate_gen:

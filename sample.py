@@ -15,10 +15,10 @@ grid is reproducible on any device; it is util.grid's, the same code as training
 import argparse
 import sys
 
-from model_jit import JiT_models
-from util import distributed
+import run_sources
 import weights
-from util import grid
+from model_jit import JiT_models
+from util import distributed, grid
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 from util.sweep import add_sampler_args, sampler_settings
@@ -69,7 +69,7 @@ def load(args: RunConfig) -> weights.Loaded:
         if args.weights or args.ema != 1:
             raise BadValue(f"{args.resume} is an exported folder holding one network: --ema / --weights do not apply")
         return weights.load_denoiser(args.resume, overrides)
-    state, path = weights.load_checkpoint(args.resume, log=lambda msg: None)
+    state, path = run_sources.load_checkpoint(args.resume, log=lambda msg: None)
     which = args.weights or f"ema{args.ema}"
     exported = weights.command_line_sampler(weights.export_config(state, which, dtype="float32", source=path, records=[]), args)
     return weights.load_denoiser((exported, state.weights(which)), overrides, where=f"{path} ({which})")

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from denoiser import METHODS, SamplerSettings  # noqa: E402
+import run_sources  # noqa: E402
 import weights  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import initial_noise, quantize  # noqa: E402
@@ -42,7 +43,7 @@ def load_denoiser(resume: str, ema: int):
     """The Denoiser of a checkpoint (file or run folder; EMA `ema`) or an exported folder."""
     if weights.is_exported(resume):
         return weights.load_denoiser(resume).denoiser
-    state, path = weights.load_checkpoint(resume, log=lambda msg: None)
+    state, path = run_sources.load_checkpoint(resume, log=lambda msg: None)
     which = f"ema{ema}"
     config = weights.export_config(state, which, dtype="float32", source=path, records=[])
     return weights.load_denoiser((config, state.weights(which)), {}, where=f"{path} ({which})").denoiser

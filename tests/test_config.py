@@ -11,7 +11,8 @@ import main_jit
 from helpers import TINY, tiny_denoiser
 from util import checkpoint as ckpt_util
 from util import phema, phema_files
-from util.config import DERIVED, parse, sections_of
+from util.config import DERIVED, merge, parse, sections_of
+from util.errors import BadValue
 
 
 def test_sections_come_from_the_parser_groups_and_a_new_flag_lands_in_its_own():
@@ -40,6 +41,18 @@ def test_typed_flags_are_what_the_command_line_names_whatever_the_value():
     assert config.given == {"model", "compile", "cfg", "demo"}
     assert config.model == "JiT-B/16" and config.img_size == 32  # --demo's default, not typed
     assert main_jit.parse_args([]).given == frozenset()
+
+
+def test_merge_takes_the_implied_values_and_the_typed_flags_override_or_contradict():
+    implied = {"model": "JiT-B/16", "cfg": 2.0, "steps": 50}
+    values, notes = merge(implied, {"cfg": [3.0], "steps": None, "seed": 1}, fixed=("model",), where="W")
+    assert values == {"model": "JiT-B/16", "cfg": 3.0, "steps": 50} and implied["cfg"] == 2.0  # no new keys, input untouched
+    assert notes == ["--cfg 3.0 overrides 2.0 of W"]
+    assert merge(implied, {"model": "JiT-B/16"}, fixed=("model",), where="W") == (implied, [])  # agreeing: no note
+    with pytest.raises(BadValue, match=r"^--model JiT-L/16 disagrees with W \(JiT-B/16\)"):
+        merge(implied, {"model": "JiT-L/16"}, fixed=("model",), where="W")
+    loose = merge(implied, {"model": "b"}, fixed=("model",), where="W", agrees=lambda f, v, vals: v.upper() in vals[f])
+    assert loose == (implied, [])
 
 
 def exported_tiny(tmp_path) -> str:

@@ -13,6 +13,7 @@ import torch
 
 import export
 import model_jit_adapters
+import run_sources
 import weights
 from denoiser import Denoiser, SamplerSettings
 from model_jit import JiT_models
@@ -269,16 +270,16 @@ def test_init_with_another_network_is_a_one_line_error():
 
 def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported):
     folder, state = run
-    sd, notes, origin = weights.init_from(folder, 2, tiny_target(class_num=5), log=print)
+    sd, notes, origin = run_sources.init_from(folder, 2, tiny_target(class_num=5), log=print)
     assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != model_jit_adapters.LABEL_KEY)
     assert origin["weights"] == "ema2" and origin["epoch"] == 7 and origin["path"].endswith("checkpoint-last.pth")
     assert notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
-    sd, _, origin = weights.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
+    sd, _, origin = run_sources.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
     assert all(torch.equal(sd[k], state.model[k]) for k in sd) and origin["weights"] == "model"
-    sd, notes, origin = weights.init_from(exported, 1, tiny_target(), log=print)
+    sd, notes, origin = run_sources.init_from(exported, 1, tiny_target(), log=print)
     assert all(torch.equal(sd[k], state.emas[0][k]) for k in sd) and origin["weights"] == "ema1" and len(notes) == 1
     with pytest.raises(ckpt_util.CheckpointError, match=r"^--init_from .*no model_ema3"):
-        weights.init_from(folder, 3, tiny_target(), log=print)
+        run_sources.init_from(folder, 3, tiny_target(), log=print)
 
 
 def test_config_flags_override_or_disagree(exported):
@@ -300,7 +301,7 @@ def test_config_flags_override_or_disagree(exported):
     parser.add_argument("--num_sampling_steps", default=50, type=int)
     flags = parse(parser, ["--resume", exported, "--cfg", "1.0"])  # the parser's default, typed out
     assert flags.given == {"resume", "cfg"}  # seam bug 7: a default typed out is typed, and beats config.json's 2.0
-    adopted, notes = weights.adopt_settings(flags, config)
+    adopted, notes = run_sources.adopt_settings(flags, config)
     assert adopted == {"img_size": 16, "noise_scale": 1.0, "num_sampling_steps": 50}  # the rest comes from config.json
     new = flags.replace(**adopted)
     assert (new.img_size, new.cfg, flags.img_size) == (16, [1.0], 256)

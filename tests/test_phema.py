@@ -30,7 +30,7 @@ def toy_trajectory(steps, shape=(3, 4), seed=0):
 
 def track(trajectory, batches, emas):
     """Run `emas` (PowerEMA or EMA) over a module whose weight follows `trajectory`[1:]; returns the
-    module. batches[k]: images in step k + 1."""
+    module. batches[k]: images in step k + 1. Every average takes the one update signature."""
     model = nn.Linear(4, 3, bias=False)
     images = 0
     for theta, batch in zip(trajectory[1:], batches):
@@ -38,7 +38,7 @@ def track(trajectory, batches, emas):
             model.weight.copy_(theta)
         images += batch
         for ema in emas:
-            ema.update(model, images, batch) if isinstance(ema, phema.PowerEMA) else ema.update(model)
+            ema.update(model, images, batch)
     return model
 
 

@@ -4,6 +4,7 @@ user typed recorded (torchtitan's typed job config; EDM2's kwargs written once).
     config = parse(get_args_parser(), argv)   # the flags as given: config.lr, config.given
     run = config.replace(lr=..., fid_stats=...)  # derived or adopted values: a new config
     run.as_dict()                              # a plain dict: a checkpoint's `args`
+    values, notes = merge(implied, typed, fixed=..., where=...)  # what weights imply, with the typed flags
 
 Sections come from the parser's argument groups (a flag added to a group lands in its section
 without more code); values a script derives that are no flag (e.g. `init_origin`) go to the section
@@ -12,7 +13,10 @@ the types argparse gave them; a list stays a list (the checkpoints' `args` hold 
 """
 import argparse
 import copy
+import operator
 import types
+
+from util.errors import BadValue
 
 DERIVED = "derived"
 _UNGROUPED = ("positional arguments", "options", "optional arguments")
@@ -104,3 +108,28 @@ def parse(parser: argparse.ArgumentParser, argv=None, defaults: dict | None = No
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     return RunConfig(vars(args), sections_of(parser), typed_flags(parser, argv))
+
+
+def _single(value):
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
+def merge(implied: dict, typed: dict, *, fixed=(), where: str, agrees=None) -> tuple[dict, list[str]]:
+    """The values some weights imply ({flag: value}, e.g. read off a checkpoint or config.json) with
+    the flags the user typed (`typed`: {flag: value}; None and flags not in `implied` are skipped, a
+    one-element list counts as its element). A typed flag of `fixed` (what the weights were trained
+    as) that disagrees raises BadValue; any other overrides the implied value, and a note says so.
+    agrees(flag, typed value, implied values) -> bool decides agreement (default: equality).
+    Returns (values, notes for the log)."""
+    agrees = agrees or (lambda flag, value, values: operator.eq(value, values[flag]))
+    values, notes = dict(implied), []
+    for flag, value in typed.items():
+        value = _single(value)
+        if flag not in values or value is None or agrees(flag, value, values):
+            continue
+        if flag in fixed:
+            raise BadValue(f"--{flag} {value} disagrees with {where} ({values[flag]}), the settings these weights "
+                           "were trained with: drop the flag")
+        notes.append(f"--{flag} {value} overrides {values[flag]} of {where}")
+        values[flag] = value
+    return values, notes

@@ -79,8 +79,8 @@ class PowerEMA:
     """Power-function EMA of all parameters of a module, with relative standard deviation `sigma_rel`.
 
     The interface of denoiser.EMA and util.sharding.ShardedEMA (`module`, a frozen copy that
-    samples directly; `tensors`, `weight`, `state_dict`, `load_state_dict`), but `update` and
-    `weight` take the images seen. sharded: build it from the unsharded model before that is
+    samples directly; `tensors`, `weight(images_seen, batch)`, `update(model, images_seen, batch)`,
+    `state_dict`, `load_state_dict`); here the weight depends on the images seen. sharded: build it from the unsharded model before that is
     sharded; the copy shards itself at once with the live model's plan (util.sharding.shard), as
     ShardedEMA does, so that building P power EMAs never holds more than one extra full copy;
     update() then lerps this rank's local shards only.

@@ -112,9 +112,9 @@ class ShardedEMA(EMA):
         return local_tensors(self.module.parameters())
 
     @torch.no_grad()
-    def update(self, model: nn.Module):
+    def update(self, model: nn.Module, images_seen: int | None = None, batch: int | None = None):
         """One fused lerp of this rank's EMA shards towards its shards of `model` (no communication)."""
-        torch._foreach_lerp_(self.tensors(), local_tensors(model.parameters()), 1.0 - self.decay)
+        torch._foreach_lerp_(self.tensors(), local_tensors(model.parameters()), self.weight(images_seen, batch))
 
 
 def nonfinite_flag(params, group=None) -> torch.Tensor:
