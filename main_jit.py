@@ -36,6 +36,7 @@ DEMO_DEFAULTS = dict(
     model="JiT-T/4", img_size=32, class_num=4, epochs=24, warmup_epochs=1, batch_size=32, lr=1e-3,
     ema_decay1=0.995, ema_decay2=0.99, num_workers=1, save_last_freq=8, print_freq=8, log_freq=8,
     num_sampling_steps=20, cfg=2.0, interval_min=0.1, output_dir="./output_dir/demo", sample_every=12,
+    sample_per_class=3,
 )
 
 

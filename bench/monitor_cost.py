@@ -2,7 +2,7 @@
 (engine_jit.StepMonitor as the training step's probe) and one sample grid (util.grid), on this device,
 as seconds per epoch and percent of training; and the same worked out from throughput figures.
 
-    python bench/monitor_cost.py                       # the demo's settings (JiT-T/4, 32 px, batch 32, 4 × 8 grid)
+    python bench/monitor_cost.py --per_class 3         # the demo's settings (JiT-T/4, 32 px, batch 32, 4 × 3 grid)
     python bench/monitor_cost.py --model JiT-B/16 --img_size 256 --batch_size 128 --class_num 1000 \
         --sample_steps 50 --cfg 2.9 --images_per_epoch 1281167 --world_size 8 --sample_every 5
     python bench/monitor_cost.py --from_figures --train_img_per_s 1958 --sample_img_per_s 32.3   # B/16, 8 GPUs
@@ -38,6 +38,7 @@ def get_args():
     a("--images_per_epoch", default=1024, type=int, help="the dataset (the demo: 1024; ImageNet: 1281167)")
     a("--world_size", default=1, type=int, help="processes sharing an epoch and a grid")
     a("--sample_every", default=12, type=int, help="epochs between grids (the demo's default: 12)")
+    a("--per_class", default=None, type=int, help="images per class in the grid (default: training's, 32 / classes: ImageNet 4; the demo: 3)")
     a("--sample_steps", default=20, type=int)
     a("--cfg", default=2.0, type=float)
     a("--interval_min", default=0.1, type=float)
@@ -67,11 +68,15 @@ def timed_steps(parts, batch, n, device, monitor=None, measure=False) -> float:
     return (time.perf_counter() - t) / n
 
 
+def per_class(args) -> int:
+    return args.per_class or grid.default_per_class(len(grid.default_classes(args.class_num)))
+
+
 def from_figures(args) -> dict:
     """The grid's cost from throughput figures: an epoch takes images / (world × train img/s); a grid of n
     images on `world` ranks takes between n / world and n images / sample img/s (a full batch's speed:
     a small batch is slower per image, at most as slow as one rank sampling them all)."""
-    spec_n = len(grid.default_classes(args.class_num)) * grid.default_per_class(len(grid.default_classes(args.class_num)))
+    spec_n = len(grid.default_classes(args.class_num)) * per_class(args)
     epoch_s = args.images_per_epoch / (args.world_size * args.train_img_per_s)
     low, high = spec_n / args.world_size / args.sample_img_per_s, spec_n / args.sample_img_per_s
     return {"grid_images": spec_n, "epoch_s": epoch_s, "grid_s": [low, high],
@@ -133,7 +138,7 @@ def main():
     per_t = (probe_s - step_s) * steps_per_epoch + (measured - probe_s) * steps_per_epoch / args.log_freq
 
     classes = grid.default_classes(args.class_num)
-    spec = grid.GridSpec(tuple(classes), grid.default_per_class(len(classes)),
+    spec = grid.GridSpec(tuple(classes), per_class(args),
                          SamplerSettings("heun", args.sample_steps, args.cfg, args.interval_min, 1.0))
     ema = emas[0].module
     rank_share = range(spec.size // args.world_size)
