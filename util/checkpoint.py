@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from denoiser import EMA
-from util import distributed
-from util import files, sharding
+from util import distributed, files, sharding
 from util.errors import BadInput
 
-EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")
+EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
 # The dtypes weights are stored or summed in, by the names flags take (--phema_dtype, export.py
 # --dtype, reconstruct_ema.py --accum each accept some of them).
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CheckpointError(BadInput):
