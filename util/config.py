@@ -13,7 +13,6 @@ the types argparse gave them; a list stays a list (the checkpoints' `args` hold 
 """
 import argparse
 import copy
-import operator
 import types
 
 from util.errors import BadValue
@@ -121,7 +120,7 @@ def merge(implied: dict, typed: dict, *, fixed=(), where: str, agrees=None) -> t
     as) that disagrees raises BadValue; any other overrides the implied value, and a note says so.
     agrees(flag, typed value, implied values) -> bool decides agreement (default: equality).
     Returns (values, notes for the log)."""
-    agrees = agrees or (lambda flag, value, values: operator.eq(value, values[flag]))
+    agrees = agrees or (lambda flag, value, values: value == values[flag])
     values, notes = dict(implied), []
     for flag, value in typed.items():
         value = _single(value)

@@ -80,8 +80,8 @@ class PowerEMA:
 
     The interface of denoiser.EMA and util.sharding.ShardedEMA (`module`, a frozen copy that
     samples directly; `tensors`, `weight(images_seen, batch)`, `update(model, images_seen, batch)`,
-    `state_dict`, `load_state_dict`); here the weight depends on the images seen. sharded: build it from the unsharded model before that is
-    sharded; the copy shards itself at once with the live model's plan (util.sharding.shard), as
+    `state_dict`, `load_state_dict`); here the weight depends on the images seen. sharded: build
+    it from the unsharded model before that is sharded; the copy shards itself at once with the live model's plan (util.sharding.shard), as
     ShardedEMA does, so that building P power EMAs never holds more than one extra full copy;
     update() then lerps this rank's local shards only.
     """
