@@ -6,6 +6,7 @@ By default the network predicts x̂ and the loss is taken on velocities v̂ = (x
 paper's method); the paper's ablations (Table 2) predict e or v and take the loss on x or e instead
 (see CONVERSIONS).
 """
+
 import copy
 import math
 from dataclasses import dataclass
@@ -85,13 +86,17 @@ class SamplerSettings:
         if self.cfg < 0:
             raise ValueError(f"the CFG scale must be >= 0, got {self.cfg}")
         if not 0 <= self.interval_min < self.interval_max <= 1:
-            raise ValueError(f"the guidance interval needs 0 <= interval_min < interval_max <= 1, "
-                             f"got ({self.interval_min}, {self.interval_max})")
+            raise ValueError(
+                f"the guidance interval needs 0 <= interval_min < interval_max <= 1, "
+                f"got ({self.interval_min}, {self.interval_max})"
+            )
         parse_schedule(self.schedule)  # ValueError for an unknown one
         pieces = len(self.breaks()) + 1
         if self.steps < pieces:
-            raise ValueError(f"{self.method} steps from node to node of the guidance interval: it needs at least {pieces} "
-                             f"steps for the interval ({self.interval_min}, {self.interval_max}), got {self.steps}")
+            raise ValueError(
+                f"{self.method} steps from node to node of the guidance interval: it needs at least {pieces} "
+                f"steps for the interval ({self.interval_min}, {self.interval_max}), got {self.steps}"
+            )
 
     def breaks(self) -> tuple:
         """Interior times the grid must hold as nodes: for a multistep method the ends of the guidance
@@ -143,8 +148,18 @@ class Denoiser(nn.Module):
     the very same per-sample values (what the training monitor bins by noise level).
     """
 
-    def __init__(self, net, num_classes: int, P_mean=-0.8, P_std=0.8, noise_scale=1.0, t_eps=0.05, label_drop_prob=0.1,
-                 pred="x", loss="v"):
+    def __init__(
+        self,
+        net,
+        num_classes: int,
+        P_mean=-0.8,
+        P_std=0.8,
+        noise_scale=1.0,
+        t_eps=0.05,
+        label_drop_prob=0.1,
+        pred="x",
+        loss="v",
+    ):
         super().__init__()
         for name, value in (("pred", pred), ("loss", loss)):
             if value not in CONVERSIONS:
@@ -177,7 +192,9 @@ class Denoiser(nn.Module):
         t = t.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         z = t * x + (1 - t) * noise
         to_loss_space = CONVERSIONS[self.pred][self.loss]
-        target = to_loss_space(TRUTHS[self.pred](x, noise), z, t, self.t_eps)  # x-pred, v-loss: (x - z)/max(1 - t, t_eps)
+        target = to_loss_space(
+            TRUTHS[self.pred](x, noise), z, t, self.t_eps
+        )  # x-pred, v-loss: (x - z)/max(1 - t, t_eps)
         out = to_loss_space(self.net(z, t.flatten(), labels), z, t, self.t_eps)
         losses = ((target - out) ** 2).mean(dim=tuple(range(1, x.ndim)))  # (B,)
         if per_sample:
@@ -195,15 +212,24 @@ class Denoiser(nn.Module):
             size = self.net.input_size
             shape = (labels.shape[0], self.net.in_channels, size, size)
             noise = torch.randn(shape, device=labels.device) * self.noise_scale
-        return sample(self.net if net is None else net, noise, labels, settings, null_label=self.num_classes, t_eps=self.t_eps,
-                      pred=self.pred)
+        return sample(
+            self.net if net is None else net,
+            noise,
+            labels,
+            settings,
+            null_label=self.num_classes,
+            t_eps=self.t_eps,
+            pred=self.pred,
+        )
 
 
 def parse_schedule(schedule: str) -> tuple[str, float]:
     """'name' or 'name:param' of SCHEDULES -> (name, param); ValueError for anything else."""
     name, _, param = schedule.partition(":")
     if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} (optionally name:parameter), got {schedule!r}")
+        raise ValueError(
+            f"schedule must be one of {', '.join(SCHEDULES)} (optionally name:parameter), got {schedule!r}"
+        )
     try:
         value = float(param) if param else SCHEDULES[name]
     except ValueError:

@@ -1,5 +1,6 @@
 """The loops: training (one epoch, resumable at any step; the step, its optimizer and the stop
 signal) and evaluation (`evaluate`: FID / IS of one sampler setting or a sweep of them)."""
+
 import contextlib
 import dataclasses
 import math
@@ -7,13 +8,12 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from util import distributed
-from util import lr_sched, phema, sharding, sweep
+from util import distributed, lr_sched, phema, sharding, sweep
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
 from util.logger import hms
 
@@ -73,8 +73,14 @@ class LoopConfig:
 
     def lr_at(self, epoch: float) -> float:
         """The learning rate at a fractional epoch (util.lr_sched)."""
-        return lr_sched.lr_at(epoch, lr=self.lr, warmup_epochs=self.warmup_epochs, schedule=self.lr_schedule,
-                              epochs=self.epochs, min_lr=self.min_lr)
+        return lr_sched.lr_at(
+            epoch,
+            lr=self.lr,
+            warmup_epochs=self.warmup_epochs,
+            schedule=self.lr_schedule,
+            epochs=self.epochs,
+            min_lr=self.min_lr,
+        )
 
 
 @dataclass
@@ -157,7 +163,7 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
         if sharded:  # read during backward: set before the forward, kept until the next micro-batch
             sharding.set_grad_sync(denoiser, sync)
         no_sync = not sync and hasattr(model, "no_sync")
-        with (model.no_sync() if no_sync else contextlib.nullcontext()), distributed.autocast(device):
+        with model.no_sync() if no_sync else contextlib.nullcontext(), distributed.autocast(device):
             if probe is None:
                 loss = model(x, labels)
             else:
@@ -176,8 +182,11 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
         probe.end_step(skipped, params, before, sharded)
     averages = parts.emas + parts.phemas  # towards unchanged weights on a skipped step, so they stay finite
     if averages:
-        phema.lerp_together_([a.tensors() for a in averages], sharding.local_tensors(denoiser.parameters()),
-                             [a.weight(images_seen, batch) for a in averages])
+        phema.lerp_together_(
+            [a.tensors() for a in averages],
+            sharding.local_tensors(denoiser.parameters()),
+            [a.weight(images_seen, batch) for a in averages],
+        )
     return loss_sum / accum_iter, skipped
 
 
@@ -262,8 +271,12 @@ class StepMonitor:
         """(mean finite loss, skipped steps, longest run of skipped steps), and reset the window. With
         bins: also {"loss_by_t": mean loss per bin of t (None: empty), "t_edges", "grad_norm",
         "update_ratio"} (None where not measured), whose window resets then."""
-        values = torch.cat([torch.stack([self.loss_sum, self.skipped, self.max_streak]), self.bins.flatten(), self.measured])
-        values = distributed.all_reduce_mean(values).tolist()  # one collective; ranks hold equal norms, sums average as well
+        values = torch.cat(
+            [torch.stack([self.loss_sum, self.skipped, self.max_streak]), self.bins.flatten(), self.measured]
+        )
+        values = distributed.all_reduce_mean(
+            values
+        ).tolist()  # one collective; ranks hold equal norms, sums average as well
         loss_sum, skipped, max_streak = values[:3]
         n = len(self.edges) - 1
         sums, counts, (grad_norm, ratio) = values[3 : 3 + n], values[3 + n : 3 + 2 * n], values[-2:]
@@ -275,8 +288,12 @@ class StepMonitor:
             return out
         self.bins.zero_()
         self.measured.fill_(float("nan"))
-        detail = {"loss_by_t": [s / c if c > 0 else None for s, c in zip(sums, counts)], "t_edges": self.edges,
-                  "grad_norm": grad_norm, "update_ratio": ratio}
+        detail = {
+            "loss_by_t": [s / c if c > 0 else None for s, c in zip(sums, counts)],
+            "t_edges": self.edges,
+            "grad_norm": grad_norm,
+            "update_ratio": ratio,
+        }
         return out + (detail,)
 
 
@@ -342,8 +359,11 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
         stop_votes, step_bad = distributed.host_all_reduce_sum([float(stopper.requested if stopper else 0), step_bad])
         bad_files += round(step_bad)
         if bad_files > bad_limit:
-            raise StopRun(f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
-                          f"{loop.max_bad_frac} of the epoch); fix the dataset", code=1)
+            raise StopRun(
+                f"{bad_files} unreadable images in epoch {epoch} (more than --max_bad_frac "
+                f"{loop.max_bad_frac} of the epoch); fix the dataset",
+                code=1,
+            )
         show = (step + 1) % loop.print_freq == 0 or last or stop_votes
         if show or write:
             loss_avg, n_skipped, max_streak, *detail = monitor.read(bins=write)
@@ -354,26 +374,46 @@ def train_one_epoch(parts: StepParts, data, loop: LoopConfig, io: RunIO, *, epoc
                 per_step = elapsed / window_steps
                 left_epoch = steps_per_epoch - step - 1
                 left_run = left_epoch + (loop.epochs - epoch - 1) * steps_per_epoch
-                distributed.print0(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
-                         f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
-                         + (f" mem {mem:.1f}GiB" if mem else "") + (f" skipped {n_skipped}" if n_skipped else ""))
+                distributed.print0(
+                    f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {loss_avg:.4f} lr {lr:.3e} "
+                    f"{img_s:.0f} img/s eta {hms(left_epoch * per_step)} (run {hms(left_run * per_step)})"
+                    + (f" mem {mem:.1f}GiB" if mem else "")
+                    + (f" skipped {n_skipped}" if n_skipped else "")
+                )
             if write and log is not None:
-                record = {"kind": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
-                          "loss": loss_avg, "lr": lr, "img_per_s": img_s, "skipped": n_skipped,
-                          "images_per_step": images_per_step, "time": round(time.time(), 3), **detail[0]}
+                record = {
+                    "kind": "train",
+                    "epoch": epoch,
+                    "step": step + 1,
+                    "global_step": global_step,
+                    "loss": loss_avg,
+                    "lr": lr,
+                    "img_per_s": img_s,
+                    "skipped": n_skipped,
+                    "images_per_step": images_per_step,
+                    "time": round(time.time(), 3),
+                    **detail[0],
+                }
                 log_train(log, record, int((epoch + (step + 1) / steps_per_epoch) * 1000), mem)
             if max_streak >= loop.max_nonfinite_steps:
-                raise StopRun(f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
-                              f"{step + 1}); stopping without saving, the last good checkpoint is kept", code=1)
+                raise StopRun(
+                    f"the loss was not finite for {max_streak} steps in a row (epoch {epoch}, step "
+                    f"{step + 1}); stopping without saving, the last good checkpoint is kept",
+                    code=1,
+                )
             t_window, window_steps = time.time(), 0
         if stop_votes:
             saved = io.save(epoch, step + 1) if io.save else False
-            raise StopRun(f"stop requested (signal) at epoch {epoch}, step {step + 1}"
-                          + (": checkpoint saved; rerun the same command to continue" if saved else ""))
+            raise StopRun(
+                f"stop requested (signal) at epoch {epoch}, step {step + 1}"
+                + (": checkpoint saved; rerun the same command to continue" if saved else "")
+            )
         if loop.save_every_steps and global_step % loop.save_every_steps == 0 and io.save:
             saved_at_end = io.save(epoch, step + 1) and last
     if bad_files:
-        distributed.print0(f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)")
+        distributed.print0(
+            f"Epoch [{epoch}]: {bad_files} unreadable images were replaced by other samples (see the warnings above)"
+        )
     return saved_at_end
 
 
@@ -407,7 +447,9 @@ class EMAWeights:
     frees those copies (a full float32 network per EMA on every GPU) when an evaluation during
     training is done."""
 
-    def __init__(self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool):
+    def __init__(
+        self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool
+    ):
         self.emas, self.device, self.make_denoiser, self.compile_net = emas, device, make_denoiser, compile_net
         self.copies, self.nets = {}, {}
 
@@ -445,7 +487,9 @@ class PostHocWeights:
     the reconstruction at a barrier of the control group, which fails after --dist_timeout (a wait in
     the NCCL broadcast would be ended by NCCL's watchdog instead)."""
 
-    def __init__(self, denoiser: torch.nn.Module, reconstruct: Callable[[list], dict], device: torch.device, compile_net: bool):
+    def __init__(
+        self, denoiser: torch.nn.Module, reconstruct: Callable[[list], dict], device: torch.device, compile_net: bool
+    ):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.reconstruct, self.device = reconstruct, device
         self.net = compile_sampling_net(self.denoiser.net) if compile_net else None
@@ -502,8 +546,16 @@ def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> 
     """What, besides its point, every evaluation record holds and a finished sweep point is matched
     on: the weights (checkpoint file, epoch) and what generation and scoring depend on."""
     s = ev.spec
-    return dict(checkpoint=checkpoint, checkpoint_epoch=weights_epoch, **ev.weights_context, seed=s.seed, gen_bsz=s.gen_bsz,
-                class_num=s.class_num, img_size=s.img_size, fid_stats=ev.scorer.fid_stats)
+    return dict(
+        checkpoint=checkpoint,
+        checkpoint_epoch=weights_epoch,
+        **ev.weights_context,
+        seed=s.seed,
+        gen_bsz=s.gen_bsz,
+        class_num=s.class_num,
+        img_size=s.img_size,
+        fid_stats=ev.scorer.fid_stats,
+    )
 
 
 def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
@@ -511,19 +563,38 @@ def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
     RNG streams are left as they were. Returns the record: the point's settings, the scores and
     `context` (eval_context)."""
     spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images)
-    image_dir = os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size)) if ev.save_images else None
+    image_dir = (
+        os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size))
+        if ev.save_images
+        else None
+    )
     denoiser, net = ev.samplers(point.weights)
     with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
         result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
     std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
     s = point.sampler
-    record = dict(kind="eval", epoch=epoch, **context, **result, ema=point.ema, **std, **dataclasses.asdict(point.sampler),
-                  nfe=s.nfe(), net_passes=s.net_passes(), world_size=distributed.get_world_size())
-    distributed.print0(f"eval ({spec.num_images} images, cfg {s.cfg}, {sweep.sampler_name(record)}): FID {result['fid']:.4f}, "
-             f"IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s")
+    record = dict(
+        kind="eval",
+        epoch=epoch,
+        **context,
+        **result,
+        ema=point.ema,
+        **std,
+        **dataclasses.asdict(point.sampler),
+        nfe=s.nfe(),
+        net_passes=s.net_passes(),
+        world_size=distributed.get_world_size(),
+    )
+    distributed.print0(
+        f"eval ({spec.num_images} images, cfg {s.cfg}, {sweep.sampler_name(record)}): FID {result['fid']:.4f}, "
+        f"IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s"
+    )
     weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
-    suffix = f"_cfg{s.cfg}_res{spec.img_size}" + weights + (
-        f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
+    suffix = (
+        f"_cfg{s.cfg}_res{spec.img_size}"
+        + weights
+        + (f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
+    )
     ev.log.scalars({f"fid{suffix}": result["fid"], f"is{suffix}": result["inception_score"]}, epoch)
     ev.log.flush()
     ev.log.record(record)
@@ -563,13 +634,16 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
 
     records, stopped = sweep.run(points, score, done=done, should_stop=stop)
     if stopped:
-        distributed.print0(f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue")
+        distributed.print0(
+            f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue"
+        )
         return None
     best = sweep.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
     if ev.final_num_images is None or best is None:
         return best
     best_point = next(p for p in points if p.key() == sweep.record_key(best))
     distributed.print0(f"final: the best point again with {ev.final_num_images} images")
-    records, stopped = sweep.run([dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done,
-                                 should_stop=stop)
+    records, stopped = sweep.run(
+        [dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done, should_stop=stop
+    )
     return None if stopped else records[0]

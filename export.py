@@ -11,6 +11,7 @@ The recommended sampler in config.json is the best point of the run's sweep when
 (beside the checkpoint, or --metrics) has one, else the training flags. Exit status: 0 done, 2 bad
 input (one line on stderr), 1 a file could not be written.
 """
+
 import argparse
 import os
 import sys
@@ -27,10 +28,21 @@ def get_args_parser():
     a = p.add_argument
     a("source", help="checkpoint file, run folder (its newest readable checkpoint-*.pth) or exported folder")
     a("output", help="folder to write (new or empty; --overwrite replaces an export there)")
-    a("--ema", default=1, type=int, choices=(0, 1, 2, 3), help="which weights: EMA 1, 2, 3 (--ema_decay3 runs), 0 the raw model")
+    a(
+        "--ema",
+        default=1,
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="which weights: EMA 1, 2, 3 (--ema_decay3 runs), 0 the raw model",
+    )
     a("--dtype", default="float32", choices=weights.EXPORT_DTYPES, help="dtype of the weights written")
-    a("--format", default=weights.FORMAT, choices=weights.FORMATS, help="jit: model.safetensors, names as model_jit.JiT; "
-                                                             "diffusers: the layout of diffusers' JiTTransformer2DModel")
+    a(
+        "--format",
+        default=weights.FORMAT,
+        choices=weights.FORMATS,
+        help="jit: model.safetensors, names as model_jit.JiT; "
+        "diffusers: the layout of diffusers' JiTTransformer2DModel",
+    )
     a("--metrics", default=None, help="the run's metrics.jsonl (default: the one beside the checkpoint)")
     a("--overwrite", action="store_true", help="replace the export in a non-empty output folder")
     return p
@@ -72,7 +84,11 @@ def source_weights(args) -> tuple[dict, dict, str]:
         config, state_dict = weights.load_exported(args.source)
         if args.ema != 1:
             print(f"note: {args.source} is an exported folder holding one network; --ema {args.ema} does not apply")
-        return config, state_dict, f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}"
+        return (
+            config,
+            state_dict,
+            f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}",
+        )
     state, path = run_sources.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
     which = run_sources.weights_name(args.ema)
     metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
@@ -90,11 +106,15 @@ def main(args) -> list[str]:
     prepare_output(args.output)
     paths = weights.write_export(args.output, config, weights.cast(state_dict, args.dtype), args.format)
     size = files.human_bytes(os.path.getsize(paths[0]))
-    print(f"exported {what} as {args.format}, {args.dtype} ({size}) to {args.output}: "
-          + ", ".join(os.path.basename(p) for p in paths))
+    print(
+        f"exported {what} as {args.format}, {args.dtype} ({size}) to {args.output}: "
+        + ", ".join(os.path.basename(p) for p in paths)
+    )
     smp = config["sampler"]
-    print(f"recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, CFG {smp['cfg']} in "
-          f"({smp['interval_min']}, {smp['interval_max']}), {smp.get('chosen_by', '')}")
+    print(
+        f"recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, CFG {smp['cfg']} in "
+        f"({smp['interval_min']}, {smp['interval_max']}), {smp.get('chosen_by', '')}"
+    )
     return paths
 
 

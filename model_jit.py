@@ -2,6 +2,7 @@
 
 Module and parameter names follow the reference release, so its state dicts load with strict=True.
 """
+
 import math
 from functools import partial
 
@@ -118,7 +119,9 @@ def reference_attention(q, k, v, dropout_p: float = 0.0):
 class Attention(nn.Module):
     """Multi-head self-attention with qk RMSNorm and 2D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_impl: str = "sdpa"):
+    def __init__(
+        self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_impl: str = "sdpa"
+    ):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
@@ -300,7 +303,10 @@ class JiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             nn.init.constant_(layer.weight, 0)
             nn.init.constant_(layer.bias, 0)
 
@@ -340,20 +346,90 @@ def _preset(**arch):
 
 
 JiT_models = {
-    "JiT-B/16": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=16),
-    "JiT-B/32": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=32),
+    "JiT-B/16": _preset(
+        depth=12,
+        hidden_size=768,
+        num_heads=12,
+        bottleneck_dim=128,
+        in_context_len=32,
+        in_context_start=4,
+        patch_size=16,
+    ),
+    "JiT-B/32": _preset(
+        depth=12,
+        hidden_size=768,
+        num_heads=12,
+        bottleneck_dim=128,
+        in_context_len=32,
+        in_context_start=4,
+        patch_size=32,
+    ),
     # The paper's 64 px ablations (Table 2b); not in the reference code: B's settings with p = 4.
-    "JiT-B/4": _preset(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=4),
-    "JiT-L/16": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=16),
-    "JiT-L/32": _preset(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_len=32, in_context_start=8, patch_size=32),
-    "JiT-H/16": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
-    "JiT-H/32": _preset(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=32),
+    "JiT-B/4": _preset(
+        depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_len=32, in_context_start=4, patch_size=4
+    ),
+    "JiT-L/16": _preset(
+        depth=24,
+        hidden_size=1024,
+        num_heads=16,
+        bottleneck_dim=128,
+        in_context_len=32,
+        in_context_start=8,
+        patch_size=16,
+    ),
+    "JiT-L/32": _preset(
+        depth=24,
+        hidden_size=1024,
+        num_heads=16,
+        bottleneck_dim=128,
+        in_context_len=32,
+        in_context_start=8,
+        patch_size=32,
+    ),
+    "JiT-H/16": _preset(
+        depth=32,
+        hidden_size=1280,
+        num_heads=16,
+        bottleneck_dim=256,
+        in_context_len=32,
+        in_context_start=10,
+        patch_size=16,
+    ),
+    "JiT-H/32": _preset(
+        depth=32,
+        hidden_size=1280,
+        num_heads=16,
+        bottleneck_dim=256,
+        in_context_len=32,
+        in_context_start=10,
+        patch_size=32,
+    ),
     # The paper's G (not in the reference code).
-    "JiT-G/16": _preset(depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=16),
-    "JiT-G/32": _preset(depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_len=32, in_context_start=10, patch_size=32),
+    "JiT-G/16": _preset(
+        depth=40,
+        hidden_size=1664,
+        num_heads=16,
+        bottleneck_dim=256,
+        in_context_len=32,
+        in_context_start=10,
+        patch_size=16,
+    ),
+    "JiT-G/32": _preset(
+        depth=40,
+        hidden_size=1664,
+        num_heads=16,
+        bottleneck_dim=256,
+        in_context_len=32,
+        in_context_start=10,
+        patch_size=32,
+    ),
     # Tiny presets for tests and the CPU demo (not in the paper).
-    "JiT-T/4": _preset(depth=6, hidden_size=192, num_heads=4, bottleneck_dim=32, in_context_len=8, in_context_start=2, patch_size=4),
-    "JiT-XS/4": _preset(depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4, in_context_start=2, patch_size=4),
+    "JiT-T/4": _preset(
+        depth=6, hidden_size=192, num_heads=4, bottleneck_dim=32, in_context_len=8, in_context_start=2, patch_size=4
+    ),
+    "JiT-XS/4": _preset(
+        depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4, in_context_start=2, patch_size=4
+    ),
 }
 
 

@@ -5,6 +5,7 @@ ways, and how another class count or image size adapts a state dict to start a r
 
 State dicts here are the Denoiser's (keys "net.*"); errors are one line (CheckpointError).
 """
+
 import inspect
 import math
 import re
@@ -47,11 +48,21 @@ DIFFUSERS_NAMES = (
     ("final_layer.adaLN_modulation.1.{p}", "adaLN_modulation_final.{p}"),
 )
 # diffusers config key <-> JiT constructor keyword (the port's norm_eps is fixed: NORM_EPS).
-DIFFUSERS_CONFIG = (("sample_size", "input_size"), ("patch_size", "patch_size"), ("in_channels", "in_channels"),
-                    ("hidden_size", "hidden_size"), ("num_layers", "depth"), ("num_attention_heads", "num_heads"),
-                    ("mlp_ratio", "mlp_ratio"), ("attention_dropout", "attn_drop"), ("dropout", "proj_drop"),
-                    ("num_classes", "num_classes"), ("bottleneck_dim", "bottleneck_dim"),
-                    ("in_context_len", "in_context_len"), ("in_context_start", "in_context_start"))
+DIFFUSERS_CONFIG = (
+    ("sample_size", "input_size"),
+    ("patch_size", "patch_size"),
+    ("in_channels", "in_channels"),
+    ("hidden_size", "hidden_size"),
+    ("num_layers", "depth"),
+    ("num_attention_heads", "num_heads"),
+    ("mlp_ratio", "mlp_ratio"),
+    ("attention_dropout", "attn_drop"),
+    ("dropout", "proj_drop"),
+    ("num_classes", "num_classes"),
+    ("bottleneck_dim", "bottleneck_dim"),
+    ("in_context_len", "in_context_len"),
+    ("in_context_start", "in_context_start"),
+)
 _FIELDS = {"i": r"\d+", "j": r"\d+", "p": "weight|bias"}
 
 
@@ -84,8 +95,10 @@ def diffusers_refusal(network: dict) -> str | None:
     """Why diffusers' JiTTransformer2DModel cannot hold a network of these JiT keywords (None: it can).
     The port has only the bottleneck patch embedding (proj1, proj2), no plain one (bottleneck_dim 0)."""
     if network.get("bottleneck_dim") == 0:
-        return ("--format diffusers: this model has no patch-embedding bottleneck (--bottleneck_dim 0), and diffusers' "
-                f"{DIFFUSERS_CLASS} has only the bottleneck one: export it with --format jit")
+        return (
+            "--format diffusers: this model has no patch-embedding bottleneck (--bottleneck_dim 0), and diffusers' "
+            f"{DIFFUSERS_CLASS} has only the bottleneck one: export it with --format jit"
+        )
     return None
 
 
@@ -94,7 +107,7 @@ def strip_net(state_dict: dict) -> dict:
     bad = next((k for k in state_dict if not k.startswith("net.")), None)
     if bad is not None:
         raise CheckpointError(f"unknown tensor {bad}: a JiT denoiser's tensors are all named net.*")
-    return {k[len("net."):]: v for k, v in state_dict.items()}
+    return {k[len("net.") :]: v for k, v in state_dict.items()}
 
 
 def add_net(state_dict: dict) -> dict:
@@ -127,12 +140,16 @@ def from_diffusers(state_dict: dict) -> dict:
         if len(names) == 1:
             out[key] = tensor
         else:
-            pieces = groups.setdefault(key, {"names": [n.format(**fields) for n in names], "tensors": [None] * len(names)})
+            pieces = groups.setdefault(
+                key, {"names": [n.format(**fields) for n in names], "tensors": [None] * len(names)}
+            )
             pieces["tensors"][part] = tensor
     for key, pieces in groups.items():
         missing = [n for n, t in zip(pieces["names"], pieces["tensors"]) if t is None]
         if missing:
-            raise CheckpointError(f"missing tensor {missing[0]} (the {key} of this model is {' + '.join(pieces['names'])})")
+            raise CheckpointError(
+                f"missing tensor {missing[0]} (the {key} of this model is {' + '.join(pieces['names'])})"
+            )
         out[key] = torch.cat(pieces["tensors"], dim=0)
     return add_net(out)
 
@@ -152,11 +169,17 @@ def network_from_shapes(state_dict: dict) -> dict:
     try:
         pos, proj1 = state_dict[POS_KEY], state_dict["net.x_embedder.proj1.weight"]
         hidden, patch = pos.shape[-1], proj1.shape[-1]
-        return dict(hidden_size=hidden, patch_size=patch, in_channels=proj1.shape[1], bottleneck_dim=proj1.shape[0],
-                    depth=1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("net.blocks.")),
-                    num_heads=hidden // state_dict["net.blocks.0.attn.q_norm.weight"].numel(),
-                    num_classes=state_dict[LABEL_KEY].shape[0] - 1, input_size=math.isqrt(pos.shape[1]) * patch,
-                    in_context_len=state_dict["net.in_context_posemb"].shape[1] if "net.in_context_posemb" in state_dict else 0)
+        return dict(
+            hidden_size=hidden,
+            patch_size=patch,
+            in_channels=proj1.shape[1],
+            bottleneck_dim=proj1.shape[0],
+            depth=1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("net.blocks.")),
+            num_heads=hidden // state_dict["net.blocks.0.attn.q_norm.weight"].numel(),
+            num_classes=state_dict[LABEL_KEY].shape[0] - 1,
+            input_size=math.isqrt(pos.shape[1]) * patch,
+            in_context_len=state_dict["net.in_context_posemb"].shape[1] if "net.in_context_posemb" in state_dict else 0,
+        )
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"not a JiT state dict (no tensor {e})") from None
 
@@ -171,9 +194,13 @@ def network_config(args: dict, state_dict: dict) -> tuple[str, dict]:
         shapes = network_from_shapes(state_dict)
         name = preset_of(shapes)
         if name is None:
-            raise CheckpointError("the checkpoint names no --model and its tensor shapes match no preset of model_jit.JiT_models")
+            raise CheckpointError(
+                "the checkpoint names no --model and its tensor shapes match no preset of model_jit.JiT_models"
+            )
     if name not in JiT_models:
-        raise CheckpointError(f"the checkpoint was trained with --model {name}, which model_jit.JiT_models does not have")
+        raise CheckpointError(
+            f"the checkpoint was trained with --model {name}, which model_jit.JiT_models does not have"
+        )
     network = {**NETWORK_DEFAULTS, **JiT_models[name].keywords}
     for flag, key in (("img_size", "input_size"), ("class_num", "num_classes")):
         if args.get(flag) is None:
@@ -203,8 +230,10 @@ def check_fits(network: dict, state_dict: dict, where: str):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: cannot build its network: {e}") from None
     what = f"the network of its config ({describe_network(network)})"
-    for label, names in (("unknown tensor", [k for k in state_dict if k not in expected]),
-                         ("missing tensor", [k for k in expected if k not in state_dict])):
+    for label, names in (
+        ("unknown tensor", [k for k in state_dict if k not in expected]),
+        ("missing tensor", [k for k in expected if k not in state_dict]),
+    ):
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
             raise CheckpointError(f"{where}: {label} {names[0]}{more} for {what}")
@@ -219,8 +248,11 @@ def is_preset(name) -> bool:
 
 def fits_preset(name: str, network: dict) -> bool:
     """Whether preset `name` builds `network`'s depth, width, heads and patch (its knobs aside)."""
-    return name in JiT_models and all(network.get(k) == v for k, v in JiT_models[name].keywords.items()
-                                      if k not in ("bottleneck_dim", "in_context_len", "in_context_start"))
+    return name in JiT_models and all(
+        network.get(k) == v
+        for k, v in JiT_models[name].keywords.items()
+        if k not in ("bottleneck_dim", "in_context_len", "in_context_start")
+    )
 
 
 def preset_knob(name: str, knob: str):
@@ -243,8 +275,10 @@ def adapt_for_init(source_sd: dict, target, where: str = "--init_from") -> tuple
     Any other difference raises CheckpointError. Returns (state dict, notes for the log). A sharded
     (FSDP) target is gathered for the two tensors: then call it on every rank."""
     target_sd = target.state_dict()
-    for label, names in (("unknown tensor", [k for k in source_sd if k not in target_sd]),
-                         ("missing tensor", [k for k in target_sd if k not in source_sd])):
+    for label, names in (
+        ("unknown tensor", [k for k in source_sd if k not in target_sd]),
+        ("missing tensor", [k for k in target_sd if k not in source_sd]),
+    ):
         if names:
             raise CheckpointError(f"{where}: {label} {names[0]} for this model (check --model and its knobs)")
     out, notes = {}, []
@@ -254,16 +288,22 @@ def adapt_for_init(source_sd: dict, target, where: str = "--init_from") -> tuple
             out[k] = src
             continue
         if k == LABEL_KEY:
-            notes.append(f"{where}: the label embedding is freshly initialised: {src.shape[0] - 1} classes there, "
-                         f"--class_num {fresh.shape[0] - 1} here (every other tensor is kept)")
+            notes.append(
+                f"{where}: the label embedding is freshly initialised: {src.shape[0] - 1} classes there, "
+                f"--class_num {fresh.shape[0] - 1} here (every other tensor is kept)"
+            )
         elif k == POS_KEY and src.shape[-1] == fresh.shape[-1]:
             net = getattr(target, "net", target)
             old, new = math.isqrt(src.shape[1]), math.isqrt(fresh.shape[1])
-            notes.append(f"{where}: the fixed sin-cos position embedding and the RoPE tables are rebuilt for "
-                         f"{new}×{new} patches (--img_size {new * net.patch_size}; the weights were trained at "
-                         f"{old * net.patch_size})")
+            notes.append(
+                f"{where}: the fixed sin-cos position embedding and the RoPE tables are rebuilt for "
+                f"{new}×{new} patches (--img_size {new * net.patch_size}; the weights were trained at "
+                f"{old * net.patch_size})"
+            )
         else:
-            raise CheckpointError(f"{where}: {k} has shape {list(src.shape)} there but {list(fresh.shape)} in this model; "
-                                  "only --class_num and --img_size may differ (check --model and its knobs)")
+            raise CheckpointError(
+                f"{where}: {k} has shape {list(src.shape)} there but {list(fresh.shape)} in this model; "
+                "only --class_num and --img_size may differ (check --model and its knobs)"
+            )
         out[k] = (fresh.full_tensor() if hasattr(fresh, "full_tensor") else fresh).detach().clone()
     return out, notes

@@ -9,6 +9,7 @@ Unreadable files are left out and listed in the manifest. Each shard is written 
 record beside it; a killed conversion rerun with the same command keeps the finished shards and
 does the rest. Needs images × size × size × 3 bytes (ImageNet-1k: ~252 GB at 256 px, ~1 TB at 512).
 """
+
 import argparse
 import glob
 import hashlib
@@ -22,9 +23,9 @@ import time
 import numpy as np
 import PIL
 
+from util.config import RunConfig, parse
 from util.data import CenterCropFolder, load_center_crop
 from util.distributed import print0
-from util.config import RunConfig, parse
 from util.errors import BadInput, BadValue, RunFailed, exit_code
 from util.files import atomic_write, free_bytes, human_bytes
 from util.logger import hms
@@ -41,7 +42,11 @@ def get_args_parser():
     a("--store", required=True, help="output folder (new or empty, or a store this script started)")
     a("--num_workers", default=os.cpu_count(), type=int, help="processes (0: the main process alone)")
     a("--shard_size", default=5000, type=int, help="source images per shard (one unit of work and of resuming)")
-    a("--verify", action="store_true", help="afterwards check counts and checksums and re-decode --verify_samples images")
+    a(
+        "--verify",
+        action="store_true",
+        help="afterwards check counts and checksums and re-decode --verify_samples images",
+    )
     a("--verify_samples", default=100, type=int)
     a("--seed", default=0, type=int, help="picks the images --verify re-decodes")
     return p
@@ -73,7 +78,9 @@ def list_source(data_path: str):
 
 def describe_difference(theirs: dict, ours: dict) -> str:
     names = {"source_hash": "source file list", "pillow": "Pillow version"}
-    return ", ".join(f"{names.get(k, k)} {theirs.get(k)!s:.12} (now {ours[k]!s:.12})" for k in ours if theirs.get(k) != ours[k])
+    return ", ".join(
+        f"{names.get(k, k)} {theirs.get(k)!s:.12} (now {ours[k]!s:.12})" for k in ours if theirs.get(k) != ours[k]
+    )
 
 
 def inspect_store(store: str, settings: dict) -> str:
@@ -86,20 +93,26 @@ def inspect_store(store: str, settings: dict) -> str:
         manifest = read_manifest(store)
         theirs = {k: manifest.get(k) for k in settings}
         if theirs != settings:
-            raise BadValue(f"--store {store} holds a complete store made with other settings "
-                             f"({describe_difference(theirs, settings)}): use another --store folder")
+            raise BadValue(
+                f"--store {store} holds a complete store made with other settings "
+                f"({describe_difference(theirs, settings)}): use another --store folder"
+            )
         return "complete"
     if os.path.isfile(os.path.join(store, SETTINGS)):
         with open(os.path.join(store, SETTINGS)) as f:
             theirs = json.load(f)
         if theirs != settings:
-            raise BadValue(f"--store {store} holds a partial store made with other settings "
-                             f"({describe_difference(theirs, settings)}): use another --store folder, or delete it to start over")
+            raise BadValue(
+                f"--store {store} holds a partial store made with other settings "
+                f"({describe_difference(theirs, settings)}): use another --store folder, or delete it to start over"
+            )
         return "partial"
     if os.listdir(store):
         names = sorted(os.listdir(store))
-        raise BadValue(f"--store {store} holds other files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
-                         f"give a new or empty folder")
+        raise BadValue(
+            f"--store {store} holds other files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+            f"give a new or empty folder"
+        )
     return "new"
 
 
@@ -143,10 +156,18 @@ def write_shard(task: dict) -> dict:
     path = os.path.join(task["store"], name + ".npy")
     result = {}
     atomic_write(path, lambda f: result.update(write_images(f, task)))
-    record = {"settings": task["settings"], "shard": task["shard"], "file": name + ".npy",
-              "source_start": task["start"], "source_stop": task["start"] + len(task["items"]),
-              "count": len(result["labels"]), "bytes": os.path.getsize(path),
-              "sha256": file_sha256(path), "sample_sha256": sample_checksum(path), **result}
+    record = {
+        "settings": task["settings"],
+        "shard": task["shard"],
+        "file": name + ".npy",
+        "source_start": task["start"],
+        "source_stop": task["start"] + len(task["items"]),
+        "count": len(result["labels"]),
+        "bytes": os.path.getsize(path),
+        "sha256": file_sha256(path),
+        "sample_sha256": sample_checksum(path),
+        **result,
+    }
     write_json(os.path.join(task["store"], name + ".json"), record, indent=None)
     return record
 
@@ -158,8 +179,12 @@ def finished_record(task: dict):
     try:
         with open(name + ".json") as f:
             record = json.load(f)
-        ok = (record["settings"] == task["settings"] and record["source_start"] == task["start"]
-              and os.path.getsize(name + ".npy") == record["bytes"] and file_sha256(name + ".npy") == record["sha256"])
+        ok = (
+            record["settings"] == task["settings"]
+            and record["source_start"] == task["start"]
+            and os.path.getsize(name + ".npy") == record["bytes"]
+            and file_sha256(name + ".npy") == record["sha256"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record if ok else None
@@ -187,20 +212,28 @@ def check_disk(store: str, images: int, total: int, size: int):
     need = images * 3 * size * size + total * 16
     free = free_bytes(store)
     if need > free:
-        raise BadInput(f"not enough disk space for --store {store}: it needs {human_bytes(need)} more ({images} images × "
-             f"{size}×{size}×3 bytes + labels), {human_bytes(free)} are free")
+        raise BadInput(
+            f"not enough disk space for --store {store}: it needs {human_bytes(need)} more ({images} images × "
+            f"{size}×{size}×3 bytes + labels), {human_bytes(free)} are free"
+        )
 
 
 def progress(done: int, total: int, ran: int, start: float, workers: int) -> str:
     rate = ran / max(time.perf_counter() - start, 1e-9)
-    return (f"{done}/{total} images ({100 * done / max(total, 1):.1f}%), {rate:.0f} img/s "
-            f"({rate / max(workers, 1):.0f} per process), ETA {hms((total - done) / rate if rate > 0 else 0)}")
+    return (
+        f"{done}/{total} images ({100 * done / max(total, 1):.1f}%), {rate:.0f} img/s "
+        f"({rate / max(workers, 1):.0f} per process), ETA {hms((total - done) / rate if rate > 0 else 0)}"
+    )
 
 
 def save_array(path: str, arr: np.ndarray) -> dict:
     atomic_write(path, lambda f: np.save(f, arr))
-    return {"file": os.path.basename(path), "bytes": os.path.getsize(path),
-            "sha256": file_sha256(path), "sample_sha256": sample_checksum(path)}
+    return {
+        "file": os.path.basename(path),
+        "bytes": os.path.getsize(path),
+        "sha256": file_sha256(path),
+        "sample_sha256": sample_checksum(path),
+    }
 
 
 def write_manifest(store: str, settings: dict, classes: list, records: list) -> dict:
@@ -213,9 +246,13 @@ def write_manifest(store: str, settings: dict, classes: list, records: list) -> 
         "images": sum(r["count"] for r in records),
         "classes": classes,
         "shards": [{k: r[k] for k in keys} for r in records],
-        "labels": save_array(os.path.join(store, "labels.npy"), np.array([x for r in records for x in r["labels"]], dtype=np.int64)),
-        "source_index": save_array(os.path.join(store, "source_index.npy"),
-                                   np.array([x for r in records for x in r["source_index"]], dtype=np.int64)),
+        "labels": save_array(
+            os.path.join(store, "labels.npy"), np.array([x for r in records for x in r["labels"]], dtype=np.int64)
+        ),
+        "source_index": save_array(
+            os.path.join(store, "source_index.npy"),
+            np.array([x for r in records for x in r["source_index"]], dtype=np.int64),
+        ),
         "unreadable": [u for r in records for u in r["unreadable"]],
         "numpy": np.__version__,
     }
@@ -226,8 +263,17 @@ def write_manifest(store: str, settings: dict, classes: list, records: list) -> 
 def convert(args, samples: list, classes: list, settings: dict, state: str):
     """Write the shards not finished yet, then the manifest."""
     k = args.shard_size
-    tasks = [{"store": args.store, "shard": s, "start": s * k, "items": samples[s * k : (s + 1) * k],
-              "img_size": args.img_size, "settings": settings} for s in range((len(samples) + k - 1) // k)]
+    tasks = [
+        {
+            "store": args.store,
+            "shard": s,
+            "start": s * k,
+            "items": samples[s * k : (s + 1) * k],
+            "img_size": args.img_size,
+            "settings": settings,
+        }
+        for s in range((len(samples) + k - 1) // k)
+    ]
     records = []
     if state == "partial":
         for tmp in glob.glob(os.path.join(args.store, ".*.tmp-*")):  # left by a killed run
@@ -247,10 +293,14 @@ def convert(args, samples: list, classes: list, settings: dict, state: str):
         done, ran = done + n, ran + n
         print0(f"{r['file']} done: {progress(done, len(samples), ran, start, args.num_workers)}")
     manifest = write_manifest(args.store, settings, classes, records)
-    print0(f"wrote {manifest['images']} images in {len(records)} shards to {args.store} "
-           f"({human_bytes(sum(s['bytes'] for s in manifest['shards']))})")
-    print0(f"{len(manifest['unreadable'])} unreadable files left out"
-           + (f" (listed with reasons in {os.path.join(args.store, MANIFEST)})" if manifest["unreadable"] else ""))
+    print0(
+        f"wrote {manifest['images']} images in {len(records)} shards to {args.store} "
+        f"({human_bytes(sum(s['bytes'] for s in manifest['shards']))})"
+    )
+    print0(
+        f"{len(manifest['unreadable'])} unreadable files left out"
+        + (f" (listed with reasons in {os.path.join(args.store, MANIFEST)})" if manifest["unreadable"] else "")
+    )
 
 
 def decode(item: tuple):
@@ -279,11 +329,15 @@ def verify(args, samples: list) -> list:
         return problems
     rng = np.random.default_rng(args.seed)
     picks = np.sort(rng.choice(len(dataset), min(args.verify_samples, len(dataset)), replace=False))
-    fresh = list(pool_map(decode, [(samples[source[i]][0], args.img_size) for i in picks], args.num_workers, ordered=True))
+    fresh = list(
+        pool_map(decode, [(samples[source[i]][0], args.img_size) for i in picks], args.num_workers, ordered=True)
+    )
     for i, img in zip(picks, fresh):
         if isinstance(img, str) or not np.array_equal(dataset[(int(i), False)][0].numpy(), img):
-            problems.append(f"image {i} ({samples[source[i]][1]}) differs from a fresh decode of its source"
-                            + (f" ({img})" if isinstance(img, str) else ""))
+            problems.append(
+                f"image {i} ({samples[source[i]][1]}) differs from a fresh decode of its source"
+                + (f" ({img})" if isinstance(img, str) else "")
+            )
     print0(f"compared {len(picks)} stored images with fresh decodes of their sources")
     return problems
 
@@ -312,8 +366,14 @@ def main(args):
         samples, classes, source_hash = list_source(args.data_path)
     except (OSError, ValueError, RuntimeError) as e:  # no folder, no images, unreadable listing
         raise BadInput(str(e)) from None
-    settings = {"format_version": FORMAT_VERSION, "img_size": args.img_size, "shard_size": args.shard_size,
-                "source_images": len(samples), "source_hash": source_hash, "pillow": PIL.__version__}
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "img_size": args.img_size,
+        "shard_size": args.shard_size,
+        "source_images": len(samples),
+        "source_hash": source_hash,
+        "pillow": PIL.__version__,
+    }
     print0(f"{args.data_path}/train: {len(samples)} files in {len(classes)} classes")
     try:
         state = inspect_store(args.store, settings)

@@ -11,6 +11,7 @@ like training (or from an image store made by prepare_data.py, which holds those
 the statistics equal torch-fidelity's on the PNG folder. Rank 0 holds all pool features
 (1.28M × 2048 float32 = 10.5 GB for ImageNet, ~32 GB peak while computing the covariance).
 """
+
 import argparse
 import os
 import sys
@@ -20,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from util import distributed, fid
-from util.data import open_dataset
 from util.config import RunConfig, parse
+from util.data import open_dataset
 from util.errors import BadValue, exit_code
 from util.evaluation import gather_rows
 from util.files import atomic_write
@@ -29,11 +30,21 @@ from util.files import atomic_write
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Prepare FID reference images / statistics", add_help=True)
-    parser.add_argument("--data_path", default="./data/imagenet", type=str, help="folder with an ImageFolder tree under train/, or an image store (prepare_data.py)")
+    parser.add_argument(
+        "--data_path",
+        default="./data/imagenet",
+        type=str,
+        help="folder with an ImageFolder tree under train/, or an image store (prepare_data.py)",
+    )
     parser.add_argument("--img_size", default=256, type=int)
     parser.add_argument("--png_dir", default=None, type=str, help="write the center-cropped images here as PNGs")
     parser.add_argument("--stats", default=None, type=str, help="write Inception statistics (mu, sigma) to this .npz")
-    parser.add_argument("--inception_weights", default=None, type=str, help="local Inception-v3 weights (torch-fidelity's file); downloaded if omitted")
+    parser.add_argument(
+        "--inception_weights",
+        default=None,
+        type=str,
+        help="local Inception-v3 weights (torch-fidelity's file); downloaded if omitted",
+    )
     parser.add_argument("--batch_size", default=128, type=int, help="images per Inception batch, per process")
     parser.add_argument("--num_workers", default=8, type=int)
     parser.add_argument("--device", default="cuda", type=str)
@@ -56,8 +67,13 @@ def main(args):
     dataset = open_dataset(args.data_path, args.img_size)
     n, rank, world = len(dataset), distributed.get_rank(), distributed.get_world_size()
     lo, hi = rank * n // world, (rank + 1) * n // world  # this rank's contiguous share, in dataset order
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=[(i, False) for i in range(lo, hi)],
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=[(i, False) for i in range(lo, hi)],
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)
     width = max(5, len(str(n - 1)))

@@ -10,10 +10,10 @@ the snapshots and their weights) that `main_jit.py --evaluate_gen --resume FILE`
 `sample.py --resume FILE` read. Bad input exits with status 2 and one line on stderr, a failed
 write with status 1.
 """
+
 import argparse
 import os
 import sys
-
 
 from util import checkpoint, phema, phema_files
 from util.config import RunConfig, parse
@@ -23,14 +23,21 @@ ACCUM = ("float64", "float32")  # names in util.checkpoint.DTYPES
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("JiT post-hoc EMA reconstruction", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "JiT post-hoc EMA reconstruction", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = parser.add_argument
     a("--snapshots", required=True, help="folder of phema-*.pth snapshots (a run's output_dir/phema)")
     a("--std", default=[], type=float, nargs="+", help="target relative standard deviations σ_rel, each in (0, 0.2887)")
     a("--decay", default=[], type=float, nargs="+", help="target classic EMA decays per optimiser step, each in (0, 1)")
     a("--at", default=None, type=int, help="global optimiser step to reconstruct at (default: the newest snapshot's)")
     a("--output_dir", default=None, help="where the checkpoints go (default: SNAPSHOTS/reconstructed)")
-    a("--accum", default="float64", choices=ACCUM, help="precision of the weighted sums (the weights are solved in float64)")
+    a(
+        "--accum",
+        default="float64",
+        choices=ACCUM,
+        help="precision of the weighted sums (the weights are solved in float64)",
+    )
     return parser
 
 
@@ -57,18 +64,29 @@ def output_name(target: tuple[str, float], step: int) -> str:
     return f"ema-{kind}{value:g}-step{step:010d}.pth"
 
 
-def write(path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step: int, end_images: int,
-          accum: str, run: dict):
+def write(
+    path: str, weights: dict, target, fit_: phema.Fit, snapshots, at_step: int, end_images: int, accum: str, run: dict
+):
     """A checkpoint holding the reconstruction as `model` and `model_ema1` (weights only), the run's
     args, and a `phema` record of how it was made."""
     kind, value = target
     newest = snapshots[-1]
     state = checkpoint.TrainState.weights_only(weights, epoch=newest.epoch, args=run)
-    record = {"target": kind, "sigma_rel": value if kind == "std" else None, "decay": value if kind == "decay" else None,
-              "step": at_step, "images_seen": end_images, "snapshots": [os.path.basename(s.path) for s in snapshots],
-              "snapshot_sigma_rel": [s.sigma_rel for s in snapshots], "weights": fit_.weights.tolist(),
-              "cond": fit_.cond, "gain": fit_.gain, "fit_error": fit_.fit_error, "accum": accum,
-              "snapshot_dtypes": sorted({s.dtype for s in snapshots})}
+    record = {
+        "target": kind,
+        "sigma_rel": value if kind == "std" else None,
+        "decay": value if kind == "decay" else None,
+        "step": at_step,
+        "images_seen": end_images,
+        "snapshots": [os.path.basename(s.path) for s in snapshots],
+        "snapshot_sigma_rel": [s.sigma_rel for s in snapshots],
+        "weights": fit_.weights.tolist(),
+        "cond": fit_.cond,
+        "gain": fit_.gain,
+        "fit_error": fit_.fit_error,
+        "accum": accum,
+        "snapshot_dtypes": sorted({s.dtype for s in snapshots}),
+    }
     checkpoint.save_atomic({**checkpoint.to_dict(state), "phema": record}, path)
 
 
@@ -80,9 +98,11 @@ def main(args):
     out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
     os.makedirs(out_dir, exist_ok=True)
     profiles = sorted({s.sigma_rel for s in snapshots})
-    print(f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
-          f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
-          f"({end_images} images), sums in {args.accum}")
+    print(
+        f"{len(snapshots)} snapshots up to step {snapshots[-1].step} (σ_rel {', '.join(f'{s:g}' for s in profiles)}; "
+        f"{', '.join(sorted({s.dtype for s in snapshots}))}); reconstructing at step {at_step} "
+        f"({end_images} images), sums in {args.accum}"
+    )
     fits, results = phema_files.reconstruct(snapshots, wanted, end_images, batch, checkpoint.DTYPES[args.accum])
     run = phema_files.read_snapshot(snapshots[-1].path)[1]["args"]
     for target, fit_, state in zip(wanted, fits, results):

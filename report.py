@@ -6,6 +6,7 @@ several runs' curves and FID histories on one page.
     python report.py ${OUTPUT_DIR}                      # -> ${OUTPUT_DIR}/report.html
     python report.py runs/a runs/b --output compare.html
 """
+
 import argparse
 import os
 import sys

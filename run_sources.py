@@ -5,14 +5,23 @@ run from. main_jit.py's build_run is the one user; sample.py and export.py read 
 load_checkpoint. The folder format and the flags config.json keeps are weights.py; what the
 network's shapes imply is model_jit_adapters.py. Every error is one line (CheckpointError, BadValue).
 """
+
 import os
 
 from model_jit_adapters import adapt_for_init, describe_network, is_preset, preset_knob
 from util import checkpoint, phema_run, sweep
 from util.checkpoint import CheckpointError
 from util.errors import BadValue
-from weights import (CONFIG, DENOISER_DEFAULTS, as_train_state, command_line_sampler, export_config, is_exported, load_exported,
-                     merge_flags)
+from weights import (
+    CONFIG,
+    DENOISER_DEFAULTS,
+    as_train_state,
+    command_line_sampler,
+    export_config,
+    is_exported,
+    load_exported,
+    merge_flags,
+)
 
 
 def load_checkpoint(path: str, log=print) -> tuple[checkpoint.TrainState, str]:
@@ -38,7 +47,9 @@ def adopt_settings(flags, config: dict, where: str = CONFIG) -> tuple[dict, list
     Returns ({flag: value} to adopt, notes for the log): `flags.replace(**values)` is the new config."""
     values, notes = merge_flags(config, {k: getattr(flags, k) for k in flags.given if k in flags}, where)
     if not is_preset(values["model"]):
-        raise BadValue(f"{where}: its network ({describe_network(config['network'])}) matches no preset of model_jit.JiT_models")
+        raise BadValue(
+            f"{where}: its network ({describe_network(config['network'])}) matches no preset of model_jit.JiT_models"
+        )
     adopted = {}
     for flag, value in values.items():
         if flag in flags:
@@ -47,7 +58,9 @@ def adopt_settings(flags, config: dict, where: str = CONFIG) -> tuple[dict, list
         elif flag in ("bottleneck_dim", "in_context_len", "in_context_start", "pred"):
             built = DENOISER_DEFAULTS[flag] if flag == "pred" else preset_knob(values["model"], flag)
             if value != built:
-                raise BadValue(f"{where} has {flag} {value}, but this script has no --{flag} flag and would build {built}")
+                raise BadValue(
+                    f"{where} has {flag} {value}, but this script has no --{flag} flag and would build {built}"
+                )
     return adopted, notes
 
 
@@ -62,11 +75,16 @@ def evaluation_source(flags, log=print) -> tuple[checkpoint.TrainState, str, obj
     if is_exported(flags.resume):
         exported, state_dict = load_exported(flags.resume)
         if max(sweep.as_list(flags.ema)) > 1:
-            raise BadValue(f"--ema {max(sweep.as_list(flags.ema))}: the exported folder {flags.resume} holds one network (--ema 1)")
+            raise BadValue(
+                f"--ema {max(sweep.as_list(flags.ema))}: the exported folder {flags.resume} holds one network (--ema 1)"
+            )
         state, path = as_train_state(exported, state_dict), flags.resume
     else:
         if flags.phema:
-            (state, changes["phema_at"]), path = phema_run.snapshot_state(flags.phema, flags.phema_at, log), os.path.abspath(flags.phema)
+            (state, changes["phema_at"]), path = (
+                phema_run.snapshot_state(flags.phema, flags.phema_at, log),
+                os.path.abspath(flags.phema),
+            )
         else:
             state, path = load_checkpoint(flags.resume, log=log)
         exported = command_line_sampler(export_config(state, "model", dtype="float32", source=path, records=[]), flags)
@@ -95,19 +113,34 @@ def _init_source(path: str, ema: int, log) -> tuple[dict, dict, str]:
     if is_exported(path):
         config, state_dict = load_exported(path)
         w = config.get("weights", {})
-        origin = {"path": os.path.abspath(path), "weights": w.get("which"), "epoch": w.get("epoch"),
-                  "model": config.get("model"), "img_size": config["network"]["input_size"],
-                  "class_num": config["network"]["num_classes"]}
-        return state_dict, origin, f"the exported {origin['weights'] or 'weights'} of {path}" + (
-            " (--init_ema does not apply: the folder holds one network)" if ema != 1 else "")
+        origin = {
+            "path": os.path.abspath(path),
+            "weights": w.get("which"),
+            "epoch": w.get("epoch"),
+            "model": config.get("model"),
+            "img_size": config["network"]["input_size"],
+            "class_num": config["network"]["num_classes"],
+        }
+        return (
+            state_dict,
+            origin,
+            f"the exported {origin['weights'] or 'weights'} of {path}"
+            + (" (--init_ema does not apply: the folder holds one network)" if ema != 1 else ""),
+        )
     state, file = load_checkpoint(path, log)
     which = weights_name(ema)
     try:
         state_dict = state.weights(which)
     except CheckpointError as e:
         raise CheckpointError(f"{file}: {e}") from None
-    origin = {"path": os.path.abspath(file), "weights": which, "epoch": state.epoch, "model": state.args.get("model"),
-              "img_size": state.args.get("img_size"), "class_num": state.args.get("class_num")}
+    origin = {
+        "path": os.path.abspath(file),
+        "weights": which,
+        "epoch": state.epoch,
+        "model": state.args.get("model"),
+        "img_size": state.args.get("img_size"),
+        "class_num": state.args.get("class_num"),
+    }
     return state_dict, origin, f"the {which} weights of {file} (epoch {state.epoch})"
 
 

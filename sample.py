@@ -12,6 +12,7 @@ config.json) unless a flag is given. An exported folder also brings its recommen
 grid is reproducible on any device; it is util.grid's, the same code as training's sample grids
 (output_dir/samples: the same classes, per_class, sampler and --seed give the same picture).
 """
+
 import argparse
 import sys
 
@@ -26,12 +27,36 @@ from util.viz import save_grid
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("JiT sample grid", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "JiT sample grid", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = parser.add_argument
-    a("--resume", required=True, type=str, help="checkpoint file, a folder holding checkpoint-*.pth, or an exported folder (export.py)")
-    a("--ema", default=1, type=int, choices=(1, 2, 3), help="which EMA's weights sample (3: a checkpoint trained with --ema_decay3)")
-    a("--weights", default=None, choices=["ema1", "ema2", "ema3", "model"], help="which weights to sample with (overrides --ema)")
-    a("--classes", default=None, type=int, nargs="+", help="one grid row per class (default: default_classes of the weights' class count)")
+    a(
+        "--resume",
+        required=True,
+        type=str,
+        help="checkpoint file, a folder holding checkpoint-*.pth, or an exported folder (export.py)",
+    )
+    a(
+        "--ema",
+        default=1,
+        type=int,
+        choices=(1, 2, 3),
+        help="which EMA's weights sample (3: a checkpoint trained with --ema_decay3)",
+    )
+    a(
+        "--weights",
+        default=None,
+        choices=["ema1", "ema2", "ema3", "model"],
+        help="which weights to sample with (overrides --ema)",
+    )
+    a(
+        "--classes",
+        default=None,
+        type=int,
+        nargs="+",
+        help="one grid row per class (default: default_classes of the weights' class count)",
+    )
     a("--per_class", default=8, type=int, help="images per row")
     add_sampler_args(parser)
     a("--seed", default=0, type=int, help="image (r, j) starts from the noise of (seed, r·per_class + j)")
@@ -71,7 +96,9 @@ def load(args: RunConfig) -> weights.Loaded:
         return weights.load_denoiser(args.resume, overrides)
     state, path = run_sources.load_checkpoint(args.resume, log=lambda msg: None)
     which = args.weights or f"ema{args.ema}"
-    exported = weights.command_line_sampler(weights.export_config(state, which, dtype="float32", source=path, records=[]), args)
+    exported = weights.command_line_sampler(
+        weights.export_config(state, which, dtype="float32", source=path, records=[]), args
+    )
     return weights.load_denoiser((exported, state.weights(which)), overrides, where=f"{path} ({which})")
 
 
@@ -88,8 +115,10 @@ def main(args: RunConfig) -> int:
     spec.check_classes(model.num_classes, "--classes")
     save_grid(grid.sample_images(model, spec, device), args.per_class, args.output)
     w = loaded.config.get("weights", {})
-    print(f"wrote {len(classes)}×{args.per_class} grid from {args.resume} ({w.get('which')}, epoch {w.get('epoch')}) "
-          f"to {args.output}")
+    print(
+        f"wrote {len(classes)}×{args.per_class} grid from {args.resume} ({w.get('which')}, epoch {w.get('epoch')}) "
+        f"to {args.output}"
+    )
     return 0
 
 

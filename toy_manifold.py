@@ -10,6 +10,7 @@ e- and v-prediction degrade at D = 16 and fail at D = 512.
 
     python toy_manifold.py --output_dir output_dir/toy   # about 4 CPU-minutes (one thread)
 """
+
 import argparse
 import math
 import os
@@ -44,7 +45,9 @@ def spiral(n: int, generator) -> torch.Tensor:
     """(n, 2) points of a 1.5-turn spiral, radius 0.25 to 1, plus N(0, 0.04²) noise."""
     s = torch.rand(n, generator=generator)
     angle, radius = 3 * math.pi * s, 0.25 + 0.75 * s
-    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1) + 0.04 * torch.randn(n, 2, generator=generator)
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1) + 0.04 * torch.randn(
+        n, 2, generator=generator
+    )
 
 
 def embedding(D: int, generator) -> torch.Tensor:
@@ -78,8 +81,9 @@ def train_cell(pred: str, P: torch.Tensor, cfg: ToyConfig) -> Denoiser:
     embedded by P (D, 2): Adam, cosine learning-rate decay to 0. Seeded by cfg.seed."""
     torch.manual_seed(cfg.seed)  # the net's init and the Denoiser's t and noise
     data = torch.Generator().manual_seed(cfg.seed)
-    denoiser = Denoiser(ToyMLP(P.shape[0]), num_classes=1, P_mean=cfg.P_mean, P_std=cfg.P_std, label_drop_prob=0.0,
-                        pred=pred, loss="v")
+    denoiser = Denoiser(
+        ToyMLP(P.shape[0]), num_classes=1, P_mean=cfg.P_mean, P_std=cfg.P_std, label_drop_prob=0.0, pred=pred, loss="v"
+    )
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     labels = torch.zeros(cfg.batch_size, dtype=torch.long)
     for step in range(cfg.steps):
@@ -153,14 +157,20 @@ def plot(samples: dict, scores: dict, data: torch.Tensor, path: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser("JiT toy experiment (paper Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        "JiT toy experiment (paper Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--output_dir", default="output_dir/toy", help="writes toy_manifold.png and toy_manifold.md here")
     p.add_argument("--preds", default=list(PREDS), nargs="+", choices=PREDS, help="prediction targets (figure rows)")
     p.add_argument("--dims", default=list(DIMS), nargs="+", type=int, help="ambient dimensions D >= 2 (figure columns)")
     p.add_argument("--steps", default=ToyConfig.steps, type=int, help="training steps per cell")
     p.add_argument("--seed", default=ToyConfig.seed, type=int, help="seeds the data, P, the nets and the sampler noise")
-    p.add_argument("--threads", default=1, type=int, help="CPU threads (the matrices are small: more threads gain little "
-                                                          "and lose much on a busy machine)")
+    p.add_argument(
+        "--threads",
+        default=1,
+        type=int,
+        help="CPU threads (the matrices are small: more threads gain little and lose much on a busy machine)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = ToyConfig(steps=args.steps, seed=args.seed)

@@ -18,6 +18,7 @@ checkpoints are read by util.checkpoint; what a run takes from weights (--evalua
 the flags it adopts, --init_from) is run_sources.py. The flags config.json keeps (CONFIG_FLAGS) and
 their merging with the typed ones (merge_flags, by util.config.merge) are here.
 """
+
 import inspect
 import json
 import math
@@ -29,10 +30,26 @@ import safetensors.torch
 import torch
 
 from denoiser import Denoiser, SamplerSettings
-from model_jit_adapters import (DIFFUSERS_CLASS, DIFFUSERS_CONFIG, NETWORK_DEFAULTS, NORM_EPS, POS_KEY, RUNTIME_KEYWORDS,
-                                add_net, build_denoiser, check_fits, diffusers_refusal, fits_preset, from_diffusers, network_config,
-                                preset_of, strip_net, to_diffusers)
-from util import checkpoint, config as run_config, files
+from model_jit_adapters import (
+    DIFFUSERS_CLASS,
+    DIFFUSERS_CONFIG,
+    NETWORK_DEFAULTS,
+    NORM_EPS,
+    POS_KEY,
+    RUNTIME_KEYWORDS,
+    add_net,
+    build_denoiser,
+    check_fits,
+    diffusers_refusal,
+    fits_preset,
+    from_diffusers,
+    network_config,
+    preset_of,
+    strip_net,
+    to_diffusers,
+)
+from util import checkpoint, files
+from util import config as run_config
 from util.checkpoint import CheckpointError
 from util.errors import BadValue
 
@@ -46,8 +63,11 @@ EXPORT_DTYPES = ("float32", "bfloat16")  # names in util.checkpoint.DTYPES
 # Denoiser keywords kept in config.json, with their defaults (the fallback for a reference checkpoint
 # whose args lack one); pred / loss: prediction target and loss space, "x" / "v" unless the
 # Denoiser says otherwise.
-DENOISER_DEFAULTS = {k: p.default for k, p in inspect.signature(Denoiser).parameters.items()
-                     if k in ("P_mean", "P_std", "noise_scale", "t_eps", "label_drop_prob", "pred", "loss")}
+DENOISER_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(Denoiser).parameters.items()
+    if k in ("P_mean", "P_std", "noise_scale", "t_eps", "label_drop_prob", "pred", "loss")
+}
 
 # Flags of main_jit.py / sample.py and where config.json keeps their values.
 CONFIG_FLAGS = {
@@ -71,21 +91,68 @@ SAMPLER_FLAGS = ("sampling_method", "num_sampling_steps", "cfg", "interval_min",
 # What the weights were trained as: a flag that disagrees with config.json is an error, not an override.
 FIXED_FLAGS = ("model", "img_size", "class_num", "bottleneck_dim", "in_context_len", "in_context_start", "pred")
 # The run's flags kept in config.json ("training") and shown in the model card, in this order.
-TRAINING_FLAGS = ("model", "img_size", "class_num", "epochs", "warmup_epochs", "batch_size", "accum_iter", "world_size",
-                  "lr", "blr", "min_lr", "lr_schedule", "weight_decay", "ema_decay1", "ema_decay2", "ema_decay3",
-                  "P_mean", "P_std", "noise_scale", "t_eps", "label_drop_prob", "pred", "loss", "attn_dropout",
-                  "proj_dropout", "bottleneck_dim", "in_context_len", "in_context_start", "seed", "init_from",
-                  "init_ema", "init_origin")
+TRAINING_FLAGS = (
+    "model",
+    "img_size",
+    "class_num",
+    "epochs",
+    "warmup_epochs",
+    "batch_size",
+    "accum_iter",
+    "world_size",
+    "lr",
+    "blr",
+    "min_lr",
+    "lr_schedule",
+    "weight_decay",
+    "ema_decay1",
+    "ema_decay2",
+    "ema_decay3",
+    "P_mean",
+    "P_std",
+    "noise_scale",
+    "t_eps",
+    "label_drop_prob",
+    "pred",
+    "loss",
+    "attn_dropout",
+    "proj_dropout",
+    "bottleneck_dim",
+    "in_context_len",
+    "in_context_start",
+    "seed",
+    "init_from",
+    "init_ema",
+    "init_origin",
+)
 # The fields of a metrics.jsonl eval record kept in config.json.
-RECORD_FIELDS = ("checkpoint_epoch", "ema", "method", "steps", "schedule", "nfe", "cfg", "interval_min", "interval_max", "num_images",
-                 "fid", "inception_score", "inception_score_std", "fid_stats")
+RECORD_FIELDS = (
+    "checkpoint_epoch",
+    "ema",
+    "method",
+    "steps",
+    "schedule",
+    "nfe",
+    "cfg",
+    "interval_min",
+    "interval_max",
+    "num_images",
+    "fid",
+    "inception_score",
+    "inception_score_std",
+    "fid_stats",
+)
 
 
 def diffusers_config(config: dict) -> dict:
     """Our config.json -> the port's: its constructor keys, _class_name, and our entries under _jit."""
     net = config["network"]
-    return {"_class_name": DIFFUSERS_CLASS, **{d: net[o] for d, o in DIFFUSERS_CONFIG}, "norm_eps": NORM_EPS,
-            "_jit": {k: v for k, v in config.items() if k not in ("network", "format")}}
+    return {
+        "_class_name": DIFFUSERS_CLASS,
+        **{d: net[o] for d, o in DIFFUSERS_CONFIG},
+        "norm_eps": NORM_EPS,
+        "_jit": {k: v for k, v in config.items() if k not in ("network", "format")},
+    }
 
 
 def config_from_diffusers(raw: dict, where: str) -> dict:
@@ -99,8 +166,14 @@ def config_from_diffusers(raw: dict, where: str) -> dict:
     network = {o: raw[d] for d, o in DIFFUSERS_CONFIG}
     extra = raw.get("_jit")
     if extra is None:
-        return {"format_version": FORMAT_VERSION, "model": preset_of(network), "network": network, "denoiser": {},
-                "sampler": {**default_sampler(), "chosen_by": "the sampler's defaults"}, "assumed": ["denoiser", "sampler"]}
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": preset_of(network),
+            "network": network,
+            "denoiser": {},
+            "sampler": {**default_sampler(), "chosen_by": "the sampler's defaults"},
+            "assumed": ["denoiser", "sampler"],
+        }
     if not isinstance(extra, dict):
         raise CheckpointError(f"{where}: its _jit entry is not a JSON object")
     return {**extra, "network": network}
@@ -150,7 +223,9 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
     checkpoint) for these weights: EMA `ema`, the sweep of this epoch (else the latest one before),
     among its points the most numerous image count, the lowest FID. Else the training flags (the
     first value of a swept flag)."""
-    sweeps = [r for r in records if "checkpoint" in r and r.get("ema", 1) == ema and (r.get("checkpoint_epoch") or 0) <= epoch]
+    sweeps = [
+        r for r in records if "checkpoint" in r and r.get("ema", 1) == ema and (r.get("checkpoint_epoch") or 0) <= epoch
+    ]
     if sweeps:
         last = max(r.get("checkpoint_epoch") or 0 for r in sweeps)
         sweeps = [r for r in sweeps if (r.get("checkpoint_epoch") or 0) == last]
@@ -159,11 +234,20 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
             counts[r["num_images"]] = counts.get(r["num_images"], 0) + 1
         n = max(counts, key=lambda k: (counts[k], k))
         best = min((r for r in sweeps if r["num_images"] == n), key=lambda r: r["fid"])
-        return {**{k: best[k] for k in default_sampler()}, "schedule": best.get("schedule") or "uniform",
-                "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images"}
+        return {
+            **{k: best[k] for k in default_sampler()},
+            "schedule": best.get("schedule") or "uniform",
+            "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images",
+        }
     defaults = default_sampler()
-    flags = dict(method="sampling_method", steps="num_sampling_steps", cfg="cfg", interval_min="interval_min",
-                 interval_max="interval_max", schedule="sampling_schedule")
+    flags = dict(
+        method="sampling_method",
+        steps="num_sampling_steps",
+        cfg="cfg",
+        interval_min="interval_min",
+        interval_max="interval_max",
+        schedule="sampling_schedule",
+    )
     defaults = {**defaults, "schedule": SamplerSettings().schedule}
     out = {}
     for key, flag in flags.items():
@@ -194,12 +278,18 @@ def export_config(state: checkpoint.TrainState, which: str, *, dtype: str, sourc
     check_fits(network, state_dict, f"{source} ({which})")
     ema = 0 if which == "model" else int(which.removeprefix("ema"))
     world = state.world_size or args.get("world_size")
-    global_batch = args["batch_size"] * (args.get("accum_iter") or 1) * world if args.get("batch_size") and world else None
+    global_batch = (
+        args["batch_size"] * (args.get("accum_iter") or 1) * world if args.get("batch_size") and world else None
+    )
     steps = optimizer_steps(state)
     weights = {
-        "which": which, "ema_decay": args.get(f"ema_decay{ema}") if ema else None, "epoch": state.epoch,
-        "optimizer_steps": steps, "images_seen": steps * global_batch if steps is not None and global_batch else None,
-        "num_parameters": sum(v.numel() for k, v in state_dict.items() if k != POS_KEY), "dtype": dtype,
+        "which": which,
+        "ema_decay": args.get(f"ema_decay{ema}") if ema else None,
+        "epoch": state.epoch,
+        "optimizer_steps": steps,
+        "images_seen": steps * global_batch if steps is not None and global_batch else None,
+        "num_parameters": sum(v.numel() for k, v in state_dict.items() if k != POS_KEY),
+        "dtype": dtype,
         "source": os.path.basename(source),
     }
     training = {k: args[k] for k in TRAINING_FLAGS if args.get(k) is not None}
@@ -207,9 +297,17 @@ def export_config(state: checkpoint.TrainState, which: str, *, dtype: str, sourc
         training["world_size"] = world
     if global_batch:
         training["global_batch"] = global_batch
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": name, "network": network,
-            "denoiser": denoiser_config(args), "sampler": recommended_sampler(args, records, ema, state.epoch),
-            "weights": weights, "training": training, "evaluations": records_of(records, ema) if ema else []}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "network": network,
+        "denoiser": denoiser_config(args),
+        "sampler": recommended_sampler(args, records, ema, state.epoch),
+        "weights": weights,
+        "training": training,
+        "evaluations": records_of(records, ema) if ema else [],
+    }
 
 
 def _num(x, digits: int = 4) -> str:
@@ -286,46 +384,93 @@ CARD_JIT = "For diffusers (its JiT port, huggingface/diffusers PR #13098), expor
 def model_card(config: dict, fmt: str = FORMAT) -> str:
     """README.md (CARD_TEMPLATE): front matter for the Hub (library, tags; the license is left to fill
     in), what the network is, how it was trained, its FID/IS records and how to load and upload the folder."""
-    net, den, smp, w, tr = config["network"], config["denoiser"], config["sampler"], config["weights"], config["training"]
+    net, den, smp, w, tr = (
+        config["network"],
+        config["denoiser"],
+        config["sampler"],
+        config["weights"],
+        config["training"],
+    )
     which = w.get("which", "model")
-    who = "the raw (non-EMA) weights" if which == "model" else f"EMA {which.removeprefix('ema')}" + (
-        f" (decay {w['ema_decay']})" if w.get("ema_decay") else "")
+    who = (
+        "the raw (non-EMA) weights"
+        if which == "model"
+        else f"EMA {which.removeprefix('ema')}" + (f" (decay {w['ema_decay']})" if w.get("ema_decay") else "")
+    )
     seen = f", {w['images_seen']:,} images seen" if w.get("images_seen") else ""
     params = f"{w['num_parameters'] / 1e6:.1f}M parameters, " if w.get("num_parameters") else ""
-    assumed = ("The denoiser and sampler settings are the defaults: the folder these weights came from did not record them.\n\n"
-               if any(k in config.get("assumed", ()) for k in ("denoiser", "sampler")) else "")
+    assumed = (
+        "The denoiser and sampler settings are the defaults: the folder these weights came from did not record them.\n\n"
+        if any(k in config.get("assumed", ()) for k in ("denoiser", "sampler"))
+        else ""
+    )
     training = ""
     if tr:
-        training = "## Training\n\n| setting | value |\n|---|---|\n" + "".join(f"| `{k}` | {v} |\n" for k, v in tr.items()) + "\n"
+        training = (
+            "## Training\n\n| setting | value |\n|---|---|\n"
+            + "".join(f"| `{k}` | {v} |\n" for k, v in tr.items())
+            + "\n"
+        )
         if tr.get("global_batch"):
-            training += (f"Global batch {tr['global_batch']} (batch_size × accum_iter × processes)"
-                         + (f", {tr['epochs']} epochs planned." if tr.get("epochs") else ".") + "\n\n")
+            training += (
+                f"Global batch {tr['global_batch']} (batch_size × accum_iter × processes)"
+                + (f", {tr['epochs']} epochs planned." if tr.get("epochs") else ".")
+                + "\n\n"
+            )
     records = config.get("evaluations") or []
     if records:
-        rows = [f"| {_num(r.get('checkpoint_epoch'))} | {r.get('method')} | {r.get('steps')} | {r.get('cfg')} | "
-                f"({r.get('interval_min')}, {r.get('interval_max')}) | {r.get('num_images')} | {_num(r['fid'])} | "
-                f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | {r.get('fid_stats') or ''} |"
-                for r in sorted(records, key=lambda r: (-(r.get("checkpoint_epoch") or 0), r["fid"]))]
-        records_text = ("FID / Inception Score of these weights' EMA in the run's `metrics.jsonl` (best first):\n\n"
-                        "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats |\n|---|---|---|---|---|---|---|---|---|\n"
-                        + "\n".join(rows) + "\n\n")
+        rows = [
+            f"| {_num(r.get('checkpoint_epoch'))} | {r.get('method')} | {r.get('steps')} | {r.get('cfg')} | "
+            f"({r.get('interval_min')}, {r.get('interval_max')}) | {r.get('num_images')} | {_num(r['fid'])} | "
+            f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | {r.get('fid_stats') or ''} |"
+            for r in sorted(records, key=lambda r: (-(r.get("checkpoint_epoch") or 0), r["fid"]))
+        ]
+        records_text = (
+            "FID / Inception Score of these weights' EMA in the run's `metrics.jsonl` (best first):\n\n"
+            "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats |\n|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n\n"
+        )
     else:
         records_text = "No FID / IS records of these weights were found in the run's `metrics.jsonl`.\n\n"
     return CARD_TEMPLATE.substitute(
-        library="diffusers" if fmt == "diffusers" else "jit", model=config.get("model") or "JiT", size=net["input_size"],
-        classes=net["num_classes"], noise_scale=den["noise_scale"],
+        library="diffusers" if fmt == "diffusers" else "jit",
+        model=config.get("model") or "JiT",
+        size=net["input_size"],
+        classes=net["num_classes"],
+        noise_scale=den["noise_scale"],
         prediction="the clean image x̂" if den["pred"] == "x" else repr(den["pred"]) + " (its prediction target)",
         weights=f"{who} after epoch {w.get('epoch', 'n/a')}{seen}; {params}{w.get('dtype', 'float32')}"
         + (f"; exported from `{w['source']}`" if w.get("source") else ""),
-        depth=net["depth"], hidden_size=net["hidden_size"], num_heads=net["num_heads"], patch=net["patch_size"],
-        bottleneck_dim=net["bottleneck_dim"], in_context_len=net["in_context_len"], in_context_start=net["in_context_start"],
-        attn_drop=net["attn_drop"], proj_drop=net["proj_drop"], t_eps=den["t_eps"], P_mean=den["P_mean"], P_std=den["P_std"],
-        label_drop_prob=den["label_drop_prob"], pred=den["pred"], loss=den["loss"], weights_file=WEIGHTS[fmt],
+        depth=net["depth"],
+        hidden_size=net["hidden_size"],
+        num_heads=net["num_heads"],
+        patch=net["patch_size"],
+        bottleneck_dim=net["bottleneck_dim"],
+        in_context_len=net["in_context_len"],
+        in_context_start=net["in_context_start"],
+        attn_drop=net["attn_drop"],
+        proj_drop=net["proj_drop"],
+        t_eps=den["t_eps"],
+        P_mean=den["P_mean"],
+        P_std=den["P_std"],
+        label_drop_prob=den["label_drop_prob"],
+        pred=den["pred"],
+        loss=den["loss"],
+        weights_file=WEIGHTS[fmt],
         layout="the layout of diffusers JiTTransformer2DModel" if fmt == "diffusers" else "names as model_jit.JiT",
-        assumed=assumed, training=training, method=smp["method"], steps=smp["steps"], schedule=smp.get("schedule") or "uniform",
+        assumed=assumed,
+        training=training,
+        method=smp["method"],
+        steps=smp["steps"],
+        schedule=smp.get("schedule") or "uniform",
         cfg=smp["cfg"],
-        interval_min=smp["interval_min"], interval_max=smp["interval_max"], chosen_by=smp.get("chosen_by", "the training flags"),
-        records=records_text, diffusers=CARD_DIFFUSERS if fmt == "diffusers" else CARD_JIT)
+        interval_min=smp["interval_min"],
+        interval_max=smp["interval_max"],
+        chosen_by=smp.get("chosen_by", "the training flags"),
+        records=records_text,
+        diffusers=CARD_DIFFUSERS if fmt == "diffusers" else CARD_JIT,
+    )
 
 
 def cast(state_dict: dict, dtype: str) -> dict:
@@ -379,9 +524,13 @@ def read_config(folder: str) -> tuple[dict, str]:
     elif raw.get("format") == FORMAT:
         fmt, config = FORMAT, raw
     else:
-        raise CheckpointError(f"{path} is neither a JiT export (\"format\": \"jit\") nor a diffusers {DIFFUSERS_CLASS} config")
+        raise CheckpointError(
+            f'{path} is neither a JiT export ("format": "jit") nor a diffusers {DIFFUSERS_CLASS} config'
+        )
     if not isinstance(config.get("format_version", 0), int) or config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version {config['format_version']}; this code reads up to {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format_version {config['format_version']}; this code reads up to {FORMAT_VERSION}"
+        )
     for key in ("network", "denoiser", "sampler"):
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{path} has no '{key}' entry")
@@ -424,29 +573,49 @@ def merge_flags(config: dict, given: dict, where: str = CONFIG) -> tuple[dict, l
     """config.json's flag values with the flags the user gave (`given`: {flag: value}): see
     util.config.merge; FIXED_FLAGS disagree (BadValue), the others override. Returns (values, notes
     for the log), the first note saying what came from config.json."""
+
     def agrees(flag, value, values):
         if flag == "model" and values["model"] is None:  # a network of no preset: the preset's keywords must fit
             return fits_preset(value, config["network"])
         return value == values[flag]
+
     values, notes = run_config.merge(flag_values(config), given, fixed=FIXED_FLAGS, where=where, agrees=agrees)
-    taken = [f for f in ("model", "img_size", "class_num", "noise_scale", "t_eps", "pred", "loss")
-             if f not in given or given[f] is None]
+    taken = [
+        f
+        for f in ("model", "img_size", "class_num", "noise_scale", "t_eps", "pred", "loss")
+        if f not in given or given[f] is None
+    ]
     smp = config.get("sampler", {})
     sampler_taken = any(given.get(f) is None for f in SAMPLER_FLAGS)
-    notes.insert(0, f"from {where}: " + " ".join(f"--{f} {values[f]}" for f in taken) + (
-        f"; sampler {smp.get('method')}, {smp.get('steps')} steps, CFG {smp.get('cfg')} in "
-        f"({smp.get('interval_min')}, {smp.get('interval_max')}), {smp.get('chosen_by', '')}" if sampler_taken else ""))
+    notes.insert(
+        0,
+        f"from {where}: "
+        + " ".join(f"--{f} {values[f]}" for f in taken)
+        + (
+            f"; sampler {smp.get('method')}, {smp.get('steps')} steps, CFG {smp.get('cfg')} in "
+            f"({smp.get('interval_min')}, {smp.get('interval_max')}), {smp.get('chosen_by', '')}"
+            if sampler_taken
+            else ""
+        ),
+    )
     if "assumed" in config:
-        notes.append(f"{where} records no denoiser or sampler settings (a diffusers folder made elsewhere): "
-                     f"their defaults are used (noise_scale {values['noise_scale']}, t_eps {values['t_eps']})")
+        notes.append(
+            f"{where} records no denoiser or sampler settings (a diffusers folder made elsewhere): "
+            f"their defaults are used (noise_scale {values['noise_scale']}, t_eps {values['t_eps']})"
+        )
     return values, notes
 
 
 def sampler_from(values: dict) -> SamplerSettings:
     """The SamplerSettings of merged flag values (ValueError for an invalid one)."""
-    return SamplerSettings(method=values["sampling_method"], steps=int(values["num_sampling_steps"]), cfg=float(values["cfg"]),
-                           interval_min=float(values["interval_min"]), interval_max=float(values["interval_max"]),
-                           schedule=values.get("sampling_schedule") or "uniform")
+    return SamplerSettings(
+        method=values["sampling_method"],
+        steps=int(values["num_sampling_steps"]),
+        cfg=float(values["cfg"]),
+        interval_min=float(values["interval_min"]),
+        interval_max=float(values["interval_max"]),
+        schedule=values.get("sampling_schedule") or "uniform",
+    )
 
 
 def _denoiser_keywords(values: dict) -> dict:
@@ -456,7 +625,9 @@ def _denoiser_keywords(values: dict) -> dict:
         if k in accepted:
             out[k] = values[k]
         elif values[k] != default:
-            raise BadValue(f"these weights were trained with {k}={values[k]!r}, which denoiser.Denoiser does not support")
+            raise BadValue(
+                f"these weights were trained with {k}={values[k]!r}, which denoiser.Denoiser does not support"
+            )
     return out
 
 
@@ -491,9 +662,15 @@ def command_line_sampler(config: dict, flags) -> dict:
     """config.json with the sampler of the flags (--sampling_method, --num_sampling_steps, --cfg,
     --interval_min, --interval_max of `flags`) in place of its own: a checkpoint samples with the
     command line's, an exported folder with its recommendation."""
-    sampler = {"method": flags.sampling_method, "steps": flags.num_sampling_steps, "cfg": flags.cfg,
-               "interval_min": flags.interval_min, "interval_max": flags.interval_max,
-               "schedule": getattr(flags, "sampling_schedule", None) or "uniform", "chosen_by": "the command line's"}
+    sampler = {
+        "method": flags.sampling_method,
+        "steps": flags.num_sampling_steps,
+        "cfg": flags.cfg,
+        "interval_min": flags.interval_min,
+        "interval_max": flags.interval_max,
+        "schedule": getattr(flags, "sampling_schedule", None) or "uniform",
+        "chosen_by": "the command line's",
+    }
     return {**config, "sampler": sampler}
 
 

@@ -10,6 +10,7 @@ memory: the data pipeline is not included (see bench_data.py). Sampling times `D
 (Heun with CFG on an interval) under the device's autocast, with a compiled network passed as
 `net=` as evaluation does. Compilation happens in the untimed warmup.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -39,7 +40,13 @@ H100_CLASS_TFLOPS = 790.0  # dense bf16 peak assumed for H100 / H200 (SPEC's fig
 def get_args_parser():
     p = argparse.ArgumentParser("JiT throughput benchmark", add_help=True)
     a = p.add_argument
-    a("--model", default="JiT-B/16", choices=sorted(JiT_models), metavar="MODEL", help=f"one of {', '.join(JiT_models)}")
+    a(
+        "--model",
+        default="JiT-B/16",
+        choices=sorted(JiT_models),
+        metavar="MODEL",
+        help=f"one of {', '.join(JiT_models)}",
+    )
     a("--img_size", default=256, type=int)
     a("--class_num", default=1000, type=int)
     a("--attn_impl", default="sdpa", choices=ATTN_IMPLS)
@@ -47,7 +54,13 @@ def get_args_parser():
     a("--steps", default=50, type=int, help="timed training steps")
     a("--warmup", default=10, type=int, help="untimed training steps before timing (compilation happens here)")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--compile", dest="compile", action="store_true", default=None, help="torch.compile (default: on for CUDA, off for CPU)")
+    a(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile (default: on for CUDA, off for CPU)",
+    )
     a("--no_compile", dest="compile", action="store_false")
     a("--sample_batch", default=128, type=int, help="images per generate call (the reference's --gen_bsz)")
     a("--sample_steps", default=50, type=int, help="Heun steps")
@@ -59,8 +72,12 @@ def get_args_parser():
     a("--skip_sample", action="store_true")
     a("--parity", action="store_true", help="also report the drift of this path from float32 reference attention")
     a("--parity_steps", default=10, type=int, help="Heun steps of the parity samples")
-    a("--peak_tflops", default=None, type=float,
-          help=f"device peak for MFU (default: {H100_CLASS_TFLOPS:g} on an H100/H200, else no MFU)")
+    a(
+        "--peak_tflops",
+        default=None,
+        type=float,
+        help=f"device peak for MFU (default: {H100_CLASS_TFLOPS:g} on an H100/H200, else no MFU)",
+    )
     a("--seed", default=0, type=int)
     a("--json", default=None, metavar="PATH", help="also write the results here")
     return p
@@ -95,6 +112,7 @@ def full_fp32():
 
 def git_commit():
     """HEAD of this checkout, '+dirty' when tracked files differ from it; None outside git."""
+
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -133,14 +151,16 @@ def model_size(args):
 
 def bench_sampler(args, steps: int) -> SamplerSettings:
     """Heun with `steps` steps and the benchmark's guidance settings."""
-    return SamplerSettings(method="heun", steps=steps, cfg=args.cfg, interval_min=args.interval_min,
-                           interval_max=args.interval_max)
+    return SamplerSettings(
+        method="heun", steps=steps, cfg=args.cfg, interval_min=args.interval_min, interval_max=args.interval_max
+    )
 
 
 def build(args, device, attn_impl):
     torch.manual_seed(args.seed)
-    net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl,
-                                 grad_checkpoint=args.grad_checkpoint)
+    net = JiT_models[args.model](
+        input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl, grad_checkpoint=args.grad_checkpoint
+    )
     return Denoiser(net, args.class_num).to(device)
 
 
@@ -173,8 +193,13 @@ def bench_train(args, device, fwd_flops):
     sync(device)
     elapsed = time.perf_counter() - start
     img_s = args.steps * args.batch_size / elapsed
-    return {"img_per_s": img_s, "step_ms": 1e3 * elapsed / args.steps, "peak_mem_gb": peak_memory_gb(device),
-            "loss": loss.item(), **utilisation(img_s * 3 * fwd_flops, args)}
+    return {
+        "img_per_s": img_s,
+        "step_ms": 1e3 * elapsed / args.steps,
+        "peak_mem_gb": peak_memory_gb(device),
+        "loss": loss.item(),
+        **utilisation(img_s * 3 * fwd_flops, args),
+    }
 
 
 def bench_sample(args, device, fwd_flops):
@@ -197,8 +222,13 @@ def bench_sample(args, device, fwd_flops):
     elapsed = time.perf_counter() - start
     img_s = args.sample_batch / elapsed
     passes = bench_sampler(args, args.sample_steps).net_passes()
-    return {"img_per_s": img_s, "batch_s": elapsed, "peak_mem_gb": peak_memory_gb(device),
-            "net_passes_per_image": passes, **utilisation(img_s * passes * fwd_flops, args)}
+    return {
+        "img_per_s": img_s,
+        "batch_s": elapsed,
+        "peak_mem_gb": peak_memory_gb(device),
+        "net_passes_per_image": passes,
+        **utilisation(img_s * passes * fwd_flops, args),
+    }
 
 
 def bench_parity(args, device, n=8):
@@ -233,12 +263,17 @@ def bench_parity(args, device, n=8):
     diff = (img - img_ref).abs()
     diff_u8 = (quantize(img).int() - quantize(img_ref).int()).abs()
     return {
-        "images": n, "steps": args.parity_steps,
-        "loss": loss, "loss_ref": loss_ref, "loss_abs_diff": abs(loss - loss_ref),
+        "images": n,
+        "steps": args.parity_steps,
+        "loss": loss,
+        "loss_ref": loss_ref,
+        "loss_abs_diff": abs(loss - loss_ref),
         "loss_rel_diff": abs(loss - loss_ref) / abs(loss_ref),
-        "sample_max_abs_diff": diff.max().item(), "sample_mean_abs_diff": diff.mean().item(),
+        "sample_max_abs_diff": diff.max().item(),
+        "sample_mean_abs_diff": diff.mean().item(),
         "sample_rel_l2": ((img - img_ref).norm() / img_ref.norm()).item(),
-        "uint8_frac_changed": (diff_u8 > 0).float().mean().item(), "uint8_max_diff": diff_u8.max().item(),
+        "uint8_frac_changed": (diff_u8 > 0).float().mean().item(),
+        "uint8_max_diff": diff_u8.max().item(),
     }
 
 
@@ -260,31 +295,55 @@ def main(argv=None):
     device = distributed.init(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    if device.type == "cuda" and args.peak_tflops is None and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+    if (
+        device.type == "cuda"
+        and args.peak_tflops is None
+        and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200"))
+    ):
         args.peak_tflops = H100_CLASS_TFLOPS
 
     params, fwd_flops = model_size(args)
-    out = {"env": environment(device), "config": vars(args),
-           "model": {"params_m": params / 1e6, "fwd_gflops_per_image": fwd_flops / 1e9,
-                     "train_gflops_per_image": 3 * fwd_flops / 1e9},
-           "train": None, "sample": None, "parity": None}
+    out = {
+        "env": environment(device),
+        "config": vars(args),
+        "model": {
+            "params_m": params / 1e6,
+            "fwd_gflops_per_image": fwd_flops / 1e9,
+            "train_gflops_per_image": 3 * fwd_flops / 1e9,
+        },
+        "train": None,
+        "sample": None,
+        "parity": None,
+    }
     env = out["env"]
-    print(f"{args.model} at {args.img_size}px: {params / 1e6:.1f}M parameters, {fwd_flops / 1e9:.2f} GFLOPs/image forward; "
-          f"{env['gpu'] or env['device']}, torch {env['torch']}, compile {args.compile}, attention {args.attn_impl}", flush=True)
+    print(
+        f"{args.model} at {args.img_size}px: {params / 1e6:.1f}M parameters, {fwd_flops / 1e9:.2f} GFLOPs/image forward; "
+        f"{env['gpu'] or env['device']}, torch {env['torch']}, compile {args.compile}, attention {args.attn_impl}",
+        flush=True,
+    )
     if not args.skip_train:
         r = out["train"] = bench_train(args, device, fwd_flops)
-        print(f"train  (batch {args.batch_size}): {r['img_per_s']:.1f} img/s, {r['step_ms']:.1f} ms/step, "
-              f"peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}", flush=True)
+        print(
+            f"train  (batch {args.batch_size}): {r['img_per_s']:.1f} img/s, {r['step_ms']:.1f} ms/step, "
+            f"peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}",
+            flush=True,
+        )
     if not args.skip_sample:
         r = out["sample"] = bench_sample(args, device, fwd_flops)
-        print(f"sample (batch {args.sample_batch}, {args.sample_steps}-step Heun, cfg {args.cfg}): {r['img_per_s']:.2f} img/s, "
-              f"{r['batch_s']:.2f} s/batch, peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net passes/image, "
-              f"{r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}", flush=True)
+        print(
+            f"sample (batch {args.sample_batch}, {args.sample_steps}-step Heun, cfg {args.cfg}): {r['img_per_s']:.2f} img/s, "
+            f"{r['batch_s']:.2f} s/batch, peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net passes/image, "
+            f"{r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}",
+            flush=True,
+        )
     if args.parity:
         r = out["parity"] = bench_parity(args, device)
-        print(f"parity vs float32 reference attention: loss {r['loss']:.6f} vs {r['loss_ref']:.6f} (rel {r['loss_rel_diff']:.2e}); "
-              f"{r['images']} samples of {r['steps']} steps: max |diff| {r['sample_max_abs_diff']:.2e}, "
-              f"rel L2 {r['sample_rel_l2']:.2e}, uint8 changed {r['uint8_frac_changed']:.2%} (max {r['uint8_max_diff']})", flush=True)
+        print(
+            f"parity vs float32 reference attention: loss {r['loss']:.6f} vs {r['loss_ref']:.6f} (rel {r['loss_rel_diff']:.2e}); "
+            f"{r['images']} samples of {r['steps']} steps: max |diff| {r['sample_max_abs_diff']:.2e}, "
+            f"rel L2 {r['sample_rel_l2']:.2e}, uint8 changed {r['uint8_frac_changed']:.2%} (max {r['uint8_max_diff']})",
+            flush=True,
+        )
     if args.json:
         write_json(args.json, out)
     return out

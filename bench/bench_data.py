@@ -13,6 +13,7 @@ prepare_data.py in one process (its images/s are the conversion's per process) a
 store at the same settings. Files are read through the page cache: a dataset larger than memory
 also waits on the disk, which this does not measure unless run on that dataset.
 """
+
 import argparse
 import math
 import os
@@ -28,8 +29,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 
-from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
 import prepare_data  # noqa: E402
+from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
 from util.data import ResumableSampler, make_loader, open_dataset  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.store import is_store  # noqa: E402
@@ -38,7 +39,11 @@ from util.store import is_store  # noqa: E402
 def get_args_parser():
     p = argparse.ArgumentParser("JiT data pipeline benchmark", add_help=True)
     a = p.add_argument
-    a("--data_path", default=None, help="an ImageFolder tree under train/, or a store (default: synthetic JPEGs in a temporary folder)")
+    a(
+        "--data_path",
+        default=None,
+        help="an ImageFolder tree under train/, or a store (default: synthetic JPEGs in a temporary folder)",
+    )
     a("--num_images", default=256, type=int, help="synthetic images to write")
     a("--img_size", default=[256], type=int, nargs="+", help="image sizes to measure (pixels)")
     a("--store", action="store_true", help="also convert the folder into a store (prepare_data.py) and measure it")
@@ -110,8 +115,14 @@ def measure(dataset, workers: int, args, device) -> dict:
     procs = max(workers, 1)
     timed = procs * math.ceil(args.batches / procs)
     stream = EpochStream(ResumableSampler(len(dataset), seed=args.seed), (procs + timed) * args.batch_size)
-    loader = make_loader(dataset, stream, batch_size=args.batch_size, num_workers=workers,
-                         pin_memory=device.type == "cuda", seed=args.seed)
+    loader = make_loader(
+        dataset,
+        stream,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        seed=args.seed,
+    )
     it = iter(loader)
     for _ in range(procs):
         next(it)
@@ -121,8 +132,12 @@ def measure(dataset, workers: int, args, device) -> dict:
     elapsed = time.perf_counter() - start
     del it, loader  # stops the workers
     img_s = timed * args.batch_size / elapsed
-    return {"workers": workers, "img_per_s": img_s, "img_per_s_per_process": img_s / procs,
-            "workers_for_target": math.ceil(args.target / (img_s / procs))}
+    return {
+        "workers": workers,
+        "img_per_s": img_s,
+        "img_per_s_per_process": img_s / procs,
+        "workers_for_target": math.ceil(args.target / (img_s / procs)),
+    }
 
 
 def measure_all(dataset, args, device, label: str) -> dict:
@@ -131,18 +146,29 @@ def measure_all(dataset, args, device, label: str) -> dict:
     for w in args.workers:
         r = measure(dataset, w, args, device)
         results.append(r)
-        print(f"{label}: workers {w:3d}: {r['img_per_s']:8.1f} img/s, {r['img_per_s_per_process']:8.1f} per process "
-              f"-> {r['workers_for_target']} workers for {args.target:g} img/s", flush=True)
+        print(
+            f"{label}: workers {w:3d}: {r['img_per_s']:8.1f} img/s, {r['img_per_s_per_process']:8.1f} per process "
+            f"-> {r['workers_for_target']} workers for {args.target:g} img/s",
+            flush=True,
+        )
     busiest = max(results, key=lambda r: r["workers"])
-    return {"results": results, "workers_needed": busiest["workers_for_target"], "workers_needed_from": busiest["workers"],
-            "best_img_per_s": max(r["img_per_s"] for r in results)}
+    return {
+        "results": results,
+        "workers_needed": busiest["workers_for_target"],
+        "workers_needed_from": busiest["workers"],
+        "best_img_per_s": max(r["img_per_s"] for r in results),
+    }
 
 
 def convert(folder: str, store: str, size: int) -> float:
     """prepare_data.py in one process; returns its images/s."""
     n = len(open_dataset(folder, size))
     start = time.perf_counter()
-    prepare_data.main(prepare_data.parse_args(["--data_path", folder, "--img_size", str(size), "--store", store, "--num_workers", "0"]))
+    prepare_data.main(
+        prepare_data.parse_args(
+            ["--data_path", folder, "--img_size", str(size), "--store", store, "--num_workers", "0"]
+        )
+    )
     return n / (time.perf_counter() - start)
 
 
@@ -159,10 +185,14 @@ def bench_size(path: str, size: int, args, device, tmp: str) -> dict:
         out["store"] = measure_all(open_dataset(store, size), args, device, f"store {size}px")
         out["store_vs_jpeg_per_process"] = {
             r["workers"]: s["img_per_s_per_process"] / r["img_per_s_per_process"]
-            for r, s in zip(out["jpeg"]["results"], out["store"]["results"])}
+            for r, s in zip(out["jpeg"]["results"], out["store"]["results"])
+        }
         ratios = ", ".join(f"{x:.1f}× ({w} workers)" for w, x in out["store_vs_jpeg_per_process"].items())
-        print(f"{size}px: conversion {out['conversion_img_per_s_per_process']:.1f} img/s per process; store per process "
-              f"vs JPEG: {ratios}", flush=True)
+        print(
+            f"{size}px: conversion {out['conversion_img_per_s_per_process']:.1f} img/s per process; store per process "
+            f"vs JPEG: {ratios}",
+            flush=True,
+        )
     return out
 
 
@@ -180,10 +210,20 @@ def main(argv=None):
         first = open_dataset(path, args.img_size[0])
         sizes = [os.path.getsize(p) for p, _ in getattr(first, "samples", [])]
         mean_kb = float(np.mean(sizes)) / 1e3 if sizes else None
-        print(f"{len(first)} images" + (f", mean file {mean_kb:.0f} kB" if sizes else " (a store)")
-              + f", batch {args.batch_size}, {os.cpu_count()} CPUs", flush=True)
+        print(
+            f"{len(first)} images"
+            + (f", mean file {mean_kb:.0f} kB" if sizes else " (a store)")
+            + f", batch {args.batch_size}, {os.cpu_count()} CPUs",
+            flush=True,
+        )
         by_size = {size: bench_size(path, size, args, device, tmp) for size in args.img_size}
-    out = {"config": vars(args), "cpus": os.cpu_count(), "images": len(first), "mean_file_kb": mean_kb, "sizes": by_size}
+    out = {
+        "config": vars(args),
+        "cpus": os.cpu_count(),
+        "images": len(first),
+        "mean_file_kb": mean_kb,
+        "sizes": by_size,
+    }
     if args.json:
         write_json(args.json, out)
     return out

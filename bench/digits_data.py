@@ -6,6 +6,7 @@ an ImageFolder tree `OUT/train/{class}/{i}.png`, upscaled to --size px (bicubic)
 
 A real-image data set small enough to train a JiT on a CPU in minutes (bench/solver_error.py).
 """
+
 import argparse
 import os
 import sys

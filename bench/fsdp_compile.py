@@ -10,8 +10,9 @@ dynamic (symbolic) shapes, its graph breaks (with reasons), and the graphs captu
 two steps (recompiles). The counts are dynamo's, the same for any backend: --backend aot_eager
 (default) skips code generation, inductor is what main_jit uses on CUDA.
 """
-import json
+
 import argparse
+import json
 import os
 import sys
 
@@ -21,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, compile_fsdp_blocks, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import distributed  # noqa: E402
-from util import sharding  # noqa: E402
+from util import (
+    distributed,  # noqa: E402
+    sharding,  # noqa: E402
+)
 
 
 def get_args_parser():
@@ -45,8 +48,13 @@ def main():
     inner, dynamic = lookup_backend(args.backend), []
 
     def backend(gm, example_inputs):  # notes whether dynamo handed the graph symbolic sizes
-        dynamic.append(any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
-                           for x in example_inputs))
+        dynamic.append(
+            any(
+                isinstance(x, torch.SymInt)
+                or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+                for x in example_inputs
+            )
+        )
         return inner(gm, example_inputs)
 
     torch.manual_seed(0)
@@ -60,21 +68,40 @@ def main():
     g = torch.Generator().manual_seed(distributed.get_rank())
     after_warmup = 0
     for step in range(args.steps):
-        micro = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g), torch.randint(0, 3, (4,), generator=g))
-                 for _ in range(2)]
+        micro = [
+            (
+                torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g),
+                torch.randint(0, 3, (4,), generator=g),
+            )
+            for _ in range(2)
+        ]
         train_step(parts, micro)
         if step == 1:
             after_warmup = counters["stats"]["unique_graphs"]
     breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
-    distributed.print0(f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {graphs} graphs ({sum(dynamic)} with dynamic shapes), "
-             f"{sum(breaks.values())} graph breaks, {graphs - after_warmup} graphs after step 2")
+    distributed.print0(
+        f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {graphs} graphs ({sum(dynamic)} with dynamic shapes), "
+        f"{sum(breaks.values())} graph breaks, {graphs - after_warmup} graphs after step 2"
+    )
     for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
         distributed.print0(f"  {n}× {reason[:160]}")
     if args.json and distributed.is_main_process():
         with open(args.json, "w") as f:
-            json.dump({"mode": args.mode, "grad_checkpoint": args.grad_checkpoint, "backend": args.backend, "device": str(device),
-                       "world_size": distributed.get_world_size(), "graphs": graphs, "dynamic_graphs": sum(dynamic),
-                       "graph_breaks": sum(breaks.values()), "graphs_after_step_2": graphs - after_warmup}, f, indent=1)
+            json.dump(
+                {
+                    "mode": args.mode,
+                    "grad_checkpoint": args.grad_checkpoint,
+                    "backend": args.backend,
+                    "device": str(device),
+                    "world_size": distributed.get_world_size(),
+                    "graphs": graphs,
+                    "dynamic_graphs": sum(dynamic),
+                    "graph_breaks": sum(breaks.values()),
+                    "graphs_after_step_2": graphs - after_warmup,
+                },
+                f,
+                indent=1,
+            )
     distributed.shutdown()
 
 

@@ -26,6 +26,7 @@ runs on CUDA: it recomputes cheap elementwise ops (norms, modulation, casts) in 
 of saving them, about half the eager figure. Not counted: the CUDA context and allocator slack (a few
 GB), transient backward buffers of about one block's activations, the data batch.
 """
+
 import argparse
 import contextlib
 import os
@@ -45,8 +46,16 @@ from util.errors import exit_code  # noqa: E402
 GiB = 2**30
 CAPACITY_GIB = {"80GB": 79.1, "141GB": 139.8}  # what torch reports as total memory on H100-80GB / H200
 HEADROOM_GIB = 4.0  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
-TABLE = [("JiT-B/16", 256, 128), ("JiT-L/16", 256, 128), ("JiT-H/16", 256, 128), ("JiT-G/16", 256, 32),
-         ("JiT-B/32", 512, 128), ("JiT-L/32", 512, 128), ("JiT-H/32", 512, 128), ("JiT-G/32", 512, 32)]
+TABLE = [
+    ("JiT-B/16", 256, 128),
+    ("JiT-L/16", 256, 128),
+    ("JiT-H/16", 256, 128),
+    ("JiT-G/16", 256, 32),
+    ("JiT-B/32", 512, 128),
+    ("JiT-L/32", 512, 128),
+    ("JiT-H/32", 512, 128),
+    ("JiT-G/32", 512, 32),
+]
 
 
 def build_meta(model: str, img_size: int, num_classes: int = 1000, attn_drop: float = 0.0, proj_drop: float = 0.0):
@@ -61,9 +70,19 @@ def param_counts(denoiser) -> dict:
     biases (what autocast casts to bf16)."""
     total = sum(p.numel() for p in denoiser.parameters())
     blocks = [sum(p.numel() for p in b.parameters()) for b in denoiser.net.blocks]
-    matmul = sum(p.numel() for m in denoiser.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for p in m.parameters())
-    return {"total": total, "trainable": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
-            "block": max(blocks), "root": total - sum(blocks), "matmul": matmul}
+    matmul = sum(
+        p.numel()
+        for m in denoiser.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        for p in m.parameters()
+    )
+    return {
+        "total": total,
+        "trainable": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
+        "block": max(blocks),
+        "root": total - sum(blocks),
+        "matmul": matmul,
+    }
 
 
 def state_bytes(counts: dict, *, world_size: int, fsdp: bool, mixed_precision: bool = False, phemas: int = 0) -> dict:
@@ -153,6 +172,7 @@ def activation_trace(denoiser, batch_size: int, *, bf16: bool = True) -> dict:
         def hook(module, args):
             where["block"] = i
             inputs.append(args[0].untyped_storage().nbytes())
+
         return hook
 
     def post_hook(module, args, out):
@@ -190,8 +210,14 @@ def activation_trace(denoiser, batch_size: int, *, bf16: bool = True) -> dict:
         else:
             blocks[place] += nbytes - cast
             block_casts[place] += cast
-    return {"outside": outside, "outside_casts": outside_casts, "blocks": blocks, "block_casts": block_casts,
-            "block_inputs": inputs, "all_casts": sum(casts.values())}
+    return {
+        "outside": outside,
+        "outside_casts": outside_casts,
+        "blocks": blocks,
+        "block_casts": block_casts,
+        "block_inputs": inputs,
+        "all_casts": sum(casts.values()),
+    }
 
 
 def _aot_backend(gm, example_inputs):
@@ -203,7 +229,9 @@ def _aot_backend(gm, example_inputs):
     def nop(g, _):
         return make_boxed_func(g.forward)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)
+    return aot_module_simplified(
+        gm, example_inputs, fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition
+    )
 
 
 def compiled_saved_bytes(denoiser, batch_size: int, *, grad_checkpoint: bool) -> int:
@@ -252,25 +280,47 @@ def activation_bytes(trace: dict, *, grad_checkpoint: bool, fp32_params: bool = 
     if not grad_checkpoint:
         return {"saved": trace["outside"] + sum(trace["blocks"]), "weight_casts": casts_saved}
     per_block = [a + (c if fp32_params else 0) for a, c in zip(trace["blocks"], trace["block_casts"])]
-    return {"saved": trace["outside"] + sum(trace["block_inputs"]) + max(per_block),
-            "weight_casts": trace["all_casts"] if fp32_params else 0}  # eager autocast's cache, to the end of forward
+    return {
+        "saved": trace["outside"] + sum(trace["block_inputs"]) + max(per_block),
+        "weight_casts": trace["all_casts"] if fp32_params else 0,
+    }  # eager autocast's cache, to the end of forward
 
 
-def estimate(model: str, img_size: int, batch_size: int, *, world_size: int = 8, fsdp: bool = False,
-             grad_checkpoint: bool = False, mixed_precision: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-             compiled: bool = False, trace: dict | None = None, phemas: int = 0) -> dict:
+def estimate(
+    model: str,
+    img_size: int,
+    batch_size: int,
+    *,
+    world_size: int = 8,
+    fsdp: bool = False,
+    grad_checkpoint: bool = False,
+    mixed_precision: bool = False,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+    compiled: bool = False,
+    trace: dict | None = None,
+    phemas: int = 0,
+) -> dict:
     """Per-GPU bytes by kind and their total. compiled: activations as torch.compile saves them
     (slow) instead of eager. `trace` (activation_trace / compiled_trace) may be reused."""
     denoiser = build_meta(model, img_size, attn_drop=attn_drop, proj_drop=proj_drop)
     counts = param_counts(denoiser)
     if trace is None:
         trace = compiled_trace(denoiser, batch_size) if compiled else activation_trace(denoiser, batch_size)
-    out = {"params": counts["total"], **state_bytes(counts, world_size=world_size, fsdp=fsdp, mixed_precision=mixed_precision,
-                                                    phemas=phemas)}
+    out = {
+        "params": counts["total"],
+        **state_bytes(counts, world_size=world_size, fsdp=fsdp, mixed_precision=mixed_precision, phemas=phemas),
+    }
     acts = activation_bytes(trace, grad_checkpoint=grad_checkpoint, fp32_params=not (fsdp and mixed_precision))
     out["activations"] = acts["saved"]
     out["weight_casts"] = acts["weight_casts"]
-    out["total"] = out["state"] + out.get("fsdp_gathered", 0) + out.get("ddp_buckets", 0) + out["activations"] + out["weight_casts"]
+    out["total"] = (
+        out["state"]
+        + out.get("fsdp_gathered", 0)
+        + out.get("ddp_buckets", 0)
+        + out["activations"]
+        + out["weight_casts"]
+    )
     out["fits"] = {k: out["total"] / GiB + HEADROOM_GIB <= cap for k, cap in CAPACITY_GIB.items()}
     return out
 
@@ -278,19 +328,39 @@ def estimate(model: str, img_size: int, batch_size: int, *, world_size: int = 8,
 def table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = False) -> str:
     """The README table: per-GPU GiB for TABLE's models, DDP and FSDP, without and with checkpointing."""
     act = "compiled" if compiled else "eager"
-    rows = [f"| model | px | batch/GPU | params | state DDP | state FSDP | activations {act} (ckpt) | DDP | DDP + ckpt | FSDP | FSDP + ckpt |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| model | px | batch/GPU | params | state DDP | state FSDP | activations {act} (ckpt) | DDP | DDP + ckpt | FSDP | FSDP + ckpt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model, size, batch in TABLE:
         d = build_meta(model, size)
         trace = compiled_trace(d, batch) if compiled else activation_trace(d, batch)
-        e = {(fsdp, ckpt): estimate(model, size, batch, world_size=world_size, fsdp=fsdp, grad_checkpoint=ckpt,
-                                    mixed_precision=mixed_precision, trace=trace)
-             for fsdp in (False, True) for ckpt in (False, True)}
+        e = {
+            (fsdp, ckpt): estimate(
+                model,
+                size,
+                batch,
+                world_size=world_size,
+                fsdp=fsdp,
+                grad_checkpoint=ckpt,
+                mixed_precision=mixed_precision,
+                trace=trace,
+            )
+            for fsdp in (False, True)
+            for ckpt in (False, True)
+        }
         ddp, fsdp = e[False, False], e[True, False]
         acts = [e[False, c]["activations"] + e[False, c]["weight_casts"] for c in (False, True)]
-        cells = [f"{x['total'] / GiB:.0f} ({'80' if x['fits']['80GB'] else '141' if x['fits']['141GB'] else 'no'})" for x in e.values()]
-        rows.append(f"| {model} | {size} | {batch} | {ddp['params'] / 1e6:.1f}M | {(ddp['state'] + ddp.get('ddp_buckets', 0)) / GiB:.1f} | "
-                    f"{(fsdp['state'] + fsdp['fsdp_gathered']) / GiB:.1f} | {acts[0] / GiB:.1f} ({acts[1] / GiB:.1f}) | " + " | ".join(cells) + " |")
+        cells = [
+            f"{x['total'] / GiB:.0f} ({'80' if x['fits']['80GB'] else '141' if x['fits']['141GB'] else 'no'})"
+            for x in e.values()
+        ]
+        rows.append(
+            f"| {model} | {size} | {batch} | {ddp['params'] / 1e6:.1f}M | {(ddp['state'] + ddp.get('ddp_buckets', 0)) / GiB:.1f} | "
+            f"{(fsdp['state'] + fsdp['fsdp_gathered']) / GiB:.1f} | {acts[0] / GiB:.1f} ({acts[1] / GiB:.1f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -307,29 +377,58 @@ def main(argv=None):
     a("--attn_dropout", default=0.0, type=float)
     a("--proj_dropout", default=0.0, type=float)
     a("--compiled", action="store_true", help="activations as torch.compile saves them (main_jit's CUDA default); slow")
-    a("--phema_stds", default=[], type=float, nargs="+", help="post-hoc EMA: the σ_rel main_jit.py tracks (their count matters)")
+    a(
+        "--phema_stds",
+        default=[],
+        type=float,
+        nargs="+",
+        help="post-hoc EMA: the σ_rel main_jit.py tracks (their count matters)",
+    )
     a("--table", action="store_true", help="print the README table instead")
     args = p.parse_args(argv)
     if args.table:
         print(table(args.world_size, args.mixed_precision, args.compiled))
         return
-    e = estimate(args.model, args.img_size, args.batch_size, world_size=args.world_size, fsdp=args.fsdp,
-                 grad_checkpoint=args.grad_checkpoint, mixed_precision=args.mixed_precision,
-                 attn_drop=args.attn_dropout, proj_drop=args.proj_dropout, compiled=args.compiled, phemas=len(args.phema_stds))
+    e = estimate(
+        args.model,
+        args.img_size,
+        args.batch_size,
+        world_size=args.world_size,
+        fsdp=args.fsdp,
+        grad_checkpoint=args.grad_checkpoint,
+        mixed_precision=args.mixed_precision,
+        attn_drop=args.attn_dropout,
+        proj_drop=args.proj_dropout,
+        compiled=args.compiled,
+        phemas=len(args.phema_stds),
+    )
     mode = ("FSDP" if args.fsdp else "DDP") + (" + grad checkpointing" if args.grad_checkpoint else "")
-    print(f"{args.model} at {args.img_size}px, batch {args.batch_size}/GPU, {args.world_size} GPUs, {mode}: "
-          f"{e['params'] / 1e6:.1f}M parameters")
-    lines = [("weights (fp32)", "weights"), ("gradients (fp32)", "grads"), ("AdamW moments", "adamw"), ("two EMAs", "emas"),
-             (f"{len(args.phema_stds)} power EMAs (--phema_stds)", "phemas"),
-             ("DDP gradient buckets", "ddp_buckets"), ("FSDP gathered units", "fsdp_gathered"),
-             (f"saved activations ({'compiled' if args.compiled else 'eager'}, bf16)", "activations"), ("autocast bf16 weight copies", "weight_casts")]
+    print(
+        f"{args.model} at {args.img_size}px, batch {args.batch_size}/GPU, {args.world_size} GPUs, {mode}: "
+        f"{e['params'] / 1e6:.1f}M parameters"
+    )
+    lines = [
+        ("weights (fp32)", "weights"),
+        ("gradients (fp32)", "grads"),
+        ("AdamW moments", "adamw"),
+        ("two EMAs", "emas"),
+        (f"{len(args.phema_stds)} power EMAs (--phema_stds)", "phemas"),
+        ("DDP gradient buckets", "ddp_buckets"),
+        ("FSDP gathered units", "fsdp_gathered"),
+        (f"saved activations ({'compiled' if args.compiled else 'eager'}, bf16)", "activations"),
+        ("autocast bf16 weight copies", "weight_casts"),
+    ]
     for label, key in lines:
         if key in e:
             print(f"  {label:36s} {e[key] / GiB:8.2f} GiB")
     print(f"  {'total':36s} {e['total'] / GiB:8.2f} GiB  (+ ~{HEADROOM_GIB:.0f} GiB context / workspaces)")
-    print(f"  {'peak while building the EMAs':36s} {e['build_peak'] / GiB:8.2f} GiB  (before training; each copy sharded as it is made)")
+    print(
+        f"  {'peak while building the EMAs':36s} {e['build_peak'] / GiB:8.2f} GiB  (before training; each copy sharded as it is made)"
+    )
     if "build_peak_unsharded_copies" in e and args.phema_stds:
-        print(f"  {'  with the power EMAs copied whole':36s} {e['build_peak_unsharded_copies'] / GiB:8.2f} GiB  (how main_jit built them before)")
+        print(
+            f"  {'  with the power EMAs copied whole':36s} {e['build_peak_unsharded_copies'] / GiB:8.2f} GiB  (how main_jit built them before)"
+        )
     for k, ok in e["fits"].items():
         print(f"  fits a {k} GPU ({CAPACITY_GIB[k]} GiB): {'yes' if ok else 'no'}")
 

@@ -10,6 +10,7 @@ as seconds per epoch and percent of training; and the same worked out from throu
 Training steps with and without the probe alternate (the machine's load drifts alike for both); the
 measured step (every --log_freq) is timed apart. One grid is timed after one untimed warm-up grid.
 """
+
 import argparse
 import json
 import os
@@ -38,14 +39,32 @@ def get_args():
     a("--images_per_epoch", default=1024, type=int, help="the dataset (the demo: 1024; ImageNet: 1281167)")
     a("--world_size", default=1, type=int, help="processes sharing an epoch and a grid")
     a("--sample_every", default=12, type=int, help="epochs between grids (the demo's default: 12)")
-    a("--per_class", default=None, type=int, help="images per class in the grid (default: training's, 32 / classes: ImageNet 4; the demo: 3)")
+    a(
+        "--per_class",
+        default=None,
+        type=int,
+        help="images per class in the grid (default: training's, 32 / classes: ImageNet 4; the demo: 3)",
+    )
     a("--sample_steps", default=20, type=int)
     a("--cfg", default=2.0, type=float)
     a("--interval_min", default=0.1, type=float)
-    a("--from_figures", action="store_true", help="no measurement: work out the grid's cost from --train_img_per_s and --sample_img_per_s")
+    a(
+        "--from_figures",
+        action="store_true",
+        help="no measurement: work out the grid's cost from --train_img_per_s and --sample_img_per_s",
+    )
     a("--train_img_per_s", default=None, type=float, help="training images/s per process (SPEC: B/16 on an H200, 1958)")
-    a("--sample_img_per_s", default=None, type=float, help="sampling images/s at a full batch (SPEC: B/16 50-step Heun + CFG, 32.3)")
-    a("--probe_only", action="store_true", help="time the probe's own operations alone (steady on a loaded machine), no steps or grid")
+    a(
+        "--sample_img_per_s",
+        default=None,
+        type=float,
+        help="sampling images/s at a full batch (SPEC: B/16 50-step Heun + CFG, 32.3)",
+    )
+    a(
+        "--probe_only",
+        action="store_true",
+        help="time the probe's own operations alone (steady on a loaded machine), no steps or grid",
+    )
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default=None)
     return p.parse_args()
@@ -79,8 +98,12 @@ def from_figures(args) -> dict:
     spec_n = len(grid.default_classes(args.class_num)) * per_class(args)
     epoch_s = args.images_per_epoch / (args.world_size * args.train_img_per_s)
     low, high = spec_n / args.world_size / args.sample_img_per_s, spec_n / args.sample_img_per_s
-    return {"grid_images": spec_n, "epoch_s": epoch_s, "grid_s": [low, high],
-            "grid_pct_of_training": [100 * low / (epoch_s * args.sample_every), 100 * high / (epoch_s * args.sample_every)]}
+    return {
+        "grid_images": spec_n,
+        "epoch_s": epoch_s,
+        "grid_s": [low, high],
+        "grid_pct_of_training": [100 * low / (epoch_s * args.sample_every), 100 * high / (epoch_s * args.sample_every)],
+    }
 
 
 def probe_ops(monitor, params, device, batch: int, reps: int = 200) -> tuple[float, float]:
@@ -88,7 +111,11 @@ def probe_ops(monitor, params, device, batch: int, reps: int = 200) -> tuple[flo
     (gradient norm, weight copy, update norm), timed alone."""
     for p in params:
         p.grad = torch.zeros_like(p)
-    losses, t, skipped = torch.rand(batch, device=device), torch.rand(batch, device=device), torch.zeros((), device=device)
+    losses, t, skipped = (
+        torch.rand(batch, device=device),
+        torch.rand(batch, device=device),
+        torch.zeros((), device=device),
+    )
     sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -119,11 +146,20 @@ def main():
     batch = (x, torch.randint(0, args.class_num, (args.batch_size,)))
     monitor = StepMonitor(device, t_bin_edges(-0.8, 0.8))
     if args.probe_only:
-        per_step, per_measure = probe_ops(monitor, [p for p in denoiser.parameters() if p.requires_grad], device, args.batch_size)
+        per_step, per_measure = probe_ops(
+            monitor, [p for p in denoiser.parameters() if p.requires_grad], device, args.batch_size
+        )
         steps_per_epoch = args.images_per_epoch // (args.batch_size * args.world_size)
-        result = {"device": str(device), "model": args.model, "batch_size": args.batch_size, "probe_s_per_step": per_step,
-                  "probe_s_per_measured_step": per_measure, "steps_per_epoch": steps_per_epoch, "log_freq": args.log_freq,
-                  "per_t_loss_s_per_epoch": per_step * steps_per_epoch + per_measure * steps_per_epoch / args.log_freq}
+        result = {
+            "device": str(device),
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "probe_s_per_step": per_step,
+            "probe_s_per_measured_step": per_measure,
+            "steps_per_epoch": steps_per_epoch,
+            "log_freq": args.log_freq,
+            "per_t_loss_s_per_epoch": per_step * steps_per_epoch + per_measure * steps_per_epoch / args.log_freq,
+        }
         print(json.dumps(result, indent=1))
         return
     timed_steps(parts, batch, 2, device, monitor)  # warm-up
@@ -138,8 +174,9 @@ def main():
     per_t = (probe_s - step_s) * steps_per_epoch + (measured - probe_s) * steps_per_epoch / args.log_freq
 
     classes = grid.default_classes(args.class_num)
-    spec = grid.GridSpec(tuple(classes), per_class(args),
-                         SamplerSettings("heun", args.sample_steps, args.cfg, args.interval_min, 1.0))
+    spec = grid.GridSpec(
+        tuple(classes), per_class(args), SamplerSettings("heun", args.sample_steps, args.cfg, args.interval_min, 1.0)
+    )
     ema = emas[0].module
     rank_share = range(spec.size // args.world_size)
     grid.sample_images(ema, spec, device, rank_share)  # warm-up
@@ -149,12 +186,22 @@ def main():
     sync(device)
     grid_s = time.perf_counter() - t
     result = {
-        "device": str(device), "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
-        "step_s": step_s, "step_with_probe_s": probe_s, "measured_step_s": measured, "epoch_s": epoch_s,
-        "per_t_loss_s_per_epoch": per_t, "per_t_loss_pct": 100 * per_t / epoch_s,
+        "device": str(device),
+        "model": args.model,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "step_s": step_s,
+        "step_with_probe_s": probe_s,
+        "measured_step_s": measured,
+        "epoch_s": epoch_s,
+        "per_t_loss_s_per_epoch": per_t,
+        "per_t_loss_pct": 100 * per_t / epoch_s,
         "grid": f"{len(classes)} × {spec.per_class}, {spec.sampler.method} {spec.sampler.steps} steps, cfg {spec.sampler.cfg}",
-        "grid_images_per_rank": len(rank_share), "grid_s": grid_s, "sample_every": args.sample_every,
-        "grid_s_per_epoch": grid_s / args.sample_every, "grid_pct": 100 * grid_s / (epoch_s * args.sample_every),
+        "grid_images_per_rank": len(rank_share),
+        "grid_s": grid_s,
+        "sample_every": args.sample_every,
+        "grid_s_per_epoch": grid_s / args.sample_every,
+        "grid_pct": 100 * grid_s / (epoch_s * args.sample_every),
         "grid_pct_of_one_epoch": 100 * grid_s / epoch_s,
     }
     print(json.dumps(result, indent=1))

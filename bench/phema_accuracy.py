@@ -21,6 +21,7 @@
    error in profile space at full scale for the paper's EMA range, and the disk the snapshots take
    for JiT-B/16, L/16 and H/16 (parameter counts from models built on the meta device).
 """
+
 import argparse
 import json
 import os
@@ -45,7 +46,9 @@ IMAGENET_STEPS_PER_EPOCH, IMAGENET_EPOCHS, IMAGENET_BATCH = 1251, 600, 1024
 IMAGENET_STEPS = IMAGENET_STEPS_PER_EPOCH * IMAGENET_EPOCHS
 PAPER_DECAYS = (0.9996, 0.9998, 0.9999)
 SNAPSHOT_STDS = (0.003, 0.006, 0.012)
-DEFAULT_EVERY, DEFAULT_FROM = phema_files.default_schedule(IMAGENET_STEPS)  # 2502, 675540: every 2 epochs from epoch 540
+DEFAULT_EVERY, DEFAULT_FROM = phema_files.default_schedule(
+    IMAGENET_STEPS
+)  # 2502, 675540: every 2 epochs from epoch 540
 SPACINGS_IN_EPOCHS = (0.5, 1, 2, 4)
 DIRECT_STDS = (0.0045, 0.009)
 TARGET_STDS = (0.003, 0.0045, 0.006, 0.009, 0.012)
@@ -97,8 +100,14 @@ def train(steps: int, finest: int, start: int, log=print) -> dict:
                 snapshots[s][step] = flat(power[s].module)
         if step % 500 == 0:
             log(f"  step {step}/{steps} ({time.time() - t0:.0f} s)")
-    return {"raw": flat(model), "power": power, "classic": classic, "decays": decays, "snapshots": snapshots,
-            "train_s": time.time() - t0}
+    return {
+        "raw": flat(model),
+        "power": power,
+        "classic": classic,
+        "decays": decays,
+        "snapshots": snapshots,
+        "train_s": time.time() - t0,
+    }
 
 
 def reconstruct(run: dict, stds, steps: int, spacing: int, start: int, target, dtype=torch.float32):
@@ -138,12 +147,18 @@ def accuracy_rows(run: dict, steps: int, start: int) -> list[dict]:
         for epochs in SPACINGS_IN_EPOCHS:
             spacing = round(steps * epochs / IMAGENET_EPOCHS)
             rec, fit = reconstruct(run, stds, steps, spacing, start, (kind, value))
-            cell = {"steps": spacing, "error": relative_error(rec, flat(ema.module), run["raw"]),
-                    "fit_error": fit.fit_error, "gain": fit.gain}
+            cell = {
+                "steps": spacing,
+                "error": relative_error(rec, flat(ema.module), run["raw"]),
+                "fit_error": fit.fit_error,
+                "gain": fit.gain,
+            }
             if epochs * IMAGENET_STEPS_PER_EPOCH == DEFAULT_EVERY:
                 rec16, _ = reconstruct(run, stds, steps, spacing, start, (kind, value), torch.float16)
                 row["error_float16"] = relative_error(rec16, flat(ema.module), run["raw"])
-                row["error_float16_of_weights"] = float((rec16 - flat(ema.module).double()).norm() / flat(ema.module).norm())
+                row["error_float16_of_weights"] = float(
+                    (rec16 - flat(ema.module).double()).norm() / flat(ema.module).norm()
+                )
             row["spacing"][str(epochs)] = cell
         rows.append(row)
     return rows
@@ -159,21 +174,31 @@ def own_profile_through_files(run: dict, steps: int, start: int) -> dict:
         for s in SNAPSHOT_STDS:
             for k, vector in run["snapshots"][s].items():
                 if k % spacing == 0:
-                    phema_files.write_snapshot(folder, unflatten(vector, template), sigma_rel=s, step=k, images_seen=k * BATCH,
-                                         epoch=0, args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3})
+                    phema_files.write_snapshot(
+                        folder,
+                        unflatten(vector, template),
+                        sigma_rel=s,
+                        step=k,
+                        images_seen=k * BATCH,
+                        epoch=0,
+                        args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3},
+                    )
         code = reconstruct_ema.cli(["--snapshots", folder, "--std", "0.006", "--output_dir", tmp])
         assert code == 0
         state = checkpoint.load_checkpoint(os.path.join(tmp, f"ema-std0.006-step{steps:010d}.pth"))[0].weights("ema1")
     got = torch.cat([state[n].reshape(-1) for n in template])
     tracked = flat(run["power"][0.006].module)
-    return {"spacing_steps": spacing, "max_abs_diff": float((got - tracked).abs().max()),
-            "error": relative_error(got.double(), tracked, run["raw"])}
+    return {
+        "spacing_steps": spacing,
+        "max_abs_diff": float((got - tracked).abs().max()),
+        "error": relative_error(got.double(), tracked, run["raw"]),
+    }
 
 
 def unflatten(vector: torch.Tensor, template: dict) -> dict:
     out, i = {}, 0
     for name, value in template.items():
-        out[name] = vector[i:i + value.numel()].reshape(value.shape)
+        out[name] = vector[i : i + value.numel()].reshape(value.shape)
         i += value.numel()
     return out
 
@@ -186,12 +211,19 @@ def imagenet_fits() -> list[dict]:
         row = {"target": kind, "value": value, "spacing": {}}
         for epochs in SPACINGS_IN_EPOCHS:
             every = round(epochs * IMAGENET_STEPS_PER_EPOCH)
-            steps = [k for k in range(1, IMAGENET_STEPS + 1) if phema_files.snapshot_due(k, every=every, start=DEFAULT_FROM, total=IMAGENET_STEPS)]
+            steps = [
+                k
+                for k in range(1, IMAGENET_STEPS + 1)
+                if phema_files.snapshot_due(k, every=every, start=DEFAULT_FROM, total=IMAGENET_STEPS)
+            ]
             images = np.array([k * IMAGENET_BATCH for k in steps for _ in SNAPSHOT_STDS], dtype=np.float64)
             gammas = np.array([phema.gamma_from_sigma_rel(s) for _ in steps for s in SNAPSHOT_STDS])
             end = IMAGENET_STEPS * IMAGENET_BATCH
-            fit = (phema.fit_power(images, gammas, end, value) if kind == "std"
-                   else phema.fit_decay(images, gammas, end, value, IMAGENET_BATCH))
+            fit = (
+                phema.fit_power(images, gammas, end, value)
+                if kind == "std"
+                else phema.fit_decay(images, gammas, end, value, IMAGENET_BATCH)
+            )
             row["spacing"][str(epochs)] = {"fit_error": fit.fit_error, "gain": fit.gain, "cond": fit.cond}
         rows.append(row)
     return rows
@@ -207,7 +239,9 @@ def disk_costs() -> list[dict]:
         row = {"model": name, "params": sum(v.numel() for v in state.values())}
         for dtype in ("float16", "float32"):
             one = phema_files.snapshot_file_bytes(state, dtype, keep)
-            files, total = phema_files.snapshot_cost(one, len(SNAPSHOT_STDS), every=DEFAULT_EVERY, start=DEFAULT_FROM, total=IMAGENET_STEPS)
+            files, total = phema_files.snapshot_cost(
+                one, len(SNAPSHOT_STDS), every=DEFAULT_EVERY, start=DEFAULT_FROM, total=IMAGENET_STEPS
+            )
             row[dtype] = {"file_bytes": one, "files": files, "bytes": total}
         rows.append(row)
     return rows
@@ -216,36 +250,61 @@ def disk_costs() -> list[dict]:
 def print_tables(result: dict):
     steps = result["steps"]
     heads = " | ".join(f"{e} ep ({result['rows'][0]['spacing'][str(e)]['steps']} steps)" for e in SPACINGS_IN_EPOCHS)
-    print(f"\nTiny preset, {steps} steps; ‖reconstructed − tracked‖ / ‖tracked − raw‖ (profile-space fit error); "
-          f"spacing in ImageNet epochs (and steps here); snapshots from step {result['start']}")
+    print(
+        f"\nTiny preset, {steps} steps; ‖reconstructed − tracked‖ / ‖tracked − raw‖ (profile-space fit error); "
+        f"spacing in ImageNet epochs (and steps here); snapshots from step {result['start']}"
+    )
     print(f"| target | from snapshots of | {heads} | float16 snapshots, 2 ep |")
     print("|---" * (3 + len(SPACINGS_IN_EPOCHS)) + "|")
     for row in result["rows"]:
-        name = (f"σ_rel {row['value']:g}" if row["target"] == "std"
-                else f"decay {row['imagenet_decay']} (here {row['value']:.5f}, σ_rel {row['sigma_rel']:.4f})")
+        name = (
+            f"σ_rel {row['value']:g}"
+            if row["target"] == "std"
+            else f"decay {row['imagenet_decay']} (here {row['value']:.5f}, σ_rel {row['sigma_rel']:.4f})"
+        )
         cells = " | ".join(f"{c['error']:.1e} ({c['fit_error']:.0e})" for c in row["spacing"].values())
-        print(f"| {name} | {', '.join(f'{s:g}' for s in row['from'])} | {cells} | {row['error_float16']:.1e} ({row['error_float16_of_weights']:.0e} of ‖w‖) |")
+        print(
+            f"| {name} | {', '.join(f'{s:g}' for s in row['from'])} | {cells} | {row['error_float16']:.1e} ({row['error_float16_of_weights']:.0e} of ‖w‖) |"
+        )
     a = result["own_profile"]
-    print(f"\n(a) σ_rel 0.006 from its own snapshots (files, reconstruct_ema.py, every {a['spacing_steps']} steps): "
-          f"max |Δw| {a['max_abs_diff']:.1e}, relative error {a['error']:.1e}")
-    print(f"\nImageNet 600 epochs, snapshots of σ_rel {', '.join(map(str, SNAPSHOT_STDS))} from step {DEFAULT_FROM}: "
-          "profile-space fit error (Σ|w|)")
+    print(
+        f"\n(a) σ_rel 0.006 from its own snapshots (files, reconstruct_ema.py, every {a['spacing_steps']} steps): "
+        f"max |Δw| {a['max_abs_diff']:.1e}, relative error {a['error']:.1e}"
+    )
+    print(
+        f"\nImageNet 600 epochs, snapshots of σ_rel {', '.join(map(str, SNAPSHOT_STDS))} from step {DEFAULT_FROM}: "
+        "profile-space fit error (Σ|w|)"
+    )
     print("| target | " + " | ".join(f"every {e} ep" for e in SPACINGS_IN_EPOCHS) + " |")
     print("|---" * (1 + len(SPACINGS_IN_EPOCHS)) + "|")
     for row in result["imagenet"]:
         name = f"σ_rel {row['value']:g}" if row["target"] == "std" else f"decay {row['value']}"
-        print(f"| {name} | " + " | ".join(f"{c['fit_error']:.0e} ({c['gain']:.1f})" for c in row["spacing"].values()) + " |")
-    print(f"\nDisk, every {DEFAULT_EVERY} steps from step {DEFAULT_FROM} to {IMAGENET_STEPS} ({len(SNAPSHOT_STDS)} profiles)")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{c['fit_error']:.0e} ({c['gain']:.1f})" for c in row["spacing"].values())
+            + " |"
+        )
+    print(
+        f"\nDisk, every {DEFAULT_EVERY} steps from step {DEFAULT_FROM} to {IMAGENET_STEPS} ({len(SNAPSHOT_STDS)} profiles)"
+    )
     print("| model | parameters | files | float16 | float32 |")
     print("|---|---|---|---|---|")
     for row in result["disk"]:
-        print(f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['float16']['files']} | "
-              + " | ".join(f"{human_bytes(row[d]['bytes'])} ({human_bytes(row[d]['file_bytes'])} each)" for d in ("float16", "float32")) + " |")
+        print(
+            f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['float16']['files']} | "
+            + " | ".join(
+                f"{human_bytes(row[d]['bytes'])} ({human_bytes(row[d]['file_bytes'])} each)"
+                for d in ("float16", "float32")
+            )
+            + " |"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=3600, type=int, help="training steps (a multiple of 1200, so that every spacing is whole)")
+    parser.add_argument(
+        "--steps", default=3600, type=int, help="training steps (a multiple of 1200, so that every spacing is whole)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.steps % 1200:
@@ -257,8 +316,15 @@ def main():
     finest = round(steps * min(SPACINGS_IN_EPOCHS) / IMAGENET_EPOCHS)
     print(f"training JiT-XS/4 for {steps} steps (snapshots every {finest} steps from step {start})")
     run = train(steps, finest, start)
-    result = {"steps": steps, "start": start, "train_s": run["train_s"], "rows": accuracy_rows(run, steps, start),
-              "own_profile": own_profile_through_files(run, steps, start), "imagenet": imagenet_fits(), "disk": disk_costs()}
+    result = {
+        "steps": steps,
+        "start": start,
+        "train_s": run["train_s"],
+        "rows": accuracy_rows(run, steps, start),
+        "own_profile": own_profile_through_files(run, steps, start),
+        "imagenet": imagenet_fits(),
+        "disk": disk_costs(),
+    }
     result["wall_s"] = time.time() - t0
     print_tables(result)
     print(f"\nwall time {result['wall_s']:.0f} s (training {result['train_s']:.0f} s)")

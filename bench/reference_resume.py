@@ -8,6 +8,7 @@ with the given flags for one more epoch from it, and checks that every AdamW ste
 by the epoch's steps. On CUDA this is the path where fused AdamW refuses CPU step counters unless
 loading moves them (a gpu_check.sh step). Exit status 0 when it worked.
 """
+
 import argparse
 import os
 import subprocess
@@ -31,15 +32,28 @@ def main(argv):
     src, out, flags = argv[0], argv[1], argv[2:]
     os.makedirs(out, exist_ok=True)
     ref = write_reference_format(src, os.path.join(out, "reference-format.pth"))
-    code = subprocess.call([sys.executable, os.path.join(ROOT, "main_jit.py"), *flags, "--resume",
-                            os.path.join(out, "reference-format.pth"), "--output_dir", out, "--epochs", str(ref["epoch"] + 2)])
+    code = subprocess.call(
+        [
+            sys.executable,
+            os.path.join(ROOT, "main_jit.py"),
+            *flags,
+            "--resume",
+            os.path.join(out, "reference-format.pth"),
+            "--output_dir",
+            out,
+            "--epochs",
+            str(ref["epoch"] + 2),
+        ]
+    )
     if code != 0:
         return code
     new = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
     before = {float(s["step"]) for s in ref["optimizer"]["state"].values()}
     after = {float(s["step"]) for s in new["optimizer"]["state"].values()}
     print(f"AdamW steps {sorted(before)} -> {sorted(after)}; epoch {ref['epoch']} -> {new['epoch']}")
-    return 0 if len(before) == len(after) == 1 and after.pop() > before.pop() and new["epoch"] == ref["epoch"] + 1 else 1
+    return (
+        0 if len(before) == len(after) == 1 and after.pop() > before.pop() and new["epoch"] == ref["epoch"] + 1 else 1
+    )
 
 
 if __name__ == "__main__":

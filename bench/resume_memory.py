@@ -14,6 +14,7 @@ size, and that rise less the AdamW moments a resumed run must hold (on a CPU run
 memory; on CUDA in the GPU's). Memory-mapped file pages are not anonymous memory (they are the
 page cache, one copy per node shared by its ranks), so they do not count.
 """
+
 import argparse
 import json
 import os
@@ -38,7 +39,9 @@ def make_images(root: str, classes: int, per_class: int, size: int):
         folder = os.path.join(root, "train", f"c{c}")
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                os.path.join(folder, f"{i}.png")
+            )
 
 
 def rss_anon(pid: int) -> int | None:
@@ -98,14 +101,20 @@ def free_port() -> int:
 def adamw_bytes(path: str) -> int:
     """Bytes of the AdamW moments (exp_avg, exp_avg_sq) in a checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return sum(v.numel() * v.element_size() for s in ckpt["optimizer"]["state"].values()
-               for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
+    return sum(
+        v.numel() * v.element_size()
+        for s in ckpt["optimizer"]["state"].values()
+        for k, v in s.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="JiT-B/16")
-    p.add_argument("--img_size", type=int, default=32, help="the parameter count hardly depends on it (position embedding)")
+    p.add_argument(
+        "--img_size", type=int, default=32, help="the parameter count hardly depends on it (position embedding)"
+    )
     p.add_argument("--class_num", type=int, default=4)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--phema_stds", type=float, nargs="+", default=None)
@@ -121,35 +130,98 @@ def main(argv=None) -> int:
         batch = 2
         if not os.path.isdir(data):
             make_images(data, args.class_num, batch * args.nproc, args.img_size)
-        common = ["--model", args.model, "--img_size", args.img_size, "--class_num", args.class_num, "--device", "cpu",
-                  "--num_workers", 0, "--no_compile", "--data_path", data, "--warmup_epochs", 1, "--lr", 1e-4]
+        common = [
+            "--model",
+            args.model,
+            "--img_size",
+            args.img_size,
+            "--class_num",
+            args.class_num,
+            "--device",
+            "cpu",
+            "--num_workers",
+            0,
+            "--no_compile",
+            "--data_path",
+            data,
+            "--warmup_epochs",
+            1,
+            "--lr",
+            1e-4,
+        ]
         common += ["--phema_stds", *args.phema_stds] if args.phema_stds else []
         ckpt = os.path.join(work, "source", "checkpoint-last.pth")
         if not os.path.isfile(ckpt):  # one process, one step: every image in one batch
-            cmd = [sys.executable, "main_jit.py", *common, "--batch_size", batch * args.nproc * args.class_num, "--epochs", 1,
-                   "--output_dir", os.path.dirname(ckpt)]
+            cmd = [
+                sys.executable,
+                "main_jit.py",
+                *common,
+                "--batch_size",
+                batch * args.nproc * args.class_num,
+                "--epochs",
+                1,
+                "--output_dir",
+                os.path.dirname(ckpt),
+            ]
             subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         size, adamw = os.path.getsize(ckpt), adamw_bytes(ckpt)
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
-                  "main_jit.py", *common, "--batch_size", batch, "--epochs", 2, "--dry_run"]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            "--master_addr=127.0.0.1",
+            "main_jit.py",
+            *common,
+            "--batch_size",
+            batch,
+            "--epochs",
+            2,
+            "--dry_run",
+        ]
         results = {}
         for mode in ("none", *args.modes):
             extra = [] if mode == "none" else [f"--{mode}", ckpt]
-            cmd = [str(c) for c in launch[:5] + [f"--master_port={free_port()}"] + launch[5:] + ["--output_dir", os.path.join(work, f"run-{mode}"), *extra]]
+            cmd = [
+                str(c)
+                for c in launch[:5]
+                + [f"--master_port={free_port()}"]
+                + launch[5:]
+                + ["--output_dir", os.path.join(work, f"run-{mode}"), *extra]
+            ]
             peaks, _ = peak_rss_anon(cmd, env, args.nproc, args.interval_ms / 1000)
             results[mode] = peaks
-    report = {"model": args.model, "img_size": args.img_size, "nproc": args.nproc, "phema_stds": args.phema_stds,
-              "checkpoint_bytes": size, "adamw_bytes": adamw, "peak_rss_anon": results, "rise_over_checkpoint": {},
-              "beyond_adamw_over_checkpoint": {}}
-    print(f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of it; "
-          f"{args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms")
-    print("  without a checkpoint: " + ", ".join(f"rank {r} {b / 2**30:.3f} GiB" for r, b in enumerate(results["none"])))
+    report = {
+        "model": args.model,
+        "img_size": args.img_size,
+        "nproc": args.nproc,
+        "phema_stds": args.phema_stds,
+        "checkpoint_bytes": size,
+        "adamw_bytes": adamw,
+        "peak_rss_anon": results,
+        "rise_over_checkpoint": {},
+        "beyond_adamw_over_checkpoint": {},
+    }
+    print(
+        f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of it; "
+        f"{args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms"
+    )
+    print(
+        "  without a checkpoint: " + ", ".join(f"rank {r} {b / 2**30:.3f} GiB" for r, b in enumerate(results["none"]))
+    )
     for mode in args.modes:
         rise = [(a - b) / size for a, b in zip(results[mode], results["none"])]
         beyond = [r - (adamw / size if mode == "resume" else 0.0) for r in rise]
         report["rise_over_checkpoint"][mode], report["beyond_adamw_over_checkpoint"][mode] = rise, beyond
-        print(f"  --{mode}: rise " + ", ".join(f"rank {r} {x:.2f}×" for r, x in enumerate(rise))
-              + ("; beyond the AdamW moments " + ", ".join(f"rank {r} {x:.2f}×" for r, x in enumerate(beyond)) if mode == "resume" else ""))
+        print(
+            f"  --{mode}: rise "
+            + ", ".join(f"rank {r} {x:.2f}×" for r, x in enumerate(rise))
+            + (
+                "; beyond the AdamW moments " + ", ".join(f"rank {r} {x:.2f}×" for r, x in enumerate(beyond))
+                if mode == "resume"
+                else ""
+            )
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

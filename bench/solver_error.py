@@ -19,6 +19,7 @@
    the seeds is its noise; its floor, --fd_images training images against all of them, is printed
    first.
 """
+
 import argparse
 import json
 import math
@@ -32,9 +33,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from denoiser import METHODS, SamplerSettings  # noqa: E402
 import run_sources  # noqa: E402
 import weights  # noqa: E402
+from denoiser import METHODS, SamplerSettings  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import initial_noise, quantize  # noqa: E402
 
@@ -100,7 +101,9 @@ def training_features(data_path: str, size: int) -> np.ndarray:
     from PIL import Image
 
     root = os.path.join(data_path, "train")
-    files = [os.path.join(root, c, f) for c in sorted(os.listdir(root)) for f in sorted(os.listdir(os.path.join(root, c)))]
+    files = [
+        os.path.join(root, c, f) for c in sorted(os.listdir(root)) for f in sorted(os.listdir(os.path.join(root, c)))
+    ]
     imgs = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))).transpose(2, 0, 1) for f in files])
     return grey8(imgs)
 
@@ -120,7 +123,12 @@ def get_args_parser():
     a("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     a("--schedules", nargs="+", default=["uniform"], help="schedules (denoiser.SCHEDULES, name or name:parameter)")
     a("--nfe", nargs="+", type=int, default=[6, 10, 16, 20, 30, 50])
-    a("--extra", nargs="*", default=[], help="more METHOD:SCHEDULE:STEPS points for the error table (e.g. heun:uniform:50)")
+    a(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="more METHOD:SCHEDULE:STEPS points for the error table (e.g. heun:uniform:50)",
+    )
     a("--fd", nargs="*", default=[], help="METHOD:SCHEDULE:STEPS settings for the Fréchet distance")
     a("--fd_images", default=500, type=int)
     a("--fd_seeds", nargs="+", type=int, default=[1, 2])
@@ -156,12 +164,24 @@ def main(args) -> int:
     results = {"config": vars(args), "rows": [], "fd": []}
     ref_settings = SamplerSettings(method="heun", steps=args.ref_steps, **guidance)
     ref, sec = generate(model, ref_settings, args.seed, args.num_images, args.batch)
-    half, _ = generate(model, SamplerSettings(method="heun", steps=args.ref_steps // 2, **guidance), args.seed, args.num_images,
-                       args.batch)
-    results["reference"] = {"steps": args.ref_steps, "nfe": ref_settings.nfe(), "seconds_per_image": sec / args.num_images,
-                            "rmse_of_half_the_steps": rmse(half, ref)}
-    print(f"reference: heun {args.ref_steps} steps ({ref_settings.nfe()} NFE); heun {args.ref_steps // 2} steps differs by "
-          f"{results['reference']['rmse_of_half_the_steps']:.3f} levels", flush=True)
+    half, _ = generate(
+        model,
+        SamplerSettings(method="heun", steps=args.ref_steps // 2, **guidance),
+        args.seed,
+        args.num_images,
+        args.batch,
+    )
+    results["reference"] = {
+        "steps": args.ref_steps,
+        "nfe": ref_settings.nfe(),
+        "seconds_per_image": sec / args.num_images,
+        "rmse_of_half_the_steps": rmse(half, ref),
+    }
+    print(
+        f"reference: heun {args.ref_steps} steps ({ref_settings.nfe()} NFE); heun {args.ref_steps // 2} steps differs by "
+        f"{results['reference']['rmse_of_half_the_steps']:.3f} levels",
+        flush=True,
+    )
     points = [settings_at_most(m, s, n, **guidance) for m in args.methods for s in args.schedules for n in args.nfe]
     seen = set()
     for s in [p for p in points if p is not None] + extra:
@@ -169,28 +189,56 @@ def main(args) -> int:
             continue
         seen.add(s)
         images, sec = generate(model, s, args.seed, args.num_images, args.batch)
-        row = dict(method=s.method, schedule=s.schedule, steps=s.steps, nfe=s.nfe(), net_passes=s.net_passes(),
-                   rmse=rmse(images, ref), seconds_per_image=sec / args.num_images)
+        row = dict(
+            method=s.method,
+            schedule=s.schedule,
+            steps=s.steps,
+            nfe=s.nfe(),
+            net_passes=s.net_passes(),
+            rmse=rmse(images, ref),
+            seconds_per_image=sec / args.num_images,
+        )
         results["rows"].append(row)
-        print(f"{row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: RMSE {row['rmse']:6.3f} levels, "
-              f"{row['seconds_per_image'] * 1e3:.1f} ms/image", flush=True)
+        print(
+            f"{row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: RMSE {row['rmse']:6.3f} levels, "
+            f"{row['seconds_per_image'] * 1e3:.1f} ms/image",
+            flush=True,
+        )
     if fd_points:
         data = training_features(args.data_path, model.net.input_size)
-        floor = [frechet(data[np.random.default_rng(seed).choice(len(data), min(args.fd_images, len(data)), replace=False)], data)
-                 for seed in args.fd_seeds]
+        floor = [
+            frechet(
+                data[np.random.default_rng(seed).choice(len(data), min(args.fd_images, len(data)), replace=False)], data
+            )
+            for seed in args.fd_seeds
+        ]
         results["fd_floor"] = floor
-        print(f"FD floor: {args.fd_images} training images against all of them: {', '.join(f'{x:.5f}' for x in floor)}", flush=True)
+        print(
+            f"FD floor: {args.fd_images} training images against all of them: {', '.join(f'{x:.5f}' for x in floor)}",
+            flush=True,
+        )
         for s in fd_points:
             fds, secs = [], []
             for seed in args.fd_seeds:
                 images, sec = generate(model, s, seed, args.fd_images, args.batch)
                 fds.append(frechet(grey8(images.numpy()), data))
                 secs.append(sec / args.fd_images)
-            row = dict(method=s.method, schedule=s.schedule, steps=s.steps, nfe=s.nfe(), fd=float(np.mean(fds)),
-                       fd_std=float(np.std(fds, ddof=1)) if len(fds) > 1 else None, fds=fds, seconds_per_image=float(np.mean(secs)))
+            row = dict(
+                method=s.method,
+                schedule=s.schedule,
+                steps=s.steps,
+                nfe=s.nfe(),
+                fd=float(np.mean(fds)),
+                fd_std=float(np.std(fds, ddof=1)) if len(fds) > 1 else None,
+                fds=fds,
+                seconds_per_image=float(np.mean(secs)),
+            )
             results["fd"].append(row)
-            print(f"FD {row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: {row['fd']:.5f} "
-                  f"(seeds {', '.join(f'{x:.5f}' for x in fds)})", flush=True)
+            print(
+                f"FD {row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: {row['fd']:.5f} "
+                f"(seeds {', '.join(f'{x:.5f}' for x in fds)})",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

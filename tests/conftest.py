@@ -11,8 +11,11 @@ GOLDEN = os.path.join(ROOT, "tests", "data", "jit_tiny_reference.pt")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts processes (scripts, torchrun) or runs a whole training or evaluation; "
-                                       "`pytest -m 'not slow'` skips them")
+    config.addinivalue_line(
+        "markers",
+        "slow: starts processes (scripts, torchrun) or runs a whole training or evaluation; "
+        "`pytest -m 'not slow'` skips them",
+    )
 
 
 @pytest.fixture(scope="session")

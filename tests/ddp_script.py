@@ -1,8 +1,9 @@
 """Run under torchrun by tests/test_train.py.
 
-    ddp_script.py train DUMP_DIR MAIN_ARGS...   train with main_jit, then every rank dumps its state
-    ddp_script.py grad DUMP_DIR                  DDP gradient of half batches vs one-process full batch
+ddp_script.py train DUMP_DIR MAIN_ARGS...   train with main_jit, then every rank dumps its state
+ddp_script.py grad DUMP_DIR                  DDP gradient of half batches vs one-process full batch
 """
+
 import copy
 import os
 import sys

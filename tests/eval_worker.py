@@ -4,15 +4,16 @@ Writes to --out (rank 0): the gathered images of the real network at --gen_bsz, 
 of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's engine_jit.evaluate() record.
 Prints every rank's thread count before joining the process group and after leaving it.
 """
+
 import argparse
 import os
 import time
 
 import torch
+from helpers import TINY_MODEL, PerSample, evaluation_of, generated, tiny_denoiser
 
 from denoiser import SamplerSettings
 from engine_jit import evaluate
-from helpers import TINY_MODEL, PerSample, evaluation_of, generated, tiny_denoiser
 from util import distributed
 from util.evaluation import GenerationSpec, Scorer, gather_rows
 from util.logger import RunLog
@@ -26,6 +27,7 @@ p.add_argument("--fid_stats", required=True)
 p.add_argument("--inception_weights", required=True)
 p.add_argument("--output_dir", required=True)
 args = p.parse_args()
+
 
 def threads() -> list[str]:
     """The names of this process's threads (Linux)."""
@@ -52,11 +54,21 @@ threads_before = len(threads())
 device = distributed.init("cpu")
 rank = distributed.get_rank()
 denoiser = tiny_denoiser()
-spec = GenerationSpec(num_images=args.num_images, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"],
-                      sampler=SamplerSettings(steps=2, cfg=2.0, interval_min=0.1), gen_bsz=args.gen_bsz, seed=5)
+spec = GenerationSpec(
+    num_images=args.num_images,
+    class_num=TINY_MODEL["class_num"],
+    img_size=TINY_MODEL["img_size"],
+    sampler=SamplerSettings(steps=2, cfg=2.0, interval_min=0.1),
+    gen_bsz=args.gen_bsz,
+    seed=5,
+)
 images = gather_rows(generated(denoiser, spec), device)
-per_sample = gather_rows(generated(denoiser, GenerationSpec(**{**vars(spec), "gen_bsz": args.gen_bsz_per_sample}),
-                                   net=PerSample(denoiser.net)), device)
+per_sample = gather_rows(
+    generated(
+        denoiser, GenerationSpec(**{**vars(spec), "gen_bsz": args.gen_bsz_per_sample}), net=PerSample(denoiser.net)
+    ),
+    device,
+)
 log = RunLog(args.output_dir)
 scorer = Scorer(args.fid_stats, args.inception_weights, device)
 result = evaluate(evaluation_of(denoiser, spec, scorer, log, args.output_dir), epoch=3, weights_epoch=3)

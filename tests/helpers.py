@@ -1,5 +1,6 @@
 """Shared pieces of the tests: the tiny configuration, image folders, a tiny denoiser, reference-format
 checkpoints, a stand-in Inception weights file, and one way to run the repo's scripts."""
+
 import argparse
 import json
 import os
@@ -24,8 +25,30 @@ REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
 # The tiny configuration: JiT-XS/4 (0.4M parameters) on 16 px images of 3 classes, on the CPU; no sample
 # grids (the tests of util.grid turn them on).
 TINY_MODEL = dict(model="JiT-XS/4", img_size=16, class_num=3)
-TINY = ["--model", "JiT-XS/4", "--img_size", "16", "--class_num", "3", "--batch_size", "4", "--num_workers", "0",
-        "--device", "cpu", "--print_freq", "1", "--log_freq", "1", "--warmup_epochs", "1", "--sample_every", "0", "--lr", "1e-3"]
+TINY = [
+    "--model",
+    "JiT-XS/4",
+    "--img_size",
+    "16",
+    "--class_num",
+    "3",
+    "--batch_size",
+    "4",
+    "--num_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--print_freq",
+    "1",
+    "--log_freq",
+    "1",
+    "--warmup_epochs",
+    "1",
+    "--sample_every",
+    "0",
+    "--lr",
+    "1e-3",
+]
 
 
 def make_image_folder(root, classes=3, per_class=8, seed=0):
@@ -54,8 +77,9 @@ def tiny_denoiser(seed: int = 0) -> Denoiser:
     return Denoiser(net, TINY_MODEL["class_num"]).eval()
 
 
-def save_reference_checkpoint(path, model: Denoiser, ema1: Denoiser | None = None, ema2: Denoiser | None = None,
-                              epoch: int = 7, steps: int = 0):
+def save_reference_checkpoint(
+    path, model: Denoiser, ema1: Denoiser | None = None, ema2: Denoiser | None = None, epoch: int = 7, steps: int = 0
+):
     """A checkpoint exactly as the reference release writes it: `model`, `model_ema1`, `model_ema2`
     (default: model's weights), `optimizer` of a plain AdamW with the reference's two groups (no
     weight decay on biases and 1-D parameters, then the rest) after `steps` steps on random data,
@@ -72,10 +96,20 @@ def save_reference_checkpoint(path, model: Denoiser, ema1: Denoiser | None = Non
         model(torch.rand(4, 3, size, size, generator=g) * 2 - 1, torch.arange(4) % TINY_MODEL["class_num"]).backward()
         opt.step()
         opt.zero_grad()
-    args = argparse.Namespace(**TINY_MODEL, noise_scale=1.0, t_eps=0.05, P_mean=-0.8, P_std=0.8, epochs=10, seed=0,
-                              batch_size=4, lr=1e-4)
-    torch.save({"model": model.state_dict(), "model_ema1": ema1.state_dict(), "model_ema2": ema2.state_dict(),
-                "optimizer": opt.state_dict(), "epoch": epoch, "args": args}, path)
+    args = argparse.Namespace(
+        **TINY_MODEL, noise_scale=1.0, t_eps=0.05, P_mean=-0.8, P_std=0.8, epochs=10, seed=0, batch_size=4, lr=1e-4
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_ema1": ema1.state_dict(),
+            "model_ema2": ema2.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "args": args,
+        },
+        path,
+    )
 
 
 def generated(denoiser, spec, net=None) -> torch.Tensor:
@@ -93,8 +127,9 @@ def evaluation_of(denoiser, spec, scorer, log, output_dir, save_images: bool = F
     from util.sweep import Point
 
     samplers = EMAWeights([EMA(denoiser, 0.0)], torch.device("cpu"), make_denoiser=None, compile_net=False)
-    return Evaluation(samplers, [Point(1, spec.sampler, spec.num_images)], spec, scorer, log, str(output_dir),
-                      save_images=save_images)
+    return Evaluation(
+        samplers, [Point(1, spec.sampler, spec.num_images)], spec, scorer, log, str(output_dir), save_images=save_images
+    )
 
 
 def make_standin_inception_weights(path: str, seed: int = 0):
@@ -160,24 +195,46 @@ def child_env(extra: dict | None = None) -> dict:
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(extra or {})}
 
 
-def run_script(script, *args, nproc: int | None = None, env: dict | None = None, check: bool = True, timeout: float = 300):
+def run_script(
+    script, *args, nproc: int | None = None, env: dict | None = None, check: bool = True, timeout: float = 300
+):
     """Run a script of the repository (path relative to the root) and wait. Returns the
     CompletedProcess with stdout and stderr merged in `stdout`; with check, a non-zero exit fails
     the test showing the output."""
-    p = subprocess.run(command(script, *args, nproc=nproc), cwd=ROOT, env=child_env(env), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    p = subprocess.run(
+        command(script, *args, nproc=nproc),
+        cwd=ROOT,
+        env=child_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited with {p.returncode}:\n{p.stdout}")
     return p
 
 
-def start_script(script, *args, nproc: int | None = None, torchrun: list | None = None, env: dict | None = None,
-                 argv: list | None = None) -> subprocess.Popen:
+def start_script(
+    script,
+    *args,
+    nproc: int | None = None,
+    torchrun: list | None = None,
+    env: dict | None = None,
+    argv: list | None = None,
+) -> subprocess.Popen:
     """Start a script (under torchrun: see `command`; or the command line `argv` as given) in the
     background, stdout and stderr merged. Use it through the `start` fixture (conftest.py), which
     kills what is still running at teardown."""
-    return subprocess.Popen(argv or command(script, *args, nproc=nproc, torchrun=torchrun), cwd=ROOT, env=child_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        argv or command(script, *args, nproc=nproc, torchrun=torchrun),
+        cwd=ROOT,
+        env=child_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
@@ -193,6 +250,7 @@ def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
 def assert_same_state(a: dict, b: dict, atol: float = 0.0):
     """Two checkpoint dicts hold the same weights, EMAs and optimizer state: bit for bit (atol 0),
     or each tensor within `atol`."""
+
     def check(x, y, what):
         if atol == 0:
             assert torch.equal(x, y), what

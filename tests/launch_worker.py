@@ -1,9 +1,10 @@
 """main_jit.py with a delay put into one rank, for the timeout tests of test_launch.py (under torchrun):
 
-    launch_worker.py slow_save SECONDS MAIN_ARGS...   rank 0's checkpoint writes each take SECONDS more
-    launch_worker.py stuck SECONDS MAIN_ARGS...       rank 1 stops for SECONDS before its first step
-    launch_worker.py slow_steps SECONDS MAIN_ARGS...  every step takes SECONDS more (a run that lasts)
+launch_worker.py slow_save SECONDS MAIN_ARGS...   rank 0's checkpoint writes each take SECONDS more
+launch_worker.py stuck SECONDS MAIN_ARGS...       rank 1 stops for SECONDS before its first step
+launch_worker.py slow_steps SECONDS MAIN_ARGS...  every step takes SECONDS more (a run that lasts)
 """
+
 import os
 import sys
 import time

@@ -8,6 +8,7 @@
 Every run starts from the same perturbed JiT-XS/4 at 16 px with dropout, and every step of every
 run sees the same micro-batches and the same random draws (seeded per step and rank).
 """
+
 import contextlib
 import copy
 import os
@@ -20,8 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import EMA, Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import distributed  # noqa: E402
-from util import sharding  # noqa: E402
+from util import (
+    distributed,  # noqa: E402
+    sharding,  # noqa: E402
+)
 
 STEPS, ACCUM, MICRO = 3, 2, 2  # optimiser steps, micro-batches per step, images per micro-batch
 DECAYS = (0.9, 0.8)  # fast EMAs, so that their differences show after 3 steps
@@ -30,7 +33,9 @@ LR = 1e-3
 
 def base_denoiser(grad_checkpoint=False):
     torch.manual_seed(0)
-    net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, attn_drop=0.1, proj_drop=0.1, grad_checkpoint=grad_checkpoint)
+    net = JiT_models["JiT-XS/4"](
+        input_size=16, num_classes=3, attn_drop=0.1, proj_drop=0.1, grad_checkpoint=grad_checkpoint
+    )
     denoiser = Denoiser(net, num_classes=3)
     with torch.no_grad():  # make every layer matter (adaLN and output layers start at zero)
         for p in denoiser.parameters():
@@ -41,8 +46,13 @@ def base_denoiser(grad_checkpoint=False):
 def batches(step, rank, accum=ACCUM, micro=MICRO):
     """The uint8 micro-batches of (images (B, 3, 16, 16), labels (B,)) this rank trains on at `step`."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return [(torch.randint(0, 256, (micro, 3, 16, 16), dtype=torch.uint8, generator=g),
-             torch.randint(0, 3, (micro,), generator=g)) for _ in range(accum)]
+    return [
+        (
+            torch.randint(0, 256, (micro, 3, 16, 16), dtype=torch.uint8, generator=g),
+            torch.randint(0, 3, (micro,), generator=g),
+        )
+        for _ in range(accum)
+    ]
 
 
 def seed(step):
@@ -51,8 +61,13 @@ def seed(step):
 
 def build_ddp(denoiser) -> StepParts:
     emas = [EMA(denoiser, d) for d in DECAYS]
-    return StepParts(torch.nn.parallel.DistributedDataParallel(denoiser), denoiser, build_optimizer(denoiser, LR, 0.01), emas,
-                     torch.device("cpu"))
+    return StepParts(
+        torch.nn.parallel.DistributedDataParallel(denoiser),
+        denoiser,
+        build_optimizer(denoiser, LR, 0.01),
+        emas,
+        torch.device("cpu"),
+    )
 
 
 def build_fsdp(denoiser, mixed_precision=False) -> StepParts:
@@ -89,7 +104,9 @@ def inf_in_one_shard_on_rank_1():
 
 def plain_state(parts: StepParts):
     """(model_sd, [ema_sds], optim_sd) of a DDP run, as its checkpoint holds them (a copy)."""
-    return copy.deepcopy((parts.denoiser.state_dict(), [e.state_dict() for e in parts.emas], parts.optimizer.state_dict()))
+    return copy.deepcopy(
+        (parts.denoiser.state_dict(), [e.state_dict() for e in parts.emas], parts.optimizer.state_dict())
+    )
 
 
 def full_state(parts: StepParts):
@@ -115,17 +132,24 @@ def compare(full, ref):
     """Per part max abs diffs of two (model_sd, [ema_sds], optim_sd) triples."""
     m, e, o = full
     m2, e2, o2 = ref
-    return {"model": max_diff(m, m2), "ema1": max_diff(e[0], e2[0]), "ema2": max_diff(e[1], e2[1]),
-            "exp_avg": max(max_diff(o["state"][i]["exp_avg"], o2["state"][i]["exp_avg"]) for i in o2["state"]),
-            "exp_avg_sq": max(max_diff(o["state"][i]["exp_avg_sq"], o2["state"][i]["exp_avg_sq"]) for i in o2["state"]),
-            "optim_all": max_diff(o, o2)}
+    return {
+        "model": max_diff(m, m2),
+        "ema1": max_diff(e[0], e2[0]),
+        "ema2": max_diff(e[1], e2[1]),
+        "exp_avg": max(max_diff(o["state"][i]["exp_avg"], o2["state"][i]["exp_avg"]) for i in o2["state"]),
+        "exp_avg_sq": max(max_diff(o["state"][i]["exp_avg_sq"], o2["state"][i]["exp_avg_sq"]) for i in o2["state"]),
+        "optim_all": max_diff(o, o2),
+    }
 
 
 def gathered_grads(denoiser):
     from torch.distributed.tensor import DTensor
 
-    return {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
-            for n, p in denoiser.named_parameters() if p.grad is not None}
+    return {
+        n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+        for n, p in denoiser.named_parameters()
+        if p.grad is not None
+    }
 
 
 def accumulation_vs_one_batch():
@@ -192,10 +216,14 @@ def main_train(dump):
         out["same_param_groups"] = full[2]["param_groups"] == ref[2]["param_groups"]
         out["same_model_keys"] = list(full[0]) == list(ref[0]) and list(full[1][0]) == list(ref[1][0])
         out["optim_state_keys"] = (list(full[2]["state"]), list(ref[2]["state"]))
-        torch.save({"model": full[0], "model_ema1": full[1][0], "model_ema2": full[1][1], "optimizer": full[2]},
-                   os.path.join(dump, "fsdp_ckpt.pt"))
-        torch.save({"model": ref[0], "model_ema1": ref[1][0], "model_ema2": ref[1][1], "optimizer": ref[2]},
-                   os.path.join(dump, "ddp_ckpt.pt"))
+        torch.save(
+            {"model": full[0], "model_ema1": full[1][0], "model_ema2": full[1][1], "optimizer": full[2]},
+            os.path.join(dump, "fsdp_ckpt.pt"),
+        )
+        torch.save(
+            {"model": ref[0], "model_ema1": ref[1][0], "model_ema2": ref[1][1], "optimizer": ref[2]},
+            os.path.join(dump, "ddp_ckpt.pt"),
+        )
     dist.barrier()
 
     # FSDP checkpoint -> plain Denoiser + AdamW (strict), one more step each, against FSDP's own.
@@ -213,8 +241,12 @@ def main_train(dump):
     c = torch.load(os.path.join(dump, "ddp_ckpt.pt"), weights_only=True) if rank == 0 else None
     fresh = build_fsdp(base_denoiser())
     torch.manual_seed(123)  # the fresh weights must not matter
-    sharding.load_full_state(fresh.denoiser, fresh.emas, fresh.optimizer,
-                             *((c["model"], [c["model_ema1"], c["model_ema2"]], c["optimizer"]) if c else (None, None, None)))
+    sharding.load_full_state(
+        fresh.denoiser,
+        fresh.emas,
+        fresh.optimizer,
+        *((c["model"], [c["model_ema1"], c["model_ema2"]], c["optimizer"]) if c else (None, None, None)),
+    )
     fresh_loaded = full_state(fresh)
     train(fresh, [STEPS])
     fresh_next = full_state(fresh)
@@ -223,9 +255,13 @@ def main_train(dump):
         out["fsdp_ckpt_to_plain"] = compare(plain_state(plain), fsdp_next)
         out["ddp_ckpt_to_fsdp_loaded"] = compare(fresh_loaded, ref)
         out["ddp_ckpt_to_fsdp"] = compare(fresh_next, plain_state(ddp))
-        out["optim_groups_after_load"] = [{k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh.optimizer.param_groups]
+        out["optim_groups_after_load"] = [
+            {k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh.optimizer.param_groups
+        ]
 
-    plain_ema = sharding.unshard_into(base_denoiser(), fsdp.emas[0].module)  # every rank: full EMA weights to sample from
+    plain_ema = sharding.unshard_into(
+        base_denoiser(), fsdp.emas[0].module
+    )  # every rank: full EMA weights to sample from
     gathered = [None, None]
     dist.all_gather_object(gathered, plain_ema.state_dict())
     if rank == 0:
@@ -259,8 +295,12 @@ def main_precision(dump):
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     results = {}
     ref = {}
-    for name, kind, mp, ac in [("ddp_fp32", "ddp", None, contextlib.nullcontext), ("ddp_bf16", "ddp", None, bf16),
-                               ("fsdp_gather_fp32", "fsdp", False, bf16), ("fsdp_gather_bf16", "fsdp", True, bf16)]:
+    for name, kind, mp, ac in [
+        ("ddp_fp32", "ddp", None, contextlib.nullcontext),
+        ("ddp_bf16", "ddp", None, bf16),
+        ("fsdp_gather_fp32", "fsdp", False, bf16),
+        ("fsdp_gather_bf16", "fsdp", True, bf16),
+    ]:
         run = build_ddp(base_denoiser()) if kind == "ddp" else build_fsdp(base_denoiser(), mixed_precision=mp)
         seed(0)
         micro = batches(0, rank)
@@ -268,7 +308,7 @@ def main_precision(dump):
         for j, (x, labels) in enumerate(micro):  # forward and backward only: no optimiser step
             x = x.float().div_(255).mul_(2).sub_(1)
             sharding.set_grad_sync(run.model, j == len(micro) - 1)
-            with (contextlib.nullcontext() if kind == "fsdp" or j == len(micro) - 1 else run.model.no_sync()), ac():
+            with contextlib.nullcontext() if kind == "fsdp" or j == len(micro) - 1 else run.model.no_sync(), ac():
                 loss = run.model(x, labels)
             losses.append(loss.detach().float())
             (loss / len(micro)).backward()
@@ -279,11 +319,17 @@ def main_precision(dump):
         for name in ("ddp_fp32", "fsdp_gather_fp32", "fsdp_gather_bf16"):
             loss, grads = results[name]
             rel = max(((grads[k] - base_grads[k]).norm() / base_grads[k].norm().clamp_min(1e-30)).item() for k in grads)
-            ref[name] = {"loss_diff": (loss - base_loss).abs().max().item(), "grad_max_abs": max_diff(grads, base_grads),
-                         "grad_max_rel_l2": rel}
+            ref[name] = {
+                "loss_diff": (loss - base_loss).abs().max().item(),
+                "grad_max_abs": max_diff(grads, base_grads),
+                "grad_max_rel_l2": rel,
+            }
             print(name, "vs ddp_bf16:", ref[name], flush=True)
             if os.environ.get("PER_PARAM"):
-                per = sorted((((grads[k] - base_grads[k]).norm() / base_grads[k].norm().clamp_min(1e-30)).item(), k) for k in grads)
+                per = sorted(
+                    (((grads[k] - base_grads[k]).norm() / base_grads[k].norm().clamp_min(1e-30)).item(), k)
+                    for k in grads
+                )
                 print("  largest relative differences:", [(k, f"{r:.2e}") for r, k in per[-8:]], flush=True)
         torch.save(ref, os.path.join(dump, "precision.pt"))
 

@@ -1,5 +1,6 @@
 """The paper's ablations: prediction targets and loss spaces (Table 2), the patch-embedding
 bottleneck (Fig. 4) and the in-context class tokens (Table 4)."""
+
 import argparse
 import io
 import json
@@ -7,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, TINY_MODEL, make_image_folder, run_script
 
 import main_jit
 from denoiser import CONVERSIONS, TRUTHS, Denoiser, SamplerSettings, velocity
 from engine_jit import build_optimizer
-from helpers import TINY, TINY_MODEL, make_image_folder, run_script
 from model_jit import ARCH_KNOBS, JiT_models
 
 SPACES = tuple(CONVERSIONS)
@@ -59,10 +60,19 @@ def test_every_division_uses_the_clipped_denominator():
     out, z = torch.full((2, 1), 3.0, dtype=torch.float64), torch.full((2, 1), 1.0, dtype=torch.float64)
     t = torch.tensor([[0.01], [0.99]], dtype=torch.float64)
     div = lambda a, b: a / b  # noqa: E731
-    torch.testing.assert_close(CONVERSIONS["x"]["v"](out, z, t, 0.05), div(out - z, torch.tensor([[0.99], [0.05]], dtype=torch.float64)))
-    torch.testing.assert_close(CONVERSIONS["x"]["eps"](out, z, t, 0.05), div(z - t * out, torch.tensor([[0.99], [0.05]], dtype=torch.float64)))
-    torch.testing.assert_close(CONVERSIONS["eps"]["v"](out, z, t, 0.05), div(z - out, torch.tensor([[0.05], [0.99]], dtype=torch.float64)))
-    torch.testing.assert_close(CONVERSIONS["eps"]["x"](out, z, t, 0.05), div(z - (1 - t) * out, torch.tensor([[0.05], [0.99]], dtype=torch.float64)))
+    torch.testing.assert_close(
+        CONVERSIONS["x"]["v"](out, z, t, 0.05), div(out - z, torch.tensor([[0.99], [0.05]], dtype=torch.float64))
+    )
+    torch.testing.assert_close(
+        CONVERSIONS["x"]["eps"](out, z, t, 0.05), div(z - t * out, torch.tensor([[0.99], [0.05]], dtype=torch.float64))
+    )
+    torch.testing.assert_close(
+        CONVERSIONS["eps"]["v"](out, z, t, 0.05), div(z - out, torch.tensor([[0.05], [0.99]], dtype=torch.float64))
+    )
+    torch.testing.assert_close(
+        CONVERSIONS["eps"]["x"](out, z, t, 0.05),
+        div(z - (1 - t) * out, torch.tensor([[0.05], [0.99]], dtype=torch.float64)),
+    )
 
 
 class FixedOutput:
@@ -190,11 +200,20 @@ def test_no_in_context_tokens():
             p.normal_(std=0.05)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     with torch.no_grad():
-        assert not torch.equal(net(x, t, torch.tensor([0, 0])), net(x, t, torch.tensor([1, 1])))  # adaLN still conditions
+        assert not torch.equal(
+            net(x, t, torch.tensor([0, 0])), net(x, t, torch.tensor([1, 1]))
+        )  # adaLN still conditions
 
 
-@pytest.mark.parametrize("knobs", [dict(bottleneck_dim=0), dict(bottleneck_dim=8), dict(in_context_len=0),
-                                   dict(in_context_len=2, in_context_start=0)])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(bottleneck_dim=0),
+        dict(bottleneck_dim=8),
+        dict(in_context_len=0),
+        dict(in_context_len=2, in_context_start=0),
+    ],
+)
 def test_knob_state_dicts_load_strictly_into_the_same_knobs_only(knobs):
     a = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, **knobs)
     b = JiT_models["JiT-XS/4"](input_size=16, num_classes=3, **knobs)
@@ -223,9 +242,35 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
     --evaluate_gen of the checkpoint (no ablation flags given) reproduces it; so do its export as jit
     and sample.py of the export with no model flags; --format diffusers of it is one line, exit 2."""
     data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
-    run_script("main_jit.py", *TINY, "--epochs", 1, "--pred", "eps", "--loss", "x", "--bottleneck_dim", 0, "--in_context_len", 0,
-               "--online_eval", "--num_images", 6, "--gen_bsz", 6, "--num_sampling_steps", 2, "--fid_stats", fid_ref_stats,
-               "--inception_weights", inception_weights, "--data_path", data, "--output_dir", out)
+    run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        1,
+        "--pred",
+        "eps",
+        "--loss",
+        "x",
+        "--bottleneck_dim",
+        0,
+        "--in_context_len",
+        0,
+        "--online_eval",
+        "--num_images",
+        6,
+        "--gen_bsz",
+        6,
+        "--num_sampling_steps",
+        2,
+        "--fid_stats",
+        fid_ref_stats,
+        "--inception_weights",
+        inception_weights,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+    )
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     saved = ckpt["args"]
     assert (saved["pred"], saved["loss"], saved["bottleneck_dim"], saved["in_context_len"]) == ("eps", "x", 0, 0)
@@ -239,9 +284,30 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
 
     # --evaluate_gen without --pred / --loss / knobs: the checkpoint's are used, and EMA 1 evaluates
     # to the online evaluation's FID of the same weights, seeds and sampler.
-    args = main_jit.parse_args([str(a) for a in (
-        "--evaluate_gen", "--resume", out, "--output_dir", tmp_path / "eval", "--num_images", 6, "--gen_bsz", 6,
-        "--num_sampling_steps", 2, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights)])
+    args = main_jit.parse_args(
+        [
+            str(a)
+            for a in (
+                "--evaluate_gen",
+                "--resume",
+                out,
+                "--output_dir",
+                tmp_path / "eval",
+                "--num_images",
+                6,
+                "--gen_bsz",
+                6,
+                "--num_sampling_steps",
+                2,
+                "--device",
+                "cpu",
+                "--fid_stats",
+                fid_ref_stats,
+                "--inception_weights",
+                inception_weights,
+            )
+        ]
+    )
     assert main_jit.main(args) == 0
     with open(tmp_path / "eval" / "metrics.jsonl") as f:
         (again,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
@@ -256,15 +322,56 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
     assert export.cli([str(out), str(tmp_path / "diffusers"), "--format", "diffusers"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--bottleneck_dim 0" in err and "--format jit" in err
-    args = main_jit.parse_args([str(a) for a in (
-        "--evaluate_gen", "--resume", exported, "--output_dir", tmp_path / "eval_export", "--num_images", 6, "--gen_bsz", 6,
-        "--num_sampling_steps", 2, "--cfg", 1.0, "--interval_min", 0.0, "--device", "cpu", "--fid_stats", fid_ref_stats,
-        "--inception_weights", inception_weights)])  # the sampler typed: the folder recommends its own
+    args = main_jit.parse_args(
+        [
+            str(a)
+            for a in (
+                "--evaluate_gen",
+                "--resume",
+                exported,
+                "--output_dir",
+                tmp_path / "eval_export",
+                "--num_images",
+                6,
+                "--gen_bsz",
+                6,
+                "--num_sampling_steps",
+                2,
+                "--cfg",
+                1.0,
+                "--interval_min",
+                0.0,
+                "--device",
+                "cpu",
+                "--fid_stats",
+                fid_ref_stats,
+                "--inception_weights",
+                inception_weights,
+            )
+        ]
+    )  # the sampler typed: the folder recommends its own
     assert main_jit.main(args) == 0
     with open(tmp_path / "eval_export" / "metrics.jsonl") as f:
         (exported_record,) = [r for r in map(json.loads, f) if r["kind"] == "eval"]
     assert exported_record["fid"] == pytest.approx(again["fid"], rel=1e-6)
     grid = tmp_path / "grid.png"
-    assert sample.main(sample.parse_args(["--resume", exported, "--per_class", "1", "--num_sampling_steps", "2",
-                                          "--device", "cpu", "--output", str(grid)])) == 0
+    assert (
+        sample.main(
+            sample.parse_args(
+                [
+                    "--resume",
+                    exported,
+                    "--per_class",
+                    "1",
+                    "--num_sampling_steps",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--output",
+                    str(grid),
+                ]
+            )
+        )
+        == 0
+    )
     assert "wrote 3×1 grid" in capsys.readouterr().out

@@ -1,27 +1,51 @@
 """The benchmark scripts: a few CPU steps on the tiny preset give sane numbers and complete JSON."""
+
 import json
 import os
 import sys
 
 import pytest
 import torch
+from helpers import ROOT, run_script
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import ROOT, run_script
 from denoiser import SamplerSettings, sample
 from model_jit import JiT_models
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench  # noqa: E402
 import bench_data  # noqa: E402
+
+import bench  # noqa: E402
 from util.data import ResumableSampler  # noqa: E402
 
 
 @pytest.mark.slow
 def test_bench_reports_training_sampling_and_parity(tmp_path):
     path = tmp_path / "out" / "bench.json"
-    run_script("bench/bench.py", "--model", "JiT-XS/4", "--img_size", 16, "--batch_size", 4, "--warmup", 1, "--steps", 2,
-               "--sample_batch", 4, "--sample_steps", 2, "--parity", "--parity_steps", 2, "--device", "cpu", "--json", path)
+    run_script(
+        "bench/bench.py",
+        "--model",
+        "JiT-XS/4",
+        "--img_size",
+        16,
+        "--batch_size",
+        4,
+        "--warmup",
+        1,
+        "--steps",
+        2,
+        "--sample_batch",
+        4,
+        "--sample_steps",
+        2,
+        "--parity",
+        "--parity_steps",
+        2,
+        "--device",
+        "cpu",
+        "--json",
+        path,
+    )
     out = json.loads(path.read_text())
     assert out["env"]["torch"] == torch.__version__ and out["env"]["date"]
     assert out["config"]["compile"] is False and out["config"]["peak_tflops"] is None
@@ -58,7 +82,10 @@ def test_net_passes_match_the_sampler(cfg, method):
 
     sample(net, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), settings, null_label=1)
     assert settings.net_passes() == sum(batches)
-    assert settings.net_passes() == {("heun", 2.9): 187, ("heun", 1.0): 99, ("euler", 2.9): 94, ("euler", 1.0): 50}[method, cfg]
+    assert (
+        settings.net_passes()
+        == {("heun", 2.9): 187, ("heun", 1.0): 99, ("euler", 2.9): 94, ("euler", 1.0): 50}[method, cfg]
+    )
 
 
 def test_epoch_stream_runs_epochs_back_to_back():
@@ -74,8 +101,25 @@ def test_epoch_stream_runs_epochs_back_to_back():
 @pytest.mark.slow
 def test_bench_data_reports_jpeg_and_store_throughput(tmp_path):
     path = tmp_path / "data.json"
-    run_script("bench/bench_data.py", "--num_images", 16, "--img_size", 32, 48, "--batch_size", 4, "--batches", 2,
-               "--workers", 0, "--store", "--device", "cpu", "--json", path)
+    run_script(
+        "bench/bench_data.py",
+        "--num_images",
+        16,
+        "--img_size",
+        32,
+        48,
+        "--batch_size",
+        4,
+        "--batches",
+        2,
+        "--workers",
+        0,
+        "--store",
+        "--device",
+        "cpu",
+        "--json",
+        path,
+    )
     out = json.loads(path.read_text())
     assert out["images"] == 16 and out["mean_file_kb"] > 10 and set(out["sizes"]) == {"32", "48"}
     for size in out["sizes"].values():
@@ -92,7 +136,10 @@ def test_fsdp_blocks_compile_without_graph_breaks_or_recompiles():
     dynamo captures 2 graphs (the blocks before and after the in-context tokens), breaks none, and
     captures nothing new after the first two steps (bench/fsdp_compile.py; aot_eager, no codegen)."""
     p = run_script("bench/fsdp_compile.py", "--mode", "blocks", "--steps", 4, nproc=2)
-    assert "mode blocks, grad_checkpoint False: 2 graphs (0 with dynamic shapes), 0 graph breaks, 0 graphs after step 2" in p.stdout, p.stdout
+    assert (
+        "mode blocks, grad_checkpoint False: 2 graphs (0 with dynamic shapes), 0 graph breaks, 0 graphs after step 2"
+        in p.stdout
+    ), p.stdout
 
 
 @pytest.mark.parametrize("smoke", ["0", "1"])
@@ -103,20 +150,29 @@ def test_gpu_check_commands_parse_with_each_scripts_flags(smoke):
     import subprocess
 
     import fsdp_compile
+
     import main_jit
 
-    listed = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env={**os.environ, "PRINT": "1", "SMOKE": smoke},
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    parsers = {"main_jit.py": main_jit.parse_args, "bench/bench.py": bench.get_args_parser().parse_args,
-               "bench/fsdp_compile.py": fsdp_compile.get_args_parser().parse_args,
-               "bench/reference_resume.py": lambda argv: main_jit.parse_args(argv[2:])}  # CHECKPOINT OUT MAIN_JIT_FLAGS
+    listed = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh")],
+        env={**os.environ, "PRINT": "1", "SMOKE": smoke},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    parsers = {
+        "main_jit.py": main_jit.parse_args,
+        "bench/bench.py": bench.get_args_parser().parse_args,
+        "bench/fsdp_compile.py": fsdp_compile.get_args_parser().parse_args,
+        "bench/reference_resume.py": lambda argv: main_jit.parse_args(argv[2:]),
+    }  # CHECKPOINT OUT MAIN_JIT_FLAGS
     seen = set()
     for line in listed:
         argv = shlex.split(line)
         if argv[0] != "python":
             continue
         script = next(a for a in argv if a.endswith(".py"))
-        args = argv[argv.index(script) + 1:]
+        args = argv[argv.index(script) + 1 :]
         try:
             parsers[script](args)
         except SystemExit:

@@ -1,14 +1,15 @@
 """The run config (util/config.py): built once from the flags, frozen, in sections derived from the
 parser's groups, with the flags the user typed; and the seams it closes: a typed default contradicts
 the weights (bug 7), resume keeps the objective (bug 6), snapshots carry their run (bug 4)."""
+
 import json
 import os
 import time
 
 import pytest
+from helpers import TINY, tiny_denoiser
 
 import main_jit
-from helpers import TINY, tiny_denoiser
 from util import checkpoint as ckpt_util
 from util import phema, phema_files
 from util.config import DERIVED, merge, parse, sections_of
@@ -46,7 +47,9 @@ def test_typed_flags_are_what_the_command_line_names_whatever_the_value():
 def test_merge_takes_the_implied_values_and_the_typed_flags_override_or_contradict():
     implied = {"model": "JiT-B/16", "cfg": 2.0, "steps": 50}
     values, notes = merge(implied, {"cfg": [3.0], "steps": None, "seed": 1}, fixed=("model",), where="W")
-    assert values == {"model": "JiT-B/16", "cfg": 3.0, "steps": 50} and implied["cfg"] == 2.0  # no new keys, input untouched
+    assert (
+        values == {"model": "JiT-B/16", "cfg": 3.0, "steps": 50} and implied["cfg"] == 2.0
+    )  # no new keys, input untouched
     assert notes == ["--cfg 3.0 overrides 2.0 of W"]
     assert merge(implied, {"model": "JiT-B/16"}, fixed=("model",), where="W") == (implied, [])  # agreeing: no note
     with pytest.raises(BadValue, match=r"^--model JiT-L/16 disagrees with W \(JiT-B/16\)"):
@@ -60,8 +63,17 @@ def exported_tiny(tmp_path) -> str:
 
     sd = tiny_denoiser().state_dict()
     ckpt = str(tmp_path / "checkpoint-last.pth")
-    ckpt_util.save(ckpt_util.TrainState(model=sd, emas=[sd, sd], optimizer=None, epoch=0, start={"epoch": 1, "step": 0},
-                                        args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3}), ckpt)
+    ckpt_util.save(
+        ckpt_util.TrainState(
+            model=sd,
+            emas=[sd, sd],
+            optimizer=None,
+            epoch=0,
+            start={"epoch": 1, "step": 0},
+            args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3},
+        ),
+        ckpt,
+    )
     assert export.cli([ckpt, str(tmp_path / "jit")]) == 0
     return ckpt
 
@@ -99,13 +111,21 @@ def test_resuming_with_another_objective_is_refused(data, tmp_path, flag, value)
     """Seam bug 6: another --pred or --loss than the checkpoint's keeps every shape, so it is
     refused by name (exit 2), as other --phema_stds are; a reference checkpoint is x / v."""
     sd = tiny_denoiser().state_dict()
-    ckpt = ckpt_util.TrainState(model=sd, emas=[sd, sd], optimizer=None, epoch=0, start={"epoch": 1, "step": 0},
-                                args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3})  # no pred / loss: x / v
+    ckpt = ckpt_util.TrainState(
+        model=sd,
+        emas=[sd, sd],
+        optimizer=None,
+        epoch=0,
+        start={"epoch": 1, "step": 0},
+        args={"model": "JiT-XS/4", "img_size": 16, "class_num": 3},
+    )  # no pred / loss: x / v
     ckpt_util.save(ckpt, str(tmp_path / "checkpoint-last.pth"))
     argv = [*TINY, "--epochs", "2", "--data_path", data, "--output_dir", str(tmp_path), "--resume", str(tmp_path)]
     default = "x" if flag == "pred" else "v"
-    with pytest.raises(ckpt_util.CheckpointError, match=f"was trained with --{flag} {default}, this run --{flag} {value}: "
-                                                        f"resume with --{flag} {default}"):
+    with pytest.raises(
+        ckpt_util.CheckpointError,
+        match=f"was trained with --{flag} {default}, this run --{flag} {value}: resume with --{flag} {default}",
+    ):
         main_jit.setup(main_jit.parse_args([*argv, f"--{flag}", value]))
 
 
@@ -115,15 +135,33 @@ def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
     model = tiny_denoiser()
     ema = phema.PowerEMA(model, 0.1)
     folder = str(tmp_path / "phema")
-    stale = phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=90, images_seen=720, epoch=10,
-                                 args={"run_id": "old", "epochs": 12})
+    stale = phema_files.write_snapshot(
+        folder,
+        ema.state_dict(),
+        sigma_rel=0.1,
+        step=90,
+        images_seen=720,
+        epoch=10,
+        args={"run_id": "old", "epochs": 12},
+    )
     os.utime(stale, (time.time() - 3600,) * 2)
     for step in (10, 20):
-        phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=0.1, step=step, images_seen=8 * step, epoch=0,
-                             args={"run_id": "new", "epochs": 3})
+        phema_files.write_snapshot(
+            folder,
+            ema.state_dict(),
+            sigma_rel=0.1,
+            step=step,
+            images_seen=8 * step,
+            epoch=0,
+            args={"run_id": "new", "epochs": 3},
+        )
     notes = []
     used = phema_files.usable_snapshots(folder, log=notes.append)
     assert [s.step for s in used] == [10, 20] and {s.run for s in used} == {"new"}
     assert len(notes) == 1 and "1 snapshot(s) of another run skipped (phema-0000000090-0.1.pth)" in notes[0]
     assert phema_files.reconstruction_point(used)[0] == 20
-    assert phema_files.run_identity({"a": 1, "run_id": "x"}) == phema_files.run_identity({"a": 1}) != phema_files.run_identity({"a": 2})
+    assert (
+        phema_files.run_identity({"a": 1, "run_id": "x"})
+        == phema_files.run_identity({"a": 1})
+        != phema_files.run_identity({"a": 2})
+    )

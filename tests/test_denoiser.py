@@ -1,13 +1,26 @@
 """The diffusion wrapper: loss, label dropout, sampler (Heun/Euler, the multistep solvers, schedules,
 CFG interval, NFE), EMA."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from denoiser import (CONVERSIONS, EMA, METHODS, MULTISTEP, SAMPLERS, TRUTHS, Denoiser, SamplerSettings, cfg_scale_at, sample,
-                      schedule_warp, time_grid)
+from denoiser import (
+    CONVERSIONS,
+    EMA,
+    METHODS,
+    MULTISTEP,
+    SAMPLERS,
+    TRUTHS,
+    Denoiser,
+    SamplerSettings,
+    cfg_scale_at,
+    sample,
+    schedule_warp,
+    time_grid,
+)
 from model_jit import JiT, JiT_models
 
 
@@ -27,8 +40,11 @@ def test_loss_matches_reference_release(golden):
 @pytest.mark.parametrize("method", ["heun", "euler"])
 def test_samples_match_reference_release(golden, method):
     d = golden_denoiser(golden)
-    out = d.generate(golden["sample_labels"], SamplerSettings(method=method, steps=4, cfg=2.0, interval_min=0.1),
-                     noise=golden["sample_z0"])
+    out = d.generate(
+        golden["sample_labels"],
+        SamplerSettings(method=method, steps=4, cfg=2.0, interval_min=0.1),
+        noise=golden["sample_z0"],
+    )
     torch.testing.assert_close(out, golden[f"sample_{method}"], rtol=0, atol=1e-4)
 
 
@@ -58,8 +74,13 @@ def test_batched_and_skipping_sampler_equals_naive_sampler(golden, interval):
     d = golden_denoiser(golden)
     z0, labels = golden["sample_z0"], golden["sample_labels"]
     with torch.no_grad():
-        fast = sample(d.net, z0, labels, SamplerSettings(steps=6, cfg=3.0, interval_min=interval[0], interval_max=interval[1]),
-                      null_label=3)
+        fast = sample(
+            d.net,
+            z0,
+            labels,
+            SamplerSettings(steps=6, cfg=3.0, interval_min=interval[0], interval_max=interval[1]),
+            null_label=3,
+        )
         slow = naive_sample(d.net, z0, labels, 3, 6, "heun", 3.0, *interval, 0.05)
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
 
@@ -87,7 +108,9 @@ def test_generate_uses_a_given_stand_in_net(golden):
             assert t.is_contiguous()  # no stride-0 expand: it would recompile a compiled net
             return torch.zeros_like(z)
 
-    out = d.generate(golden["sample_labels"], SamplerSettings(method="euler", steps=1), noise=golden["sample_z0"], net=StandIn())
+    out = d.generate(
+        golden["sample_labels"], SamplerSettings(method="euler", steps=1), noise=golden["sample_z0"], net=StandIn()
+    )
     torch.testing.assert_close(out, torch.zeros_like(out))  # one Euler step from t = 0 with x̂ = 0
 
 
@@ -103,8 +126,13 @@ def test_cfg_interval_edges():
 
 def test_unconditional_pass_only_inside_the_interval():
     net = RecordingNet()
-    sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), SamplerSettings(method="euler", steps=10, cfg=2.0,
-           interval_min=0.2, interval_max=0.8), null_label=5)
+    sample(
+        net,
+        torch.zeros(2, 3, 4, 4),
+        torch.tensor([0, 1]),
+        SamplerSettings(method="euler", steps=10, cfg=2.0, interval_min=0.2, interval_max=0.8),
+        null_label=5,
+    )
     assert net.calls == [(round(i / 10, 6), 4 if 2 < i < 8 else 2) for i in range(10)]
     net = RecordingNet()
     sample(net, torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), SamplerSettings(steps=4, cfg=1.0), null_label=5)
@@ -243,7 +271,9 @@ def test_sampler_settings_reject_unknown_methods_and_zero_steps():
     for bad in ("cosine", "edm:-1", "shift:0", "uniform:2", "logsnr:x"):
         with pytest.raises(ValueError, match="schedule"):
             SamplerSettings(schedule=bad)
-    with pytest.raises(ValueError, match="at least 3 steps"):  # a multistep solver steps from end to end of the interval
+    with pytest.raises(
+        ValueError, match="at least 3 steps"
+    ):  # a multistep solver steps from end to end of the interval
         SamplerSettings(method="ab2", steps=2, cfg=2.0, interval_min=0.1, interval_max=0.9)
 
 
@@ -296,8 +326,18 @@ def test_solvers_converge_at_their_order_to_the_exact_flow_of_gaussian_data(meth
     z0 = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.zeros(64, dtype=torch.long)
     exact = net.solution(z0, 2.0, 0.1, 1.0, 0.05)
-    errors = [(sample(net, z0, y, SamplerSettings(method=method, steps=n, cfg=2.0, interval_min=0.1), null_label=1, t_eps=0.05)
-               - exact).abs().max().item() for n in (32, 64, 128)]
+    errors = [
+        (
+            sample(
+                net, z0, y, SamplerSettings(method=method, steps=n, cfg=2.0, interval_min=0.1), null_label=1, t_eps=0.05
+            )
+            - exact
+        )
+        .abs()
+        .max()
+        .item()
+        for n in (32, 64, 128)
+    ]
     orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
     print(method, errors, orders)
     assert orders[-1] > order - 0.3 and orders[0] > order - 1, (errors, orders)
@@ -316,10 +356,10 @@ def test_multistep_solvers_take_the_velocity_of_eps_and_v_networks_through_the_c
         torch.testing.assert_close(v, x, rtol=0, atol=1e-8)
         eps_net = GuidedGaussian(pred="eps")
         eps = sample(eps_net, z0, y, s, null_label=1, t_eps=1e-3, pred="eps")
+
         def as_x(z, t, y_):  # the x̂ of the ε-network's velocity field
             t = t.view(-1, 1, 1, 1)
             return z + (1 - t).clamp_min(1e-3) * CONVERSIONS["eps"]["v"](eps_net(z, t.flatten(), y_), z, t, 1e-3)
-
 
         torch.testing.assert_close(eps, sample(as_x, z0, y, s, null_label=1, t_eps=1e-3), rtol=0, atol=1e-9)
         assert (eps - x).abs().max() > 1e-3
@@ -333,11 +373,15 @@ def test_schedules_map_the_unit_interval_onto_itself_and_hold_the_interval_ends(
     assert t[0] == pytest.approx(0, abs=1e-12) and t[-1] == pytest.approx(1, abs=1e-12)
     assert all(a < b for a, b in zip(t, t[1:]))
     assert [inverse(x) for x in t] == pytest.approx(u, abs=1e-9)
-    grid = SamplerSettings(method="dpm++2m", steps=12, cfg=2.0, interval_min=0.1, interval_max=0.7, schedule=schedule).grid()
+    grid = SamplerSettings(
+        method="dpm++2m", steps=12, cfg=2.0, interval_min=0.1, interval_max=0.7, schedule=schedule
+    ).grid()
     assert grid.dtype == torch.float32 and len(grid) == 13 and grid[0] == 0 and grid[-1] == 1
     assert bool((grid[1:] > grid[:-1]).all())
     assert {torch.tensor(0.1).item(), torch.tensor(0.7).item()} <= set(grid.tolist())
-    assert torch.equal(SamplerSettings(method="dpm++2m", steps=12, cfg=1.0, schedule=schedule).grid(), time_grid(12, schedule))
+    assert torch.equal(
+        SamplerSettings(method="dpm++2m", steps=12, cfg=1.0, schedule=schedule).grid(), time_grid(12, schedule)
+    )
 
 
 def test_the_default_grid_is_the_references_and_heun_keeps_it_with_guidance():

@@ -1,18 +1,35 @@
 """Generation for evaluation: quantisation, class balance, per-image seeds, the batch / process split,
 and the command-line paths (main_jit.py --evaluate_gen on a reference checkpoint, sample.py, no network)."""
+
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    TINY_MODEL,
+    PerSample,
+    free_port,
+    generated,
+    make_image_folder,
+    read_metrics,
+    run_script,
+    save_reference_checkpoint,
+    tiny_denoiser,
+)
 from PIL import Image
 
 from denoiser import SamplerSettings
-from helpers import (TINY_MODEL, PerSample, free_port, generated, make_image_folder, read_metrics, run_script,
-                     save_reference_checkpoint, tiny_denoiser)
-from util.evaluation import (GenerationSpec, class_labels, generate_batches, image_folder_name, initial_noise, quantize,
-                             rank_batches)
+from util.evaluation import (
+    GenerationSpec,
+    class_labels,
+    generate_batches,
+    image_folder_name,
+    initial_noise,
+    quantize,
+    rank_batches,
+)
 
 SAMPLER = SamplerSettings(steps=2, cfg=2.0, interval_min=0.1)
 CPU = torch.device("cpu")
@@ -25,12 +42,14 @@ def reference_quantize(x: torch.Tensor) -> np.ndarray:
 
 
 def test_quantize_matches_reference():
-    x = torch.cat([
-        torch.randn(10000) * 0.7,
-        torch.linspace(-1.2, 1.2, 4097),
-        (torch.arange(256) + 0.5) / 255 * 2 - 1,  # values near the rounding boundaries (ties go to even)
-        torch.tensor([-1.0, 1.0, 0.0, -5.0, 5.0]),
-    ]).float()
+    x = torch.cat(
+        [
+            torch.randn(10000) * 0.7,
+            torch.linspace(-1.2, 1.2, 4097),
+            (torch.arange(256) + 0.5) / 255 * 2 - 1,  # values near the rounding boundaries (ties go to even)
+            torch.tensor([-1.0, 1.0, 0.0, -5.0, 5.0]),
+        ]
+    ).float()
     assert np.array_equal(quantize(x).numpy(), reference_quantize(x))
     assert quantize(x).dtype == torch.uint8
 
@@ -51,7 +70,9 @@ def test_initial_noise_is_per_image():
     full = initial_noise(7, range(6), (3, 4, 4), noise_scale=2.0)
     assert torch.equal(initial_noise(7, [3, 4], (3, 4, 4), noise_scale=2.0), full[3:5])
     assert not torch.equal(initial_noise(8, range(6), (3, 4, 4), noise_scale=2.0), full)
-    assert torch.equal(full[2], 2.0 * torch.from_numpy(np.random.default_rng([7, 2]).standard_normal((3, 4, 4), dtype=np.float32)))
+    assert torch.equal(
+        full[2], 2.0 * torch.from_numpy(np.random.default_rng([7, 2]).standard_normal((3, 4, 4), dtype=np.float32))
+    )
     with pytest.raises(ValueError):
         initial_noise(-1, [0], (3, 4, 4), 1.0)
 
@@ -72,7 +93,9 @@ class RecordingDenoiser:
 
 def test_generated_set_is_class_balanced():
     d = RecordingDenoiser()
-    out = list(generate_batches(d, GenerationSpec(num_images=12, class_num=3, img_size=8, sampler=SAMPLER, gen_bsz=5), CPU))
+    out = list(
+        generate_batches(d, GenerationSpec(num_images=12, class_num=3, img_size=8, sampler=SAMPLER, gen_bsz=5), CPU)
+    )
     labels = torch.cat(d.labels)
     assert torch.bincount(labels).tolist() == [4, 4, 4] and labels.tolist() == sorted(labels.tolist())
     assert [s for s, _ in out] == [0, 5, 10] and all(c == SAMPLER for c in d.calls)
@@ -107,9 +130,24 @@ def test_one_and_two_processes_give_identical_images_and_metrics(tmp_path, incep
     runs = {}
     for nproc, per_sample_bsz in ((1, 4), (2, 3)):
         out = tmp_path / f"run{nproc}.pt"
-        p = run_script(os.path.join("tests", "eval_worker.py"), "--out", out, "--num_images", 12, "--gen_bsz", 4,
-                       "--gen_bsz_per_sample", per_sample_bsz, "--fid_stats", fid_ref_stats, "--inception_weights",
-                       inception_weights, "--output_dir", tmp_path / f"out{nproc}", nproc=nproc)
+        p = run_script(
+            os.path.join("tests", "eval_worker.py"),
+            "--out",
+            out,
+            "--num_images",
+            12,
+            "--gen_bsz",
+            4,
+            "--gen_bsz_per_sample",
+            per_sample_bsz,
+            "--fid_stats",
+            fid_ref_stats,
+            "--inception_weights",
+            inception_weights,
+            "--output_dir",
+            tmp_path / f"out{nproc}",
+            nproc=nproc,
+        )
         # gloo's threads are joined by shutdown(), not left to race with interpreter shutdown
         counts = re.findall(r"rank (\d): (\d+) threads before init, (\d+) after shutdown", p.stdout)
         assert len(counts) == nproc and all(before == after for _, before, after in counts), p.stdout
@@ -133,10 +171,39 @@ def test_reference_checkpoint_evaluates_end_to_end(tmp_path, inception_weights, 
     ckpt = tmp_path / "checkpoint-last.pth"
     save_reference_checkpoint(ckpt, tiny_denoiser(seed=1), ema1=ema1, ema2=tiny_denoiser(seed=2), epoch=7)
     out = tmp_path / "out"
-    p = run_script("main_jit.py", "--model", TINY_MODEL["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12,
-                   "--gen_bsz", 4, "--num_sampling_steps", 2, "--cfg", 2.0, "--interval_min", 0.1, "--seed", 0,
-                   "--evaluate_gen", "--save_images", "--resume", ckpt, "--output_dir", out, "--device", "cpu",
-                   "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights)
+    p = run_script(
+        "main_jit.py",
+        "--model",
+        TINY_MODEL["model"],
+        "--img_size",
+        16,
+        "--class_num",
+        3,
+        "--num_images",
+        12,
+        "--gen_bsz",
+        4,
+        "--num_sampling_steps",
+        2,
+        "--cfg",
+        2.0,
+        "--interval_min",
+        0.1,
+        "--seed",
+        0,
+        "--evaluate_gen",
+        "--save_images",
+        "--resume",
+        ckpt,
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+        "--fid_stats",
+        fid_ref_stats,
+        "--inception_weights",
+        inception_weights,
+    )
     (line,) = read_metrics(out, "eval")
     assert line["checkpoint_epoch"] == 7 and line["num_images"] == 12 and line["steps"] == 2, p.stdout
     assert line["checkpoint"] == str(ckpt) and line["ema"] == 1
@@ -144,7 +211,9 @@ def test_reference_checkpoint_evaluates_end_to_end(tmp_path, inception_weights, 
     assert "FID" in (out / "log.txt").read_text()  # the console also goes to log.txt
     expected = generated(ema1, GenerationSpec(num_images=12, class_num=3, img_size=16, sampler=SAMPLER, gen_bsz=4))
     folder = out / image_folder_name(SAMPLER, 12, 16)
-    saved = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png"))).permute(2, 0, 1) for i in range(12)])
+    saved = torch.stack(
+        [torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png"))).permute(2, 0, 1) for i in range(12)]
+    )
     assert (saved.int() - expected.int()).abs().max() <= 1  # this process runs 2 threads, the child 1
 
 
@@ -154,16 +223,49 @@ def test_no_network_and_no_weights_flag_fails_fast(tmp_path, fid_ref_stats, scri
     """Without --inception_weights and with HTTPS going to a closed local port (refused at once, like
     a machine without network, and never a real download): a one-line error naming the flag."""
     closed = f"http://127.0.0.1:{free_port()}"
-    env = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": closed, "HTTPS_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch_home"),
+        "https_proxy": closed,
+        "HTTPS_PROXY": closed,
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
     if script == "main_jit.py":
         ckpt = tmp_path / "checkpoint-last.pth"
         save_reference_checkpoint(ckpt, tiny_denoiser())
-        args = ["--model", TINY_MODEL["model"], "--img_size", 16, "--class_num", 3, "--num_images", 12, "--evaluate_gen",
-                "--resume", ckpt, "--output_dir", tmp_path / "out", "--device", "cpu", "--fid_stats", fid_ref_stats]
+        args = [
+            "--model",
+            TINY_MODEL["model"],
+            "--img_size",
+            16,
+            "--class_num",
+            3,
+            "--num_images",
+            12,
+            "--evaluate_gen",
+            "--resume",
+            ckpt,
+            "--output_dir",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--fid_stats",
+            fid_ref_stats,
+        ]
     else:
         make_image_folder(tmp_path / "data", classes=1, per_class=2)
-        args = ["--data_path", tmp_path / "data", "--img_size", 16, "--stats", tmp_path / "s.npz", "--device", "cpu",
-                "--num_workers", 0]
+        args = [
+            "--data_path",
+            tmp_path / "data",
+            "--img_size",
+            16,
+            "--stats",
+            tmp_path / "s.npz",
+            "--device",
+            "cpu",
+            "--num_workers",
+            0,
+        ]
     p = run_script(script, *args, env=env, timeout=120, check=False)
     assert p.returncode == 2
     assert "--inception_weights" in p.stdout and "Traceback" not in p.stdout, p.stdout
@@ -175,8 +277,29 @@ def test_sample_grid_from_reference_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint-last.pth"
     save_reference_checkpoint(ckpt, d)
     grid = tmp_path / "grid.png"
-    run_script("sample.py", "--resume", ckpt, "--classes", 2, 0, 1, "--per_class", 2, "--num_sampling_steps", 2,
-               "--cfg", 2.0, "--interval_min", 0.1, "--seed", 3, "--output", grid, "--device", "cpu")
+    run_script(
+        "sample.py",
+        "--resume",
+        ckpt,
+        "--classes",
+        2,
+        0,
+        1,
+        "--per_class",
+        2,
+        "--num_sampling_steps",
+        2,
+        "--cfg",
+        2.0,
+        "--interval_min",
+        0.1,
+        "--seed",
+        3,
+        "--output",
+        grid,
+        "--device",
+        "cpu",
+    )
     img = torch.from_numpy(np.array(Image.open(grid))).permute(2, 0, 1)  # (3, H, W) uint8
     assert img.shape == (3, 3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
     noise = initial_noise(3, range(6), (3, 16, 16), 1.0)

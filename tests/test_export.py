@@ -2,6 +2,7 @@
 network outputs and samples (float32 bit for bit, bfloat16 the rounded weights), the diffusers name
 table both ways, reference checkpoints, starting a run from other weights (--init_from), and bad
 inputs as one-line errors."""
+
 import argparse
 import json
 import math
@@ -10,6 +11,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
+from helpers import save_reference_checkpoint, tiny_denoiser
 
 import export
 import model_jit_adapters
@@ -21,11 +23,12 @@ from util import checkpoint as ckpt_util
 from util import files, phema_files
 from util.config import parse
 from util.pos_embed import sincos_2d_pos_embed
-from helpers import save_reference_checkpoint, tiny_denoiser
 
 SAMPLER = SamplerSettings(method="heun", steps=3, cfg=2.0, interval_min=0.1)
 # A sweep of EMA 1 at epoch 7 (4000 images; then its best point again on 8000), an older sweep, EMA 2.
-SWEEP = [dict(checkpoint_epoch=7, ema=1, cfg=c, fid=f, num_images=4000) for c, f in ((1.0, 30.0), (2.0, 12.5), (3.0, 20.0))] + [
+SWEEP = [
+    dict(checkpoint_epoch=7, ema=1, cfg=c, fid=f, num_images=4000) for c, f in ((1.0, 30.0), (2.0, 12.5), (3.0, 20.0))
+] + [
     dict(checkpoint_epoch=7, ema=1, cfg=2.0, fid=11.0, num_images=8000),
     dict(checkpoint_epoch=3, ema=1, cfg=4.0, fid=5.0, num_images=4000),
     dict(checkpoint_epoch=7, ema=2, cfg=1.5, fid=1.0, num_images=4000),
@@ -33,9 +36,19 @@ SWEEP = [dict(checkpoint_epoch=7, ema=1, cfg=c, fid=f, num_images=4000) for c, f
 
 
 def eval_record(**kw) -> dict:
-    return {"kind": "eval", "epoch": kw["checkpoint_epoch"], "inception_score": 50.0, "inception_score_std": 1.0,
-            "method": "heun", "steps": 50, "interval_min": 0.1, "interval_max": 1.0, "fid_stats": "/x/jit_in16_stats.npz",
-            "checkpoint": "/x/checkpoint-last.pth", **kw}
+    return {
+        "kind": "eval",
+        "epoch": kw["checkpoint_epoch"],
+        "inception_score": 50.0,
+        "inception_score_std": 1.0,
+        "method": "heun",
+        "steps": 50,
+        "interval_min": 0.1,
+        "interval_max": 1.0,
+        "fid_stats": "/x/jit_in16_stats.npz",
+        "checkpoint": "/x/checkpoint-last.pth",
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +60,24 @@ def run(tmp_path_factory):
     save_reference_checkpoint(ref, tiny_denoiser(0), tiny_denoiser(1), tiny_denoiser(2), epoch=7, steps=2)
     state = ckpt_util.load_checkpoint(str(ref))[0]
     os.remove(ref)
-    state.args = {**state.args, "accum_iter": 2, "ema_decay1": 0.9999, "ema_decay2": 0.9996, "cfg": [1.0, 2.0],
-                  "interval_min": 0.1, "label_drop_prob": 0.2}
+    state.args = {
+        **state.args,
+        "accum_iter": 2,
+        "ema_decay1": 0.9999,
+        "ema_decay2": 0.9996,
+        "cfg": [1.0, 2.0],
+        "interval_min": 0.1,
+        "label_drop_prob": 0.2,
+    }
     state.world_size = 3
     ckpt_util.save(state, str(folder / "checkpoint-last.pth"))
     with open(folder / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"kind": "train", "epoch": 7, "loss": 0.5}) + "\n")
         for r in SWEEP:
             f.write(json.dumps(eval_record(**r)) + "\n")
-        f.write(json.dumps(eval_record(checkpoint_epoch=7, ema=1, cfg=9.0, fid=0.5, num_images=4000))[:40])  # cut by a kill
+        f.write(
+            json.dumps(eval_record(checkpoint_epoch=7, ema=1, cfg=9.0, fid=0.5, num_images=4000))[:40]
+        )  # cut by a kill
     return str(folder), state
 
 
@@ -100,23 +122,39 @@ def test_round_trip_gives_bit_identical_outputs_and_samples(run, exported):
     assert not torch.equal(outputs(ema1), outputs(denoiser_with(state.model)))  # EMA 1 really is not the model
 
     config = loaded.config
-    assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
+    assert (
+        config["model"] == "JiT-XS/4"
+        and config["network"]["input_size"] == 16
+        and config["network"]["num_classes"] == 3
+    )
     assert config["network"]["in_context_start"] == 2 and config["denoiser"]["label_drop_prob"] == 0.2
     assert config["denoiser"]["pred"] == "x" and config["denoiser"]["loss"] == "v"
     w = config["weights"]
-    assert (w["which"], w["ema_decay"], w["epoch"], w["dtype"], w["source"]) == ("ema1", 0.9999, 7, "float32", "checkpoint-last.pth")
+    assert (w["which"], w["ema_decay"], w["epoch"], w["dtype"], w["source"]) == (
+        "ema1",
+        0.9999,
+        7,
+        "float32",
+        "checkpoint-last.pth",
+    )
     assert w["optimizer_steps"] == 2 and w["images_seen"] == 2 * 4 * 2 * 3  # steps × batch × accum_iter × processes
     assert config["training"]["global_batch"] == 24
     # The best point of the newest sweep of EMA 1 (not the 8000-image rerun, the older sweep or EMA 2).
     s = config["sampler"]
-    assert (s["method"], s["steps"], s["cfg"], s["interval_min"]) == ("heun", 50, 2.0, 0.1) and "FID 12.5000" in s["chosen_by"]
+    assert (s["method"], s["steps"], s["cfg"], s["interval_min"]) == ("heun", 50, 2.0, 0.1) and "FID 12.5000" in s[
+        "chosen_by"
+    ]
     assert loaded.sampler == SamplerSettings("heun", 50, 2.0, 0.1, 1.0)
     assert len(config["evaluations"]) == 5 and {r["ema"] for r in config["evaluations"]} == {1}
 
     card = open(os.path.join(exported, "README.md")).read()
     assert card.startswith("---\nlibrary_name: jit\nlicense:") and "\n---\n" in card
     assert "| 7 | heun | 50 | 2.0 | (0.1, 1.0) | 4000 | 12.5000 | 50.00 ± 1.00 | jit_in16_stats.npz |" in card
-    assert "hf upload" in card and "Global batch 24" in card and "EMA 1 (decay 0.9999) after epoch 7, 48 images seen" in card
+    assert (
+        "hf upload" in card
+        and "Global batch 24" in card
+        and "EMA 1 (decay 0.9999) after epoch 7, 48 images seen" in card
+    )
     assert sorted(os.listdir(exported)) == ["README.md", "config.json", "model.safetensors"]
 
 
@@ -145,12 +183,27 @@ def test_ema_choice_and_bfloat16_export(run, tmp_path):
 
 def diffusers_names(depth: int) -> set:
     """The tensor names of diffusers' JiTTransformer2DModel (PR #13098) with in-context tokens."""
-    names = {"t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
-             "y_embedder.embedding_table.weight", "x_embedder.proj1.weight", "x_embedder.proj2.weight",
-             "x_embedder.proj2.bias", "pos_embed", "in_context_posemb", "norm_final.weight", "linear_final.weight",
-             "linear_final.bias", "adaLN_modulation_final.weight", "adaLN_modulation_final.bias"}
+    names = {
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "x_embedder.proj1.weight",
+        "x_embedder.proj2.weight",
+        "x_embedder.proj2.bias",
+        "pos_embed",
+        "in_context_posemb",
+        "norm_final.weight",
+        "linear_final.weight",
+        "linear_final.bias",
+        "adaLN_modulation_final.weight",
+        "adaLN_modulation_final.bias",
+    }
     for i in range(depth):
-        names |= {f"blocks.{i}.{n}" for n in ("norm1.weight", "norm2.weight", "attn.norm_q.weight", "attn.norm_k.weight")}
+        names |= {
+            f"blocks.{i}.{n}" for n in ("norm1.weight", "norm2.weight", "attn.norm_q.weight", "attn.norm_k.weight")
+        }
         for layer in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "mlp.w12", "mlp.w3", "adaLN_modulation"):
             names |= {f"blocks.{i}.{layer}.weight", f"blocks.{i}.{layer}.bias"}
     return names
@@ -185,10 +238,25 @@ def test_diffusers_export_loads_back_and_converts_bit_for_bit(run, exported, tmp
     raw = json.load(open(os.path.join(out, "config.json")))
     assert raw["_class_name"] == "JiTTransformer2DModel"
     assert set(raw) - {"_class_name", "_jit"} == {
-        "sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads", "mlp_ratio",
-        "attention_dropout", "dropout", "num_classes", "bottleneck_dim", "in_context_len", "in_context_start", "norm_eps"}
+        "sample_size",
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "mlp_ratio",
+        "attention_dropout",
+        "dropout",
+        "num_classes",
+        "bottleneck_dim",
+        "in_context_len",
+        "in_context_start",
+        "norm_eps",
+    }
     assert (raw["sample_size"], raw["num_layers"], raw["num_attention_heads"], raw["num_classes"]) == (16, 4, 4, 3)
-    assert set(safetensors.torch.load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))) == diffusers_names(4)
+    assert set(
+        safetensors.torch.load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    ) == diffusers_names(4)
     assert open(os.path.join(out, "README.md")).read().startswith("---\nlibrary_name: diffusers\n")
 
     loaded = weights.load_denoiser(out)
@@ -215,13 +283,19 @@ def test_reference_checkpoints_export(tmp_path):
     assert export.cli([str(tmp_path), str(tmp_path / "a")]) == 0
     config, sd = weights.load_exported(str(tmp_path / "a"))
     assert config["denoiser"]["label_drop_prob"] == 0.1 and config["weights"]["ema_decay"] is None
-    assert config["weights"]["epoch"] == 4 and config["weights"]["images_seen"] is None  # no optimizer step, no world size
+    assert (
+        config["weights"]["epoch"] == 4 and config["weights"]["images_seen"] is None
+    )  # no optimizer step, no world size
     assert torch.equal(outputs(weights.load_denoiser(str(tmp_path / "a")).denoiser), outputs(model))
 
     torch.save({"model": model.state_dict(), "epoch": 4, "args": argparse.Namespace(epochs=9)}, ref)
     assert export.cli([ref, str(tmp_path / "b")]) == 0
     config, _ = weights.load_exported(str(tmp_path / "b"))
-    assert config["model"] == "JiT-XS/4" and config["network"]["input_size"] == 16 and config["network"]["num_classes"] == 3
+    assert (
+        config["model"] == "JiT-XS/4"
+        and config["network"]["input_size"] == 16
+        and config["network"]["num_classes"] == 3
+    )
 
 
 def tiny_target(class_num: int = 3, img_size: int = 16, model: str = "JiT-XS/4", seed: int = 9) -> Denoiser:
@@ -236,14 +310,18 @@ def test_init_with_another_class_count_keeps_every_other_tensor_and_trains():
     sd, notes = model_jit_adapters.adapt_for_init(source, target)
     target.load_state_dict(sd)
     after = target.state_dict()
-    assert torch.equal(after[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY]) and after[model_jit_adapters.LABEL_KEY].shape == (6, 64)
+    assert torch.equal(after[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY]) and after[
+        model_jit_adapters.LABEL_KEY
+    ].shape == (6, 64)
     assert all(torch.equal(after[k], source[k]) for k in source if k != model_jit_adapters.LABEL_KEY)
     assert len(notes) == 1 and "label embedding is freshly initialised: 3 classes there, --class_num 5" in notes[0]
     opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
     loss = target.train()(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 3, 4]))
     loss.backward()
     opt.step()
-    assert math.isfinite(loss.item()) and not torch.equal(target.state_dict()[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY])
+    assert math.isfinite(loss.item()) and not torch.equal(
+        target.state_dict()[model_jit_adapters.LABEL_KEY], fresh[model_jit_adapters.LABEL_KEY]
+    )
 
 
 def test_init_with_another_img_size_rebuilds_the_position_tables():
@@ -273,7 +351,9 @@ def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported)
     sd, notes, origin = run_sources.init_from(folder, 2, tiny_target(class_num=5), log=print)
     assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != model_jit_adapters.LABEL_KEY)
     assert origin["weights"] == "ema2" and origin["epoch"] == 7 and origin["path"].endswith("checkpoint-last.pth")
-    assert notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
+    assert (
+        notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
+    )
     sd, _, origin = run_sources.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
     assert all(torch.equal(sd[k], state.model[k]) for k in sd) and origin["weights"] == "model"
     sd, notes, origin = run_sources.init_from(exported, 1, tiny_target(), log=print)
@@ -284,10 +364,14 @@ def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported)
 
 def test_config_flags_override_or_disagree(exported):
     config, sd = weights.load_exported(exported)
-    loaded = weights.load_denoiser(exported, {"cfg": 3.5, "noise_scale": 2.0, "class_num": 3, "attn_impl": "reference", "seed": 1})
+    loaded = weights.load_denoiser(
+        exported, {"cfg": 3.5, "noise_scale": 2.0, "class_num": 3, "attn_impl": "reference", "seed": 1}
+    )
     assert loaded.sampler.cfg == 3.5 and loaded.denoiser.noise_scale == 2.0
     assert loaded.denoiser.net.blocks[0].attn.attn_impl == "reference"
-    assert notes_with(loaded.notes, "--cfg 3.5 overrides 2.0") and notes_with(loaded.notes, "--noise_scale 2.0 overrides 1.0")
+    assert notes_with(loaded.notes, "--cfg 3.5 overrides 2.0") and notes_with(
+        loaded.notes, "--noise_scale 2.0 overrides 1.0"
+    )
     assert loaded.notes[0].startswith(f"from {exported}/config.json: --model JiT-XS/4 --img_size 16 --t_eps 0.05")
     for flag, value in (("class_num", 5), ("img_size", 32), ("model", "JiT-T/4"), ("pred", "v")):
         with pytest.raises(ValueError, match=f"--{flag} {value} disagrees with"):
@@ -347,8 +431,10 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
     one_line_error(capsys, export.cli([broken, str(tmp_path / "o5")]))
 
     tensors = safetensors.torch.load_file(os.path.join(exported, "model.safetensors"))
-    for name, change in (("unknown", {**tensors, "blocks.0.attn.qkv.scale": torch.ones(1)}),
-                         ("missing", {k: v for k, v in tensors.items() if k != "final_layer.linear.bias"})):
+    for name, change in (
+        ("unknown", {**tensors, "blocks.0.attn.qkv.scale": torch.ones(1)}),
+        ("missing", {k: v for k, v in tensors.items() if k != "final_layer.linear.bias"}),
+    ):
         bad = copy_of_export(name)
         safetensors.torch.save_file(change, os.path.join(bad, "model.safetensors"))
         errors.append(capture(lambda: weights.load_exported(bad)))
@@ -361,8 +447,14 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
     errors.append(capture(lambda: weights.load_exported(bad)))
     assert all("\n" not in e for e in errors), errors
     assert "cannot read" in errors[0] and "model.safetensors" in errors[0]
-    assert "unknown tensor net.blocks.0.attn.qkv.scale" in errors[1] and "missing tensor net.final_layer.linear.bias" in errors[2]
-    assert "net.y_embedder.embedding_table.weight has shape [4, 64] but the network of its config (JiT-XS/4 at 16 px, 4 classes) needs [5, 64]" in errors[3]
+    assert (
+        "unknown tensor net.blocks.0.attn.qkv.scale" in errors[1]
+        and "missing tensor net.final_layer.linear.bias" in errors[2]
+    )
+    assert (
+        "net.y_embedder.embedding_table.weight has shape [4, 64] but the network of its config (JiT-XS/4 at 16 px, 4 classes) needs [5, 64]"
+        in errors[3]
+    )
     assert "cannot read" in errors[4] and "config.json" in errors[4]
 
 
@@ -386,19 +478,48 @@ def test_a_failed_write_exits_1_and_leaves_no_config(run, tmp_path, capsys, monk
 def evaluate_gen(source, out, *extra, inception_weights, fid_ref_stats) -> dict:
     """main_jit.py --evaluate_gen --resume SOURCE in this process (12 images, 2 Heun steps, CFG 2 from 0.1):
     its one metrics.jsonl record."""
-    import main_jit
     from helpers import read_metrics
 
-    args = main_jit.parse_args([str(a) for a in (
-        "--evaluate_gen", "--resume", source, "--output_dir", out, "--num_images", 12, "--gen_bsz", 6, "--num_sampling_steps", 2,
-        "--cfg", 2.0, "--interval_min", 0.1, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights, *extra)])
+    import main_jit
+
+    args = main_jit.parse_args(
+        [
+            str(a)
+            for a in (
+                "--evaluate_gen",
+                "--resume",
+                source,
+                "--output_dir",
+                out,
+                "--num_images",
+                12,
+                "--gen_bsz",
+                6,
+                "--num_sampling_steps",
+                2,
+                "--cfg",
+                2.0,
+                "--interval_min",
+                0.1,
+                "--device",
+                "cpu",
+                "--fid_stats",
+                fid_ref_stats,
+                "--inception_weights",
+                inception_weights,
+                *extra,
+            )
+        ]
+    )
     assert main_jit.main(args) == 0
     (record,) = read_metrics(out, "eval")
     return record
 
 
 @pytest.mark.slow
-def test_evaluate_gen_and_sample_read_an_exported_folder(run, exported, tmp_path, inception_weights, fid_ref_stats, capsys):
+def test_evaluate_gen_and_sample_read_an_exported_folder(
+    run, exported, tmp_path, inception_weights, fid_ref_stats, capsys
+):
     """The model, image size and classes come from the weights (no --model flags given): the
     checkpoint and its export evaluate to the same FID and sample the same grid, bit for bit."""
     import sample
@@ -411,8 +532,20 @@ def test_evaluate_gen_and_sample_read_an_exported_folder(run, exported, tmp_path
     grids = []
     for source in (run[0], exported):
         path = tmp_path / f"grid{len(grids)}.png"
-        argv = ["--resume", source, "--classes", 0, 2, "--per_class", 2, "--output", path, "--device", "cpu",
-                *(["--num_sampling_steps", 50, "--cfg", 2.0, "--interval_min", 0.1] if source == run[0] else [])]
+        argv = [
+            "--resume",
+            source,
+            "--classes",
+            0,
+            2,
+            "--per_class",
+            2,
+            "--output",
+            path,
+            "--device",
+            "cpu",
+            *(["--num_sampling_steps", 50, "--cfg", 2.0, "--interval_min", 0.1] if source == run[0] else []),
+        ]
         assert sample.main(sample.parse_args([str(x) for x in argv])) == 0
         grids.append(path.read_bytes())
     assert grids[0] == grids[1]  # the exported folder's recommended sampler is the sweep's best: CFG 2.0 from 0.1
@@ -427,16 +560,27 @@ def test_init_from_with_another_class_count_trains_and_resumes_exactly(run, data
     """--init_from a 3-class checkpoint for a 2-class dataset: at step 0 every tensor but the label
     embedding is the source's; a run stopped after epoch 1 and rerun (its checkpoint wins over
     --init_from) ends equal to an uninterrupted one."""
-    import main_jit
     from helpers import TINY, assert_same_state, load_last
+
+    import main_jit
 
     two = str(tmp_path / "two")
     for c in ("c0", "c1"):
         os.makedirs(os.path.join(two, "train", c))
         for name in os.listdir(os.path.join(data, "train", c)):
             os.symlink(os.path.join(data, "train", c, name), os.path.join(two, "train", c, name))
-    flags = [*TINY[:TINY.index("--class_num")], *TINY[TINY.index("--class_num") + 2:], "--class_num", "2",
-             "--data_path", two, "--init_from", run[0], "--init_ema", "1"]
+    flags = [
+        *TINY[: TINY.index("--class_num")],
+        *TINY[TINY.index("--class_num") + 2 :],
+        "--class_num",
+        "2",
+        "--data_path",
+        two,
+        "--init_from",
+        run[0],
+        "--init_ema",
+        "1",
+    ]
     source = run[1].weights("ema1")
     setup = main_jit.setup(main_jit.parse_args([*flags, "--output_dir", str(tmp_path / "dry"), "--dry_run"]))
     setup.close()
@@ -448,14 +592,24 @@ def test_init_from_with_another_class_count_trains_and_resumes_exactly(run, data
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "2", "--output_dir", str(straight)])) == 0
     assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "1", "--output_dir", str(resumed)])) == 0
-    assert main_jit.main(main_jit.parse_args([*flags, "--epochs", "2", "--output_dir", str(resumed), "--resume", str(resumed)])) == 0
+    assert (
+        main_jit.main(
+            main_jit.parse_args([*flags, "--epochs", "2", "--output_dir", str(resumed), "--resume", str(resumed)])
+        )
+        == 0
+    )
     assert "it continues that run, --init_from" in capsys.readouterr().out
     assert_same_state(load_last(resumed), load_last(straight))
-    assert load_last(straight)["args"]["init_origin"]["path"] == os.path.abspath(os.path.join(run[0], "checkpoint-last.pth"))
+    assert load_last(straight)["args"]["init_origin"]["path"] == os.path.abspath(
+        os.path.join(run[0], "checkpoint-last.pth")
+    )
 
 
-KNOBS = [dict(bottleneck_dim=0, pred="eps", loss="x"), dict(bottleneck_dim=8, in_context_len=0, loss="eps"),
-         dict(in_context_len=2, in_context_start=0, pred="v")]
+KNOBS = [
+    dict(bottleneck_dim=0, pred="eps", loss="x"),
+    dict(bottleneck_dim=8, in_context_len=0, loss="eps"),
+    dict(in_context_len=2, in_context_start=0, pred="v"),
+]
 
 
 @pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
@@ -472,7 +626,9 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
     model = Denoiser(net, 3, pred=knobs.get("pred", "x"), loss=knobs.get("loss", "v")).eval()
     sd = model.state_dict()
     args = {"model": "JiT-XS/4", "img_size": 16, "class_num": 3, **knobs}
-    state = ckpt_util.TrainState(model=sd, emas=[sd, sd], optimizer=None, epoch=0, args=args, start={"epoch": 1, "step": 0})
+    state = ckpt_util.TrainState(
+        model=sd, emas=[sd, sd], optimizer=None, epoch=0, args=args, start={"epoch": 1, "step": 0}
+    )
     ckpt = str(tmp_path / "checkpoint-last.pth")
     ckpt_util.save(state, ckpt)
     for fmt in weights.FORMATS:
@@ -493,26 +649,49 @@ def test_every_ablation_knob_exports_in_both_formats_or_is_refused_up_front(knob
 def test_sample_without_classes_draws_the_weights_own_classes(exported, tmp_path, capsys):
     """Seam bug 3: sample.py of weights with fewer than 1000 classes and no --classes draws a row of
     each of their classes (the reference's ImageNet rows only where the weights have them)."""
-    import sample
     from PIL import Image
 
+    import sample
+
     grid = tmp_path / "grid.png"
-    argv = ["--resume", exported, "--per_class", "2", "--num_sampling_steps", "1", "--device", "cpu", "--output", str(grid)]
+    argv = [
+        "--resume",
+        exported,
+        "--per_class",
+        "2",
+        "--num_sampling_steps",
+        "1",
+        "--device",
+        "cpu",
+        "--output",
+        str(grid),
+    ]
     assert sample.main(sample.parse_args(argv)) == 0
     assert "wrote 3×2 grid" in capsys.readouterr().out
     assert Image.open(grid).size[1] > Image.open(grid).size[0]  # 3 rows of 2 images
-    assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [
+        207,
+        360,
+        387,
+        974,
+        88,
+        979,
+        417,
+        279,
+    ]
     assert sample.default_classes(100) == list(range(8))
 
 
 @pytest.mark.slow
-def test_init_from_an_export_with_power_emas_evaluates_alike_on_one_and_two_processes(exported, data, tmp_path, inception_weights,
-                                                                                       fid_ref_stats):
+def test_init_from_an_export_with_power_emas_evaluates_alike_on_one_and_two_processes(
+    exported, data, tmp_path, inception_weights, fid_ref_stats
+):
     """The combination: --init_from an exported folder for another class count, with --phema_stds;
     then --evaluate_gen --phema of that run, no model flags, on 1 and on 2 processes: the same FID.
     The snapshots' args record where the weights came from (the config is final before any write)."""
-    import main_jit
     from helpers import TINY, read_metrics, run_script
+
+    import main_jit
 
     two = str(tmp_path / "two")
     for c in ("c0", "c1"):
@@ -520,15 +699,51 @@ def test_init_from_an_export_with_power_emas_evaluates_alike_on_one_and_two_proc
         for name in os.listdir(os.path.join(data, "train", c)):
             os.symlink(os.path.join(data, "train", c, name), os.path.join(two, "train", c, name))
     out = tmp_path / "run"
-    flags = [*TINY[:TINY.index("--class_num")], *TINY[TINY.index("--class_num") + 2:], "--class_num", "2", "--data_path", two,
-             "--init_from", exported, "--epochs", "2", "--output_dir", str(out), "--phema_stds", "0.05", "0.1", "--phema_every", "2", "--phema_from", "1"]
+    flags = [
+        *TINY[: TINY.index("--class_num")],
+        *TINY[TINY.index("--class_num") + 2 :],
+        "--class_num",
+        "2",
+        "--data_path",
+        two,
+        "--init_from",
+        exported,
+        "--epochs",
+        "2",
+        "--output_dir",
+        str(out),
+        "--phema_stds",
+        "0.05",
+        "0.1",
+        "--phema_every",
+        "2",
+        "--phema_from",
+        "1",
+    ]
     assert main_jit.main(main_jit.parse_args(flags)) == 0
     snaps = phema_files.list_snapshots(str(out / "phema"))
     assert len(snaps) == 8 and len({s.run for s in snaps}) == 1
     assert phema_files.read_snapshot(snaps[0].path)[1]["args"]["init_origin"]["path"] == os.path.abspath(exported)
 
-    evaluate = ["--evaluate_gen", "--phema", out / "phema", "--ema_std", 0.07, "--num_images", 6, "--gen_bsz", 3,
-                "--num_sampling_steps", 2, "--device", "cpu", "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights]
+    evaluate = [
+        "--evaluate_gen",
+        "--phema",
+        out / "phema",
+        "--ema_std",
+        0.07,
+        "--num_images",
+        6,
+        "--gen_bsz",
+        3,
+        "--num_sampling_steps",
+        2,
+        "--device",
+        "cpu",
+        "--fid_stats",
+        fid_ref_stats,
+        "--inception_weights",
+        inception_weights,
+    ]
     assert main_jit.main(main_jit.parse_args([str(a) for a in (*evaluate, "--output_dir", tmp_path / "one")])) == 0
     run_script("main_jit.py", *evaluate, "--output_dir", tmp_path / "two_procs", nproc=2)
     (one,), (both,) = read_metrics(tmp_path / "one", "eval"), read_metrics(tmp_path / "two_procs", "eval")

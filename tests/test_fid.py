@@ -1,5 +1,6 @@
 """FID / IS: the math against scipy, stats files, weights resolution offline, prepare_ref.py, and the
 in-memory evaluation against torch-fidelity's own calculate_metrics on the same images as PNGs."""
+
 import dataclasses
 import os
 import urllib.error
@@ -9,10 +10,10 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
+from helpers import TINY_MODEL, evaluation_of, make_image_folder, read_metrics, run_script, tiny_denoiser
 
 from denoiser import SamplerSettings
 from engine_jit import evaluate
-from helpers import TINY_MODEL, evaluation_of, make_image_folder, read_metrics, run_script, tiny_denoiser
 from util import fid
 from util.evaluation import GenerationSpec, Scorer, image_folder_name
 from util.logger import RunLog
@@ -99,9 +100,26 @@ def reference(tmp_path_factory, inception_weights):
     root = tmp_path_factory.mktemp("ref")
     make_image_folder(root / "data", classes=2, per_class=6)
     png_dir, stats = root / "pngs", root / "stats.npz"
-    run_script("prepare_ref.py", "--data_path", root / "data", "--img_size", TINY_MODEL["img_size"], "--png_dir", png_dir,
-               "--stats", stats, "--inception_weights", inception_weights, "--device", "cpu", "--batch_size", 4,
-               "--num_workers", 0, nproc=2)
+    run_script(
+        "prepare_ref.py",
+        "--data_path",
+        root / "data",
+        "--img_size",
+        TINY_MODEL["img_size"],
+        "--png_dir",
+        png_dir,
+        "--stats",
+        stats,
+        "--inception_weights",
+        inception_weights,
+        "--device",
+        "cpu",
+        "--batch_size",
+        4,
+        "--num_workers",
+        0,
+        nproc=2,
+    )
     return str(png_dir), str(stats)
 
 
@@ -127,10 +145,13 @@ def evaluated(reference, tmp_path_factory, inception_weights):
     out = str(tmp_path_factory.mktemp("eval_out"))
     log = RunLog(out)
     log.writer = Recorder()
-    spec = GenerationSpec(num_images=12, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"], sampler=SAMPLER,
-                          gen_bsz=5)
+    spec = GenerationSpec(
+        num_images=12, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"], sampler=SAMPLER, gen_bsz=5
+    )
     scorer = Scorer(reference[1], inception_weights, torch.device("cpu"))
-    result = evaluate(evaluation_of(tiny_denoiser(), spec, scorer, log, out, save_images=True), epoch=4, weights_epoch=3)
+    result = evaluate(
+        evaluation_of(tiny_denoiser(), spec, scorer, log, out, save_images=True), epoch=4, weights_epoch=3
+    )
     writer = log.writer
     log.close()
     return result, out, writer
@@ -149,9 +170,18 @@ def test_in_memory_metrics_equal_torch_fidelity_on_pngs(reference, evaluated, in
     """torch-fidelity reads the saved PNGs: equal numbers also mean the PNGs are the images scored."""
     result, out, _ = evaluated
     gen_dir = os.path.join(out, image_folder_name(SAMPLER, 12, TINY_MODEL["img_size"]))
-    tf = torch_fidelity.calculate_metrics(input1=gen_dir, input2=reference[0], fid=True, isc=True, cuda=False, cache=False,
-                                          verbose=False, save_cpu_ram=True, batch_size=5,
-                                          feature_extractor_weights_path=inception_weights)
+    tf = torch_fidelity.calculate_metrics(
+        input1=gen_dir,
+        input2=reference[0],
+        fid=True,
+        isc=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+        batch_size=5,
+        feature_extractor_weights_path=inception_weights,
+    )
     assert result["fid"] > 1 and result["inception_score"] > 1.05  # the stand-in features are not degenerate
     assert result["fid"] == pytest.approx(tf[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
     assert result["inception_score"] == pytest.approx(tf[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-6)
@@ -167,4 +197,6 @@ def test_metrics_logged_to_tensorboard_and_jsonl(evaluated, reference):
     assert line["ema"] == 1 and line["checkpoint"] is None and line["images_saved"] is True
     assert line["fid"] == result["fid"] and line["inception_score"] == result["inception_score"]
     assert line["num_images"] == 12 and line["fid_stats"] == reference[1]
-    assert {k: line[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max", "schedule")} == dataclasses.asdict(SAMPLER)
+    assert {
+        k: line[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max", "schedule")
+    } == dataclasses.asdict(SAMPLER)

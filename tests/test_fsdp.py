@@ -1,16 +1,27 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
 DDP (post-hoc EMA's power EMAs and snapshots included, and the sample grids), checkpoints moving FSDP <->
 DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
+
 import os
 import signal
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    REF_KEYS,
+    TINY,
+    assert_same_state,
+    load_last,
+    read_metrics,
+    read_until,
+    run_script,
+    save_reference_checkpoint,
+    tiny_denoiser,
+    worker_pids,
+)
 from PIL import Image
 
-from helpers import (REF_KEYS, TINY, assert_same_state, load_last, read_metrics, read_until, run_script,
-                     save_reference_checkpoint, tiny_denoiser, worker_pids)
 from util import phema_files
 
 ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
@@ -24,15 +35,43 @@ def data(data48):
 
 
 def train(data, out, *extra, epochs=2, nproc=2, check=True):
-    return run_script("main_jit.py", *TINY, "--epochs", epochs, "--data_path", data, "--output_dir", out, *extra,
-                      nproc=nproc, check=check)
+    return run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        epochs,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        *extra,
+        nproc=nproc,
+        check=check,
+    )
 
 
 @pytest.fixture(scope="module")
 def online_eval(inception_weights, fid_ref_stats):
     """Flags of an online evaluation (after epoch 0 and the last; EMA 2, 12 tiny images)."""
-    return ["--online_eval", "--eval_freq", 10, "--ema", 2, "--num_images", 12, "--gen_bsz", 6, "--num_sampling_steps", 2,
-            "--cfg", 2.0, "--fid_stats", fid_ref_stats, "--inception_weights", inception_weights]
+    return [
+        "--online_eval",
+        "--eval_freq",
+        10,
+        "--ema",
+        2,
+        "--num_images",
+        12,
+        "--gen_bsz",
+        6,
+        "--num_sampling_steps",
+        2,
+        "--cfg",
+        2.0,
+        "--fid_stats",
+        fid_ref_stats,
+        "--inception_weights",
+        inception_weights,
+    ]
 
 
 def eval_record(out) -> dict:
@@ -142,7 +181,11 @@ def same_records(a: list, b: list) -> bool:
 
 
 def file_bytes(folder) -> dict:
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith((".pth", ".png"))}
+    return {
+        n: open(os.path.join(folder, n), "rb").read()
+        for n in sorted(os.listdir(folder))
+        if n.endswith((".pth", ".png"))
+    }
 
 
 @pytest.mark.slow
@@ -155,8 +198,22 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     import reconstruct_ema
 
     out = fsdp["base"] / "run"
-    args = [*TINY, "--epochs", 2, "--data_path", data, "--output_dir", out, "--fsdp", "--resume", out, *online_eval, *PHEMA,
-            "--sample_every", 1]
+    args = [
+        *TINY,
+        "--epochs",
+        2,
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--fsdp",
+        "--resume",
+        out,
+        *online_eval,
+        *PHEMA,
+        "--sample_every",
+        1,
+    ]
     proc = start("main_jit.py", *args, nproc=2)
     read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
@@ -181,8 +238,23 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     outputs = {}
     for accum in ("float32", "float64"):
         target = out / f"rec-{accum}"
-        assert reconstruct_ema.cli(["--snapshots", str(out / "phema"), "--std", "0.04", "0.07", "0.1", "--accum", accum,
-                                    "--output_dir", str(target)]) == 0
+        assert (
+            reconstruct_ema.cli(
+                [
+                    "--snapshots",
+                    str(out / "phema"),
+                    "--std",
+                    "0.04",
+                    "0.07",
+                    "0.1",
+                    "--accum",
+                    accum,
+                    "--output_dir",
+                    str(target),
+                ]
+            )
+            == 0
+        )
         outputs[accum] = {n: torch.load(target / n, weights_only=True)["model"] for n in sorted(os.listdir(target))}
     assert len(outputs["float32"]) == 3 and file_bytes(out / "phema") == before
     for name, state in outputs["float32"].items():
@@ -196,10 +268,17 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     torch.save(other, stale)
     os.utime(stale, (1, 1))
     capsys.readouterr()
-    assert reconstruct_ema.cli(["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]) == 0
+    assert (
+        reconstruct_ema.cli(
+            ["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "1 snapshot(s) of another run skipped (phema-0000000016-0.05.pth)" in printed
-    assert os.listdir(out / "rec-stale") == ["ema-std0.07-step0000000012.pth"]  # not step 16: the stale one sets nothing
+    assert os.listdir(out / "rec-stale") == [
+        "ema-std0.07-step0000000012.pth"
+    ]  # not step 16: the stale one sets nothing
 
 
 @pytest.mark.slow
@@ -215,8 +294,12 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
     path = tmp_path / "checkpoint-last.pth"
     torch.save({k: v for k, v in fsdp.items() if k not in ("base", "grids")}, path)
-    p = train(data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False)
-    assert p.returncode != 0 and p.stdout.count("does not fit this model") == 2  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
+    p = train(
+        data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False
+    )
+    assert (
+        p.returncode != 0 and p.stdout.count("does not fit this model") == 2
+    )  # each worker exits 2: torchrun says 1 and "--model JiT-XS/4" in p.stdout
     assert 'main_jit.py", line' not in p.stdout  # no traceback from the workers (torchrun prints its own)
     bad = tmp_path / "checkpoint-bad.pth"  # rank 0 alone reads it (sharded): rank 1 must not wait for it
     bad.write_bytes(b"not a checkpoint")
@@ -234,4 +317,3 @@ def test_grad_checkpoint_trains_bit_identically_and_single_process_fsdp_says_so(
     p = train(data, ckpt, "--grad_checkpoint", "--fsdp", epochs=1, nproc=None)
     assert "--fsdp in a single process: nothing to shard, this is a plain run" in p.stdout
     assert_same_state(load_last(ckpt), load_last(plain))
-

@@ -1,14 +1,15 @@
 """Host memory that loading a checkpoint and evaluating during training leave behind (CPU, one process):
 a resumed run holds nothing of the checkpoint file but the AdamW moments it continues with, and an
 online evaluation of a sharded (FSDP) run frees the full EMA copies it gathered."""
+
 import ctypes
 import gc
 import os
 
 import pytest
 import torch
-
 from helpers import TINY_MODEL, tiny_denoiser
+
 from denoiser import EMA
 from engine_jit import build_optimizer
 from util import checkpoint
@@ -132,13 +133,25 @@ def test_an_evaluation_during_training_frees_the_gathered_copies_of_sharded_emas
         emas = [sharding.ShardedEMA(denoiser, 0.99)]
         sharding.shard(denoiser, mixed_precision=False)
         net_bytes = sum(p.numel() * 4 for p in tiny_denoiser().parameters())
-        spec = GenerationSpec(num_images=3, class_num=TINY_MODEL["class_num"], img_size=TINY_MODEL["img_size"],
-                              sampler=SamplerSettings(steps=2, cfg=2.0), gen_bsz=3)
+        spec = GenerationSpec(
+            num_images=3,
+            class_num=TINY_MODEL["class_num"],
+            img_size=TINY_MODEL["img_size"],
+            sampler=SamplerSettings(steps=2, cfg=2.0),
+            gen_bsz=3,
+        )
         held = {}
         for during_training in (True, False):
             samplers = EMAWeights(emas, torch.device("cpu"), make_denoiser=tiny_denoiser, compile_net=False)
-            ev = Evaluation(samplers, [Point(1, spec.sampler, spec.num_images)], spec, StandinScorer(), NoLog(), str(tmp_path),
-                            during_training=during_training)
+            ev = Evaluation(
+                samplers,
+                [Point(1, spec.sampler, spec.num_images)],
+                spec,
+                StandinScorer(),
+                NoLog(),
+                str(tmp_path),
+                during_training=during_training,
+            )
             before = live_tensor_bytes()
             record = evaluate(ev, epoch=0, weights_epoch=0)
             held[during_training] = live_tensor_bytes() - before

@@ -3,6 +3,7 @@
 scontrol that run its commands here as 2 "nodes"), elastic restarts after kill -9, SIGTERM / USR1
 and requeue, one run per output folder, and --dist_timeout. Every finished run must equal one
 torchrun with 2 processes, bit for bit."""
+
 import os
 import signal
 import sys
@@ -10,10 +11,9 @@ import time
 
 import pytest
 import torch
-
 from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
-from util import distributed
-from util import runlock
+
+from util import distributed, runlock
 from util.errors import exit_code
 
 STANDINS = os.path.join(ROOT, "tests", "slurm_standins")
@@ -41,7 +41,11 @@ def wait_ok(proc, timeout=300) -> str:
 
 def test_gpu_index_is_the_local_rank_and_more_processes_than_gpus_is_bad_input(monkeypatch, capsys):
     assert [distributed.gpu_index(r, 8, 8) for r in (0, 3, 7)] == [0, 3, 7]
-    assert [distributed.gpu_index(r, 1, 8) for r in (0, 3, 7)] == [0, 0, 0]  # srun --gpus-per-task=1: one visible GPU per task
+    assert [distributed.gpu_index(r, 1, 8) for r in (0, 3, 7)] == [
+        0,
+        0,
+        0,
+    ]  # srun --gpus-per-task=1: one visible GPU per task
     assert distributed.gpu_index(2, 0) == 2
     for local_rank, local_size in ((5, 8), (0, 8), (4, None)):  # every rank of the node knows, where the launcher says
         with pytest.raises(distributed.BadInput, match=r"processes on this node but 4 visible GPUs"):
@@ -50,7 +54,9 @@ def test_gpu_index_is_the_local_rank_and_more_processes_than_gpus_is_bad_input(m
     monkeypatch.setattr(distributed.torch.backends.cudnn, "benchmark", False)  # init sets it for CUDA: put back after
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 4)
-    for k, v in dict(RANK=5, WORLD_SIZE=8, LOCAL_RANK=5, LOCAL_WORLD_SIZE=8, MASTER_ADDR="127.0.0.1", MASTER_PORT=1).items():
+    for k, v in dict(
+        RANK=5, WORLD_SIZE=8, LOCAL_RANK=5, LOCAL_WORLD_SIZE=8, MASTER_ADDR="127.0.0.1", MASTER_PORT=1
+    ).items():
         monkeypatch.setenv(k, str(v))
     assert exit_code(distributed.init, "cuda") == 2
     err = capsys.readouterr().err
@@ -62,19 +68,26 @@ def test_the_network_line_names_each_backends_interface(monkeypatch):
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setattr(distributed.socket, "gethostbyname", lambda host: "127.0.0.1")
     line = distributed.network_note(["nccl", "gloo"], multi_node=True)
-    assert line.startswith("network: nccl on its own choice (NCCL_SOCKET_IFNAME unset); gloo on lo (127.0.0.1, what host name")
+    assert line.startswith(
+        "network: nccl on its own choice (NCCL_SOCKET_IFNAME unset); gloo on lo (127.0.0.1, what host name"
+    )
     assert line.endswith("loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME")
     assert "loopback" not in distributed.network_note(["gloo"], multi_node=False)
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
-    assert distributed.network_note(["nccl", "gloo"], multi_node=True) == "network: nccl on NCCL_SOCKET_IFNAME=ib0; gloo on GLOO_SOCKET_IFNAME=eth1"
+    assert (
+        distributed.network_note(["nccl", "gloo"], multi_node=True)
+        == "network: nccl on NCCL_SOCKET_IFNAME=ib0; gloo on GLOO_SOCKET_IFNAME=eth1"
+    )
 
 
 def test_stale_locks_are_those_of_dead_processes_here_or_of_the_same_job(tmp_path):
     me = runlock.holder_info({"slurm_job": "7", "rdzv_id": "r1"})
     dead = {**me, "pid": 2**22 + 12345, "slurm_job": None, "rdzv_id": None}  # no such pid (above pid_max's default)
     assert runlock.stale_reason(dead, me) == "its process is gone"
-    assert runlock.stale_reason({**me, "pid": os.getppid()}, me) == "an earlier attempt of this job (restart or requeue)"
+    assert (
+        runlock.stale_reason({**me, "pid": os.getppid()}, me) == "an earlier attempt of this job (restart or requeue)"
+    )
     alive_other_job = {**me, "pid": os.getppid(), "slurm_job": "8", "rdzv_id": "r2"}
     assert runlock.stale_reason(alive_other_job, me) is None
     assert runlock.stale_reason({**dead, "host": "elsewhere"}, me) is None  # another host's pid cannot be checked
@@ -93,8 +106,11 @@ def test_two_nodes_by_rendezvous_and_by_node_rank_equal_one_launcher(data48, tmp
         nodes = []
         for node in range(2):
             launcher = ["--nnodes", 2, "--nproc_per_node", 1]
-            launcher += (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job42"] if form == "c10d"
-                         else ["--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port])
+            launcher += (
+                ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job42"]
+                if form == "c10d"
+                else ["--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port]
+            )
             nodes.append(start("main_jit.py", *train_args(data48, out), torchrun=launcher))
         outputs = [wait_ok(p) for p in nodes]
         assert sum("training done" in o for o in outputs) == 1  # printed by rank 0 only
@@ -104,8 +120,20 @@ def test_two_nodes_by_rendezvous_and_by_node_rank_equal_one_launcher(data48, tmp
 @pytest.mark.slow
 def test_an_elastic_restart_after_kill_9_resumes_exactly(data48, tmp_path, reference, start):
     out = tmp_path / "out"
-    proc = start("main_jit.py", *train_args(data48, out),
-                 torchrun=["--nproc_per_node", 2, "--max-restarts", 2, "--master_addr", "127.0.0.1", "--master_port", free_port()])
+    proc = start(
+        "main_jit.py",
+        *train_args(data48, out),
+        torchrun=[
+            "--nproc_per_node",
+            2,
+            "--max-restarts",
+            2,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            free_port(),
+        ],
+    )
     read_until(proc, "(resume at epoch 0, step 3)")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     rest = wait_ok(proc)
@@ -133,28 +161,52 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_lock_is_
 @pytest.mark.slow
 def test_slurm_srun_one_task_per_gpu_equals_torchrun(data48, tmp_path, reference, start):
     out, port = tmp_path / "out", free_port()
-    tasks = [start("main_jit.py", *train_args(data48, out), env={
-        "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r), "SLURM_JOB_ID": "777",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    tasks = [
+        start(
+            "main_jit.py",
+            *train_args(data48, out),
+            env={
+                "SLURM_PROCID": str(r),
+                "SLURM_NTASKS": "2",
+                "SLURM_LOCALID": str(r),
+                "SLURM_JOB_ID": "777",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in range(2)
+    ]
     for t in tasks:
         wait_ok(t)
     assert_same_state(load_last(out), reference)
 
 
 @pytest.mark.slow
-def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_before_the_requeue(data48, tmp_path, reference,
-                                                                                                   start):
+def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_before_the_requeue(
+    data48, tmp_path, reference, start
+):
     """The sbatch script itself, its srun and scontrol replaced by stand-ins that run here: USR1 (the
     time limit's warning) reaches the workers (through srun and each node's task, not through
     torchrun), which save, the job is requeued, and the requeued job continues to the uninterrupted
     result. The save takes 8 s (tests/launch_worker.py slow_save) and torchrun's shutdown timeout is
     2 s: a SIGTERM through torchrun (or srun, which makes it a SIGKILL) would lose it."""
     out, requeued = tmp_path / "out", tmp_path / "requeued"
-    env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NAME": "jit", "GPUS_PER_NODE": "1", "MAX_RESTARTS": "0",
-           "OUTPUT_DIR": str(out), "RDZV_PORT": str(free_port()), "PYTHON": sys.executable,
-           "SCONTROL_REQUEUED": str(requeued), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "IFNAME": "lo",
-           "TRAIN_SCRIPT": "tests/launch_worker.py slow_save 8"}
+    env = {
+        "PATH": f"{STANDINS}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_NAME": "jit",
+        "GPUS_PER_NODE": "1",
+        "MAX_RESTARTS": "0",
+        "OUTPUT_DIR": str(out),
+        "RDZV_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "SCONTROL_REQUEUED": str(requeued),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2",
+        "IFNAME": "lo",
+        "TRAIN_SCRIPT": "tests/launch_worker.py slow_save 8",
+    }
     args = [str(a) for a in train_args(data48, out)[:-4]]  # the script sets --output_dir and --resume
     job = start("", env=env, argv=["bash", SBATCH, *args])
     first = "".join(read_until(job, "Epoch [0] [2/6]"))
@@ -165,9 +217,13 @@ def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_bef
     assert requeued.read_text().split() == ["4242"]
     stopped = load_last(out)["resume"]
     assert stopped != {"epoch": 2, "step": 0}
-    again = start("", env={**env, "RDZV_PORT": str(free_port()), "TRAIN_SCRIPT": "main_jit.py"}, argv=["bash", SBATCH, *args])
+    again = start(
+        "", env={**env, "RDZV_PORT": str(free_port()), "TRAIN_SCRIPT": "main_jit.py"}, argv=["bash", SBATCH, *args]
+    )
     rest = wait_ok(again)
-    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in rest and "taking over the train lock" not in rest, rest
+    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in rest and "taking over the train lock" not in rest, (
+        rest
+    )
     assert_same_state(load_last(out), reference)
 
 
@@ -176,15 +232,34 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
     """--dist_timeout 0.1 (6 s): rank 0's checkpoint writes taking 2 s more each keep the other rank
     waiting (in a collective with the same timeout) without failing, and the run equals the
     reference; a rank stuck for 20 s ends the run with a one-line error, exit 1, instead of a hang."""
-    p = run_script("tests/launch_worker.py", "slow_save", 2, *train_args(data48, tmp_path / "slow"), "--save_every_steps", 0,
-                   "--dist_timeout", 0.1, nproc=2)
+    p = run_script(
+        "tests/launch_worker.py",
+        "slow_save",
+        2,
+        *train_args(data48, tmp_path / "slow"),
+        "--save_every_steps",
+        0,
+        "--dist_timeout",
+        0.1,
+        nproc=2,
+    )
     assert p.stdout.count("saved ") == 2
     assert_same_state(load_last(tmp_path / "slow"), reference)
     t0 = time.time()
-    p = run_script("tests/launch_worker.py", "stuck", 20, *train_args(data48, tmp_path / "stuck"), "--dist_timeout", 0.1,
-                   nproc=2, check=False)
+    p = run_script(
+        "tests/launch_worker.py",
+        "stuck",
+        20,
+        *train_args(data48, tmp_path / "stuck"),
+        "--dist_timeout",
+        0.1,
+        nproc=2,
+        check=False,
+    )
     assert p.returncode != 0 and time.time() - t0 < 60, p.stdout
-    assert "--dist_timeout is 0.1 min); rerun the same command" in p.stdout and 'main_jit.py", line' not in p.stdout, p.stdout
+    assert "--dist_timeout is 0.1 min); rerun the same command" in p.stdout and 'main_jit.py", line' not in p.stdout, (
+        p.stdout
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -196,8 +271,12 @@ def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_ne
     calls, barriers = [], []
     monkeypatch.setattr(engine_jit.distributed, "is_main_process", lambda: rank == 0)
     monkeypatch.setattr(engine_jit.distributed, "barrier", lambda: barriers.append(len(calls)))
-    samplers = engine_jit.PostHocWeights(torch.nn.Module(), lambda stds: calls.append(stds) or {s: {} for s in stds},
-                                          torch.device("cpu"), compile_net=False)
+    samplers = engine_jit.PostHocWeights(
+        torch.nn.Module(),
+        lambda stds: calls.append(stds) or {s: {} for s in stds},
+        torch.device("cpu"),
+        compile_net=False,
+    )
     for stds in ([0.05, 0.1], [0.1], [0.1, 0.2]):
         samplers.refresh(stds)
     assert barriers == ([1, 2] if rank == 0 else [0, 0])  # after each reconstruction; none when nothing is new

@@ -1,9 +1,9 @@
 """bench/memory.py: the per-GPU memory estimate (meta device, no GPU)."""
+
 import os
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -39,21 +39,38 @@ def test_activation_trace_counts_saved_tensors_in_bf16_and_checkpointing_reduces
     ckpt = memory.activation_bytes(trace, grad_checkpoint=True)
     assert ckpt["saved"] < full["saved"]
     assert ckpt["saved"] == trace["outside"] + sum(trace["block_inputs"]) + max(
-        a + c for a, c in zip(trace["blocks"], trace["block_casts"]))
+        a + c for a, c in zip(trace["blocks"], trace["block_casts"])
+    )
     fp32 = memory.activation_trace(d, 8, bf16=False)
     assert fp32["outside"] + sum(fp32["blocks"]) > full["saved"] + full["weight_casts"]
 
 
 def test_estimate_fsdp_and_checkpointing_lower_the_total():
     trace = memory.activation_trace(memory.build_meta("JiT-XS/4", 16), 8)
-    totals = {(f, c): memory.estimate("JiT-XS/4", 16, 8, world_size=8, fsdp=f, grad_checkpoint=c, trace=trace)["total"]
-              for f in (False, True) for c in (False, True)}
+    totals = {
+        (f, c): memory.estimate("JiT-XS/4", 16, 8, world_size=8, fsdp=f, grad_checkpoint=c, trace=trace)["total"]
+        for f in (False, True)
+        for c in (False, True)
+    }
     assert totals[True, True] < totals[True, False] < totals[False, False]
     assert totals[False, True] < totals[False, False]
 
 
 def test_cli_prints_a_breakdown(capsys):
-    memory.main(["--model", "JiT-XS/4", "--img_size", "16", "--batch_size", "4", "--world_size", "2", "--fsdp", "--grad_checkpoint"])
+    memory.main(
+        [
+            "--model",
+            "JiT-XS/4",
+            "--img_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--world_size",
+            "2",
+            "--fsdp",
+            "--grad_checkpoint",
+        ]
+    )
     out = capsys.readouterr().out
     assert "FSDP gathered units" in out and "total" in out and "fits a 80GB GPU" in out
 

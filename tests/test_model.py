@@ -1,4 +1,5 @@
 """The network: parity with the reference release, presets, state-dict names, attention, RoPE."""
+
 import math
 
 import pytest
@@ -36,7 +37,9 @@ def test_parameter_order_matches_reference_state_dict(golden):
     assert [n for n, _ in net.named_parameters()] == list(golden["state_dict"])
 
 
-@pytest.mark.parametrize("name,millions", [("JiT-B/16", 131.3), ("JiT-L/16", 459.1), ("JiT-H/16", 952.8), ("JiT-G/16", 2007.6)])
+@pytest.mark.parametrize(
+    "name,millions", [("JiT-B/16", 131.3), ("JiT-L/16", 459.1), ("JiT-H/16", 952.8), ("JiT-G/16", 2007.6)]
+)
 def test_preset_parameter_counts_at_256(name, millions):
     with torch.device("meta"):
         net = JiT_models[name](input_size=256, num_classes=1000, attn_drop=0.0, proj_drop=0.0)
@@ -111,8 +114,18 @@ def test_attention_matches_hand_computation(attn_impl):
     with torch.no_grad():
         out = attn(x, cos, sin)
     p = {k: v.double() for k, v in attn.state_dict().items()}
-    ref = reference_attention_by_hand(x.double(), p["qkv.weight"], p["qkv.bias"], p["proj.weight"], p["proj.bias"],
-                                      p["q_norm.weight"], p["k_norm.weight"], heads, cos.double(), sin.double())
+    ref = reference_attention_by_hand(
+        x.double(),
+        p["qkv.weight"],
+        p["qkv.bias"],
+        p["proj.weight"],
+        p["proj.bias"],
+        p["q_norm.weight"],
+        p["k_norm.weight"],
+        heads,
+        cos.double(),
+        sin.double(),
+    )
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
 
 
@@ -156,7 +169,10 @@ def test_sincos_pos_embed_layout():
 
 def test_initialisation_zeroes_the_adaln_and_output_layers():
     net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3)
-    for layer in [b.adaLN_modulation[-1] for b in net.blocks] + [net.final_layer.linear, net.final_layer.adaLN_modulation[-1]]:
+    for layer in [b.adaLN_modulation[-1] for b in net.blocks] + [
+        net.final_layer.linear,
+        net.final_layer.adaLN_modulation[-1],
+    ]:
         assert not layer.weight.any() and not layer.bias.any()
     out = net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 3]))
     assert not out.any()  # zero output projection: x̂ = 0 at init

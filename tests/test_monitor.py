@@ -2,6 +2,7 @@
 loss by noise level, gradient norm and update size (engine_jit.StepMonitor, no change to the training
 math), and the report page (util.report, report.py), opened in headless Chromium. The training runs
 are in this process (tiny JiT, 2 epochs of 6 steps, 2-step sampler)."""
+
 import copy
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoiser
 from PIL import Image
 
 import engine_jit
@@ -21,7 +23,6 @@ import report
 import sample
 from denoiser import SamplerSettings
 from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, train_step
-from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoiser
 from util import grid
 from util import report as R
 from util.errors import BadValue, exit_code
@@ -77,8 +78,23 @@ def test_a_run_records_noise_levels_norms_grids_and_its_report(straight, capsys)
 
     # sample.py from the run's checkpoint, with the grid's classes, sampler and seed: the same bytes
     png = straight / "sample.png"
-    args = sample.parse_args(["--resume", str(out), "--classes", "0", "1", "2", "--per_class", "10", *SAMPLER,
-                                                "--device", "cpu", "--output", str(png)])
+    args = sample.parse_args(
+        [
+            "--resume",
+            str(out),
+            "--classes",
+            "0",
+            "1",
+            "2",
+            "--per_class",
+            "10",
+            *SAMPLER,
+            "--device",
+            "cpu",
+            "--output",
+            str(png),
+        ]
+    )
     assert sample.main(args) == 0
     assert png.read_bytes() == grid_files(out)["epoch-0001.png"]
 
@@ -187,11 +203,14 @@ def test_the_measured_gradient_norm_and_update_ratio_and_no_change_to_the_step()
     assert detail["update_ratio"] == pytest.approx(float((after - seen["before"]).norm() / after.norm()), rel=1e-4)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--sample_classes", "0", "3"], "--sample_classes 3: outside [0, 3)"),
-    (["--sample_every", "-1"], "--sample_every must be >= 0"),
-    (["--sample_per_class", "0"], "--sample_per_class must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sample_classes", "0", "3"], "--sample_classes 3: outside [0, 3)"),
+        (["--sample_every", "-1"], "--sample_every must be >= 0"),
+        (["--sample_per_class", "0"], "--sample_per_class must be at least 1"),
+    ],
+)
 def test_bad_grid_flags_are_rejected_before_any_work(extra, message, tmp_path):
     with pytest.raises(BadValue, match=re.escape(message)):
         main_jit.check_args(main_jit.parse_args([*TINY, "--output_dir", str(tmp_path), *extra]))
@@ -211,12 +230,40 @@ def fake_run(folder, name_losses, fids, epochs=3):
     lines = []
     for e in range(epochs):
         for s, loss in enumerate(name_losses, 1):
-            lines.append({"kind": "train", "epoch": e, "step": s, "global_step": e * len(name_losses) + s, "loss": loss / (e + 1),
-                          "lr": 1e-3, "img_per_s": 100.0, "skipped": 1 if (e, s) == (1, 1) else 0, "images_per_step": 4,
-                          "loss_by_t": [0.5, None], "t_edges": [0.0, 0.3, 1.0], "grad_norm": 1.0, "update_ratio": 1e-3})
-    lines += [{"kind": "eval", "epoch": e, "fid": f, "inception_score": 2.0, "ema": 1, "cfg": 2.0, "interval_min": 0.1,
-               "interval_max": 1.0, "num_images": 12} for e, f in fids]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "tra')  # a cut last line
+            lines.append(
+                {
+                    "kind": "train",
+                    "epoch": e,
+                    "step": s,
+                    "global_step": e * len(name_losses) + s,
+                    "loss": loss / (e + 1),
+                    "lr": 1e-3,
+                    "img_per_s": 100.0,
+                    "skipped": 1 if (e, s) == (1, 1) else 0,
+                    "images_per_step": 4,
+                    "loss_by_t": [0.5, None],
+                    "t_edges": [0.0, 0.3, 1.0],
+                    "grad_norm": 1.0,
+                    "update_ratio": 1e-3,
+                }
+            )
+    lines += [
+        {
+            "kind": "eval",
+            "epoch": e,
+            "fid": f,
+            "inception_score": 2.0,
+            "ema": 1,
+            "cfg": 2.0,
+            "interval_min": 0.1,
+            "interval_max": 1.0,
+            "num_images": 12,
+        }
+        for e, f in fids
+    ]
+    (folder / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "tra'
+    )  # a cut last line
     for e in (0, 2):
         Image.fromarray(np.full((10, 10, 3), 40 * e, np.uint8)).save(folder / "samples" / f"epoch-{e:04d}.png")
     (folder / "sweep.csv").write_text("cfg,fid\n1.0,30.5\n2.0,25.1\n")
@@ -261,12 +308,19 @@ window.addEventListener("load", () => {
 
 
 def chromium(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    return subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium package (apt-get install chromium)"
+)
 def test_the_report_of_a_real_run_loads_in_chromium(straight, tmp_path):
     """The page of a real run, in a real browser: every image loads, nothing is logged to the console,
     and the screenshot is not blank. A copy of the page with a checking script is opened (the page
@@ -296,13 +350,50 @@ def test_the_cost_bench_measures_and_works_out_figures(tmp_path):
     from helpers import run_script
 
     out = tmp_path / "cost.json"
-    run_script("bench/monitor_cost.py", "--model", "JiT-XS/4", "--img_size", 16, "--class_num", 3, "--batch_size", 4, "--steps", 1,
-               "--sample_steps", 2, "--images_per_epoch", 24, "--log_freq", 2, "--json", out)
+    run_script(
+        "bench/monitor_cost.py",
+        "--model",
+        "JiT-XS/4",
+        "--img_size",
+        16,
+        "--class_num",
+        3,
+        "--batch_size",
+        4,
+        "--steps",
+        1,
+        "--sample_steps",
+        2,
+        "--images_per_epoch",
+        24,
+        "--log_freq",
+        2,
+        "--json",
+        out,
+    )
     r = json.loads(out.read_text())
-    assert r["grid"].startswith("3 × 10, heun 2 steps") and r["grid_s"] > 0 and r["epoch_s"] == pytest.approx(6 * r["step_s"])
+    assert (
+        r["grid"].startswith("3 × 10, heun 2 steps")
+        and r["grid_s"] > 0
+        and r["epoch_s"] == pytest.approx(6 * r["step_s"])
+    )
     assert r["grid_pct"] == pytest.approx(100 * r["grid_s"] / (r["epoch_s"] * 12))
-    p = run_script("bench/monitor_cost.py", "--from_figures", "--train_img_per_s", 1958, "--sample_img_per_s", 32.3,
-                   "--class_num", 1000, "--images_per_epoch", 1281167, "--world_size", 8, "--sample_every", 5)
+    p = run_script(
+        "bench/monitor_cost.py",
+        "--from_figures",
+        "--train_img_per_s",
+        1958,
+        "--sample_img_per_s",
+        32.3,
+        "--class_num",
+        1000,
+        "--images_per_epoch",
+        1281167,
+        "--world_size",
+        8,
+        "--sample_every",
+        5,
+    )
     figures = json.loads(p.stdout)
     assert figures["grid_images"] == 32 and figures["epoch_s"] == pytest.approx(1281167 / (8 * 1958))
     assert figures["grid_s"] == pytest.approx([32 / 8 / 32.3, 32 / 32.3])

@@ -1,6 +1,7 @@
 """Post-hoc EMA (util/phema.py, reconstruct_ema.py): the profile math against independent computations
 (quadrature, explicit weighted averages of stored weights, a brute-force residual), snapshots, and the
 reconstruction CLI."""
+
 import math
 import os
 
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_denoiser
 from scipy import integrate, optimize
 
 import reconstruct_ema
 import sample
 from denoiser import EMA
-from helpers import tiny_denoiser
 from util import checkpoint, phema, phema_files
 
 
@@ -52,12 +53,14 @@ def start_module(trajectory):
 @pytest.mark.parametrize("sigma_rel", [1e-4, 0.003, 0.0067, 0.013, 0.05, 0.1, 0.2, 0.288])
 def test_gamma_is_the_cubic_root_and_round_trips(sigma_rel):
     gamma = phema.gamma_from_sigma_rel(sigma_rel)
-    s = sigma_rel ** -2
-    cubic = gamma ** 3 + 7 * gamma ** 2 + (16 - s) * gamma + (12 - s)
-    assert abs(cubic) <= 1e-12 * max(gamma ** 3, s * gamma)
+    s = sigma_rel**-2
+    cubic = gamma**3 + 7 * gamma**2 + (16 - s) * gamma + (12 - s)
+    assert abs(cubic) <= 1e-12 * max(gamma**3, s * gamma)
     assert phema.sigma_rel_from_gamma(gamma) == pytest.approx(sigma_rel, rel=1e-13)
     # Independently: σ_rel(γ) is decreasing on γ > 0, so bisection finds the same γ.
-    root = optimize.brentq(lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel, 0, 1e9, xtol=1e-14, rtol=1e-14)
+    root = optimize.brentq(
+        lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel, 0, 1e9, xtol=1e-14, rtol=1e-14
+    )
     assert gamma == pytest.approx(root, rel=1e-10)
 
 
@@ -89,7 +92,9 @@ def test_power_ema_equals_explicit_weighted_average_of_stored_weights(batches):
     ema = phema.PowerEMA(start_module(theta), sigma_rel=0.15)
     model = track(theta, batches, [ema])
     edges = np.concatenate([[0], np.cumsum(batches)]).astype(np.float64)
-    w = [integrate.quad(lambda t: power_density(t, edges[-1], ema.gamma), a, b)[0] for a, b in zip(edges[:-1], edges[1:])]
+    w = [
+        integrate.quad(lambda t: power_density(t, edges[-1], ema.gamma), a, b)[0] for a, b in zip(edges[:-1], edges[1:])
+    ]
     explicit = sum(wk * theta[k + 1] for k, wk in enumerate(w))
     assert sum(w) == pytest.approx(1, rel=1e-10)
     torch.testing.assert_close(ema.module.weight.double(), explicit, rtol=1e-5, atol=1e-5)
@@ -124,10 +129,18 @@ def test_fused_update_equals_separate_updates_bit_for_bit():
             assert torch.equal(v, y.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("t_a, g_a, t_b, g_b", [(1.0, 3.0, 2.0, 5.0), (2.0, 3.0, 1.5, 0.5), (3.0, 10.0, 3.0, 40.0), (5.0, 0.2, 4.0, 90.0)])
+@pytest.mark.parametrize(
+    "t_a, g_a, t_b, g_b", [(1.0, 3.0, 2.0, 5.0), (2.0, 3.0, 1.5, 0.5), (3.0, 10.0, 3.0, 40.0), (5.0, 0.2, 4.0, 90.0)]
+)
 def test_power_inner_product_matches_quadrature(t_a, g_a, t_b, g_b):
-    numeric = integrate.quad(lambda t: power_density(t, t_a, g_a) * power_density(t, t_b, g_b), 0, min(t_a, t_b),
-                             epsabs=0, epsrel=1e-12, limit=200)[0]
+    numeric = integrate.quad(
+        lambda t: power_density(t, t_a, g_a) * power_density(t, t_b, g_b),
+        0,
+        min(t_a, t_b),
+        epsabs=0,
+        epsrel=1e-12,
+        limit=200,
+    )[0]
     assert float(phema.power_inner(t_a, g_a, t_b, g_b)) == pytest.approx(numeric, rel=1e-9)
     assert float(phema.power_inner(t_b, g_b, t_a, g_a)) == pytest.approx(numeric, rel=1e-9)
 
@@ -152,11 +165,17 @@ def test_classic_ema_inner_products_match_quadrature():
     n, d, batch = 25, 0.8, 4.0
     w = phema.ema_step_weights(d, n)
     for end_step, gamma in [(25, 3.0), (17, 12.0), (25, 0.5), (3, 2.0)]:
-        numeric = sum(w[k] / batch * integrate.quad(lambda t: power_density(t, end_step * batch, gamma), k * batch, (k + 1) * batch,
-                                                    epsabs=0, epsrel=1e-12)[0] for k in range(n))
+        numeric = sum(
+            w[k]
+            / batch
+            * integrate.quad(
+                lambda t: power_density(t, end_step * batch, gamma), k * batch, (k + 1) * batch, epsabs=0, epsrel=1e-12
+            )[0]
+            for k in range(n)
+        )
         got = phema.ema_power_inner(d, n, int(batch), [end_step], [gamma])[0]
         assert got == pytest.approx(numeric, rel=1e-10)
-    assert phema.ema_self_inner(d, n, int(batch)) == pytest.approx(np.sum(w ** 2) / batch, rel=1e-14)
+    assert phema.ema_self_inner(d, n, int(batch)) == pytest.approx(np.sum(w**2) / batch, rel=1e-14)
     # σ_rel of a long classic EMA: about √d / ((1 - d)·steps)
     assert phema.sigma_rel_of_decay(0.999, 100_000) == pytest.approx(math.sqrt(0.999) / (1e-3 * 1e5), rel=1e-3)
 
@@ -164,9 +183,14 @@ def test_classic_ema_inner_products_match_quadrature():
 def brute_force_fit_error(images, gammas, x, q, end):
     """‖Σ x_i p_i − q‖ / ‖q‖ by quadrature on a grid of the profiles' breakpoints."""
     points = sorted(set(images) | {end})
+
     def residual_sq(t):
         return (sum(xi * power_density(t, ti, gi) for xi, ti, gi in zip(x, images, gammas)) - q(t)) ** 2
-    num = sum(integrate.quad(residual_sq, a, b, epsabs=0, epsrel=1e-11, limit=200)[0] for a, b in zip([0] + points[:-1], points))
+
+    num = sum(
+        integrate.quad(residual_sq, a, b, epsabs=0, epsrel=1e-11, limit=200)[0]
+        for a, b in zip([0] + points[:-1], points)
+    )
     den = integrate.quad(lambda t: q(t) ** 2, 0, end, epsabs=0, epsrel=1e-11, limit=200)[0]
     return math.sqrt(num / den)
 
@@ -200,8 +224,17 @@ def write_toy_snapshots(folder, stds=(0.05, 0.15), steps=60, every=10, batch=8, 
             ema.update(model, step * batch, batch)
         if phema_files.snapshot_due(step, every=every, start=every, total=steps):
             for ema in emas:
-                phema_files.write_snapshot(folder, ema.state_dict(), sigma_rel=ema.sigma_rel, step=step, images_seen=step * batch,
-                                     epoch=step // 20 - 1, args=args, dtype=dtype, keep=phema_files.frozen_names(model))
+                phema_files.write_snapshot(
+                    folder,
+                    ema.state_dict(),
+                    sigma_rel=ema.sigma_rel,
+                    step=step,
+                    images_seen=step * batch,
+                    epoch=step // 20 - 1,
+                    args=args,
+                    dtype=dtype,
+                    keep=phema_files.frozen_names(model),
+                )
     return emas, model, args
 
 
@@ -261,11 +294,17 @@ def run_cli(argv, capsys):
 def test_cli_writes_checkpoints_that_sample_py_reads(tmp_path, capsys):
     snap_dir, out_dir = str(tmp_path / "phema"), str(tmp_path / "out")
     emas, _, args = write_toy_snapshots(snap_dir)
-    code, out, err = run_cli(["--snapshots", snap_dir, "--std", "0.15", "0.1", "--decay", "0.97", "--output_dir", out_dir], capsys)
+    code, out, err = run_cli(
+        ["--snapshots", snap_dir, "--std", "0.15", "0.1", "--decay", "0.97", "--output_dir", out_dir], capsys
+    )
     assert code == 0, err
     assert "float64" in out and out.count(" -> ") == 3
     names = sorted(os.listdir(out_dir))
-    assert names == ["ema-decay0.97-step0000000060.pth", "ema-std0.1-step0000000060.pth", "ema-std0.15-step0000000060.pth"]
+    assert names == [
+        "ema-decay0.97-step0000000060.pth",
+        "ema-std0.1-step0000000060.pth",
+        "ema-std0.15-step0000000060.pth",
+    ]
     state = checkpoint.load_checkpoint(os.path.join(out_dir, names[2]))[0]
     assert state.args == args and state.optimizer is None
     for k, v in emas[1].state_dict().items():  # the tracked σ_rel 0.15, reconstructed at its own snapshot
@@ -273,16 +312,34 @@ def test_cli_writes_checkpoints_that_sample_py_reads(tmp_path, capsys):
     record = torch.load(os.path.join(out_dir, names[2]), weights_only=True)["phema"]
     assert record["sigma_rel"] == 0.15 and record["accum"] == "float64" and len(record["weights"]) == 12
     grid = str(tmp_path / "grid.png")
-    sample.main(sample.parse_args(["--resume", os.path.join(out_dir, names[1]), "--classes", "0", "1",
-                                                     "--per_class", "1", "--num_sampling_steps", "2", "--device", "cpu",
-                                                     "--output", grid]))
+    sample.main(
+        sample.parse_args(
+            [
+                "--resume",
+                os.path.join(out_dir, names[1]),
+                "--classes",
+                "0",
+                "1",
+                "--per_class",
+                "1",
+                "--num_sampling_steps",
+                "2",
+                "--device",
+                "cpu",
+                "--output",
+                grid,
+            ]
+        )
+    )
     assert os.path.getsize(grid) > 0
 
 
 def test_cli_at_an_earlier_step_uses_only_snapshots_up_to_it(tmp_path, capsys):
     snap_dir, out_dir = str(tmp_path / "phema"), str(tmp_path / "out")
     write_toy_snapshots(snap_dir)
-    code, out, err = run_cli(["--snapshots", snap_dir, "--std", "0.05", "--at", "35", "--accum", "float32", "--output_dir", out_dir], capsys)
+    code, out, err = run_cli(
+        ["--snapshots", snap_dir, "--std", "0.05", "--at", "35", "--accum", "float32", "--output_dir", out_dir], capsys
+    )
     assert code == 0, err
     assert "6 snapshots up to step 30" in out and "float32" in out
     record = torch.load(os.path.join(out_dir, "ema-std0.05-step0000000035.pth"), weights_only=True)["phema"]
@@ -298,14 +355,17 @@ def test_cli_warns_when_the_snapshots_do_not_cover_a_target(tmp_path, capsys):
     assert os.path.isfile(os.path.join(snap_dir, "reconstructed", "ema-std0.01-step0000000020.pth"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--snapshots", "{missing}", "--std", "0.05"], "no such folder"),
-    (["--snapshots", "{empty}", "--std", "0.05"], "no phema-*.pth snapshots"),
-    (["--snapshots", "{snaps}", "--std", "0.3"], "σ_rel must be in"),
-    (["--snapshots", "{snaps}", "--decay", "1.0"], "a decay must be in"),
-    (["--snapshots", "{snaps}", "--std", "0.05", "--at", "5"], "no snapshot at or before"),
-    (["--snapshots", "{snaps}"], "at least one target"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--snapshots", "{missing}", "--std", "0.05"], "no such folder"),
+        (["--snapshots", "{empty}", "--std", "0.05"], "no phema-*.pth snapshots"),
+        (["--snapshots", "{snaps}", "--std", "0.3"], "σ_rel must be in"),
+        (["--snapshots", "{snaps}", "--decay", "1.0"], "a decay must be in"),
+        (["--snapshots", "{snaps}", "--std", "0.05", "--at", "5"], "no snapshot at or before"),
+        (["--snapshots", "{snaps}"], "at least one target"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     snaps = tmp_path / "phema"
     write_toy_snapshots(str(snaps), steps=20)
@@ -336,7 +396,7 @@ def test_float32_sums_of_several_targets_equal_float64_and_leave_the_snapshots_a
     for a, b in zip(narrow, wide):
         for name, value in b.items():
             scale = float(value.abs().max()) or 1.0
-            torch.testing.assert_close(a[name], value, rtol=0, atol=4 * gain * len(snaps) * scale * 2 ** -24)
+            torch.testing.assert_close(a[name], value, rtol=0, atol=4 * gain * len(snaps) * scale * 2**-24)
     assert not torch.equal(narrow[0]["net.final_layer.linear.weight"], narrow[2]["net.final_layer.linear.weight"])
     assert all(narrow[0][k].data_ptr() != narrow[1][k].data_ptr() for k in narrow[0])
     pos = phema_files.read_snapshot(snaps[0].path)[1]["state_dict"]["net.pos_embed"]  # frozen: the weights sum to 1
@@ -353,8 +413,18 @@ def test_a_snapshot_folder_that_cannot_be_made_is_a_write_error(tmp_path):
     blocked.write_text("a file where the folder should be")
     model = tiny_denoiser()
     with pytest.raises(files.WriteError, match="could not write"):
-        phema_files.write_snapshot(str(blocked), model.state_dict(), sigma_rel=0.05, step=1, images_seen=8, epoch=0, args={})
-    writer = phema_files.SnapshotWriter(str(blocked), [phema.PowerEMA(model, 0.05)], every=1, start=1, total=2, steps_per_epoch=2,
-                                  dtype="float32", args={})
+        phema_files.write_snapshot(
+            str(blocked), model.state_dict(), sigma_rel=0.05, step=1, images_seen=8, epoch=0, args={}
+        )
+    writer = phema_files.SnapshotWriter(
+        str(blocked),
+        [phema.PowerEMA(model, 0.05)],
+        every=1,
+        start=1,
+        total=2,
+        steps_per_epoch=2,
+        dtype="float32",
+        args={},
+    )
     writer(1, 8)
     assert writer.failed == 1

@@ -2,6 +2,7 @@
 --ema_std): the power EMAs of a real run against util.phema.PowerEMA over its weights, resume bit-exact
 with the snapshot series continued, one-line errors, and the σ_rel sweep against reconstruct_ema.py.
 The runs are in this process (tiny JiT, 2 epochs of 6 steps: about 2 s each)."""
+
 import csv
 import dataclasses
 import json
@@ -11,12 +12,12 @@ import signal
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoiser
 
 import engine_jit
 import main_jit
 import reconstruct_ema
 from denoiser import SamplerSettings
-from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoiser
 from util import checkpoint as ckpt_util
 from util import phema, phema_files, sweep
 
@@ -84,7 +85,9 @@ def test_tracked_power_emas_are_phema_power_emas_of_the_weights(straight):
         for j, name in enumerate(names):
             explicit = sum(float(m) * params[j].double() for m, params in zip(masses, trajectory))
             torch.testing.assert_close(tracked[name].double(), explicit, rtol=0, atol=1e-6)
-    assert not torch.equal(ckpt["model_phema"][0]["net.final_layer.linear.weight"], ckpt["model_phema"][1]["net.final_layer.linear.weight"])
+    assert not torch.equal(
+        ckpt["model_phema"][0]["net.final_layer.linear.weight"], ckpt["model_phema"][1]["net.final_layer.linear.weight"]
+    )
 
     snaps = phema_files.list_snapshots(str(base / "straight" / "phema"))
     assert [(s.step, s.sigma_rel) for s in snaps] == [(k, s) for k in DUE for s in STDS]
@@ -131,26 +134,67 @@ def test_a_run_stopped_by_sigterm_resumes_bit_exact_and_continues_the_snapshot_s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stds, message", [
-    (["--phema_stds", "0.05", "0.2"], "tracks post-hoc EMAs of σ_rel 0.05 0.1, this run --phema_stds 0.05 0.2: resume with --phema_stds 0.05 0.1"),
-    ([], "this run --phema_stds none: resume with --phema_stds 0.05 0.1"),
-])
+@pytest.mark.parametrize(
+    "stds, message",
+    [
+        (
+            ["--phema_stds", "0.05", "0.2"],
+            "tracks post-hoc EMAs of σ_rel 0.05 0.1, this run --phema_stds 0.05 0.2: resume with --phema_stds 0.05 0.1",
+        ),
+        ([], "this run --phema_stds none: resume with --phema_stds 0.05 0.1"),
+    ],
+)
 def test_resuming_with_other_phema_stds_is_a_one_line_error(straight, data, tmp_path, stds, message):
     base, _ = straight
-    argv = [*TINY, "--epochs", "3", "--data_path", data, "--output_dir", str(tmp_path), "--resume", str(base / "straight"), *stds]
+    argv = [
+        *TINY,
+        "--epochs",
+        "3",
+        "--data_path",
+        data,
+        "--output_dir",
+        str(tmp_path),
+        "--resume",
+        str(base / "straight"),
+        *stds,
+    ]
     with pytest.raises(ckpt_util.CheckpointError, match=message):  # util.errors.BadInput: exit status 2
         main_jit.setup(main_jit.parse_args(argv))
 
 
 def eval_argv(out, inception_weights, fid_ref_stats, *extra) -> list[str]:
     """--evaluate_gen of 6 images, 2 Heun steps, CFG 2 from 0.1 (no model flags: they come from the weights)."""
-    return [str(a) for a in ("--evaluate_gen", "--output_dir", out, "--num_images", 6, "--gen_bsz", 6, "--num_sampling_steps", 2,
-                             "--cfg", 2.0, "--interval_min", 0.1, "--device", "cpu", "--fid_stats", fid_ref_stats,
-                             "--inception_weights", inception_weights, *extra)]
+    return [
+        str(a)
+        for a in (
+            "--evaluate_gen",
+            "--output_dir",
+            out,
+            "--num_images",
+            6,
+            "--gen_bsz",
+            6,
+            "--num_sampling_steps",
+            2,
+            "--cfg",
+            2.0,
+            "--interval_min",
+            0.1,
+            "--device",
+            "cpu",
+            "--fid_stats",
+            fid_ref_stats,
+            "--inception_weights",
+            inception_weights,
+            *extra,
+        )
+    ]
 
 
 @pytest.mark.slow
-def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, tmp_path, inception_weights, fid_ref_stats, capsys):
+def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(
+    straight, tmp_path, inception_weights, fid_ref_stats, capsys
+):
     """--phema --ema_std: σ_rel 0.07 first alone, then with 0.05 (its finished point is found by its
     σ_rel and not scored again); the 0.07 point equals reconstruct_ema.py's checkpoint evaluated
     with --evaluate_gen --resume; sweep.csv has the ema_std column, sweep.png plots against σ_rel."""
@@ -158,8 +202,11 @@ def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, t
     snapshots, out = str(base / "straight" / "phema"), tmp_path / "sweep"
 
     def sweep_of(*stds):
-        return main_jit.main(main_jit.parse_args(eval_argv(out, inception_weights, fid_ref_stats, "--phema", snapshots,
-                                                           "--ema_std", *stds)))
+        return main_jit.main(
+            main_jit.parse_args(
+                eval_argv(out, inception_weights, fid_ref_stats, "--phema", snapshots, "--ema_std", *stds)
+            )
+        )
 
     assert sweep_of(0.07) == 0
     assert sweep_of(0.05, 0.07) == 0
@@ -169,8 +216,10 @@ def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, t
     assert "σ_rel 0.05: condition" in log and "fit error 0.0e+00" in log  # a tracked σ_rel, at its own snapshot
     records = read_metrics(out, "eval")
     assert [r["ema_std"] for r in records] == [0.07, 0.05] and all(r["ema"] is None for r in records)
-    assert all(r["checkpoint"] == os.path.abspath(snapshots) and r["phema_step"] == 12 and r["checkpoint_epoch"] == 1
-               for r in records)
+    assert all(
+        r["checkpoint"] == os.path.abspath(snapshots) and r["phema_step"] == 12 and r["checkpoint_epoch"] == 1
+        for r in records
+    )
     assert records[0]["fid"] != records[1]["fid"]
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -181,7 +230,9 @@ def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, t
     assert reconstruct_ema.cli(["--snapshots", snapshots, "--std", "0.07", "--output_dir", str(tmp_path / "rec")]) == 0
     single = tmp_path / "single"
     resume = tmp_path / "rec" / "ema-std0.07-step0000000012.pth"
-    assert main_jit.main(main_jit.parse_args(eval_argv(single, inception_weights, fid_ref_stats, "--resume", resume))) == 0
+    assert (
+        main_jit.main(main_jit.parse_args(eval_argv(single, inception_weights, fid_ref_stats, "--resume", resume))) == 0
+    )
     (one,) = read_metrics(single, "eval")
     np.testing.assert_equal([one["fid"], one["inception_score"]], [records[0]["fid"], records[0]["inception_score"]])
 
@@ -189,28 +240,53 @@ def test_a_sweep_of_post_hoc_emas_equals_reconstruct_ema_checkpoints(straight, t
 def test_finished_points_are_matched_by_their_sigma_rel(tmp_path):
     context = dict(checkpoint="/run/phema", checkpoint_epoch=1, phema_step=12, seed=0)
     point = sweep.Point(None, SamplerSettings(cfg=2.0), 6, ema_std=0.05)
-    record = {"kind": "eval", "fid": 3.0, **context, "ema": None, "ema_std": 0.05, "num_images": 6, **dataclasses.asdict(point.sampler)}
-    others = [{**record, "ema_std": 0.07}, {**record, "phema_step": 10}, {**{k: v for k, v in record.items() if k != "ema_std"}, "ema": 1}]
+    record = {
+        "kind": "eval",
+        "fid": 3.0,
+        **context,
+        "ema": None,
+        "ema_std": 0.05,
+        "num_images": 6,
+        **dataclasses.asdict(point.sampler),
+    }
+    others = [
+        {**record, "ema_std": 0.07},
+        {**record, "phema_step": 10},
+        {**{k: v for k, v in record.items() if k != "ema_std"}, "ema": 1},
+    ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [record, *others]))
     done = sweep.finished(str(path), context)
-    assert list(done) == [point.key(), dataclasses.replace(point, ema_std=0.07).key(), sweep.Point(1, point.sampler, 6).key()]
+    assert list(done) == [
+        point.key(),
+        dataclasses.replace(point, ema_std=0.07).key(),
+        sweep.Point(1, point.sampler, 6).key(),
+    ]
     assert point.weights == 0.05 and sweep.Point(2, point.sampler, 6).weights == 2
-    assert sweep.describe({**record, "inception_score": None}) == "σ_rel 0.05, cfg 2.0, interval (0.0, 1.0): FID 3.0000, IS n/a"
+    assert (
+        sweep.describe({**record, "inception_score": None})
+        == "σ_rel 0.05, cfg 2.0, interval (0.0, 1.0): FID 3.0000, IS n/a"
+    )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--phema_stds", "0.3"], "--phema_stds 0.3: σ_rel must be in (0, 0.2887)"),
-    (["--phema_stds", "0.05", "0.05"], "the values must differ"),
-    (["--phema_stds", "0.05", "--phema_every", "0"], "--phema_every must be at least 1"),
-    (["--phema", "x"], "--phema evaluates post-hoc EMAs: add --evaluate_gen"),
-    (["--evaluate_gen", "--phema", "x"], "give the σ_rel of the post-hoc EMAs to evaluate with --ema_std"),
-    (["--evaluate_gen", "--phema", "x", "--ema_std", "0.05", "--resume", "y"], "--phema and --resume both name"),
-    (["--evaluate_gen", "--phema", "x", "--ema_std", "0.05", "--ema", "2"], "--ema chooses an EMA of a checkpoint"),
-    (["--evaluate_gen", "--phema", "x", "--ema_std", "0"], "--ema_std 0.0: σ_rel must be in"),
-    (["--evaluate_gen", "--resume", "y", "--ema_std", "0.05"], "--ema_std needs --phema"),
-    (["--evaluate_gen", "--phema", "/nonexistent", "--ema_std", "0.05"], "/nonexistent: no such folder of snapshots"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--phema_stds", "0.3"], "--phema_stds 0.3: σ_rel must be in (0, 0.2887)"),
+        (["--phema_stds", "0.05", "0.05"], "the values must differ"),
+        (["--phema_stds", "0.05", "--phema_every", "0"], "--phema_every must be at least 1"),
+        (["--phema", "x"], "--phema evaluates post-hoc EMAs: add --evaluate_gen"),
+        (["--evaluate_gen", "--phema", "x"], "give the σ_rel of the post-hoc EMAs to evaluate with --ema_std"),
+        (["--evaluate_gen", "--phema", "x", "--ema_std", "0.05", "--resume", "y"], "--phema and --resume both name"),
+        (["--evaluate_gen", "--phema", "x", "--ema_std", "0.05", "--ema", "2"], "--ema chooses an EMA of a checkpoint"),
+        (["--evaluate_gen", "--phema", "x", "--ema_std", "0"], "--ema_std 0.0: σ_rel must be in"),
+        (["--evaluate_gen", "--resume", "y", "--ema_std", "0.05"], "--ema_std needs --phema"),
+        (
+            ["--evaluate_gen", "--phema", "/nonexistent", "--ema_std", "0.05"],
+            "/nonexistent: no such folder of snapshots",
+        ),
+    ],
+)
 def test_bad_phema_flags_are_rejected_before_any_work(tmp_path, extra, message):
     args = main_jit.parse_args([*TINY, "--output_dir", str(tmp_path / "out"), *extra])
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -218,17 +294,30 @@ def test_bad_phema_flags_are_rejected_before_any_work(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_short_disk(tmp_path, monkeypatch, capsys):
+def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_short_disk(
+    tmp_path, monkeypatch, capsys
+):
     from util import files
 
     model = tiny_denoiser()
     emas = [phema.PowerEMA(model, s) for s in STDS]
-    writer = phema_files.SnapshotWriter(str(tmp_path / "phema"), emas, every=2, start=1, total=5, steps_per_epoch=3, dtype="float16",
-                                  args={"model": "JiT-XS/4"}, keep=frozenset(phema_files.frozen_names(model)))
+    writer = phema_files.SnapshotWriter(
+        str(tmp_path / "phema"),
+        emas,
+        every=2,
+        start=1,
+        total=5,
+        steps_per_epoch=3,
+        dtype="float16",
+        args={"model": "JiT-XS/4"},
+        keep=frozenset(phema_files.frozen_names(model)),
+    )
     one = phema_files.snapshot_file_bytes(model.state_dict(), "float16", writer.keep)
     monkeypatch.setattr(files, "free_bytes", lambda path: 3 * one)
     plan = writer.plan(done=2)  # steps 4 and 5 still to come: 4 files
-    assert plan[0].startswith("post-hoc EMA: σ_rel 0.05 0.1; snapshots every 2 steps from step 1 and at the last (5): 6 files of ")
+    assert plan[0].startswith(
+        "post-hoc EMA: σ_rel 0.05 0.1; snapshots every 2 steps from step 1 and at the last (5): 6 files of "
+    )
     assert "(float16)" in plan[0] and plan[0].endswith(", 4 still to write") and len(plan) == 2
     assert plan[1].startswith(f"warning: {tmp_path / 'phema'} has ") and "some will fail to be written" in plan[1]
 
@@ -243,7 +332,9 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
     assert "training goes on" in out and os.listdir(tmp_path / "phema") == []
     monkeypatch.undo()
     writer(5, 20)  # the last step
-    assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema_files.list_snapshots(writer.folder)] == [(5, 20, 0, "float16")] * 2
+    assert [(s.step, s.images_seen, s.epoch, s.dtype) for s in phema_files.list_snapshots(writer.folder)] == [
+        (5, 20, 0, "float16")
+    ] * 2
 
 
 def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
@@ -276,11 +367,15 @@ def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
     monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
     monkeypatch.setattr(sharding, "shard", stand_in_shard)
     monkeypatch.setattr(sharding, "is_sharded", lambda m: False)
-    config = main_jit.resolve_config(main_jit.parse_args([*TINY, "--fsdp", *PHEMA, "--ema_decay3", "0.99"]), world_size=2)
+    config = main_jit.resolve_config(
+        main_jit.parse_args([*TINY, "--fsdp", *PHEMA, "--ema_decay3", "0.99"]), world_size=2
+    )
     assert config.fsdp
     real_build = main_jit.build_denoiser
     monkeypatch.setattr(main_jit, "build_denoiser", lambda *a: live.append(real_build(*a)) or live[-1])
     denoiser, emas, phemas, _ = main_jit.build_model(config, torch.device("cpu"))
     held = np.cumsum(events)
     assert events.count(1) == 3 + len(STDS) and held[-1] == 0 and held.max() == 1
-    assert [e.sigma_rel for e in phemas] == list(STDS) and all(p.numel() == 0 for e in phemas for p in e.module.parameters())
+    assert [e.sigma_rel for e in phemas] == list(STDS) and all(
+        p.numel() == 0 for e in phemas for p in e.module.parameters()
+    )

@@ -1,5 +1,6 @@
 """Preemption and faults: atomic saves, exact resume after SIGTERM / SIGKILL, corrupt checkpoints and
 images, non-finite losses."""
+
 import math
 import os
 import re
@@ -10,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import ROOT, TINY, assert_same_state, load_last, make_image_folder, read_metrics, read_until, run_script
 
 import main_jit
 from denoiser import EMA, Denoiser
@@ -18,7 +20,6 @@ from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files, logger
 from util.logger import RunLog
-from helpers import ROOT, TINY, assert_same_state, load_last, make_image_folder, read_metrics, read_until, run_script
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
 # that a signal sent after the first progress line lands well before the end of the run.
@@ -184,19 +185,51 @@ def test_a_failed_periodic_save_lets_training_go_on(data, tmp_path, monkeypatch,
         return (torch_disk_full(torch_save) if len(saves) == 1 else torch_save)(obj, f)
 
     monkeypatch.setattr(torch, "save", first_fails)
-    args = main_jit.parse_args([*TINY, "--epochs", "2", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
-                                "--output_dir", str(tmp_path)])
+    args = main_jit.parse_args(
+        [
+            *TINY,
+            "--epochs",
+            "2",
+            "--batch_size",
+            "8",
+            "--save_last_freq",
+            "1",
+            "--data_path",
+            data,
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert main_jit.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("could not write") == 1 and "No space left on device" in out and "training goes on" in out
-    assert "Epoch [1] [6/6]" in out and "1 checkpoint(s) of this run could not be written" in out and "training done" in out
+    assert (
+        "Epoch [1] [6/6]" in out
+        and "1 checkpoint(s) of this run could not be written" in out
+        and "training done" in out
+    )
     assert ckpt_util.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))[0].start == {"epoch": 2, "step": 0}
 
 
 @pytest.mark.slow
-def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_disk(data, tmp_path, monkeypatch, capsys):
-    args = main_jit.parse_args([*TINY, "--epochs", "2", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
-                                "--output_dir", str(tmp_path)])
+def test_a_run_whose_final_checkpoint_fails_exits_non_zero_and_says_what_is_on_disk(
+    data, tmp_path, monkeypatch, capsys
+):
+    args = main_jit.parse_args(
+        [
+            *TINY,
+            "--epochs",
+            "2",
+            "--batch_size",
+            "8",
+            "--save_last_freq",
+            "1",
+            "--data_path",
+            data,
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     run = main_jit.setup(args)
     torch_save = torch.save
     saves = []
@@ -232,19 +265,37 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_real_full_disk(data, small_disk):
     out = small_disk / "out"
-    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--batch_size", "8", "--save_last_freq", "1", "--data_path", data,
-                   "--output_dir", out, check=False)
+    p = run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        "3",
+        "--batch_size",
+        "8",
+        "--save_last_freq",
+        "1",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        check=False,
+    )
     assert p.returncode == 1, p.stdout
     assert "free, but saving a checkpoint" in p.stdout  # said at the start
-    assert re.search(rf"could not write {out}/checkpoint-last.pth: No space left on device \(needs about 6\.\d MB, "
-                     r"\d+\.\d MB free\)", p.stdout), p.stdout
+    assert re.search(
+        rf"could not write {out}/checkpoint-last.pth: No space left on device \(needs about 6\.\d MB, "
+        r"\d+\.\d MB free\)",
+        p.stdout,
+    ), p.stdout
     assert f"the newest readable checkpoint is {out}/checkpoint-last.pth (resume at epoch 1, step 0)" in p.stdout
     assert "Traceback" not in p.stdout and "training done" not in p.stdout
     assert ckpt_util.load_checkpoint(str(out / "checkpoint-last.pth"))[0].start == {"epoch": 1, "step": 0}
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     records = read_metrics(out)  # whole JSON lines only (a cut line would not parse), each step's until the disk filled
     expected = [(e, s) for e in range(3) for s in range(1, 7)]  # --log_freq 1, 6 steps per epoch
-    assert records and [(r["kind"], r["epoch"], r["step"]) for r in records] == [("train", *k) for k in expected[: len(records)]]
+    assert records and [(r["kind"], r["epoch"], r["step"]) for r in records] == [
+        ("train", *k) for k in expected[: len(records)]
+    ]
 
 
 @pytest.mark.slow
@@ -258,9 +309,13 @@ def test_truncated_checkpoint_is_a_clear_error_and_a_folder_falls_back(data, tmp
     run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out)
     blob = last.read_bytes()
     last.write_bytes(blob[: len(blob) // 2])
-    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False)
+    p = run_script(
+        "main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", last, check=False
+    )
     assert p.returncode == 2 and f"cannot read checkpoint {last}" in p.stdout and "Traceback" not in p.stdout
-    p = run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run")
+    p = run_script(
+        "main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out, "--dry_run"
+    )
     assert f"cannot read checkpoint {last}" in p.stdout
     assert f"resuming from the older checkpoint {older}" in p.stdout and "epoch 2, step 0" in p.stdout
 
@@ -271,13 +326,36 @@ def test_unreadable_images_are_replaced_and_reported(tmp_path):
     (tmp_path / "data" / "train" / "c0" / "empty.jpg").write_bytes(b"")
     (tmp_path / "data" / "train" / "c1" / "notes.png").write_text("not an image")
     out = tmp_path / "out"
-    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--batch_size", "2", "--max_bad_frac", "0.2", "--data_path", data,
-                 "--output_dir", out)
+    p = run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_bad_frac",
+        "0.2",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+    )
     assert "empty.jpg" in p.stdout and "notes.png" in p.stdout
     assert "2 unreadable images were replaced" in p.stdout
     assert (out / "checkpoint-last.pth").exists()
-    p = run_script("main_jit.py", *TINY, "--epochs", "1", "--batch_size", "2", "--data_path", data, "--output_dir", tmp_path / "o2",
-                 check=False)
+    p = run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "o2",
+        check=False,
+    )
     assert p.returncode == 1 and "unreadable images in epoch 0" in p.stdout and "--max_bad_frac" in p.stdout
 
 
@@ -312,8 +390,9 @@ def test_a_nan_loss_is_skipped_and_leaves_weights_optimizer_and_emas_finite():
 
 
 def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
-    args = main_jit.parse_args([*TINY, "--epochs", "2", "--max_nonfinite_steps", "3", "--data_path", data,
-                                "--output_dir", str(tmp_path)])
+    args = main_jit.parse_args(
+        [*TINY, "--epochs", "2", "--max_nonfinite_steps", "3", "--data_path", data, "--output_dir", str(tmp_path)]
+    )
     run = main_jit.setup(args)
     real_forward = run.parts.denoiser.net.forward
     run.parts.denoiser.net.forward = lambda z, t, y: real_forward(z, t, y) * float("nan")
@@ -330,6 +409,8 @@ def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
 def test_resume_with_another_world_size_works_and_says_so(data, tmp_path):
     out = tmp_path / "out"
     run_script("main_jit.py", *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
-    p = run_script("main_jit.py", *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out, nproc=2)
+    p = run_script(
+        "main_jit.py", *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out, nproc=2
+    )
     assert "written by 1 processes, this run has 2" in p.stdout and "not bit-exactly" in p.stdout
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1

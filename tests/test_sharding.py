@@ -3,9 +3,9 @@ accumulation, the non-finite skip, and checkpoints that move between FSDP and pl
 
 One torchrun per mode (tests/sharding_worker.py); the tests read what rank 0 wrote.
 """
+
 import pytest
 import torch
-
 from helpers import run_script
 
 SCRIPT = "tests/sharding_worker.py"
@@ -62,7 +62,9 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all(train_results):
 @pytest.mark.slow
 def test_checkpoints_move_between_fsdp_and_plain_runs(train_results):
     r = train_results
-    assert within(r["fsdp_ckpt_to_plain"]), r["fsdp_ckpt_to_plain"]  # FSDP file -> plain Denoiser + AdamW, one more step
+    assert within(r["fsdp_ckpt_to_plain"]), r[
+        "fsdp_ckpt_to_plain"
+    ]  # FSDP file -> plain Denoiser + AdamW, one more step
     assert max(r["ddp_ckpt_to_fsdp_loaded"].values()) == 0.0  # plain file -> FSDP: loaded exactly
     assert within(r["ddp_ckpt_to_fsdp"]), r["ddp_ckpt_to_fsdp"]  # ... and one more step
     assert [g["fused"] for g in r["optim_groups_after_load"]] == [True, True]

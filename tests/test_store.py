@@ -1,4 +1,5 @@
 """The preprocessed image store: prepare_data.py conversion and util.store.StoreDataset reading."""
+
 import gc
 import json
 import mmap
@@ -12,11 +13,11 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, assert_same_state, load_last, read_until, run_script
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, default_collate
 
 import prepare_data
-from helpers import TINY, assert_same_state, load_last, read_until, run_script
 from util import store as store_mod
 from util.data import CenterCropFolder, ResumableSampler, center_crop_arr, make_loader, open_dataset
 from util.store import StoreDataset, is_store
@@ -45,8 +46,19 @@ def make_source(root):
 
 
 def convert_args(data_path, out, *extra, size=SIZE, workers=0) -> list[str]:
-    return ["--data_path", str(data_path), "--img_size", str(size), "--store", str(out), "--shard_size", str(SHARD),
-            "--num_workers", str(workers), *map(str, extra)]
+    return [
+        "--data_path",
+        str(data_path),
+        "--img_size",
+        str(size),
+        "--store",
+        str(out),
+        "--shard_size",
+        str(SHARD),
+        "--num_workers",
+        str(workers),
+        *map(str, extra),
+    ]
 
 
 def convert(*args, **kwargs):
@@ -131,7 +143,10 @@ def test_unreadable_files_are_listed_with_reasons_and_left_out(source, store):
     assert {u["path"] for u in manifest["unreadable"]} == UNREADABLE
     assert all("UnidentifiedImageError" in u["reason"] for u in manifest["unreadable"])
     folder = CenterCropFolder(os.path.join(source, "train"), SIZE)
-    kept = {os.path.relpath(folder.samples[i][0], os.path.join(source, "train")) for i in np.load(os.path.join(store, "source_index.npy"))}
+    kept = {
+        os.path.relpath(folder.samples[i][0], os.path.join(source, "train"))
+        for i in np.load(os.path.join(store, "source_index.npy"))
+    }
     assert kept.isdisjoint(UNREADABLE) and len(kept) == manifest["images"] == 21
     assert [s["count"] for s in manifest["shards"]] == [5, 4, 5, 4, 3]  # shards 1 and 3 each lost one file
     assert manifest["source_images"] == 23 and manifest["img_size"] == SIZE and manifest["pillow"]
@@ -256,8 +271,9 @@ def test_resume_redoes_only_missing_and_damaged_shards(source, store, tmp_path, 
         assert after[name] == before[name], name  # untouched: same bytes, inode, mtime
     assert after["shard_00001.npy"][1:] != before["shard_00001.npy"][1:]
     assert ".shard_00003.npy.tmp-999" not in after
-    assert {n: v[0] for n, v in after.items() if n.endswith(".npy")} == \
-        {n: v[0] for n, v in snapshot(store).items() if n.endswith(".npy")}
+    assert {n: v[0] for n, v in after.items() if n.endswith(".npy")} == {
+        n: v[0] for n, v in snapshot(store).items() if n.endswith(".npy")
+    }
     convert(source, out)
     assert "is complete; nothing to do" in capsys.readouterr().out
     assert snapshot(out) == after
@@ -274,9 +290,15 @@ def test_verify_passes_then_catches_a_flipped_byte_and_wrong_pixels(source, tmp_
     img = np.load(os.path.join(out, "shard_00002.npy"))
     img[1, 0, 5, 5] ^= 1  # wrong pixels, recorded as right: only the re-decode can tell
     np.save(os.path.join(out, "shard_00002.npy"), img)
-    edit_manifest(out, shards=[s if s["file"] != "shard_00002.npy" else
-                               {**s, **prepare_data.save_array(os.path.join(out, "shard_00002.npy"), img)}
-                               for s in json.load(open(os.path.join(out, "manifest.json")))["shards"]])
+    edit_manifest(
+        out,
+        shards=[
+            s
+            if s["file"] != "shard_00002.npy"
+            else {**s, **prepare_data.save_array(os.path.join(out, "shard_00002.npy"), img)}
+            for s in json.load(open(os.path.join(out, "manifest.json")))["shards"]
+        ],
+    )
     assert convert_status(source, out, "--verify", "--verify_samples", 100) == 1
     captured = capsys.readouterr()
     assert "image 10 (mango/3.png) differs from a fresh decode" in captured.out
@@ -295,7 +317,9 @@ def test_open_rejects_bad_stores_with_clear_messages(copy):
         StoreDataset(copy, SIZE)
     flip_byte(copy / "shard_00001.npy", 300)
     os.truncate(copy / "shard_00004.npy", 1000)
-    with pytest.raises(ValueError, match="shard_00004.npy has 1000 bytes, the manifest records 2432. Delete .*manifest.json and rerun"):
+    with pytest.raises(
+        ValueError, match="shard_00004.npy has 1000 bytes, the manifest records 2432. Delete .*manifest.json and rerun"
+    ):
         StoreDataset(copy, SIZE)
     edit_manifest(copy, format_version=99)
     with pytest.raises(ValueError, match="format version 99, this code reads version 1: rebuild it"):
@@ -362,8 +386,21 @@ def test_training_on_the_store_is_bit_identical_to_the_folder_also_after_a_resum
     store = convert(data, tmp_path / "store")
     run_script("main_jit.py", *TINY, "--epochs", 2, "--data_path", data, "--output_dir", tmp_path / "folder")
     out = tmp_path / "from_store"
-    args = [*TINY, "--epochs", 2, "--num_workers", 1, "--data_path", store, "--output_dir", out, "--resume", out,
-            "--save_every_steps", 3]
+    args = [
+        *TINY,
+        "--epochs",
+        2,
+        "--num_workers",
+        1,
+        "--data_path",
+        store,
+        "--output_dir",
+        out,
+        "--resume",
+        out,
+        "--save_every_steps",
+        3,
+    ]
     proc = start("main_jit.py", *args)
     read_until(proc, "(resume at epoch 0, step 6)")
     proc.kill()

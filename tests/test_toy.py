@@ -1,4 +1,5 @@
 """The toy experiment (paper Fig. 2): its pieces, and a short seeded run."""
+
 import math
 
 import torch
@@ -15,7 +16,13 @@ def test_embedding_has_orthonormal_columns():
 def test_mlp_is_five_relu_layers_of_256_on_z_and_t():
     net = ToyMLP(16)
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(17, 256), (256, 256), (256, 256), (256, 256), (256, 16)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (17, 256),
+        (256, 256),
+        (256, 256),
+        (256, 256),
+        (256, 16),
+    ]
     assert net(torch.randn(3, 16), torch.rand(3), torch.zeros(3, dtype=torch.long)).shape == (3, 16)
 
 

@@ -1,8 +1,10 @@
 """The training entry point: checkpoints, resume, DDP, LR schedule, fail-fast input checks."""
+
 import os
 
 import pytest
 import torch
+from helpers import REF_KEYS, TINY, load_last, read_metrics, run_script, save_reference_checkpoint, tiny_denoiser
 
 import main_jit
 from denoiser import Denoiser
@@ -11,7 +13,6 @@ from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util.data import ResumableSampler
 from util.lr_sched import lr_at
-from helpers import REF_KEYS, TINY, load_last, read_metrics, run_script, save_reference_checkpoint, tiny_denoiser
 
 
 @pytest.mark.slow
@@ -28,7 +29,9 @@ def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
     fresh = tiny_denoiser()
     fresh.load_state_dict(ckpt["model"], strict=True)
     fresh.load_state_dict(ckpt["model_ema1"], strict=True)
-    assert not torch.equal(ckpt["model"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"])
+    assert not torch.equal(
+        ckpt["model"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"]
+    )
     assert [r["step"] for r in read_metrics(out, "train")] == [4, 6]  # every --log_freq steps and the last
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
 
@@ -36,7 +39,20 @@ def test_one_epoch_writes_a_reference_format_checkpoint(data, tmp_path):
 @pytest.mark.slow
 def test_lr_is_set_every_iteration_with_warmup(data, tmp_path):
     out = tmp_path / "out"
-    run_script("main_jit.py", *TINY, "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.002", "--data_path", data, "--output_dir", out)
+    run_script(
+        "main_jit.py",
+        *TINY,
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--lr",
+        "0.002",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+    )
     lrs = [r["lr"] for r in read_metrics(out)]
     expected = [lr_at(e + s / 6, lr=0.002, warmup_epochs=1) for e in range(2) for s in range(6)]
     assert lrs == pytest.approx(expected)
@@ -69,8 +85,20 @@ def test_lr_schedule_values():
 
 
 def test_default_lr_is_blr_times_global_batch_over_256(data, tmp_path):
-    args = main_jit.parse_args([*TINY[:-2], "--blr", "1e-4", "--accum_iter", "2", "--data_path", data,
-                                "--output_dir", str(tmp_path), "--dry_run"])
+    args = main_jit.parse_args(
+        [
+            *TINY[:-2],
+            "--blr",
+            "1e-4",
+            "--accum_iter",
+            "2",
+            "--data_path",
+            data,
+            "--output_dir",
+            str(tmp_path),
+            "--dry_run",
+        ]
+    )
     run = main_jit.setup(args)
     run.close()
     assert args.lr is None  # the flags stay as given; the derived value lives in the run's config
@@ -127,8 +155,22 @@ def test_help_groups_every_flag_with_a_help_line():
 def test_checkpoint_of_another_model_is_a_clear_error(data, tmp_path):
     path = tmp_path / "ref.pth"
     save_reference_checkpoint(path, tiny_denoiser())
-    p = run_script("main_jit.py", *TINY, "--model", "JiT-T/4", "--epochs", "1", "--resume", path, "--data_path", data,
-                 "--output_dir", tmp_path / "out", "--dry_run", check=False)
+    p = run_script(
+        "main_jit.py",
+        *TINY,
+        "--model",
+        "JiT-T/4",
+        "--epochs",
+        "1",
+        "--resume",
+        path,
+        "--data_path",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--dry_run",
+        check=False,
+    )
     assert p.returncode == 2 and "does not fit this model" in p.stdout and "--model JiT-XS/4" in p.stdout
     assert "Traceback" not in p.stdout
 
@@ -154,10 +196,16 @@ def test_the_only_buffers_are_constants():
 def test_gradient_accumulation_matches_one_big_batch():
     """Two micro-batches of 4 with accum_iter 2 take the same step as one batch of 8 (the loss has
     no randomness here: fixed t with P_std 0, noise_scale 0, no label dropout)."""
+
     def make():
         torch.manual_seed(0)
-        d = Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3), num_classes=3, P_std=0.0,
-                     noise_scale=0.0, label_drop_prob=0.0)
+        d = Denoiser(
+            JiT_models["JiT-XS/4"](input_size=16, num_classes=3),
+            num_classes=3,
+            P_std=0.0,
+            noise_scale=0.0,
+            label_drop_prob=0.0,
+        )
         with torch.no_grad():
             for p in d.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
@@ -201,7 +249,9 @@ def test_bad_input_fails_fast_with_a_clear_message(data, tmp_path, extra, messag
 def test_two_process_ddp_keeps_ranks_identical(data, tmp_path):
     out, dump = tmp_path / "out", tmp_path / "dump"
     dump.mkdir()
-    run_script("tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out, nproc=2)
+    run_script(
+        "tests/ddp_script.py", "train", dump, *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out, nproc=2
+    )
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     assert r0["code"] == 0 and r1["code"] == 0
     assert r0["sync_buffers"] is False  # the RoPE tables are constants (test_the_only_buffers_are_constants)

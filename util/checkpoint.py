@@ -13,6 +13,7 @@ EMAs are tracked for post-hoc EMA (--phema_stds, util/phema.py).
 Names: `--resume` is the flag (a file or folder to continue from); the position a run continues
 from is its `start` (TrainState.start, Start).
 """
+
 import argparse
 import dataclasses
 import glob
@@ -57,12 +58,20 @@ class TrainState:
     phema_stds: list = field(default_factory=list)
 
     @classmethod
-    def weights_only(cls, state_dict: dict, *, epoch: int = -1, args: dict | None = None, start: dict | None = None) -> "TrainState":
+    def weights_only(
+        cls, state_dict: dict, *, epoch: int = -1, args: dict | None = None, start: dict | None = None
+    ) -> "TrainState":
         """One network's weights as a TrainState: the model and EMA 1 are `state_dict` (the other
         EMAs then start from it, see ema_states), no optimizer; `epoch` the last finished epoch of
         the weights (-1: none), continued at the next (`start`, default {epoch + 1, step 0})."""
-        return cls(model=state_dict, emas=[state_dict], optimizer=None, epoch=epoch, args=dict(args or {}),
-                   start=start or {"epoch": epoch + 1, "step": 0})
+        return cls(
+            model=state_dict,
+            emas=[state_dict],
+            optimizer=None,
+            epoch=epoch,
+            args=dict(args or {}),
+            start=start or {"epoch": epoch + 1, "step": 0},
+        )
 
     def ema_states(self, n: int) -> list[dict]:
         """The state dicts of n EMAs: an EMA the checkpoint does not hold (a third one added on
@@ -75,8 +84,10 @@ class TrainState:
             return self.model
         k = int(which.removeprefix("ema"))
         if not 1 <= k <= len(self.emas):
-            raise CheckpointError(f"the checkpoint has no {EMA_KEYS[k - 1] if k <= len(EMA_KEYS) else which} "
-                                  f"(it holds EMAs 1..{len(self.emas)}; a third one is kept when training with --ema_decay3)")
+            raise CheckpointError(
+                f"the checkpoint has no {EMA_KEYS[k - 1] if k <= len(EMA_KEYS) else which} "
+                f"(it holds EMAs 1..{len(self.emas)}; a third one is kept when training with --ema_decay3)"
+            )
         return self.emas[k - 1]
 
 
@@ -84,9 +95,17 @@ def to_dict(state: TrainState) -> dict:
     """The file's dict: the reference's keys, plus resume (the start position), rng, world_size and
     the power EMAs (only when tracked)."""
     phema = {"model_phema": state.phemas, "phema_stds": state.phema_stds} if state.phema_stds else {}
-    return {"model": state.model, **dict(zip(EMA_KEYS, state.emas)), "optimizer": state.optimizer,
-            "epoch": state.epoch, "args": state.args, "resume": state.start, "rng": state.rng,
-            "world_size": state.world_size, **phema}
+    return {
+        "model": state.model,
+        **dict(zip(EMA_KEYS, state.emas)),
+        "optimizer": state.optimizer,
+        "epoch": state.epoch,
+        "args": state.args,
+        "resume": state.start,
+        "rng": state.rng,
+        "world_size": state.world_size,
+        **phema,
+    }
 
 
 def from_dict(ckpt: dict) -> TrainState:
@@ -96,10 +115,16 @@ def from_dict(ckpt: dict) -> TrainState:
     epoch = ckpt.get("epoch", -1)
     emas = [ckpt.get(k, ckpt["model"]) for k in EMA_KEYS[:2]] + ([ckpt[EMA_KEYS[2]]] if EMA_KEYS[2] in ckpt else [])
     return TrainState(
-        model=ckpt["model"], emas=emas, optimizer=ckpt.get("optimizer"),
-        epoch=epoch, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
-        start=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0}, rng=ckpt.get("rng"),
-        world_size=ckpt.get("world_size"), phemas=ckpt.get("model_phema", []), phema_stds=ckpt.get("phema_stds", []),
+        model=ckpt["model"],
+        emas=emas,
+        optimizer=ckpt.get("optimizer"),
+        epoch=epoch,
+        args=vars(args) if isinstance(args, argparse.Namespace) else dict(args),
+        start=ckpt.get("resume") or {"epoch": epoch + 1, "step": 0},
+        rng=ckpt.get("rng"),
+        world_size=ckpt.get("world_size"),
+        phemas=ckpt.get("model_phema", []),
+        phema_stds=ckpt.get("phema_stds", []),
     )
 
 
@@ -112,8 +137,10 @@ def does_not_fit(path: str, args: dict, error: Exception) -> CheckpointError:
     """The error for a checkpoint of another shape, naming the flags it was made with (`args`) and
     the start of load_state_dict's message."""
     first = " ".join(str(error).strip().splitlines()[:2])[:300]
-    return CheckpointError(f"{path} does not fit this model (check --model, --img_size, --class_num; the checkpoint "
-                           f"was made with {summary(args)}): {first}")
+    return CheckpointError(
+        f"{path} does not fit this model (check --model, --img_size, --class_num; the checkpoint "
+        f"was made with {summary(args)}): {first}"
+    )
 
 
 def load_module(module, state_dict: dict, path: str, args: dict):
@@ -216,7 +243,9 @@ def _read(path: str) -> TrainState:
 
 def candidates(folder: str) -> list[str]:
     """Checkpoints in `folder`, newest first (by modification time, then epoch number)."""
-    paths = [p for p in glob.glob(os.path.join(folder, "checkpoint-*.pth")) if re.search(r"checkpoint-(last|\d+)\.pth$", p)]
+    paths = [
+        p for p in glob.glob(os.path.join(folder, "checkpoint-*.pth")) if re.search(r"checkpoint-(last|\d+)\.pth$", p)
+    ]
 
     def key(p):
         m = re.search(r"checkpoint-(\d+)\.pth$", p)
@@ -227,22 +256,22 @@ def candidates(folder: str) -> list[str]:
 
 def load_checkpoint(source: str, log=print, *, required: bool = True, main_only: bool = False):
     """The one reader of checkpoints (--resume, --init_from, --evaluate_gen, export.py, sample.py).
-    Returns (TrainState, path of the file read).
+        Returns (TrainState, path of the file read).
 
-    `source` is a file (read as is: a bad file is an error) or a run folder, searched newest first
-    (an unreadable checkpoint is reported through `log` and the next older one tried). A folder
-    without checkpoints gives (None, None), or a CheckpointError when `required`; an empty `source`
-    (no --resume) gives (None, None); a path that does not exist is an error. (The messages name the
-    file or folder as --resume, the flag most callers pass it with.)
+        `source` is a file (read as is: a bad file is an error) or a run folder, searched newest first
+        (an unreadable checkpoint is reported through `log` and the next older one tried). A folder
+        without checkpoints gives (None, None), or a CheckpointError when `required`; an empty `source`
+        (no --resume) gives (None, None); a path that does not exist is an error. (The messages name the
+        file or folder as --resume, the flag most callers pass it with.)
 
-    Host memory: the tensors are memory-mapped from the file, not read into the process. Loading them
-    into modules copies from the page cache, which the ranks of a node share (one copy per node, and
-    reclaimable: it is not the processes' own memory), so a rank holds nothing of the file but what it
-    keeps (the AdamW moments of a CPU run, see load_optimizer). Files that cannot be mapped (written
-by torch < 1.6, or on a file system without mmap) are read whole.
+        Host memory: the tensors are memory-mapped from the file, not read into the process. Loading them
+        into modules copies from the page cache, which the ranks of a node share (one copy per node, and
+        reclaimable: it is not the processes' own memory), so a rank holds nothing of the file but what it
+        keeps (the AdamW moments of a CPU run, see load_optimizer). Files that cannot be mapped (written
+    by torch < 1.6, or on a file system without mmap) are read whole.
 
-    main_only: collective; rank 0 alone reads, the other ranks get the state without its tensors
-    (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
+        main_only: collective; rank 0 alone reads, the other ranks get the state without its tensors
+        (for a sharded model, which rank 0 loads by broadcasting each tensor: sharding.load_full_state).
     """
     if main_only and distributed.get_world_size() > 1:
         state, path, error = None, None, None
@@ -251,8 +280,13 @@ by torch < 1.6, or on a file system without mmap) are read whole.
                 state, path = load_checkpoint(source, log, required=required)
             except CheckpointError as e:  # every rank raises it: none is left waiting in the broadcast
                 error = e
-        header = None if state is None else dataclasses.replace(state, model=None, emas=[None] * len(state.emas), optimizer=None,
-                                                                phemas=[None] * len(state.phemas))
+        header = (
+            None
+            if state is None
+            else dataclasses.replace(
+                state, model=None, emas=[None] * len(state.emas), optimizer=None, phemas=[None] * len(state.phemas)
+            )
+        )
         header, path, error = distributed.broadcast_object((header, path, error))
         if error is not None:
             raise error
@@ -356,7 +390,9 @@ class Checkpointer:
         """(TrainState, path) of --resume `source`, or (None, None) when it names nothing to resume
         (load_checkpoint). Sharded: rank 0 alone reads the file; the other ranks get the state
         without its tensors (rank 0 broadcasts them in `restore`)."""
-        state, path = load_checkpoint(source, log=distributed.print0, required=False, main_only=sharding.is_sharded(self.denoiser))
+        state, path = load_checkpoint(
+            source, log=distributed.print0, required=False, main_only=sharding.is_sharded(self.denoiser)
+        )
         if source and state is None:
             distributed.print0(f"no checkpoint in {source}: training from scratch")
         return state, path
@@ -368,8 +404,10 @@ class Checkpointer:
         if state.rng is not None and state.world_size == distributed.get_world_size():
             restore_rng(state.rng[distributed.get_rank()], self.device)
         elif state.rng is not None:
-            distributed.print0(f"note: {path} was written by {state.world_size} processes, this run has "
-                     f"{distributed.get_world_size()}: training continues, but not bit-exactly as the original run would")
+            distributed.print0(
+                f"note: {path} was written by {state.world_size} processes, this run has "
+                f"{distributed.get_world_size()}: training continues, but not bit-exactly as the original run would"
+            )
         distributed.print0(f"resumed from {path}: epoch {state.start['epoch']}, step {state.start['step']}")
         self.log.newest = describe(path, state.start)
         return Start(state.start["epoch"], state.start["step"], state.epoch, os.path.abspath(path))
@@ -391,7 +429,9 @@ class Checkpointer:
             return
         ema_sds = None if state.model is None else state.ema_states(len(self.emas)) + phema_sds  # None: not rank 0
         try:
-            sharding.load_full_state(self.denoiser, self.emas + self.phemas, self.optimizer, state.model, ema_sds, state.optimizer)
+            sharding.load_full_state(
+                self.denoiser, self.emas + self.phemas, self.optimizer, state.model, ema_sds, state.optimizer
+            )
         except RuntimeError as e:
             raise does_not_fit(path, state.args, e) from None
         if self.optimizer is not None:
@@ -412,9 +452,16 @@ class Checkpointer:
         if distributed.is_main_process():
             done = next_step >= steps_per_epoch
             state = TrainState(
-                model=model, emas=averages[:n], optimizer=optimizer, epoch=epoch if done else epoch - 1, args=self.args,
+                model=model,
+                emas=averages[:n],
+                optimizer=optimizer,
+                epoch=epoch if done else epoch - 1,
+                args=self.args,
                 start={"epoch": epoch + 1, "step": 0} if done else {"epoch": epoch, "step": next_step},
-                rng=rngs, world_size=distributed.get_world_size(), phemas=averages[n:], phema_stds=[e.sigma_rel for e in self.phemas],
+                rng=rngs,
+                world_size=distributed.get_world_size(),
+                phemas=averages[n:],
+                phema_stds=[e.sigma_rel for e in self.phemas],
             )
             path = os.path.join(self.output_dir, f"checkpoint-{name}.pth")
             try:
@@ -428,9 +475,14 @@ class Checkpointer:
 
     def unsaved_exit(self) -> int:
         """The end of a run whose final checkpoint could not be written: say what is on disk; status 1."""
-        distributed.print0("error: the final checkpoint of this run could not be written; "
-                 + (f"the newest readable checkpoint is {self.log.newest}" if self.log.newest
-                    else "no checkpoint of this run was written"))
+        distributed.print0(
+            "error: the final checkpoint of this run could not be written; "
+            + (
+                f"the newest readable checkpoint is {self.log.newest}"
+                if self.log.newest
+                else "no checkpoint of this run was written"
+            )
+        )
         return 1
 
     def check_free_space(self):
@@ -438,10 +490,11 @@ class Checkpointer:
         need = 2 * estimated_size(self.denoiser, 1 + len(self.emas) + len(self.phemas))
         free = files.free_bytes(self.output_dir)
         if free < need:
-            distributed.print0(f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
-                     f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
-                     "checkpoints may fail to be written")
-
+            distributed.print0(
+                f"warning: {self.output_dir} has {files.human_bytes(free)} free, but saving a checkpoint "
+                f"({files.human_bytes(need // 2)}) next to the previous one needs {files.human_bytes(need)}: "
+                "checkpoints may fail to be written"
+            )
 
 
 def check_objective(state: TrainState, path: str, pred: str, loss: str):
@@ -451,11 +504,15 @@ def check_objective(state: TrainState, path: str, pred: str, loss: str):
     for flag, ours, default in (("pred", pred, "x"), ("loss", loss, "v")):
         theirs = state.args.get(flag) or default
         if theirs != ours:
-            raise CheckpointError(f"{path} was trained with --{flag} {theirs}, this run --{flag} {ours}: "
-                                  f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)")
+            raise CheckpointError(
+                f"{path} was trained with --{flag} {theirs}, this run --{flag} {ours}: "
+                f"resume with --{flag} {theirs} (or start a new run from its weights with --init_from)"
+            )
 
 
-def match_emas(state: TrainState, path: str, denoiser, emas: list, *, evaluate: bool, decay3: float | None, sampled: list[int]):
+def match_emas(
+    state: TrainState, path: str, denoiser, emas: list, *, evaluate: bool, decay3: float | None, sampled: list[int]
+):
     """The third EMA's policy when checkpoint `state` (read from `path`) and the run disagree:
     evaluation (`evaluate`) samples the checkpoint's EMA 3 (appended to `emas`, never updated);
     training starts a new EMA 3 from the loaded weights, or drops the checkpoint's (no `decay3`).
@@ -463,9 +520,16 @@ def match_emas(state: TrainState, path: str, denoiser, emas: list, *, evaluate: 
     if evaluate and len(state.emas) > len(emas):
         emas.append(EMA(denoiser, decay=decay3 or 0.0))
     elif not evaluate and len(state.emas) != len(emas):
-        distributed.print0(f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
-                           + ("EMA 3 starts from the loaded weights" if len(emas) > len(state.emas) else
-                              "its EMA 3 is dropped (pass --ema_decay3 to keep it)"))
+        distributed.print0(
+            f"note: {path} holds {len(state.emas)} EMAs, this run keeps {len(emas)}: "
+            + (
+                "EMA 3 starts from the loaded weights"
+                if len(emas) > len(state.emas)
+                else "its EMA 3 is dropped (pass --ema_decay3 to keep it)"
+            )
+        )
     if max(sampled) > len(emas):
-        raise CheckpointError(f"--ema {max(sampled)}: {path} has no {EMA_KEYS[len(emas)]} "
-                              "(a third EMA is kept when training with --ema_decay3)")
+        raise CheckpointError(
+            f"--ema {max(sampled)}: {path} has no {EMA_KEYS[len(emas)]} "
+            "(a third EMA is kept when training with --ema_decay3)"
+        )

@@ -11,6 +11,7 @@ without more code); values a script derives that are no flag (e.g. `init_origin`
 "derived". Every value reads flat, `config.<flag>`, as from an argparse.Namespace. The values keep
 the types argparse gave them; a list stays a list (the checkpoints' `args` hold lists).
 """
+
 import argparse
 import copy
 import types
@@ -127,8 +128,10 @@ def merge(implied: dict, typed: dict, *, fixed=(), where: str, agrees=None) -> t
         if flag not in values or value is None or agrees(flag, value, values):
             continue
         if flag in fixed:
-            raise BadValue(f"--{flag} {value} disagrees with {where} ({values[flag]}), the settings these weights "
-                           "were trained with: drop the flag")
+            raise BadValue(
+                f"--{flag} {value} disagrees with {where} ({values[flag]}), the settings these weights "
+                "were trained with: drop the flag"
+            )
         notes.append(f"--{flag} {value} overrides {values[flag]} of {where}")
         values[flag] = value
     return values, notes

@@ -3,6 +3,7 @@
 All randomness of the data pipeline (order and horizontal flips) is drawn by the sampler from
 (seed, epoch), so a run resumed at any step sees exactly the batches it would have seen.
 """
+
 import collections
 import math
 import os
@@ -50,7 +51,9 @@ class CenterCropFolder(Dataset):
         from torchvision.datasets import ImageFolder  # here: torchvision takes a second to import
 
         if not os.path.isdir(root):
-            raise MissingFile(f"training data folder {root} does not exist (expected an ImageFolder tree: {root}/<class>/<image>)")
+            raise MissingFile(
+                f"training data folder {root} does not exist (expected an ImageFolder tree: {root}/<class>/<image>)"
+            )
         try:
             folder = ImageFolder(root)
         except FileNotFoundError as e:  # no class folder, or no image in them
@@ -75,7 +78,9 @@ class CenterCropFolder(Dataset):
                 break
             except Exception as e:  # PIL raises several types for bad files
                 bad += 1
-                print_all(f"warning: unreadable image {self.samples[i][0]} ({type(e).__name__}: {e}); using another sample")
+                print_all(
+                    f"warning: unreadable image {self.samples[i][0]} ({type(e).__name__}: {e}); using another sample"
+                )
         else:
             raise RuntimeError("no readable image in the dataset")
         if flip:
@@ -128,8 +133,10 @@ def open_dataset(data_path: str, img_size: int):
     if is_store(data_path):
         return StoreDataset(data_path, img_size)
     if not os.path.isdir(os.path.join(data_path, "train")):
-        raise MissingFile(f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
-                          "tree of training images) and no image store (prepare_data.py)")
+        raise MissingFile(
+            f"--data_path {data_path}: no folder {os.path.join(data_path, 'train')} (an ImageFolder "
+            "tree of training images) and no image store (prepare_data.py)"
+        )
     return CenterCropFolder(os.path.join(data_path, "train"), img_size)
 
 
@@ -191,8 +198,16 @@ def make_loader(dataset, sampler, *, batch_size: int, num_workers: int, pin_memo
     has its own generator, so that the global RNG stays untouched."""
     if getattr(dataset, "batched", False):
         return ThreadedBatches(dataset, sampler, batch_size=batch_size, threads=num_workers, pin_memory=pin_memory)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      drop_last=True, persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def build_data(config, device) -> Data:
@@ -208,9 +223,17 @@ def build_data(config, device) -> Data:
     if len(dataset.classes) > config.class_num:
         raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
     sampler = ResumableSampler(len(dataset), get_rank(), get_world_size(), seed=config.seed)
-    loader = make_loader(dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
-                         pin_memory=config.pin_mem and device.type == "cuda", seed=config.seed)
+    loader = make_loader(
+        dataset,
+        sampler,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        pin_memory=config.pin_mem and device.type == "cuda",
+        seed=config.seed,
+    )
     steps_per_epoch = sampler.num_samples // config.batch_size // config.accum_iter
     if steps_per_epoch < 1:
-        raise BadValue(f"{len(dataset)} images make no full batch of {config.batch_size} × {config.accum_iter} per process")
+        raise BadValue(
+            f"{len(dataset)} images make no full batch of {config.batch_size} × {config.accum_iter} per process"
+        )
     return Data(loader, sampler, steps_per_epoch, len(dataset), len(dataset.classes))

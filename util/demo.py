@@ -1,5 +1,6 @@
 """The built-in demo: its data (one coloured shape per class, made on the spot) and what it leaves in
 its output folder (its last class-by-row sample grid as samples.png, and a loss curve)."""
+
 import json
 import os
 

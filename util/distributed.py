@@ -6,6 +6,7 @@ multi-node, static or with a c10d rendezvous, elastic restarts), SLURM's srun wi
 GPU (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, as the reference reads them) and OpenMPI
 (--dist_on_itp).
 """
+
 import builtins
 import contextlib
 import datetime
@@ -53,7 +54,9 @@ def _print(*args, **kwargs):
                 builtins.print(*args, **{**kwargs, "file": f})
         except OSError as e:  # a full disk: the console goes on alone
             path, _console_copy = _console_copy, None
-            builtins.print(f"error: could not append to {path} ({e}); the console is not copied there from now on", flush=True)
+            builtins.print(
+                f"error: could not append to {path} ({e}); the console is not copied there from now on", flush=True
+            )
 
 
 def print0(*args, **kwargs):
@@ -77,7 +80,9 @@ def _launcher_env(dist_on_itp: bool):
     """(rank, world_size, local_rank) from the launcher's environment, or None for one process."""
     env = os.environ
     if dist_on_itp:
-        rank, world, local = (int(env[k]) for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
+        rank, world, local = (
+            int(env[k]) for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+        )
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return rank, world, local
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -106,9 +111,11 @@ def gpu_index(local_rank: int, visible: int, local_size: int | None = None) -> i
     if visible == 1:
         return 0
     if visible > 1 and max(local_rank + 1, local_size or 0) > visible:
-        raise BadInput(f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPUs "
-                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process per GPU "
-                       "(--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)")
+        raise BadInput(
+            f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process per GPU "
+            "(--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)"
+        )
     return local_rank
 
 
@@ -136,7 +143,9 @@ def network_note(backends: list[str], multi_node: bool) -> str:
     parts = []
     if "nccl" in backends:
         nccl = os.environ.get("NCCL_SOCKET_IFNAME")
-        parts.append(f"nccl on NCCL_SOCKET_IFNAME={nccl}" if nccl else "nccl on its own choice (NCCL_SOCKET_IFNAME unset)")
+        parts.append(
+            f"nccl on NCCL_SOCKET_IFNAME={nccl}" if nccl else "nccl on its own choice (NCCL_SOCKET_IFNAME unset)"
+        )
     gloo = os.environ.get("GLOO_SOCKET_IFNAME")
     if gloo:
         parts.append(f"gloo on GLOO_SOCKET_IFNAME={gloo}")
@@ -147,8 +156,10 @@ def network_note(backends: list[str], multi_node: bool) -> str:
         except OSError:
             address = "127.0.0.1"  # gloo falls back to loopback
         loopback = address.startswith("127.")
-        parts.append(f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; GLOO_SOCKET_IFNAME unset)"
-                     + (" - loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME" if loopback and multi_node else ""))
+        parts.append(
+            f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; GLOO_SOCKET_IFNAME unset)"
+            + (" - loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME" if loopback and multi_node else "")
+        )
     return "network: " + "; ".join(parts)
 
 
@@ -169,8 +180,13 @@ def run_ids() -> dict:
 
 
 # What a collective that timed out or lost its peer raises (gloo: RuntimeError; NCCL's watchdog).
-_COLLECTIVE_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                               "Watchdog caught collective operation timeout")
+_COLLECTIVE_FAILURE_MARKERS = (
+    "Timed out",
+    "timed out",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Watchdog caught collective operation timeout",
+)
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -185,13 +201,20 @@ def elastic_store(rank: int, world_size: int, timeout: datetime.timedelta, attem
     attempt. torchrun keeps one store across restarts, and without the prefix the workers of a
     restart read the dead workers' addresses from it and hang while connecting."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=not agent and rank == 0,
-                          timeout=timeout, multi_tenant=not agent)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent,
+    )
     return dist.PrefixStore(f"jit/attempt_{attempt}", store)
 
 
-def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://",
-         timeout_min: float = 30.0) -> torch.device:
+def init(
+    device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://", timeout_min: float = 30.0
+) -> torch.device:
     """Pick the device once (and its backend settings) and join the process group if a launcher
     started us.
 
@@ -218,7 +241,9 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
     if dist_url == "env://":
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise BadInput(f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)")
+            raise BadInput(
+                f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)"
+            )
     if device.type == "cuda":
         device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count(), local_world_size()))
         torch.cuda.set_device(device)
@@ -229,7 +254,11 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
 
     timeout = datetime.timedelta(minutes=timeout_min)
     attempt = elastic_attempt()
-    where = {"store": elastic_store(rank, world_size, timeout, attempt[0])} if attempt and dist_url == "env://" else {"init_method": dist_url}
+    where = (
+        {"store": elastic_store(rank, world_size, timeout, attempt[0])}
+        if attempt and dist_url == "env://"
+        else {"init_method": dist_url}
+    )
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         world_size=world_size,
@@ -240,7 +269,12 @@ def init(device: str | None = None, dist_on_itp: bool = False, dist_url: str = "
     )
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     barrier()
-    print0(network_note(["nccl", "gloo"] if device.type == "cuda" else ["gloo"], multi_node=world_size > (local_world_size() or world_size)))
+    print0(
+        network_note(
+            ["nccl", "gloo"] if device.type == "cuda" else ["gloo"],
+            multi_node=world_size > (local_world_size() or world_size),
+        )
+    )
     return device
 
 

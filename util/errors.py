@@ -6,6 +6,7 @@
 
 Checks raise `BadInput` (or its ValueError / FileNotFoundError kinds; one-line message); the scripts' entry points call `exit_code`.
 """
+
 import sys
 
 from util.files import WriteError

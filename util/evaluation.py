@@ -12,6 +12,7 @@ are gathered on rank 0 in image order, which computes FID and IS with torch-fide
 and shares the numbers with every rank. What is generated is a `GenerationSpec`; how it is scored, a
 `Scorer` (built once per run). Logging the results is engine_jit.evaluate's job.
 """
+
 import math
 import os
 import time
@@ -25,8 +26,18 @@ from PIL import Image
 
 from denoiser import SamplerSettings
 from util import fid
-from util.distributed import (all_gather_object, autocast, barrier, get_rank, get_world_size, host_all_reduce_sum, is_dist,
-                              is_main_process, print0, print_all)
+from util.distributed import (
+    all_gather_object,
+    autocast,
+    barrier,
+    get_rank,
+    get_world_size,
+    host_all_reduce_sum,
+    is_dist,
+    is_main_process,
+    print0,
+    print_all,
+)
 from util.errors import BadValue
 from util.files import atomic_write
 
@@ -46,8 +57,10 @@ class GenerationSpec:
 
     def __post_init__(self):
         if self.class_num < 1 or self.num_images < 1 or self.num_images % self.class_num:
-            raise BadValue(f"the number of images ({self.num_images}) must be a positive multiple of --class_num "
-                           f"({self.class_num}) for class-balanced generation")
+            raise BadValue(
+                f"the number of images ({self.num_images}) must be a positive multiple of --class_num "
+                f"({self.class_num}) for class-balanced generation"
+            )
 
 
 class Scorer:
@@ -187,8 +200,13 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
     result = None
     if is_main_process():
         fid_value, is_mean, is_std = scorer.scores(everything)
-        result = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std, num_images=spec.num_images,
-                      seconds=time.time() - t0)
+        result = dict(
+            fid=fid_value,
+            inception_score=is_mean,
+            inception_score_std=is_std,
+            num_images=spec.num_images,
+            seconds=time.time() - t0,
+        )
         if image_dir:
             result["images_saved"] = png_failures == 0
     return all_gather_object(result)[0]
@@ -197,8 +215,14 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
 def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
     """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and how it is scored; checks --num_images, --final_num_images, the
     FID statistics and the Inception weights (downloaded now if not cached and not given)."""
-    spec = GenerationSpec(num_images=config.num_images, class_num=config.class_num, img_size=config.img_size,
-                          sampler=points[0].sampler, gen_bsz=config.gen_bsz, seed=config.seed)
+    spec = GenerationSpec(
+        num_images=config.num_images,
+        class_num=config.class_num,
+        img_size=config.img_size,
+        sampler=points[0].sampler,
+        gen_bsz=config.gen_bsz,
+        seed=config.seed,
+    )
     if config.final_num_images is not None:
         GenerationSpec(**{**vars(spec), "num_images": config.final_num_images})
     return spec, Scorer(config.fid_stats, config.inception_weights, device)

@@ -9,6 +9,7 @@ Reference statistics are an .npz file with `mu` (2048,) and `sigma` (2048, 2048)
 reference release's `fid_stats/jit_in{size}_stats.npz`. torch-fidelity (and torchvision under it)
 is imported where it is used, so that runs that do not evaluate do not pay its import time.
 """
+
 import os
 import socket
 
@@ -81,8 +82,9 @@ class Inception:
         if self._net is None:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-            self._net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                    feature_extractor_weights_path=self.weights).to(self.device)
+            self._net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=self.weights
+            ).to(self.device)
         images = images.to(self.device)
         with torch.autocast(device_type=images.device.type, enabled=False):
             pool, logits = self._net(images)
@@ -99,8 +101,11 @@ def statistics(pool: torch.Tensor) -> dict:
 def save_stats(path: str, stats: dict):
     """Write `mu` and `sigma` to an .npz file at exactly `path`, atomically (WriteError on failure)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"]),
-                 needed=stats["mu"].nbytes + stats["sigma"].nbytes)
+    atomic_write(
+        path,
+        lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"]),
+        needed=stats["mu"].nbytes + stats["sigma"].nbytes,
+    )
 
 
 def load_stats(path: str) -> dict:
@@ -114,10 +119,14 @@ def load_stats(path: str) -> dict:
         with np.load(path) as f:
             stats = {"mu": f["mu"], "sigma": f["sigma"]}
     except Exception as e:  # not a zip, missing key, truncated
-        raise BadValue(f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})") from None
+        raise BadValue(
+            f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})"
+        ) from None
     if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
-        raise BadValue(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
-                         f"got {stats['mu'].shape} and {stats['sigma'].shape}")
+        raise BadValue(
+            f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
+            f"got {stats['mu'].shape} and {stats['sigma'].shape}"
+        )
     return stats
 
 

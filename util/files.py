@@ -1,5 +1,6 @@
 """Writing files safely: atomically (a temporary file next to the target, fsync, rename), with one
 clear error when the disk is full or the write fails otherwise, and nothing half-written left behind."""
+
 import errno
 import os
 import shutil

@@ -5,6 +5,7 @@ only on the weights and the sampler: the same after a resume, on any device.
 Training writes one every --sample_every epochs and at the end (GridWriter: output_dir/samples/
 epoch-NNNN.png, and TensorBoard), sample.py writes one from a checkpoint, the report shows them.
 """
+
 import glob
 import os
 import re
@@ -48,8 +49,10 @@ class GridSpec:
 
     def __post_init__(self):
         if not self.classes or self.per_class < 1:
-            raise BadValue(f"a sample grid needs at least one class and one image per class, got {len(self.classes)} "
-                           f"classes × {self.per_class}")
+            raise BadValue(
+                f"a sample grid needs at least one class and one image per class, got {len(self.classes)} "
+                f"classes × {self.per_class}"
+            )
         if self.seed < 0:
             raise BadValue(f"the sample grid's seed must be non-negative, got {self.seed}")
 
@@ -143,10 +146,12 @@ class GridWriter:
         if self.every <= 0:
             return "sample grids: off (--sample_every 0)"
         share = n * s.net_passes() / (3 * images_per_epoch * self.every)
-        return (f"sample grids: {len(self.spec.classes)} classes × {self.spec.per_class} with EMA 1 ({s.method}, {s.steps} steps, "
-                f"cfg {s.cfg} on ({s.interval_min}, {s.interval_max})), every {self.every} epoch(s) and at the end, "
-                f"into {os.path.join(self.output_dir, FOLDER)}; about {n * s.net_passes()} network passes each, "
-                f"{100 * share:.2f}% of the training's (small batches run slower: the first grid's time follows)")
+        return (
+            f"sample grids: {len(self.spec.classes)} classes × {self.spec.per_class} with EMA 1 ({s.method}, {s.steps} steps, "
+            f"cfg {s.cfg} on ({s.interval_min}, {s.interval_max})), every {self.every} epoch(s) and at the end, "
+            f"into {os.path.join(self.output_dir, FOLDER)}; about {n * s.net_passes()} network passes each, "
+            f"{100 * share:.2f}% of the training's (small batches run slower: the first grid's time follows)"
+        )
 
     def begin(self, start, samplers, images_per_epoch: int):
         """Collective, at the start of training from `start` (util.checkpoint.Start): print the plan,
@@ -164,7 +169,11 @@ class GridWriter:
     def catch_up(self, epoch: int, samplers, epochs_done: int = 0):
         """Collective. At a resume after `epoch` ended (its checkpoint written, the run stopped before
         its grid): make the grid of `epoch` if it is due and missing."""
-        missing = distributed.broadcast_object(not os.path.exists(grid_path(self.output_dir, epoch))) if self.due(epoch) else False
+        missing = (
+            distributed.broadcast_object(not os.path.exists(grid_path(self.output_dir, epoch)))
+            if self.due(epoch)
+            else False
+        )
         if missing:
             self.start(epochs_done)
             self(epoch, samplers)
@@ -195,7 +204,9 @@ class GridWriter:
             write_png(path, picture)
         except OSError as e:
             self.failed += 1
-            distributed.print0(f"warning: the sample grid of epoch {epoch} could not be written ({e}); training goes on")
+            distributed.print0(
+                f"warning: the sample grid of epoch {epoch} could not be written ({e}); training goes on"
+            )
             return None
         self.log.image("samples", tensorboard_picture(picture), (epoch + 1) * 1000)
         return path
@@ -208,8 +219,12 @@ class GridWriter:
         since, done_before = self.clock
         epochs = epoch + 1 - done_before
         per_epoch = (time.time() - seconds - since) / epochs if epochs > 0 else 0.0
-        share = f"; {100 * seconds / (per_epoch * self.every):.2f}% of training at one every {self.every} epoch(s) " \
-                f"(an epoch took {per_epoch:.1f} s)" if per_epoch > 0 else ""
+        share = (
+            f"; {100 * seconds / (per_epoch * self.every):.2f}% of training at one every {self.every} epoch(s) "
+            f"(an epoch took {per_epoch:.1f} s)"
+            if per_epoch > 0
+            else ""
+        )
         distributed.print0(f"sample grid of epoch {epoch}: {seconds:.2f} s{share}")
 
 

@@ -3,6 +3,7 @@ TensorBoard scalars, and output_dir/metrics.jsonl (one JSON object per line, "ki
 
 A write that fails (a full disk) is reported once on the console and that output is switched off;
 the run goes on, and `failed` tells the caller (evaluation treats it as an error)."""
+
 import json
 import math
 import os
@@ -57,6 +58,7 @@ class RunLog:
 
     def scalars(self, values: dict, step: int):
         """TensorBoard scalars {tag: value} at x = step."""
+
         def write(writer):
             for tag, value in values.items():
                 writer.add_scalar(tag, value, step)

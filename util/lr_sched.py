@@ -1,8 +1,11 @@
 """Learning-rate schedule: linear warmup, then constant or half-cycle cosine (set every iteration)."""
+
 import math
 
 
-def lr_at(epoch: float, *, lr: float, warmup_epochs: float, schedule: str = "constant", epochs: float = 0, min_lr: float = 0.0) -> float:
+def lr_at(
+    epoch: float, *, lr: float, warmup_epochs: float, schedule: str = "constant", epochs: float = 0, min_lr: float = 0.0
+) -> float:
     """Learning rate at fractional epoch `epoch` (epoch index + step / steps_per_epoch)."""
     if epoch < warmup_epochs:
         return lr * epoch / warmup_epochs

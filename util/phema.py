@@ -16,6 +16,7 @@ Gram matrix has a closed form), normalised to sum to 1.
 The snapshot files, their writer and the weighted sums over them are util/phema_files.py; what a
 run and an evaluation use (flags, resume, the weights of --evaluate_gen --phema) util/phema_run.py.
 """
+
 import copy
 import math
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     root of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²) = 0 (EDM2 eq. 126, Alg. 2), polished by Newton steps.
     ValueError unless 0 < σ_rel < 1/√12 ≈ 0.2887."""
     if not 0 < sigma_rel < SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (a power profile with exponent > 0), got {sigma_rel}")
-    s = sigma_rel ** -2
+        raise ValueError(
+            f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (a power profile with exponent > 0), got {sigma_rel}"
+        )
+    s = sigma_rel**-2
     coefficients = (1.0, 7.0, 16.0 - s, 12.0 - s)
     gamma = max(r.real for r in np.roots(coefficients) if abs(r.imag) <= 1e-6 * abs(r))
     for _ in range(3):
@@ -118,6 +121,7 @@ class PowerEMA:
 
 # Inner products of profiles (L2 over τ, in units of 1/images).
 
+
 def power_inner(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
     """⟨p_a, p_b⟩ = ∫ p_a(τ) p_b(τ) dτ of power profiles ending at t_a and t_b (EDM2 eq. 151):
     (γ_a + 1)(γ_b + 1) / ((γ_a + γ_b + 1) T) · (t / T)^γ_T with T = max(t_a, t_b), t = min(t_a, t_b)
@@ -133,7 +137,7 @@ def ema_step_weights(decay: float, steps: int) -> np.ndarray:
     (p ← d·p + (1 − d)·θ, started from the initial weights) after `steps` steps: (1 − d)·d^(steps − k).
     The initial weights' share d^steps, in no snapshot, is given to step 1, so the weights sum to 1."""
     w = (1 - decay) * decay ** np.arange(steps - 1, -1, -1, dtype=np.float64)
-    w[0] += decay ** steps
+    w[0] += decay**steps
     return w
 
 
@@ -161,7 +165,7 @@ def ema_power_inner(decay: float, steps: int, batch: int, end_steps, gammas, cut
             out.append(0.0)
             continue
         masses = step_masses(m, gamma, first)  # steps first..m
-        out.append(float(np.dot(w[first - 1:min(m, steps)], masses[:min(m, steps) - first + 1])) / batch)
+        out.append(float(np.dot(w[first - 1 : min(m, steps)], masses[: min(m, steps) - first + 1])) / batch)
     return np.array(out)
 
 
@@ -171,6 +175,7 @@ def ema_self_inner(decay: float, steps: int, batch: int) -> float:
 
 
 # Reconstruction.
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -193,8 +198,12 @@ def solve_weights(gram: np.ndarray, cross: np.ndarray, target_sq: float) -> Fit:
     x = np.linalg.lstsq(gram, cross, rcond=None)[0]
     x = x / x.sum()
     residual_sq = x @ gram @ x - 2 * x @ cross + target_sq
-    return Fit(weights=x, cond=float(np.linalg.cond(gram)), gain=float(np.abs(x).sum()),
-               fit_error=math.sqrt(max(residual_sq, 0.0) / target_sq))
+    return Fit(
+        weights=x,
+        cond=float(np.linalg.cond(gram)),
+        gain=float(np.abs(x).sum()),
+        fit_error=math.sqrt(max(residual_sq, 0.0) / target_sq),
+    )
 
 
 def gram_matrix(images, gammas) -> np.ndarray:
@@ -255,8 +264,12 @@ def describe_target(target: tuple[str, float]) -> str:
 def fit_report(target: tuple[str, float], fit: Fit) -> list[str]:
     """How well the snapshots cover a target: one line, and a warning line when the fit is poor."""
     name = describe_target(target)
-    lines = [f"{name}: condition {fit.cond:.1e}, Σ|w| {fit.gain:.2f}, fit error {fit.fit_error:.1e} (relative, in profile space)"]
+    lines = [
+        f"{name}: condition {fit.cond:.1e}, Σ|w| {fit.gain:.2f}, fit error {fit.fit_error:.1e} (relative, in profile space)"
+    ]
     if fit.fit_error > POOR_FIT:
-        lines.append(f"warning: {name} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
-                     "track a σ_rel nearer to it, or snapshot more often")
+        lines.append(
+            f"warning: {name} is poorly covered by these snapshots (fit error above {POOR_FIT}): "
+            "track a σ_rel nearer to it, or snapshot more often"
+        )
     return lines

@@ -5,6 +5,7 @@ write_snapshot. A training run (main_jit.py --phema_stds) writes them with Snaps
 reconstruct_ema.py and main_jit.py --evaluate_gen --phema read the snapshots of one run back
 (usable_snapshots) and sum them with the reconstruction weights (reconstruct, combine).
 """
+
 import glob
 import hashlib
 import json
@@ -88,11 +89,15 @@ def cast_state(state_dict: dict, dtype: str, keep=()) -> dict:
 def snapshot_file_bytes(state_dict: dict, dtype: str, keep=()) -> int:
     """Bytes of the tensors of one snapshot of `state_dict` (which may live on the meta device)."""
     size = checkpoint.DTYPES[dtype].itemsize
-    return sum(v.numel() * (size if v.is_floating_point() and n not in keep else v.element_size())
-               for n, v in state_dict.items())
+    return sum(
+        v.numel() * (size if v.is_floating_point() and n not in keep else v.element_size())
+        for n, v in state_dict.items()
+    )
 
 
-def snapshot_cost(file_bytes: int, profiles: int, *, every: int, start: int, total: int, after: int = 0) -> tuple[int, int]:
+def snapshot_cost(
+    file_bytes: int, profiles: int, *, every: int, start: int, total: int, after: int = 0
+) -> tuple[int, int]:
     """(files, bytes) that a run writes after step `after`: `profiles` files of `file_bytes` at each
     snapshot step."""
     count = profiles * snapshot_count(every=every, start=start, total=total, after=after)
@@ -108,8 +113,18 @@ def snapshot_path(folder: str, step: int, sigma_rel: float) -> str:
     return os.path.join(folder, f"phema-{step:010d}-{sigma_rel:.6g}.pth")
 
 
-def write_snapshot(folder: str, state_dict: dict, *, sigma_rel: float, step: int, images_seen: int, epoch: int,
-                   args: dict, dtype: str = "float32", keep=()) -> str:
+def write_snapshot(
+    folder: str,
+    state_dict: dict,
+    *,
+    sigma_rel: float,
+    step: int,
+    images_seen: int,
+    epoch: int,
+    args: dict,
+    dtype: str = "float32",
+    keep=(),
+) -> str:
     """Write one snapshot of a power EMA's full (unsharded) state dict to `folder` atomically; return
     its path. The file is a plain dict: `state_dict` (floating tensors in `dtype`, except `keep`),
     `sigma_rel`, `gamma`, `step` (global optimiser steps done), `images_seen`, `epoch` (last finished
@@ -120,9 +135,17 @@ def write_snapshot(folder: str, state_dict: dict, *, sigma_rel: float, step: int
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a file in its place, no permission: one line, as a failed write
         raise files.write_error(folder, e) from e
-    payload = {"state_dict": cast_state(state_dict, dtype, keep), "sigma_rel": float(sigma_rel),
-               "gamma": gamma_from_sigma_rel(sigma_rel), "step": int(step), "images_seen": int(images_seen),
-               "epoch": int(epoch), "dtype": dtype, "args": dict(args), "run": args.get("run_id")}
+    payload = {
+        "state_dict": cast_state(state_dict, dtype, keep),
+        "sigma_rel": float(sigma_rel),
+        "gamma": gamma_from_sigma_rel(sigma_rel),
+        "step": int(step),
+        "images_seen": int(images_seen),
+        "epoch": int(epoch),
+        "dtype": dtype,
+        "args": dict(args),
+        "run": args.get("run_id"),
+    }
     path = snapshot_path(folder, step, sigma_rel)
     checkpoint.save_atomic(payload, path)
     return path
@@ -139,8 +162,16 @@ def read_snapshot(path: str) -> tuple[Snapshot, dict]:
     """(Snapshot, the whole file dict). Tensors are memory-mapped, so reading only the header is cheap."""
     data = _load(path)
     try:
-        info = Snapshot(path=path, step=data["step"], images_seen=data["images_seen"], sigma_rel=data["sigma_rel"],
-                        gamma=data["gamma"], dtype=data["dtype"], epoch=data["epoch"], run=data.get("run"))
+        info = Snapshot(
+            path=path,
+            step=data["step"],
+            images_seen=data["images_seen"],
+            sigma_rel=data["sigma_rel"],
+            gamma=data["gamma"],
+            dtype=data["dtype"],
+            epoch=data["epoch"],
+            run=data.get("run"),
+        )
     except (KeyError, TypeError) as e:
         raise SnapshotError(f"{path} is not a post-hoc EMA snapshot (no {e})") from None
     return info, data
@@ -168,9 +199,13 @@ def one_run(found: list[Snapshot], folder: str, log=print) -> list[Snapshot]:
     kept = [s for s in found if s.run == newest.run]
     skipped = [s for s in found if s.run != newest.run]
     if skipped:
-        names = ", ".join(os.path.basename(s.path) for s in skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
-        log(f"note: {folder}: {len(skipped)} snapshot(s) of another run skipped ({names}); "
-            f"using the {len(kept)} of run {newest.run or '(unnamed)'}, which wrote the newest")
+        names = ", ".join(os.path.basename(s.path) for s in skipped[:4]) + (
+            f" and {len(skipped) - 4} more" if len(skipped) > 4 else ""
+        )
+        log(
+            f"note: {folder}: {len(skipped)} snapshot(s) of another run skipped ({names}); "
+            f"using the {len(kept)} of run {newest.run or '(unnamed)'}, which wrote the newest"
+        )
     return kept
 
 
@@ -221,29 +256,46 @@ class SnapshotWriter:
             if state is None:
                 continue
             try:
-                write_snapshot(self.folder, state, sigma_rel=ema.sigma_rel, step=step, images_seen=images_seen,
-                               epoch=step // self.steps_per_epoch - 1, args=self.args, dtype=self.dtype, keep=self.keep)
+                write_snapshot(
+                    self.folder,
+                    state,
+                    sigma_rel=ema.sigma_rel,
+                    step=step,
+                    images_seen=images_seen,
+                    epoch=step // self.steps_per_epoch - 1,
+                    args=self.args,
+                    dtype=self.dtype,
+                    keep=self.keep,
+                )
             except (files.WriteError, ValueError) as e:  # a full disk; weights beyond the float16 range
                 self.failed += 1
-                distributed.print0(f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
-                         "training goes on")
+                distributed.print0(
+                    f"error: post-hoc EMA snapshot σ_rel {ema.sigma_rel:g} at step {step} not written: {e}; "
+                    "training goes on"
+                )
         distributed.print0(f"post-hoc EMA snapshots at step {step} ({images_seen} images) -> {self.folder}")
         distributed.barrier()
 
     def plan(self, done: int) -> list[str]:
         """Lines for the log before training, `done` global steps into the run: the files and bytes
         the whole run writes, and a warning when the disk has less free than those still to write."""
-        one = snapshot_file_bytes(self.emas[0].module.state_dict(), self.dtype, self.keep)  # full shapes, also of DTensors
+        one = snapshot_file_bytes(
+            self.emas[0].module.state_dict(), self.dtype, self.keep
+        )  # full shapes, also of DTensors
         schedule = dict(every=self.every, start=self.start, total=self.total)
         count, size = snapshot_cost(one, len(self.emas), **schedule)
         left, need = snapshot_cost(one, len(self.emas), **schedule, after=done)
-        lines = [f"post-hoc EMA: σ_rel {stds_text(e.sigma_rel for e in self.emas)}; snapshots every {self.every} steps "
-                 f"from step {self.start} and at the last ({self.total}): {count} files of {files.human_bytes(one)} "
-                 f"({self.dtype}), {files.human_bytes(size)} in {self.folder}" + (f", {left} still to write" if done else "")]
+        lines = [
+            f"post-hoc EMA: σ_rel {stds_text(e.sigma_rel for e in self.emas)}; snapshots every {self.every} steps "
+            f"from step {self.start} and at the last ({self.total}): {count} files of {files.human_bytes(one)} "
+            f"({self.dtype}), {files.human_bytes(size)} in {self.folder}" + (f", {left} still to write" if done else "")
+        ]
         free = files.free_bytes(self.folder)
         if free < need:
-            lines.append(f"warning: {self.folder} has {files.human_bytes(free)} free, but the snapshots still to write need "
-                         f"{files.human_bytes(need)}: some will fail to be written (--phema_every, --phema_dtype float16)")
+            lines.append(
+                f"warning: {self.folder} has {files.human_bytes(free)} free, but the snapshots still to write need "
+                f"{files.human_bytes(need)}: some will fail to be written (--phema_every, --phema_dtype float16)"
+            )
         return lines
 
 
@@ -273,12 +325,16 @@ def images_per_step(snapshots: list[Snapshot]) -> int:
     """The global batch, the same for every snapshot (images_seen = step · batch), or BadValue."""
     batches = {s.images_seen // s.step for s in snapshots if s.images_seen % s.step == 0}
     if len(batches) != 1 or any(s.images_seen % s.step for s in snapshots):
-        raise BadValue("the snapshots do not share one global batch (images seen / step): "
-                       "a decay target and a step between snapshots need a constant batch")
+        raise BadValue(
+            "the snapshots do not share one global batch (images seen / step): "
+            "a decay target and a step between snapshots need a constant batch"
+        )
     return batches.pop()
 
 
-def reconstruction_point(snapshots: list[Snapshot], at: int | None = None, need_batch: bool = False) -> tuple[int, int, int | None]:
+def reconstruction_point(
+    snapshots: list[Snapshot], at: int | None = None, need_batch: bool = False
+) -> tuple[int, int, int | None]:
     """(global step, images seen, global batch or None) to reconstruct at from `snapshots` (at or
     before it): step `at`, default the newest snapshot's. Between snapshots the images seen are
     at · batch, which needs one constant batch (images_per_step, also found when `need_batch`)."""
@@ -288,8 +344,13 @@ def reconstruction_point(snapshots: list[Snapshot], at: int | None = None, need_
     return at, newest.images_seen if at == newest.step else at * batch, batch
 
 
-def reconstruct(snapshots: list[Snapshot], targets: list[tuple[str, float]], end_images: int, batch: int | None,
-                accum: torch.dtype = torch.float64) -> tuple[list[Fit], list[dict]]:
+def reconstruct(
+    snapshots: list[Snapshot],
+    targets: list[tuple[str, float]],
+    end_images: int,
+    batch: int | None,
+    accum: torch.dtype = torch.float64,
+) -> tuple[list[Fit], list[dict]]:
     """(fits, float32 state dicts) of the targets (see fit_target), in one pass over the snapshots."""
     fits = [fit_target(t, snapshots, end_images, batch) for t in targets]
     return fits, combine(snapshots, np.stack([f.weights for f in fits], axis=1), accum)

@@ -2,6 +2,7 @@
 util/phema_files.py): the flags, the run's snapshot writer, the resume check, and the weights that
 --evaluate_gen --phema builds and samples with.
 """
+
 import os
 
 from util import checkpoint, distributed, phema_files
@@ -20,7 +21,9 @@ def check_flags(args):
             if not 0 < value < SIGMA_REL_MAX:
                 raise BadValue(f"--{flag} {value}: σ_rel must be in (0, {SIGMA_REL_MAX:.4f})")
     if args.phema_stds and len({f"{s:.6g}" for s in args.phema_stds}) < len(args.phema_stds):
-        raise BadValue(f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the snapshot files)")
+        raise BadValue(
+            f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the snapshot files)"
+        )
     for flag, least in (("phema_every", 1), ("phema_from", 0), ("phema_at", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:
             raise BadValue(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
@@ -32,9 +35,13 @@ def check_flags(args):
         if not args.ema_std:
             raise BadValue("--phema: give the σ_rel of the post-hoc EMAs to evaluate with --ema_std")
         if as_list(args.ema) != [1]:
-            raise BadValue("--ema chooses an EMA of a checkpoint; with --phema the weights are the post-hoc EMAs of --ema_std")
+            raise BadValue(
+                "--ema chooses an EMA of a checkpoint; with --phema the weights are the post-hoc EMAs of --ema_std"
+            )
     elif args.ema_std or args.phema_at is not None:
-        raise BadValue(f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)")
+        raise BadValue(
+            f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)"
+        )
 
 
 def run_writer(config, steps_per_epoch: int, done: int, denoiser, phemas: list) -> phema_files.SnapshotWriter:
@@ -45,9 +52,16 @@ def run_writer(config, steps_per_epoch: int, done: int, denoiser, phemas: list) 
     total = config.epochs * steps_per_epoch
     every, first = phema_files.default_schedule(total)
     writer = phema_files.SnapshotWriter(
-        os.path.join(config.output_dir, "phema"), phemas, every=config.phema_every or every,
-        start=first if config.phema_from is None else config.phema_from, total=total, steps_per_epoch=steps_per_epoch,
-        dtype=config.phema_dtype, args=config.as_dict(), keep=frozenset(phema_files.frozen_names(denoiser)))
+        os.path.join(config.output_dir, "phema"),
+        phemas,
+        every=config.phema_every or every,
+        start=first if config.phema_from is None else config.phema_from,
+        total=total,
+        steps_per_epoch=steps_per_epoch,
+        dtype=config.phema_dtype,
+        args=config.as_dict(),
+        keep=frozenset(phema_files.frozen_names(denoiser)),
+    )
     if distributed.is_main_process() and os.path.isdir(writer.folder):
         remove_stale_temporaries(writer.folder, ".phema-")
     distributed.print0(*writer.plan(done=done), sep="\n")
@@ -61,8 +75,14 @@ def check_resume_stds(state: checkpoint.TrainState, path: str, stds: list):
     theirs = sorted(state.phema_stds)
     if theirs == stds:
         return
-    fix = f"resume with --phema_stds {stds_text(theirs)}" if theirs else "power EMAs start with a run, resume without --phema_stds"
-    raise checkpoint.CheckpointError(f"{path} tracks post-hoc EMAs of σ_rel {stds_text(theirs)}, this run --phema_stds {stds_text(stds)}: {fix}")
+    fix = (
+        f"resume with --phema_stds {stds_text(theirs)}"
+        if theirs
+        else "power EMAs start with a run, resume without --phema_stds"
+    )
+    raise checkpoint.CheckpointError(
+        f"{path} tracks post-hoc EMAs of σ_rel {stds_text(theirs)}, this run --phema_stds {stds_text(stds)}: {fix}"
+    )
 
 
 def snapshot_state(folder: str, at: int | None, log=print) -> tuple[checkpoint.TrainState, int]:
@@ -81,8 +101,10 @@ def reconstruct_at(folder: str, at: int, stds: list, log=print) -> dict:
     before it (reconstruct: float64 sums, one pass for all); the fits are reported through `log`."""
     snapshots = usable_snapshots(folder, at, log=lambda note: None)  # named once, by snapshot_state
     at, end_images, batch = reconstruction_point(snapshots, at)
-    log(f"post-hoc EMA: reconstructing σ_rel {stds_text(stds)} at step {at} ({end_images} images) "
-        f"from {len(snapshots)} snapshots in {folder}")
+    log(
+        f"post-hoc EMA: reconstructing σ_rel {stds_text(stds)} at step {at} ({end_images} images) "
+        f"from {len(snapshots)} snapshots in {folder}"
+    )
     targets = [("std", s) for s in stds]
     fits, states = reconstruct(snapshots, targets, end_images, batch)
     for target, fit in zip(targets, fits):

@@ -3,6 +3,7 @@
 Both follow the reference release exactly (MAE/DiT sin-cos layout; EVA-style "lang" RoPE on
 interleaved channel pairs), so that released checkpoints and their outputs carry over unchanged.
 """
+
 import torch
 
 

@@ -5,6 +5,7 @@ grids over epochs (util.grid), FID / IS, sweeps, throughput and ETA, checkpoints
 The page is self-contained: plots are inline SVG drawn here (no JavaScript, no network), images are
 files of the run referred to by relative paths. Several folders overlay their curves and FID
 histories on one page. Reading a run (read_run) is apart from drawing it (render)."""
+
 import argparse
 import csv
 import glob
@@ -20,13 +21,41 @@ from util.grid import list_grids
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 NAME = "report.html"
 WARNING = re.compile(r"^(warning|error)\b|unreadable|could not be written|could not write|not finite|skipped \d+", re.I)
-CONFIG_KEYS = ("model", "img_size", "class_num", "epochs", "batch_size", "accum_iter", "lr", "blr", "warmup_epochs",
-               "lr_schedule", "ema_decay1", "ema_decay2", "P_mean", "P_std", "noise_scale", "pred", "loss", "label_drop_prob",
-               "proj_dropout", "attn_dropout", "cfg", "interval_min", "interval_max", "num_sampling_steps", "sampling_method",
-               "sample_every", "seed", "fsdp", "data_path")
+CONFIG_KEYS = (
+    "model",
+    "img_size",
+    "class_num",
+    "epochs",
+    "batch_size",
+    "accum_iter",
+    "lr",
+    "blr",
+    "warmup_epochs",
+    "lr_schedule",
+    "ema_decay1",
+    "ema_decay2",
+    "P_mean",
+    "P_std",
+    "noise_scale",
+    "pred",
+    "loss",
+    "label_drop_prob",
+    "proj_dropout",
+    "attn_dropout",
+    "cfg",
+    "interval_min",
+    "interval_max",
+    "num_sampling_steps",
+    "sampling_method",
+    "sample_every",
+    "seed",
+    "fsdp",
+    "data_path",
+)
 
 
 # ---- reading a run ------------------------------------------------------------------------------
+
 
 def read_records(folder: str) -> tuple[list[dict], int]:
     """(records of metrics.jsonl in file order, lines that are not whole JSON: cut by a kill)."""
@@ -105,10 +134,17 @@ def read_run(folder: str) -> dict:
     train = train_points(records)
     config = read_config(folder)
     return {
-        "folder": folder, "name": os.path.basename(os.path.normpath(folder)) or folder, "config": config,
-        "train": train, "evals": [r for r in records if r.get("kind") == "eval"], "bad_lines": bad_lines,
-        "grids": list_grids(folder), "sweeps": read_sweeps(folder), "checkpoints": read_checkpoints(folder),
-        "warnings": read_warnings(folder), "skipped": sum(r.get("skipped") or 0 for r in train),
+        "folder": folder,
+        "name": os.path.basename(os.path.normpath(folder)) or folder,
+        "config": config,
+        "train": train,
+        "evals": [r for r in records if r.get("kind") == "eval"],
+        "bad_lines": bad_lines,
+        "grids": list_grids(folder),
+        "sweeps": read_sweeps(folder),
+        "checkpoints": read_checkpoints(folder),
+        "warnings": read_warnings(folder),
+        "skipped": sum(r.get("skipped") or 0 for r in train),
         "snapshots": len(glob.glob(os.path.join(folder, "phema", "phema-*.pth"))),
     }
 
@@ -124,11 +160,18 @@ def progress(run: dict) -> dict | None:
     eta = None
     if total and last.get("images_per_step") and last.get("img_per_s"):
         eta = max(0, total - last["global_step"]) * last["images_per_step"] / last["img_per_s"]
-    return {"epoch": last["epoch"], "step": last["step"], "global_step": last["global_step"], "img_per_s": last.get("img_per_s"),
-            "total_steps": total, "eta_s": eta}
+    return {
+        "epoch": last["epoch"],
+        "step": last["step"],
+        "global_step": last["global_step"],
+        "img_per_s": last.get("img_per_s"),
+        "total_steps": total,
+        "eta_s": eta,
+    }
 
 
 # ---- drawing ------------------------------------------------------------------------------------
+
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential smoothing debiased at the start (TensorBoard's): s_k = Σ w^(k-i)(1-w) v_i / (1 - w^(k+1))."""
@@ -158,9 +201,12 @@ def fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def svg_plot(series: list[dict], *, xlabel: str, ylabel: str, log_y: bool = False, width: int = 760, height: int = 300) -> str:
+def svg_plot(
+    series: list[dict], *, xlabel: str, ylabel: str, log_y: bool = False, width: int = 760, height: int = 300
+) -> str:
     """An inline SVG plot. series: [{name, xs, ys, colour, dots (bool), faint (bool)}]; points with a
     None or non-finite y (or y <= 0 on a log axis) are left out. A legend lists the named series."""
+
     def usable(y):
         return y is not None and math.isfinite(y) and (y > 0 or not log_y)
 
@@ -187,38 +233,53 @@ def svg_plot(series: list[dict], *, xlabel: str, ylabel: str, log_y: bool = Fals
     def py(y):
         return top + (1 - (ty(y) - y0) / (y1 - y0)) * h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">',
-           f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="#fff" stroke="#999"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="#fff" stroke="#999"/>',
+    ]
     for t in nice_ticks(x0, x1):
-        out.append(f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{top + h}" stroke="#eee"/>'
-                   f'<text x="{px(t):.1f}" y="{top + h + 14}" text-anchor="middle">{fmt(t)}</text>')
+        out.append(
+            f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{top + h}" stroke="#eee"/>'
+            f'<text x="{px(t):.1f}" y="{top + h + 14}" text-anchor="middle">{fmt(t)}</text>'
+        )
     if log_y:
         mantissas = (1,) if y1 - y0 > 2.5 else (1, 2, 5) if y1 - y0 > 0.7 else range(1, 10)
-        yticks = [m * 10.0 ** e for e in range(math.floor(y0) - 1, math.ceil(y1) + 1) for m in mantissas]
+        yticks = [m * 10.0**e for e in range(math.floor(y0) - 1, math.ceil(y1) + 1) for m in mantissas]
     else:
         yticks = nice_ticks(y0, y1)
     for t in yticks:
         if y0 <= ty(t) <= y1:
-            out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + w}" y2="{py(t):.1f}" stroke="#eee"/>'
-                       f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
+            out.append(
+                f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + w}" y2="{py(t):.1f}" stroke="#eee"/>'
+                f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{fmt(t)}</text>'
+            )
     for s, p in zip(series, pts):
         if not p:
             continue
         style = f'stroke="{s["colour"]}" stroke-width="{0.8 if s.get("faint") else 1.8}" fill="none"' + (
-            ' stroke-opacity="0.35"' if s.get("faint") else "")
+            ' stroke-opacity="0.35"' if s.get("faint") else ""
+        )
         if len(p) > 1:
             out.append(f'<polyline {style} points="' + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in p) + '"/>')
         if s.get("dots") or len(p) == 1:
-            out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{1.6 if s.get("faint") else 3}" fill="{s["colour"]}"'
-                       + (' fill-opacity="0.45"' if s.get("faint") else "") + "/>" for x, y in p[:2000])
+            out.extend(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{1.6 if s.get("faint") else 3}" fill="{s["colour"]}"'
+                + (' fill-opacity="0.45"' if s.get("faint") else "")
+                + "/>"
+                for x, y in p[:2000]
+            )
     out.append(f'<text x="{left + w / 2:.0f}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(14 {top + h / 2:.0f}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>')
+    out.append(
+        f'<text transform="translate(14 {top + h / 2:.0f}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>'
+    )
     named = [s for s in series if s.get("name")]
     for i, s in enumerate(named):
         y = top + 14 + 15 * i
-        out.append(f'<rect x="{left + w - 180}" y="{y - 9}" width="10" height="10" fill="{s["colour"]}"/>'
-                   f'<text x="{left + w - 165}" y="{y}">{html.escape(s["name"])}</text>')
+        out.append(
+            f'<rect x="{left + w - 180}" y="{y - 9}" width="10" height="10" fill="{s["colour"]}"/>'
+            f'<text x="{left + w - 165}" y="{y}">{html.escape(s["name"])}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -244,8 +305,14 @@ def noise_level_series(run: dict) -> list[dict]:
     series = []
     for k in range(len(edges) - 1):
         rows = [(r["x"], r["loss_by_t"][k]) for r in with_bins if r.get("t_edges") == edges]
-        series.append({"name": f"t in ({edges[k]:.3f}, {edges[k + 1]:.3f}]", "xs": [x for x, _ in rows], "ys": [y for _, y in rows],
-                       "colour": COLOURS[k % len(COLOURS)]})
+        series.append(
+            {
+                "name": f"t in ({edges[k]:.3f}, {edges[k + 1]:.3f}]",
+                "xs": [x for x, _ in rows],
+                "ys": [y for _, y in rows],
+                "colour": COLOURS[k % len(COLOURS)],
+            }
+        )
     return series
 
 
@@ -258,8 +325,15 @@ def fid_series(runs: list[dict], key: str = "fid") -> list[dict]:
             label = f"{run['name']} ema{r.get('ema', 1)} cfg{r.get('cfg')} ({r.get('interval_min')}, {r.get('interval_max')}) {r.get('num_images')} img"
             groups.setdefault(label, []).append((r["epoch"], r.get(key)))
         for label, pts in groups.items():
-            series.append({"name": label, "xs": [x for x, _ in pts], "ys": [y for _, y in pts], "colour": COLOURS[k % len(COLOURS)],
-                           "dots": True})
+            series.append(
+                {
+                    "name": label,
+                    "xs": [x for x, _ in pts],
+                    "ys": [y for _, y in pts],
+                    "colour": COLOURS[k % len(COLOURS)],
+                    "dots": True,
+                }
+            )
             k += 1
     return series
 
@@ -305,39 +379,103 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
         eta = f", ETA {hms(p['eta_s'])}" if p["eta_s"] is not None else ""
         img_s = f"{p['img_per_s']:.0f} img/s" if p["img_per_s"] else "img/s unknown"
         done = p["total_steps"] and p["global_step"] >= p["total_steps"]
-        parts.append(f'<p class="status">epoch {p["epoch"]}, step {p["step"]} (optimiser step {p["global_step"]}{total}); '
-                     f'{img_s}{"; finished" if done else eta}</p>')
+        parts.append(
+            f'<p class="status">epoch {p["epoch"]}, step {p["step"]} (optimiser step {p["global_step"]}{total}); '
+            f"{img_s}{'; finished' if done else eta}</p>"
+        )
     parts.append("<h3>Sample grids</h3>")
     if run["grids"]:
         latest_epoch, latest = run["grids"][-1]
-        parts.append(f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch {latest_epoch}">'
-                     f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every grid)</figcaption></figure>")
-        parts.append('<div class="grids">' + "".join(
-            f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample grid after epoch {e}"></a>'
-            f"<figcaption>epoch {e}</figcaption></figure>" for e, path in run["grids"]) + "</div>")
+        parts.append(
+            f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch {latest_epoch}">'
+            f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every grid)</figcaption></figure>"
+        )
+        parts.append(
+            '<div class="grids">'
+            + "".join(
+                f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample grid after epoch {e}"></a>'
+                f"<figcaption>epoch {e}</figcaption></figure>"
+                for e, path in run["grids"]
+            )
+            + "</div>"
+        )
     else:
         parts.append("<p>none yet</p>")
     bins = noise_level_series(run)
     if bins:
-        parts.append("<h3>Loss by noise level</h3><p>Mean training loss in bins of t (0: noise, 1: clean image; each bin "
-                     "holds 1/8 of the training times), over the steps between two records.</p>"
-                     + svg_plot(bins, xlabel="epoch", ylabel="loss", log_y=True))
+        parts.append(
+            "<h3>Loss by noise level</h3><p>Mean training loss in bins of t (0: noise, 1: clean image; each bin "
+            "holds 1/8 of the training times), over the steps between two records.</p>"
+            + svg_plot(bins, xlabel="epoch", ylabel="loss", log_y=True)
+        )
     norms = [r for r in run["train"] if r.get("grad_norm") is not None or r.get("update_ratio") is not None]
     if norms:
-        parts.append("<h3>Gradient norm and update size</h3>"
-                     + svg_plot([{"name": "global gradient norm", "xs": [r["x"] for r in norms], "ys": [r.get("grad_norm") for r in norms],
-                                  "colour": COLOURS[0]}], xlabel="epoch", ylabel="gradient norm", log_y=True, height=220)
-                     + svg_plot([{"name": "‖Δw‖ / ‖w‖", "xs": [r["x"] for r in norms], "ys": [r.get("update_ratio") for r in norms],
-                                  "colour": COLOURS[1]}], xlabel="epoch", ylabel="update / weight", log_y=True, height=220))
+        parts.append(
+            "<h3>Gradient norm and update size</h3>"
+            + svg_plot(
+                [
+                    {
+                        "name": "global gradient norm",
+                        "xs": [r["x"] for r in norms],
+                        "ys": [r.get("grad_norm") for r in norms],
+                        "colour": COLOURS[0],
+                    }
+                ],
+                xlabel="epoch",
+                ylabel="gradient norm",
+                log_y=True,
+                height=220,
+            )
+            + svg_plot(
+                [
+                    {
+                        "name": "‖Δw‖ / ‖w‖",
+                        "xs": [r["x"] for r in norms],
+                        "ys": [r.get("update_ratio") for r in norms],
+                        "colour": COLOURS[1],
+                    }
+                ],
+                xlabel="epoch",
+                ylabel="update / weight",
+                log_y=True,
+                height=220,
+            )
+        )
     throughput = [r for r in run["train"] if r.get("img_per_s")]
     if throughput:
-        parts.append("<h3>Throughput</h3>" + svg_plot(
-            [{"name": "img/s", "xs": [r["x"] for r in throughput], "ys": [r["img_per_s"] for r in throughput], "colour": COLOURS[2]}],
-            xlabel="epoch", ylabel="images / s", height=220))
+        parts.append(
+            "<h3>Throughput</h3>"
+            + svg_plot(
+                [
+                    {
+                        "name": "img/s",
+                        "xs": [r["x"] for r in throughput],
+                        "ys": [r["img_per_s"] for r in throughput],
+                        "colour": COLOURS[2],
+                    }
+                ],
+                xlabel="epoch",
+                ylabel="images / s",
+                height=220,
+            )
+        )
     if run["evals"]:
-        rows = [[r.get("epoch"), r.get("ema"), r.get("cfg"), f"({r.get('interval_min')}, {r.get('interval_max')})", r.get("num_sampling_steps", r.get("steps")),
-                 r.get("num_images"), r.get("fid"), r.get("inception_score")] for r in run["evals"]]
-        parts.append("<h3>Evaluations</h3>" + table(["epoch", "EMA", "cfg", "interval", "steps", "images", "FID", "IS"], rows))
+        rows = [
+            [
+                r.get("epoch"),
+                r.get("ema"),
+                r.get("cfg"),
+                f"({r.get('interval_min')}, {r.get('interval_max')})",
+                r.get("num_sampling_steps", r.get("steps")),
+                r.get("num_images"),
+                r.get("fid"),
+                r.get("inception_score"),
+            ]
+            for r in run["evals"]
+        ]
+        parts.append(
+            "<h3>Evaluations</h3>" + table(["epoch", "EMA", "cfg", "interval", "steps", "images", "FID", "IS"], rows)
+        )
     for sw in run["sweeps"]:
         parts.append(f"<h3>Sweep {html.escape(sw['name'])}</h3>")
         if sw["png"]:
@@ -349,22 +487,47 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
     if cfg:
         rows = [[k, cfg[k]] for k in CONFIG_KEYS if k in cfg]
         everything = [[k, json.dumps(v, default=str)] for k, v in sorted(cfg.items())]
-        parts.append("<h3>Config</h3>" + table(["setting", "value"], rows)
-                     + "<details><summary>all settings</summary>" + table(["setting", "value"], everything) + "</details>")
+        parts.append(
+            "<h3>Config</h3>"
+            + table(["setting", "value"], rows)
+            + "<details><summary>all settings</summary>"
+            + table(["setting", "value"], everything)
+            + "</details>"
+        )
     else:
         parts.append("<h3>Config</h3><p>no readable checkpoint yet</p>")
     ck = run["checkpoints"]
-    parts.append("<h3>Checkpoints</h3>" + (table(["file", "size", "written"], [
-        [c["name"], human_bytes(c["bytes"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["mtime"]))] for c in ck])
-        if ck else "<p>none yet</p>") + (f"<p>{run['snapshots']} post-hoc EMA snapshot files in phema/</p>" if run["snapshots"] else ""))
+    parts.append(
+        "<h3>Checkpoints</h3>"
+        + (
+            table(
+                ["file", "size", "written"],
+                [
+                    [c["name"], human_bytes(c["bytes"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["mtime"]))]
+                    for c in ck
+                ],
+            )
+            if ck
+            else "<p>none yet</p>"
+        )
+        + (f"<p>{run['snapshots']} post-hoc EMA snapshot files in phema/</p>" if run["snapshots"] else "")
+    )
     warn = []
     if run["skipped"]:
         warn.append(f"{run['skipped']} optimiser step(s) skipped for a non-finite loss or gradient")
     if run["bad_lines"]:
         warn.append(f"{run['bad_lines']} line(s) of metrics.jsonl not readable (cut by a kill)")
-    parts.append("<h3>Warnings</h3>" + ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warn) + "</ul>" if warn else "")
-                 + ("<pre>" + html.escape("\n".join(run["warnings"])) + "</pre>" if run["warnings"] else
-                    "" if warn else "<p>none</p>"))
+    parts.append(
+        "<h3>Warnings</h3>"
+        + ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warn) + "</ul>" if warn else "")
+        + (
+            "<pre>" + html.escape("\n".join(run["warnings"])) + "</pre>"
+            if run["warnings"]
+            else ""
+            if warn
+            else "<p>none</p>"
+        )
+    )
     return "\n".join(parts)
 
 
@@ -382,17 +545,25 @@ def render(runs: list[dict], page_dir: str) -> str:
     """The page of `runs` (read_run), images referred to relative to `page_dir`."""
     several = len(runs) > 1
     title = "JiT run report: " + ", ".join(r["name"] for r in runs)
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p>written {time.strftime('%Y-%m-%d %H:%M:%S')} from {', '.join(html.escape(r['folder']) for r in runs)}</p>",
-            "<h2>Training loss</h2><p>Velocity-space MSE, the logged window means (faint points) and their smoothed curve, "
-            "against epochs.</p>", svg_plot(loss_series(runs), xlabel="epoch", ylabel="training loss", log_y=True)]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>written {time.strftime('%Y-%m-%d %H:%M:%S')} from {', '.join(html.escape(r['folder']) for r in runs)}</p>",
+        "<h2>Training loss</h2><p>Velocity-space MSE, the logged window means (faint points) and their smoothed curve, "
+        "against epochs.</p>",
+        svg_plot(loss_series(runs), xlabel="epoch", ylabel="training loss", log_y=True),
+    ]
     fids = fid_series(runs)
     if any(s["xs"] for s in fids):
-        body += ["<h2>FID and Inception Score</h2>", svg_plot(fids, xlabel="epoch", ylabel="FID", log_y=True),
-                 svg_plot(fid_series(runs, "inception_score"), xlabel="epoch", ylabel="Inception Score")]
+        body += [
+            "<h2>FID and Inception Score</h2>",
+            svg_plot(fids, xlabel="epoch", ylabel="FID", log_y=True),
+            svg_plot(fid_series(runs, "inception_score"), xlabel="epoch", ylabel="Inception Score"),
+        ]
     body += [run_section(run, page_dir, several) for run in runs]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(folders: list[str], output: str | None = None) -> str:
@@ -416,4 +587,6 @@ def write_during_training(output_dir: str):
     try:
         write_report([output_dir])
     except Exception as e:  # the page is a convenience: it never stops a run
-        print0(f"warning: {os.path.join(output_dir, NAME)} could not be written ({type(e).__name__}: {e}); training goes on")
+        print0(
+            f"warning: {os.path.join(output_dir, NAME)} could not be written ({type(e).__name__}: {e}); training goes on"
+        )

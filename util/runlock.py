@@ -8,6 +8,7 @@ Taken over, and said so, when its holder is gone: a dead process on this host, o
 of the same job (the same SLURM job id after a requeue, the same rendezvous id after an elastic
 restart). A lock of a live process, or of another host's job, is refused with what to do.
 """
+
 import json
 import os
 import socket
@@ -40,7 +41,9 @@ def pid_alive(pid: int) -> bool:
 
 def describe(holder: dict) -> str:
     ids = ", ".join(f"{k} {holder[k]}" for k in ("slurm_job", "rdzv_id") if holder.get(k))
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" + (f", {ids}" if ids else ""))
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" + (
+        f", {ids}" if ids else ""
+    )
 
 
 def stale_reason(holder: dict, me: dict) -> str | None:
@@ -72,9 +75,13 @@ def acquire(output_dir: str, kind: str, ids: dict, log=print) -> str:
             holder = read_holder(path)
             reason = stale_reason(holder, me) if holder else "it is empty (its writer was killed)"
             if reason is None:
-                raise BadInput(f"--output_dir {output_dir} is in use by another {kind} run ({describe(holder)}): wait for it "
-                               f"to end or use another --output_dir; if that run is dead, delete {path}") from None
-            log(f"note: taking over the {kind} lock of {output_dir} from {describe(holder) if holder else 'nobody'}: {reason}")
+                raise BadInput(
+                    f"--output_dir {output_dir} is in use by another {kind} run ({describe(holder)}): wait for it "
+                    f"to end or use another --output_dir; if that run is dead, delete {path}"
+                ) from None
+            log(
+                f"note: taking over the {kind} lock of {output_dir} from {describe(holder) if holder else 'nobody'}: {reason}"
+            )
             os.remove(path)
             continue
         with os.fdopen(fd, "w") as f:

@@ -19,6 +19,7 @@ matmuls are then bit-identical to autocast, and what differs is listed in `block
 torch's FSDP and distributed-checkpoint modules are imported at first use (about half a second):
 runs that do not shard never pay for them.
 """
+
 import sys
 
 import torch
@@ -33,8 +34,8 @@ FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp") 
 def fsdp():
     """torch's FSDP2 module (FSDPModule, MixedPrecisionPolicy, fully_shard), imported now."""
     try:
-        from torch.distributed.fsdp import FSDPModule  # noqa: F401
         import torch.distributed.fsdp as module
+        from torch.distributed.fsdp import FSDPModule  # noqa: F401
     except ImportError:  # pragma: no cover
         import torch.distributed._composable.fsdp as module
     return module
@@ -60,7 +61,9 @@ def block_policy(mixed_precision: bool):
     float32; float32 gathers reproduce DDP's loss and gradients bit for bit.
     """
     if mixed_precision:
-        return fsdp().MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        return fsdp().MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     return fsdp().MixedPrecisionPolicy()
 
 
@@ -72,7 +75,9 @@ def shard(denoiser: nn.Module, *, mixed_precision: bool, reshard_after_forward: 
     policy, api = block_policy(mixed_precision), fsdp()
     for block in denoiser.net.blocks:
         api.fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    api.fully_shard(denoiser, mesh=mesh, mp_policy=api.MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
+    api.fully_shard(
+        denoiser, mesh=mesh, mp_policy=api.MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward
+    )
     return denoiser
 
 
@@ -201,8 +206,10 @@ def full_state(denoiser: nn.Module, emas, optimizer=None):
     if optimizer is not None:
         named = get_optimizer_state_dict(denoiser, optimizer, options=full_options(cpu_offload=True))
         if named:  # the gathered moments are new tensors, but `step` is the live one: copy it
-            named["state"] = {n: {k: v.clone() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for k, v in s.items()}
-                              for n, s in named["state"].items()}
+            named["state"] = {
+                n: {k: v.clone() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for k, v in s.items()}
+                for n, s in named["state"].items()
+            }
             optim_sd = optim_state_by_index(named, optimizer_param_names(denoiser, optimizer))
     if dist.get_rank() != 0:
         return None, None, None
@@ -219,8 +226,11 @@ def mismatch(module: nn.Module, state_dict: dict) -> str | None:
         parts.append(f"Missing key(s) in state_dict: {', '.join(missing)}.")
     if unexpected := [k for k in got if k not in want]:
         parts.append(f"Unexpected key(s) in state_dict: {', '.join(unexpected)}.")
-    parts += [f"size mismatch for {k}: copying a param with shape {got[k]}, the model has {want[k]}."
-              for k in want if k in got and got[k] != want[k]]
+    parts += [
+        f"size mismatch for {k}: copying a param with shape {got[k]}, the model has {want[k]}."
+        for k in want
+        if k in got and got[k] != want[k]
+    ]
     return " ".join(parts) or None
 
 

@@ -13,6 +13,7 @@ Written by prepare_data.py. A store folder holds
 
 `StoreDataset` reads it with the same items as util.data.CenterCropFolder, plus batched access.
 """
+
 import hashlib
 import json
 import math
@@ -60,8 +61,10 @@ def read_manifest(path: str) -> dict:
     """The manifest of the store at `path`; raises FileNotFoundError / ValueError with a one-line reason."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
-        raise MissingFile(f"{path} is not a finished image store (no {MANIFEST}): build it with "
-                                f"prepare_data.py, or rerun the interrupted conversion with the same command")
+        raise MissingFile(
+            f"{path} is not a finished image store (no {MANIFEST}): build it with "
+            f"prepare_data.py, or rerun the interrupted conversion with the same command"
+        )
     try:
         with open(file) as f:
             manifest = json.load(f)
@@ -69,15 +72,19 @@ def read_manifest(path: str) -> dict:
         raise BadValue(f"{file} is unreadable ({e}): rebuild the store with prepare_data.py") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise BadValue(f"store {path} has format version {version}, this code reads version {FORMAT_VERSION}: "
-                         f"rebuild it with this prepare_data.py")
+        raise BadValue(
+            f"store {path} has format version {version}, this code reads version {FORMAT_VERSION}: "
+            f"rebuild it with this prepare_data.py"
+        )
     return manifest
 
 
 def damaged(path: str, what: str) -> str:
     """The message for a store whose files do not match its manifest, saying how to repair it."""
-    return (f"store {path} is damaged: {what}. Delete {os.path.join(path, MANIFEST)} and rerun the "
-            f"prepare_data.py command that made it: damaged shards are redone, the others kept")
+    return (
+        f"store {path} is damaged: {what}. Delete {os.path.join(path, MANIFEST)} and rerun the "
+        f"prepare_data.py command that made it: damaged shards are redone, the others kept"
+    )
 
 
 def check_files(path: str, manifest: dict):
@@ -114,8 +121,10 @@ def batch_buffer(shape: tuple, pin_memory: bool = False) -> torch.Tensor:
 def check_img_size(path: str, manifest: dict, img_size: int):
     """ValueError (what to do) unless the store at `path` holds img_size px images."""
     if manifest["img_size"] != img_size:
-        raise BadValue(f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
-                         f"use --img_size {manifest['img_size']} or build a {img_size} px store with prepare_data.py")
+        raise BadValue(
+            f"store {path} holds {manifest['img_size']} px images but --img_size is {img_size}: "
+            f"use --img_size {manifest['img_size']} or build a {img_size} px store with prepare_data.py"
+        )
 
 
 class StoreDataset(Dataset):
@@ -156,8 +165,11 @@ class StoreDataset(Dataset):
         if self._shards is None:
             arrays = [np.load(os.path.join(self.path, f), mmap_mode="r") for f in self.files]
             self._labels = np.load(os.path.join(self.path, "labels.npy"), mmap_mode="r")
-            bad = [f for f, a, c in zip(self.files, arrays, np.diff(self.starts))
-                   if a.shape != (c, 3, self.image_size, self.image_size) or a.dtype != np.uint8]
+            bad = [
+                f
+                for f, a, c in zip(self.files, arrays, np.diff(self.starts))
+                if a.shape != (c, 3, self.image_size, self.image_size) or a.dtype != np.uint8
+            ]
             if bad or self._labels.shape != (self.n,):
                 raise BadValue(damaged(self.path, f"{(bad or ['labels.npy'])[0]} has the wrong shape"))
             self._shards = arrays  # (count, 3, H, W) uint8 each

@@ -7,6 +7,7 @@ CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one
 and interval; with several samplers FID against NFE, one line per method and schedule). The
 sampler's command-line flags (shared by main_jit.py and sample.py) and the grid they give live here
 too."""
+
 import csv
 import io
 import itertools
@@ -22,8 +23,21 @@ from util.errors import BadValue
 from util.files import WriteError, atomic_write
 from util.logger import hms
 
-COLUMNS = ("fid", "inception_score", "inception_score_std", "ema", "cfg", "interval_min", "interval_max", "method", "steps",
-           "schedule", "nfe", "num_images", "checkpoint_epoch")
+COLUMNS = (
+    "fid",
+    "inception_score",
+    "inception_score_std",
+    "ema",
+    "cfg",
+    "interval_min",
+    "interval_max",
+    "method",
+    "steps",
+    "schedule",
+    "nfe",
+    "num_images",
+    "checkpoint_epoch",
+)
 STD_COLUMN = "ema_std"  # after "ema", in sweeps of post-hoc EMAs only
 
 
@@ -32,24 +46,50 @@ def add_sampler_args(group, sweep: bool = False):
     a = group.add_argument
     many = dict(nargs="+") if sweep else {}
     also = "; several values: a sweep" if sweep else ""
-    a("--sampling_method", default="heun", choices=METHODS, **many,
-      help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), the multistep dpm++2m / dpm++3m "
-           f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (denoiser.py){also}")
-    a("--num_sampling_steps", default=50, type=int, **many, help=f"integration steps from t = 0 (noise) to t = 1 (image){also}")
-    a("--sampling_schedule", default="uniform", **many,
-      help=f"where the steps go: {', '.join(SCHEDULES)} (name or name:parameter, e.g. edm:2, logsnr:3, shift:0.5; "
-           f"denoiser.schedule_warp){also}")
+    a(
+        "--sampling_method",
+        default="heun",
+        choices=METHODS,
+        **many,
+        help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), the multistep dpm++2m / dpm++3m "
+        f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (denoiser.py){also}",
+    )
+    a(
+        "--num_sampling_steps",
+        default=50,
+        type=int,
+        **many,
+        help=f"integration steps from t = 0 (noise) to t = 1 (image){also}",
+    )
+    a(
+        "--sampling_schedule",
+        default="uniform",
+        **many,
+        help=f"where the steps go: {', '.join(SCHEDULES)} (name or name:parameter, e.g. edm:2, logsnr:3, shift:0.5; "
+        f"denoiser.schedule_warp){also}",
+    )
     a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
-    a("--interval_min", default=0.0, type=float, **many, help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}")
+    a(
+        "--interval_min",
+        default=0.0,
+        type=float,
+        **many,
+        help=f"guidance only for t > this, in [0, 1) (0: from t = 0 on){also}",
+    )
     a("--interval_max", default=1.0, type=float, **many, help=f"guidance only for t < this, in (0, 1]{also}")
 
 
 def sampler_settings(flags) -> SamplerSettings:
     """The sampler of single-valued flags (sample.py). BadValue for settings it rejects."""
     try:
-        return SamplerSettings(method=flags.sampling_method, steps=flags.num_sampling_steps, cfg=flags.cfg,
-                               interval_min=flags.interval_min, interval_max=flags.interval_max,
-                               schedule=flags.sampling_schedule or "uniform")
+        return SamplerSettings(
+            method=flags.sampling_method,
+            steps=flags.num_sampling_steps,
+            cfg=flags.cfg,
+            interval_min=flags.interval_min,
+            interval_max=flags.interval_max,
+            schedule=flags.sampling_schedule or "uniform",
+        )
     except ValueError as e:
         raise BadValue(str(e)) from None
 
@@ -78,16 +118,25 @@ class Point:
 
     def label(self) -> str:
         s = self.sampler
-        return (f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {sampler_name(asdict(s))}, "
-                f"{self.num_images} images")
+        return (
+            f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {sampler_name(asdict(s))}, "
+            f"{self.num_images} images"
+        )
 
 
 def sampler_name(record: dict) -> str:
     """'heun 50 steps (99 NFE)' (the schedule too if not uniform) of a record or a SamplerSettings as
     a dict."""
     schedule = record.get("schedule") or "uniform"
-    nfe = record.get("nfe") or SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
-    return f"{record['method']} {record['steps']} steps" + ("" if schedule == "uniform" else f" {schedule}") + f" ({nfe} NFE)"
+    nfe = (
+        record.get("nfe")
+        or SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
+    )
+    return (
+        f"{record['method']} {record['steps']} steps"
+        + ("" if schedule == "uniform" else f" {schedule}")
+        + f" ({nfe} NFE)"
+    )
 
 
 def ema_name(record: dict) -> str:
@@ -95,16 +144,25 @@ def ema_name(record: dict) -> str:
     return f"EMA {record['ema']}" if record.get(STD_COLUMN) is None else f"σ_rel {record[STD_COLUMN]:g}"
 
 
-def grid(*, emas, interval_mins, interval_maxs, cfgs, method, steps, num_images: int, ema_stds=(None,),
-         schedule="uniform") -> list[Point]:
+def grid(
+    *, emas, interval_mins, interval_maxs, cfgs, method, steps, num_images: int, ema_stds=(None,), schedule="uniform"
+) -> list[Point]:
     """Every combination, the weights first (EMA, then σ_rel of a post-hoc EMA), then the sampler
     (method, schedule, steps), then the interval, then the CFG scale (which varies fastest). method,
     steps, schedule: one value or a list. Raises BadValue for a combination the sampler rejects
     (e.g. interval_min >= interval_max)."""
     try:
-        return [Point(ema, SamplerSettings(method=m, steps=n, cfg=cfg, interval_min=lo, interval_max=hi, schedule=s), num_images, std)
-                for ema, std, m, s, n, lo, hi, cfg in itertools.product(emas, ema_stds, as_list(method), as_list(schedule),
-                                                                       as_list(steps), interval_mins, interval_maxs, cfgs)]
+        return [
+            Point(
+                ema,
+                SamplerSettings(method=m, steps=n, cfg=cfg, interval_min=lo, interval_max=hi, schedule=s),
+                num_images,
+                std,
+            )
+            for ema, std, m, s, n, lo, hi, cfg in itertools.product(
+                emas, ema_stds, as_list(method), as_list(schedule), as_list(steps), interval_mins, interval_maxs, cfgs
+            )
+        ]
     except ValueError as e:
         raise BadValue(str(e)) from None
 
@@ -114,17 +172,28 @@ def eval_points(flags, num_images: int) -> list[Point]:
     --cfg, --sampling_method, --num_sampling_steps and --sampling_schedule (one value or several
     each), at num_images (see grid)."""
     phema = bool(flags.phema)
-    return grid(emas=[None] if phema else as_list(flags.ema), ema_stds=as_list(flags.ema_std) if phema else [None],
-                interval_mins=as_list(flags.interval_min), interval_maxs=as_list(flags.interval_max), cfgs=as_list(flags.cfg),
-                method=flags.sampling_method, steps=flags.num_sampling_steps, num_images=num_images,
-                schedule=as_list(getattr(flags, "sampling_schedule", None) or "uniform"))
+    return grid(
+        emas=[None] if phema else as_list(flags.ema),
+        ema_stds=as_list(flags.ema_std) if phema else [None],
+        interval_mins=as_list(flags.interval_min),
+        interval_maxs=as_list(flags.interval_max),
+        cfgs=as_list(flags.cfg),
+        method=flags.sampling_method,
+        steps=flags.num_sampling_steps,
+        num_images=num_images,
+        schedule=as_list(getattr(flags, "sampling_schedule", None) or "uniform"),
+    )
 
 
 def record_key(record: dict) -> tuple:
     """A metrics.jsonl eval record's Point.key() (a record written before a sampler field existed has
     that field's default)."""
-    return (record["ema"], record.get(STD_COLUMN), record["num_images"],
-            *(record.get(k, v) for k, v in asdict(SamplerSettings()).items()))
+    return (
+        record["ema"],
+        record.get(STD_COLUMN),
+        record["num_images"],
+        *(record.get(k, v) for k, v in asdict(SamplerSettings()).items()),
+    )
 
 
 def eval_records(metrics_path: str | None) -> list[dict]:
@@ -148,7 +217,11 @@ def finished(metrics_path: str, context: dict) -> dict:
     """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
     are equal (engine_jit.eval_context: the same weights, seeds, batch size, resolution, classes and
     reference statistics)."""
-    return {record_key(r): r for r in eval_records(metrics_path) if "ema" in r and all(r.get(k) == v for k, v in context.items())}
+    return {
+        record_key(r): r
+        for r in eval_records(metrics_path)
+        if "ema" in r and all(r.get(k) == v for k, v in context.items())
+    }
 
 
 def finite(x) -> bool:
@@ -163,8 +236,10 @@ def best(records: list[dict]) -> dict | None:
 def describe(record: dict) -> str:
     """A point's settings and scores in one line (a missing or NaN score as n/a)."""
     num = lambda x: f"{x:.4f}" if finite(x) else "n/a"  # noqa: E731
-    return (f"{ema_name(record)}, cfg {record['cfg']}, interval ({record['interval_min']}, {record['interval_max']}): "
-            f"FID {num(record['fid'])}, IS {num(record['inception_score'])}")
+    return (
+        f"{ema_name(record)}, cfg {record['cfg']}, interval ({record['interval_min']}, {record['interval_max']}): "
+        f"FID {num(record['fid'])}, IS {num(record['inception_score'])}"
+    )
 
 
 def has_std_axis(records: list[dict]) -> bool:
@@ -181,8 +256,12 @@ def write_csv(path: str, records: list[dict]):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(sorted(({**r, "schedule": r.get("schedule") or "uniform", "nfe": nfe_of(r)} for r in records),
-                       key=lambda r: r["fid"] if finite(r["fid"]) else math.inf))
+    w.writerows(
+        sorted(
+            ({**r, "schedule": r.get("schedule") or "uniform", "nfe": nfe_of(r)} for r in records),
+            key=lambda r: r["fid"] if finite(r["fid"]) else math.inf,
+        )
+    )
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
@@ -203,17 +282,36 @@ def plot_axes(records: list[dict]):
     several samplers (a line per method and schedule, and per the other settings that vary), against
     σ_rel with post-hoc EMAs, else against the CFG scale."""
     if has_sampler_axis(records):
-        parts = [("method", lambda r: r["method"]), ("schedule", lambda r: r.get("schedule") or "uniform"),
-                 ("weights", ema_name), ("cfg", lambda r: f"cfg {r['cfg']}"),
-                 ("interval", lambda r: f"interval ({r['interval_min']}, {r['interval_max']})")]
+        parts = [
+            ("method", lambda r: r["method"]),
+            ("schedule", lambda r: r.get("schedule") or "uniform"),
+            ("weights", ema_name),
+            ("cfg", lambda r: f"cfg {r['cfg']}"),
+            ("interval", lambda r: f"interval ({r['interval_min']}, {r['interval_max']})"),
+        ]
         varying = [(n, f) for n, f in parts if n in ("method", "schedule") or len({f(r) for r in records}) > 1]
-        return ("nfe", "network evaluations per image (NFE)", True, lambda r: tuple(f(r) for _, f in varying),
-                lambda key: ", ".join(str(k) for k in key))
+        return (
+            "nfe",
+            "network evaluations per image (NFE)",
+            True,
+            lambda r: tuple(f(r) for _, f in varying),
+            lambda key: ", ".join(str(k) for k in key),
+        )
     if has_std_axis(records):
-        return (STD_COLUMN, "EMA length σ_rel", True, lambda r: (r["cfg"], r["interval_min"], r["interval_max"]),
-                lambda key: f"cfg {key[0]}, interval ({key[1]}, {key[2]})")
-    return ("cfg", "CFG scale", False, lambda r: (r["ema"], r["interval_min"], r["interval_max"]),
-            lambda key: f"EMA {key[0]}, interval ({key[1]}, {key[2]})")
+        return (
+            STD_COLUMN,
+            "EMA length σ_rel",
+            True,
+            lambda r: (r["cfg"], r["interval_min"], r["interval_max"]),
+            lambda key: f"cfg {key[0]}, interval ({key[1]}, {key[2]})",
+        )
+    return (
+        "cfg",
+        "CFG scale",
+        False,
+        lambda r: (r["ema"], r["interval_min"], r["interval_max"]),
+        lambda key: f"EMA {key[0]}, interval ({key[1]}, {key[2]})",
+    )
 
 
 def plot(path: str, records: list[dict]):
@@ -234,8 +332,12 @@ def plot(path: str, records: list[dict]):
     for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
         xs = [r[x] for r in rs]
         ax_fid.plot(xs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label_of(key))
-        ax_is.plot(xs, [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs], marker="o",
-                   label=label_of(key))
+        ax_is.plot(
+            xs,
+            [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs],
+            marker="o",
+            label=label_of(key),
+        )
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
         ax.set_xlabel(x_label)
         if log_x:
@@ -254,7 +356,9 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
     Returns (the records of all finished points, earlier ones included; whether it stopped early)."""
     todo = [p for p in points if p.key() not in done]
     if len(todo) < len(points):
-        print0(f"sweep: {len(points) - len(todo)} of {len(points)} points already finished (metrics.jsonl), skipping them")
+        print0(
+            f"sweep: {len(points) - len(todo)} of {len(points)} points already finished (metrics.jsonl), skipping them"
+        )
     records = [done[p.key()] for p in points if p.key() in done]
     left = sum(p.num_images for p in todo)
     images, seconds = 0, 0.0
@@ -266,8 +370,10 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
         records.append(score(p))
         dt = time.time() - t0
         images, seconds, left = images + p.num_images, seconds + dt, left - p.num_images
-        print0(f"sweep point {i}/{len(todo)}: FID {records[-1]['fid']:.4f}, {p.num_images / dt:.1f} img/s; "
-               f"sweep ETA {hms(left * seconds / images)}")
+        print0(
+            f"sweep point {i}/{len(todo)}: FID {records[-1]['fid']:.4f}, {p.num_images / dt:.1f} img/s; "
+            f"sweep ETA {hms(left * seconds / images)}"
+        )
     return records, False
 
 
@@ -281,8 +387,10 @@ def cost_note(points: list[Point]) -> str:
     counts once) and network passes (it counts twice)."""
     nfe = sum(p.sampler.nfe() * p.num_images for p in points)
     passes = sum(p.sampler.net_passes() * p.num_images for p in points)
-    return (f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {nfe / 1e6:.1f}M network evaluations, "
-            f"{passes / 1e6:.1f}M network passes (the ETA follows after the first point)")
+    return (
+        f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {nfe / 1e6:.1f}M network evaluations, "
+        f"{passes / 1e6:.1f}M network passes (the ETA follows after the first point)"
+    )
 
 
 def report(records: list[dict], output_dir: str, name: str, log) -> dict | None:

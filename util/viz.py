@@ -1,4 +1,5 @@
 """Image grids as arrays and PNG files (sample grids of training, sample.py, the demo and the report)."""
+
 import io
 import os
 
