@@ -1,11 +1,10 @@
-"""The loops: training (one epoch, resumable at any step; the step, its optimizer and the stop
-signal) and evaluation (`evaluate`: FID / IS of one sampler setting or a sweep of them)."""
+"""The training loop: one epoch, resumable at any step; the step (its optimizer, the fused EMA
+update, the device-side skip of non-finite steps) and its monitor (loss by noise level, gradient
+norm, update ratio). Evaluation (FID / IS of one sampler setting or a sweep) is engine_eval.py."""
 
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -13,35 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from util import distributed, lr_sched, phema, sharding, sweep
-from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
+from util import distributed, lr_sched, sharding
+from util.ema import lerp_together_
 from util.logger import hms
-
-
-class StopRun(Exception):
-    """Raised to end training cleanly; `code` is the process exit status."""
-
-    def __init__(self, message: str, code: int = 0):
-        super().__init__(message)
-        self.code = code
-
-
-class StopSignal:
-    """Records SIGTERM / SIGUSR1 (what schedulers send before a kill); the loop saves and exits.
-    close() puts the previous handlers back."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = 0
-        self.previous = [signal.signal(sig, self._handler) for sig in self.SIGNALS]
-
-    def _handler(self, signum, frame):
-        self.requested = signum
-
-    def close(self):
-        for sig, handler in zip(self.SIGNALS, self.previous):
-            signal.signal(sig, handler)
+from util.stop import StopRun, StopSignal
 
 
 @dataclass(frozen=True)
@@ -88,7 +62,7 @@ class StepParts:
     """What one optimiser step touches. model: what the step calls (the denoiser, DDP-wrapped and/or
     compiled); denoiser: the plain (or FSDP-sharded) module; optimizer: fused AdamW (build_optimizer);
     emas: updated after every step, and so are phemas, the power-function EMAs of post-hoc EMA
-    (util.phema.PowerEMA; none unless --phema_stds); probe: a StepMonitor that the step hands its
+    (util.ema.PowerEMA; none unless --phema_stds); probe: a StepMonitor that the step hands its
     per-sample losses and times, and on its marked steps the gradient norm and update size (None: none).
     """
 
@@ -182,7 +156,7 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
         probe.end_step(skipped, params, before, sharded)
     averages = parts.emas + parts.phemas  # towards unchanged weights on a skipped step, so they stay finite
     if averages:
-        phema.lerp_together_(
+        lerp_together_(
             [a.tensors() for a in averages],
             sharding.local_tensors(denoiser.parameters()),
             [a.weight(images_seen, batch) for a in averages],
@@ -430,220 +404,3 @@ def compile_fsdp_blocks(denoiser, **compile_kwargs):
     for block in denoiser.net.blocks:
         block.forward = torch.compile(block.forward, dynamic=False, **compile_kwargs)
     return denoiser
-
-
-def compile_sampling_net(net):
-    """The network as evaluation samples it, compiled: static shapes (dynamic=False), so that the Heun
-    + CFG-interval calls at batch B and 2B each get their own specialised kernels (bench/bench.py
-    measures this same compiled net)."""
-    return torch.compile(net, dynamic=False)
-
-
-class EMAWeights:
-    """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
-    unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
-    made by `make_denoiser()` at the first use and refreshed by `refresh` (collective), so that
-    evaluation runs as in an unsharded run, each rank generating its share of the images. `release`
-    frees those copies (a full float32 network per EMA on every GPU) when an evaluation during
-    training is done."""
-
-    def __init__(
-        self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool
-    ):
-        self.emas, self.device, self.make_denoiser, self.compile_net = emas, device, make_denoiser, compile_net
-        self.copies, self.nets = {}, {}
-
-    def refresh(self, ks):
-        """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones. The
-        global RNG streams are left as they were (building a copy initialises weights)."""
-        for k in sorted(set(ks)):
-            if sharding.is_sharded(self.emas[k - 1].module):
-                if k not in self.copies:
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        self.copies[k] = self.make_denoiser().eval().requires_grad_(False)
-                sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
-
-    def release(self):
-        """Free the gathered copies of sharded EMAs and their compiled stand-ins (nothing else holds
-        them); the next `refresh` builds them again. torch.compile's cache matches a new copy's net by
-        its type and shapes, not its identity, so this costs no recompilation."""
-        for k in list(self.copies):
-            del self.copies[k]
-            self.nets.pop(k, None)
-
-    def __call__(self, k: int):
-        """(denoiser, net stand-in or None) that sample with EMA k."""
-        denoiser = self.copies.get(k, self.emas[k - 1].module)
-        if k not in self.nets:
-            self.nets[k] = compile_sampling_net(denoiser.net) if self.compile_net else None
-        return denoiser, self.nets[k]
-
-
-class PostHocWeights:
-    """The samplers of a sweep of post-hoc EMAs (--phema): one denoiser (on every rank), into which
-    the weights reconstructed for each σ_rel are loaded in turn, with a compiled stand-in of its net
-    (or None). `reconstruct(stds)` returns {σ_rel: full state dict}; rank 0 alone calls it (it reads
-    every snapshot) and broadcasts the weights when a σ_rel is first sampled; the other ranks wait for
-    the reconstruction at a barrier of the control group, which fails after --dist_timeout (a wait in
-    the NCCL broadcast would be ended by NCCL's watchdog instead)."""
-
-    def __init__(
-        self, denoiser: torch.nn.Module, reconstruct: Callable[[list], dict], device: torch.device, compile_net: bool
-    ):
-        self.denoiser = denoiser.eval().requires_grad_(False)
-        self.reconstruct, self.device = reconstruct, device
-        self.net = compile_sampling_net(self.denoiser.net) if compile_net else None
-        self.weights, self.loaded, self.done = {}, None, set()
-
-    def refresh(self, stds):
-        """Collective. Rank 0 reconstructs the σ_rel of `stds` it has not yet, in one pass over the
-        snapshots, while the other ranks wait at a barrier (bounded by --dist_timeout)."""
-        todo = sorted(set(stds) - self.done)
-        if not todo:
-            return
-        if distributed.is_main_process():
-            self.weights.update(self.reconstruct(todo))
-        self.done.update(todo)
-        distributed.barrier()
-
-    def __call__(self, sigma_rel: float):
-        """Collective. (denoiser, net stand-in or None) that sample with the post-hoc EMA of σ_rel."""
-        if sigma_rel != self.loaded:
-            if distributed.is_main_process():
-                self.denoiser.load_state_dict(self.weights[sigma_rel])
-            if distributed.get_world_size() > 1:
-                for t in self.denoiser.state_dict().values():  # views of the parameters and buffers
-                    torch.distributed.broadcast(t, src=0)
-            self.loaded = sigma_rel
-        return self.denoiser, self.net
-
-
-@dataclass
-class Evaluation:
-    """How a run evaluates, fixed for the run. points: the --ema × interval × cfg grid at
-    --num_images (sweep.Point); spec: the rest of what is generated (each point sets its sampler and
-    image count); scorer: FID / IS with one Inception network; log: a RunLog; output_dir: for
-    --save_images folders and a sweep's csv / png; final_num_images: after a sweep, the best point
-    again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points;
-    during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv;
-    weights_context: what else identifies the weights in the records (and when finished points are
-    matched): for post-hoc EMAs the step they are reconstructed at."""
-
-    samplers: EMAWeights | PostHocWeights
-    points: list
-    spec: GenerationSpec
-    scorer: Scorer
-    log: object
-    output_dir: str
-    save_images: bool = False
-    final_num_images: int | None = None
-    stopper: StopSignal | None = None
-    during_training: bool = False
-    weights_context: dict = dataclasses.field(default_factory=dict)
-
-
-def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> dict:
-    """What, besides its point, every evaluation record holds and a finished sweep point is matched
-    on: the weights (checkpoint file, epoch) and what generation and scoring depend on."""
-    s = ev.spec
-    return dict(
-        checkpoint=checkpoint,
-        checkpoint_epoch=weights_epoch,
-        **ev.weights_context,
-        seed=s.seed,
-        gen_bsz=s.gen_bsz,
-        class_num=s.class_num,
-        img_size=s.img_size,
-        fid_stats=ev.scorer.fid_stats,
-    )
-
-
-def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
-    """FID / IS of one point, written as one record (metrics.jsonl, TensorBoard, console); the global
-    RNG streams are left as they were. Returns the record: the point's settings, the scores and
-    `context` (eval_context)."""
-    spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images)
-    image_dir = (
-        os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size))
-        if ev.save_images
-        else None
-    )
-    denoiser, net = ev.samplers(point.weights)
-    with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
-        result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
-    std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
-    s = point.sampler
-    record = dict(
-        kind="eval",
-        epoch=epoch,
-        **context,
-        **result,
-        ema=point.ema,
-        **std,
-        **dataclasses.asdict(point.sampler),
-        nfe=s.nfe(),
-        net_passes=s.net_passes(),
-        world_size=distributed.get_world_size(),
-    )
-    distributed.print0(
-        f"eval ({spec.num_images} images, cfg {s.cfg}, {sweep.sampler_name(record)}): FID {result['fid']:.4f}, "
-        f"IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s"
-    )
-    weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
-    suffix = (
-        f"_cfg{s.cfg}_res{spec.img_size}"
-        + weights
-        + (f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
-    )
-    ev.log.scalars({f"fid{suffix}": result["fid"], f"is{suffix}": result["inception_score"]}, epoch)
-    ev.log.flush()
-    ev.log.record(record)
-    return record
-
-
-def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str | None = None) -> dict | None:
-    """Evaluate the run's point, or sweep its points (then --final_num_images), with the current EMA
-    weights (of `weights_epoch`, loaded from `checkpoint` if any). Call on every rank. Returns the
-    (best) point's record; None when a sweep was stopped. During training, the gathered copies of
-    sharded EMAs are freed afterwards (EMAWeights.release)."""
-    ev.samplers.refresh(p.weights for p in ev.points)
-    context = eval_context(ev, checkpoint, weights_epoch)
-    try:
-        if len(ev.points) == 1 and ev.final_num_images is None:
-            return score_point(ev, ev.points[0], epoch=epoch, context=context)
-        return run_sweep(ev, epoch=epoch, context=context)
-    finally:
-        if ev.during_training:
-            ev.samplers.release()
-
-
-def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
-    """Score every point, skipping points finished before (metrics.jsonl records of the same
-    context); stop between points on SIGTERM / SIGUSR1. Writes sweep.csv and sweep.png (per epoch
-    during training), prints the best point and evaluates it again with final_num_images."""
-    points = ev.points
-    done = sweep.finished_everywhere(ev.log.metrics_path, context)
-    if len(points) > 50:
-        distributed.print0(sweep.cost_note(points))
-
-    def stop() -> bool:
-        return distributed.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
-
-    def score(p):
-        return score_point(ev, p, epoch=epoch, context=context, in_sweep=True)
-
-    records, stopped = sweep.run(points, score, done=done, should_stop=stop)
-    if stopped:
-        distributed.print0(
-            f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue"
-        )
-        return None
-    best = sweep.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
-    if ev.final_num_images is None or best is None:
-        return best
-    best_point = next(p for p in points if p.key() == sweep.record_key(best))
-    distributed.print0(f"final: the best point again with {ev.final_num_images} images")
-    records, stopped = sweep.run(
-        [dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done, should_stop=stop
-    )
-    return None if stopped else records[0]

@@ -2,10 +2,10 @@
 safetensors (no optimizer, no pickle), config.json (everything needed to rebuild and sample it) and
 a README.md model card. The formats are described in weights.py.
 
-    python export.py output_dir/checkpoint-last.pth exported/jit-b16                  # EMA 1, float32
-    python export.py output_dir exported/jit-b16-bf16 --ema 2 --dtype bfloat16        # a run folder: its newest checkpoint
-    python export.py output_dir exported/jit-b16-diffusers --format diffusers         # diffusers' JiTTransformer2DModel layout
-    python export.py exported/jit-b16 exported/jit-b16-diffusers --format diffusers   # convert an exported folder
+    python export.py output_dir/checkpoint-last.pth exported/jit-b16                 # EMA 1, float32
+    python export.py output_dir exported/jit-b16-bf16 --ema 2 --dtype bfloat16       # a run folder: newest checkpoint
+    python export.py output_dir exported/jit-b16-diffusers --format diffusers        # diffusers' JiTTransformer2DModel
+    python export.py exported/jit-b16 exported/jit-b16-diffusers --format diffusers  # convert an exported folder
 
 The recommended sampler in config.json is the best point of the run's sweep when metrics.jsonl
 (beside the checkpoint, or --metrics) has one, else the training flags. Exit status: 0 done, 2 bad
@@ -112,7 +112,8 @@ def main(args) -> list[str]:
     )
     smp = config["sampler"]
     print(
-        f"recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, CFG {smp['cfg']} in "
+        f"recommended sampler: {smp['method']}, {smp['steps']} steps, {smp.get('schedule') or 'uniform'} schedule, "
+        f"CFG {smp['cfg']} in "
         f"({smp['interval_min']}, {smp['interval_max']}), {smp.get('chosen_by', '')}"
     )
     return paths

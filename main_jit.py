@@ -19,30 +19,20 @@ import numpy as np
 import torch
 
 import run_sources
-from denoiser import CONVERSIONS, EMA, Denoiser
-from engine_jit import (
-    EMAWeights,
-    Evaluation,
-    LoopConfig,
-    PostHocWeights,
-    RunIO,
-    StepParts,
-    StopRun,
-    StopSignal,
-    build_optimizer,
-    compile_fsdp_blocks,
-    evaluate,
-    train_one_epoch,
-)
+from denoiser import CONVERSIONS, Denoiser
+from engine_eval import EMAWeights, Evaluation, PostHocWeights, evaluate
+from engine_jit import LoopConfig, RunIO, StepParts, build_optimizer, compile_fsdp_blocks, train_one_epoch
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-from util import distributed, grid, phema, phema_files, phema_run, report, runlock, sharding, sweep
+from util import distributed, grid, phema_files, phema_run, report, runlock, sharding, sweep
 from util.checkpoint import Checkpointer, Start, check_objective, match_emas, remove_stale_temporaries
 from util.config import RunConfig, parse
 from util.data import Data, build_data
 from util.demo import write_demo_outputs
+from util.ema import EMA, PowerEMA
 from util.errors import BadValue, exit_code
 from util.evaluation import scoring
 from util.logger import RunLog, hms
+from util.stop import StopRun, StopSignal
 from weights import DENOISER_DEFAULTS
 
 DEMO_DEFAULTS = dict(
@@ -156,13 +146,15 @@ def get_args_parser():
         "--t_eps",
         default=DENOISER_DEFAULTS["t_eps"],
         type=float,
-        help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our choice)",
+        help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our "
+        "choice)",
     )
     a(
         "--pred",
         default=DENOISER_DEFAULTS["pred"],
         choices=tuple(CONVERSIONS),
-        help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = x - eps (paper Table 2)",
+        help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = "
+        "x - eps (paper Table 2)",
     )
     a(
         "--loss",
@@ -207,7 +199,8 @@ def get_args_parser():
         default=None,
         type=float,
         nargs="+",
-        help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default",
+        help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, "
+        "each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default",
     )
     a(
         "--phema_every",
@@ -219,7 +212,8 @@ def get_args_parser():
         "--phema_from",
         default=None,
         type=int,
-        help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's last step always writes them",
+        help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's "
+        "last step always writes them",
     )
     a(
         "--phema_dtype",
@@ -242,20 +236,23 @@ def get_args_parser():
     a(
         "--phema",
         default=None,
-        help="with --evaluate_gen, instead of --resume: evaluate post-hoc EMAs reconstructed from this folder of snapshots (a run's output_dir/phema)",
+        help="with --evaluate_gen, instead of --resume: evaluate post-hoc EMAs reconstructed from this folder of "
+        "snapshots (a run's output_dir/phema)",
     )
     a(
         "--ema_std",
         default=None,
         type=float,
         nargs="+",
-        help="with --phema: the relative standard deviations σ_rel of the post-hoc EMAs to evaluate; several values: a sweep",
+        help="with --phema: the relative standard deviations σ_rel of the post-hoc EMAs to evaluate; several values: "
+        "a sweep",
     )
     a(
         "--phema_at",
         default=None,
         type=int,
-        help="with --phema: reconstruct at this optimiser step, from the snapshots at or before it (default: the newest snapshot's step)",
+        help="with --phema: reconstruct at this optimiser step, from the snapshots at or before it (default: the "
+        "newest snapshot's step)",
     )
     a(
         "--final_num_images",
@@ -283,7 +280,8 @@ def get_args_parser():
         "--sample_every",
         default=5,
         type=int,
-        help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples and TensorBoard after every N epochs and the last; 0: none",
+        help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples "
+        "and TensorBoard after every N epochs and the last; 0: none",
     )
     a(
         "--sample_classes",
@@ -316,12 +314,15 @@ def get_args_parser():
     a(
         "--resume",
         default="",
-        help="checkpoint file, or folder to resume from (newest readable checkpoint); with --evaluate_gen also an exported folder (export.py)",
+        help="checkpoint file, or folder to resume from (newest readable checkpoint); with --evaluate_gen also an "
+        "exported folder (export.py)",
     )
     a(
         "--init_from",
         default=None,
-        help="start a new run from these weights (checkpoint file, run folder or exported folder): the model and every EMA, a fresh optimizer, epoch 0; another --class_num or --img_size adapts the label / position embeddings",
+        help="start a new run from these weights (checkpoint file, run folder or exported folder): the model and "
+        "every EMA, a fresh optimizer, epoch 0; another --class_num or --img_size adapts the label / position "
+        "embeddings",
     )
     a(
         "--init_ema",
@@ -364,7 +365,8 @@ def get_args_parser():
         "--dist_timeout",
         default=30.0,
         type=float,
-        help="minutes a process waits in a collective (a barrier, or while rank 0 writes a checkpoint) before the run fails",
+        help="minutes a process waits in a collective (a barrier, or while rank 0 writes a checkpoint) before the "
+        "run fails",
     )
     return p
 
@@ -477,12 +479,12 @@ def build_model(config, device):
     denoiser = build_denoiser(config, device)
     decays = [d for d in (config.ema_decay1, config.ema_decay2, config.ema_decay3) if d is not None]
     if config.fsdp:  # each copy of the unsharded denoiser is sharded with its plan as it is made
-        emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=False) for d in decays]
-        phemas = [phema.PowerEMA(denoiser, s, sharded=True) for s in config.phema_stds]
+        emas = [EMA(denoiser, d, sharded=True) for d in decays]
+        phemas = [PowerEMA(denoiser, s, sharded=True) for s in config.phema_stds]
         sharding.shard(denoiser, mixed_precision=False)
     else:
         emas = [EMA(denoiser, d) for d in decays]
-        phemas = [phema.PowerEMA(denoiser, s) for s in config.phema_stds]
+        phemas = [PowerEMA(denoiser, s) for s in config.phema_stds]
     optimizer = build_optimizer(denoiser, config.lr, config.weight_decay)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     distributed.print0(
@@ -750,7 +752,8 @@ def cli(argv=None) -> int:
             raise
         print(
             f"error: rank {distributed.get_rank()}: {str(e).splitlines()[0][:300]} (another process is stuck or gone; "
-            f"--dist_timeout is {args.dist_timeout} min); rerun the same command to continue from the newest checkpoint",
+            f"--dist_timeout is {args.dist_timeout} min); rerun the same command to continue from the newest "
+            "checkpoint",
             file=sys.stderr,
             flush=True,
         )

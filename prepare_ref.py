@@ -7,7 +7,8 @@
         --stats fid_stats/jit_in256_stats.npz
 
 Images are read from {data_path}/train (an ImageFolder tree) in its sorted order, center-cropped
-like training (or from an image store made by prepare_data.py, which holds those crops), and either written as {index}.png or fed in memory to torch-fidelity's Inception;
+like training (or from an image store made by prepare_data.py, which holds those crops), and either
+written as {index}.png or fed in memory to torch-fidelity's Inception;
 the statistics equal torch-fidelity's on the PNG folder. Rank 0 holds all pool features
 (1.28M × 2048 float32 = 10.5 GB for ImageNet, ~32 GB peak while computing the covariance).
 """
@@ -82,7 +83,9 @@ def main(args):
         if args.png_dir:
             for img in images:
                 pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-                atomic_write(os.path.join(args.png_dir, f"{index:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
+                atomic_write(
+                    os.path.join(args.png_dir, f"{index:0{width}d}.png"), lambda f, pil=pil: pil.save(f, format="PNG")
+                )
                 index += 1
         if inception is not None:
             features.append(inception.features(images)[:, : fid.FEATURE_DIM].contiguous())

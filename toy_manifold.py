@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from denoiser import Denoiser, SamplerSettings
+from denoiser import Denoiser
+from sampling import SamplerSettings
 
 PREDS = ("x", "eps", "v")
 DIMS = (2, 8, 16, 512)

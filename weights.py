@@ -29,7 +29,7 @@ from typing import NamedTuple
 import safetensors.torch
 import torch
 
-from denoiser import Denoiser, SamplerSettings
+from denoiser import Denoiser
 from model_jit_adapters import (
     DIFFUSERS_CLASS,
     DIFFUSERS_CONFIG,
@@ -48,6 +48,7 @@ from model_jit_adapters import (
     strip_net,
     to_diffusers,
 )
+from sampling import SamplerSettings
 from util import checkpoint, files
 from util import config as run_config
 from util.checkpoint import CheckpointError
@@ -345,11 +346,13 @@ label drop $label_drop_prob, prediction $pred, loss on $loss
 
 $assumed$training## Sampling and evaluation
 
-Recommended sampler: $method, $steps steps, $schedule schedule, CFG $cfg for t in ($interval_min, $interval_max), chosen by $chosen_by.
+Recommended sampler: $method, $steps steps, $schedule schedule, CFG $cfg for t in ($interval_min, $interval_max), \
+chosen by $chosen_by.
 
 $records## Use
 
-With the JiT repository this folder came from (`--resume` takes the folder; the model, sampler and class count come from `config.json`):
+With the JiT repository this folder came from (`--resume` takes the folder; the model, sampler and class count \
+come from `config.json`):
 ```
 python sample.py --resume FOLDER --classes 0 1 2 --per_class 8 --output grid.png
 python main_jit.py --resume FOLDER --evaluate_gen --num_images 50000 --output_dir eval
@@ -378,7 +381,10 @@ from diffusers import JiTTransformer2DModel
 model = JiTTransformer2DModel.from_pretrained("USER/REPO")  # or the local folder
 x_hat = model(hidden_states=z, timestep=t, class_labels=y).sample  # t: flow time in [0, 1]
 ```"""
-CARD_JIT = "For diffusers (its JiT port, huggingface/diffusers PR #13098), export with `python export.py ... --format diffusers`."
+CARD_JIT = (
+    "For diffusers (its JiT port, huggingface/diffusers PR #13098), export with "
+    "`python export.py ... --format diffusers`."
+)
 
 
 def model_card(config: dict, fmt: str = FORMAT) -> str:
@@ -400,7 +406,8 @@ def model_card(config: dict, fmt: str = FORMAT) -> str:
     seen = f", {w['images_seen']:,} images seen" if w.get("images_seen") else ""
     params = f"{w['num_parameters'] / 1e6:.1f}M parameters, " if w.get("num_parameters") else ""
     assumed = (
-        "The denoiser and sampler settings are the defaults: the folder these weights came from did not record them.\n\n"
+        "The denoiser and sampler settings are the defaults: the folder these weights came from did not record "
+        "them.\n\n"
         if any(k in config.get("assumed", ()) for k in ("denoiser", "sampler"))
         else ""
     )
@@ -422,14 +429,14 @@ def model_card(config: dict, fmt: str = FORMAT) -> str:
         rows = [
             f"| {_num(r.get('checkpoint_epoch'))} | {r.get('method')} | {r.get('steps')} | {r.get('cfg')} | "
             f"({r.get('interval_min')}, {r.get('interval_max')}) | {r.get('num_images')} | {_num(r['fid'])} | "
-            f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | {r.get('fid_stats') or ''} |"
+            f"{_num(r.get('inception_score'), 2)} ± {_num(r.get('inception_score_std'), 2)} | "
+            f"{r.get('fid_stats') or ''} |"
             for r in sorted(records, key=lambda r: (-(r.get("checkpoint_epoch") or 0), r["fid"]))
         ]
         records_text = (
             "FID / Inception Score of these weights' EMA in the run's `metrics.jsonl` (best first):\n\n"
-            "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats |\n|---|---|---|---|---|---|---|---|---|\n"
-            + "\n".join(rows)
-            + "\n\n"
+            "| epoch | method | steps | CFG | interval | images | FID | IS | reference stats "
+            "|\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         )
     else:
         records_text = "No FID / IS records of these weights were found in the run's `metrics.jsonl`.\n\n"

@@ -27,10 +27,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
-from engine_jit import StepParts, build_optimizer, compile_sampling_net, train_step  # noqa: E402
+from denoiser import Denoiser  # noqa: E402
+from engine_eval import compile_sampling_net  # noqa: E402
+from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
+from sampling import SamplerSettings  # noqa: E402
 from util import distributed  # noqa: E402
+from util.ema import EMA  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import quantize  # noqa: E402
 
@@ -317,7 +320,8 @@ def main(argv=None):
     }
     env = out["env"]
     print(
-        f"{args.model} at {args.img_size}px: {params / 1e6:.1f}M parameters, {fwd_flops / 1e9:.2f} GFLOPs/image forward; "
+        f"{args.model} at {args.img_size}px: {params / 1e6:.1f}M parameters, {fwd_flops / 1e9:.2f} GFLOPs/image "
+        "forward; "
         f"{env['gpu'] or env['device']}, torch {env['torch']}, compile {args.compile}, attention {args.attn_impl}",
         flush=True,
     )
@@ -331,15 +335,18 @@ def main(argv=None):
     if not args.skip_sample:
         r = out["sample"] = bench_sample(args, device, fwd_flops)
         print(
-            f"sample (batch {args.sample_batch}, {args.sample_steps}-step Heun, cfg {args.cfg}): {r['img_per_s']:.2f} img/s, "
-            f"{r['batch_s']:.2f} s/batch, peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net passes/image, "
+            f"sample (batch {args.sample_batch}, {args.sample_steps}-step Heun, cfg {args.cfg}): "
+            f"{r['img_per_s']:.2f} img/s, "
+            f"{r['batch_s']:.2f} s/batch, peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net "
+            "passes/image, "
             f"{r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}",
             flush=True,
         )
     if args.parity:
         r = out["parity"] = bench_parity(args, device)
         print(
-            f"parity vs float32 reference attention: loss {r['loss']:.6f} vs {r['loss_ref']:.6f} (rel {r['loss_rel_diff']:.2e}); "
+            f"parity vs float32 reference attention: loss {r['loss']:.6f} vs {r['loss_ref']:.6f} (rel "
+            f"{r['loss_rel_diff']:.2e}); "
             f"{r['images']} samples of {r['steps']} steps: max |diff| {r['sample_max_abs_diff']:.2e}, "
             f"rel L2 {r['sample_rel_l2']:.2e}, uint8 changed {r['uint8_frac_changed']:.2%} (max {r['uint8_max_diff']})",
             flush=True,

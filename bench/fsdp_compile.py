@@ -80,7 +80,8 @@ def main():
             after_warmup = counters["stats"]["unique_graphs"]
     breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     distributed.print0(
-        f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {graphs} graphs ({sum(dynamic)} with dynamic shapes), "
+        f"mode {args.mode}, grad_checkpoint {args.grad_checkpoint}: {graphs} graphs ({sum(dynamic)} with dynamic "
+        "shapes), "
         f"{sum(breaks.values())} graph breaks, {graphs - after_warmup} graphs after step 2"
     )
     for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:

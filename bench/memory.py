@@ -329,7 +329,8 @@ def table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = F
     """The README table: per-GPU GiB for TABLE's models, DDP and FSDP, without and with checkpointing."""
     act = "compiled" if compiled else "eager"
     rows = [
-        f"| model | px | batch/GPU | params | state DDP | state FSDP | activations {act} (ckpt) | DDP | DDP + ckpt | FSDP | FSDP + ckpt |",
+        f"| model | px | batch/GPU | params | state DDP | state FSDP | activations {act} (ckpt) | DDP | DDP + ckpt | "
+        "FSDP | FSDP + ckpt |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, size, batch in TABLE:
@@ -356,7 +357,8 @@ def table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = F
             for x in e.values()
         ]
         rows.append(
-            f"| {model} | {size} | {batch} | {ddp['params'] / 1e6:.1f}M | {(ddp['state'] + ddp.get('ddp_buckets', 0)) / GiB:.1f} | "
+            f"| {model} | {size} | {batch} | {ddp['params'] / 1e6:.1f}M | "
+            f"{(ddp['state'] + ddp.get('ddp_buckets', 0)) / GiB:.1f} | "
             f"{(fsdp['state'] + fsdp['fsdp_gathered']) / GiB:.1f} | {acts[0] / GiB:.1f} ({acts[1] / GiB:.1f}) | "
             + " | ".join(cells)
             + " |"
@@ -423,11 +425,13 @@ def main(argv=None):
             print(f"  {label:36s} {e[key] / GiB:8.2f} GiB")
     print(f"  {'total':36s} {e['total'] / GiB:8.2f} GiB  (+ ~{HEADROOM_GIB:.0f} GiB context / workspaces)")
     print(
-        f"  {'peak while building the EMAs':36s} {e['build_peak'] / GiB:8.2f} GiB  (before training; each copy sharded as it is made)"
+        f"  {'peak while building the EMAs':36s} {e['build_peak'] / GiB:8.2f} GiB  (before training; each copy "
+        "sharded as it is made)"
     )
     if "build_peak_unsharded_copies" in e and args.phema_stds:
         print(
-            f"  {'  with the power EMAs copied whole':36s} {e['build_peak_unsharded_copies'] / GiB:8.2f} GiB  (how main_jit built them before)"
+            f"  {'  with the power EMAs copied whole':36s} {e['build_peak_unsharded_copies'] / GiB:8.2f} GiB  (how "
+            "main_jit built them before)"
         )
     for k, ok in e["fits"].items():
         print(f"  fits a {k} GPU ({CAPACITY_GIB[k]} GiB): {'yes' if ok else 'no'}")

@@ -21,10 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from denoiser import EMA, Denoiser, SamplerSettings  # noqa: E402
+from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
+from sampling import SamplerSettings  # noqa: E402
 from util import grid  # noqa: E402
+from util.ema import EMA  # noqa: E402
 
 
 def get_args():
@@ -196,7 +198,8 @@ def main():
         "epoch_s": epoch_s,
         "per_t_loss_s_per_epoch": per_t,
         "per_t_loss_pct": 100 * per_t / epoch_s,
-        "grid": f"{len(classes)} × {spec.per_class}, {spec.sampler.method} {spec.sampler.steps} steps, cfg {spec.sampler.cfg}",
+        "grid": f"{len(classes)} × {spec.per_class}, {spec.sampler.method} {spec.sampler.steps} steps, cfg "
+        f"{spec.sampler.cfg}",
         "grid_images_per_rank": len(rank_share),
         "grid_s": grid_s,
         "sample_every": args.sample_every,

@@ -36,9 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import reconstruct_ema  # noqa: E402
-from denoiser import EMA, Denoiser  # noqa: E402
+from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from util import checkpoint, phema, phema_files  # noqa: E402
+from util.ema import EMA, PowerEMA, lerp_together_  # noqa: E402
 from util.files import human_bytes  # noqa: E402
 
 # ImageNet 600 epochs at a global batch of 1024, and the defaults chosen from this benchmark.
@@ -79,7 +80,7 @@ def train(steps: int, finest: int, start: int, log=print) -> dict:
     net = JiT_models["JiT-XS/4"](input_size=16, num_classes=3)
     model = Denoiser(net, num_classes=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    power = {s: phema.PowerEMA(model, s) for s in SNAPSHOT_STDS + DIRECT_STDS}
+    power = {s: PowerEMA(model, s) for s in SNAPSHOT_STDS + DIRECT_STDS}
     decays = [equivalent_decay(d, steps) for d in PAPER_DECAYS]
     classic = {d: EMA(model, d) for d in decays}
     g = torch.Generator().manual_seed(0)
@@ -94,7 +95,7 @@ def train(steps: int, finest: int, start: int, log=print) -> dict:
         images = step * BATCH
         targets = [e.tensors() for e in power.values()] + [list(e.module.parameters()) for e in classic.values()]
         weights = [e.weight(images, BATCH) for e in power.values()] + [1 - d for d in decays]
-        phema.lerp_together_(targets, list(model.parameters()), weights)
+        lerp_together_(targets, list(model.parameters()), weights)
         if step >= start and step % finest == 0:
             for s in SNAPSHOT_STDS:
                 snapshots[s][step] = flat(power[s].module)
@@ -264,7 +265,8 @@ def print_tables(result: dict):
         )
         cells = " | ".join(f"{c['error']:.1e} ({c['fit_error']:.0e})" for c in row["spacing"].values())
         print(
-            f"| {name} | {', '.join(f'{s:g}' for s in row['from'])} | {cells} | {row['error_float16']:.1e} ({row['error_float16_of_weights']:.0e} of ‖w‖) |"
+            f"| {name} | {', '.join(f'{s:g}' for s in row['from'])} | {cells} | {row['error_float16']:.1e} "
+            f"({row['error_float16_of_weights']:.0e} of ‖w‖) |"
         )
     a = result["own_profile"]
     print(
@@ -285,7 +287,8 @@ def print_tables(result: dict):
             + " |"
         )
     print(
-        f"\nDisk, every {DEFAULT_EVERY} steps from step {DEFAULT_FROM} to {IMAGENET_STEPS} ({len(SNAPSHOT_STDS)} profiles)"
+        f"\nDisk, every {DEFAULT_EVERY} steps from step {DEFAULT_FROM} to {IMAGENET_STEPS} ({len(SNAPSHOT_STDS)} "
+        "profiles)"
     )
     print("| model | parameters | files | float16 | float32 |")
     print("|---|---|---|---|---|")

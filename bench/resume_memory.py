@@ -1,8 +1,8 @@
 """Host memory of starting from a checkpoint: each rank's peak anonymous memory (RssAnon) during a
 2-process `main_jit.py --dry_run`, with the checkpoint and without it.
 
-    python bench/resume_memory.py                                   # JiT-B/16 (a 2.4 GiB checkpoint), --resume and --init_from
-    python bench/resume_memory.py --model JiT-T/4 --img_size 16     # quick (a 30 MB checkpoint)
+    python bench/resume_memory.py                                # JiT-B/16 (2.4 GiB checkpoint): --resume, --init_from
+    python bench/resume_memory.py --model JiT-T/4 --img_size 16  # quick (a 30 MB checkpoint)
 
 Trains one optimiser step of --model on a few generated images in one process (the checkpoint:
 model, two EMAs, AdamW's two moments; --phema_stds adds power EMAs), then starts the same
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         "beyond_adamw_over_checkpoint": {},
     }
     print(
-        f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of it; "
+        f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of "
+        "it; "
         f"{args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms"
     )
     print(

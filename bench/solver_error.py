@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import run_sources  # noqa: E402
 import weights  # noqa: E402
-from denoiser import METHODS, SamplerSettings  # noqa: E402
+from sampling import METHODS, SamplerSettings  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import initial_noise, quantize  # noqa: E402
 
@@ -178,7 +178,8 @@ def main(args) -> int:
         "rmse_of_half_the_steps": rmse(half, ref),
     }
     print(
-        f"reference: heun {args.ref_steps} steps ({ref_settings.nfe()} NFE); heun {args.ref_steps // 2} steps differs by "
+        f"reference: heun {args.ref_steps} steps ({ref_settings.nfe()} NFE); heun {args.ref_steps // 2} steps "
+        "differs by "
         f"{results['reference']['rmse_of_half_the_steps']:.3f} levels",
         flush=True,
     )
@@ -200,7 +201,8 @@ def main(args) -> int:
         )
         results["rows"].append(row)
         print(
-            f"{row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: RMSE {row['rmse']:6.3f} levels, "
+            f"{row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: RMSE "
+            f"{row['rmse']:6.3f} levels, "
             f"{row['seconds_per_image'] * 1e3:.1f} ms/image",
             flush=True,
         )
@@ -235,7 +237,8 @@ def main(args) -> int:
             )
             results["fd"].append(row)
             print(
-                f"FD {row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: {row['fd']:.5f} "
+                f"FD {row['method']:8s} {row['schedule']:9s} steps {row['steps']:3d} NFE {row['nfe']:3d}: "
+                f"{row['fd']:.5f} "
                 f"(seeds {', '.join(f'{x:.5f}' for x in fds)})",
                 flush=True,
             )

@@ -1,7 +1,7 @@
 """Run under torchrun (CPU, gloo) by test_evaluation.py: generate and evaluate with the tiny denoiser.
 
 Writes to --out (rank 0): the gathered images of the real network at --gen_bsz, the gathered images
-of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's engine_jit.evaluate() record.
+of its batch-invariant per-image wrapper at --gen_bsz_per_sample, and every rank's engine_eval.evaluate() record.
 Prints every rank's thread count before joining the process group and after leaving it.
 """
 
@@ -12,8 +12,8 @@ import time
 import torch
 from helpers import TINY_MODEL, PerSample, evaluation_of, generated, tiny_denoiser
 
-from denoiser import SamplerSettings
-from engine_jit import evaluate
+from engine_eval import evaluate
+from sampling import SamplerSettings
 from util import distributed
 from util.evaluation import GenerationSpec, Scorer, gather_rows
 from util.logger import RunLog

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from denoiser import EMA, Denoiser  # noqa: E402
+from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
+from util.ema import EMA  # noqa: E402
 
 # The keys of a checkpoint the reference release writes (and reads).
 REF_KEYS = {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
@@ -122,8 +123,8 @@ def generated(denoiser, spec, net=None) -> torch.Tensor:
 
 
 def evaluation_of(denoiser, spec, scorer, log, output_dir, save_images: bool = False):
-    """An engine_jit.Evaluation that scores `denoiser` (as EMA 1) at spec's sampler and image count."""
-    from engine_jit import EMAWeights, Evaluation
+    """An engine_eval.Evaluation that scores `denoiser` (as EMA 1) at spec's sampler and image count."""
+    from engine_eval import EMAWeights, Evaluation
     from util.sweep import Point
 
     samplers = EMAWeights([EMA(denoiser, 0.0)], torch.device("cpu"), make_denoiser=None, compile_net=False)

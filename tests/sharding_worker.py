@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from denoiser import EMA, Denoiser  # noqa: E402
+from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from util import (
     distributed,  # noqa: E402
     sharding,  # noqa: E402
 )
+from util.ema import EMA  # noqa: E402
 
 STEPS, ACCUM, MICRO = 3, 2, 2  # optimiser steps, micro-batches per step, images per micro-batch
 DECAYS = (0.9, 0.8)  # fast EMAs, so that their differences show after 3 steps
@@ -71,7 +72,7 @@ def build_ddp(denoiser) -> StepParts:
 
 
 def build_fsdp(denoiser, mixed_precision=False) -> StepParts:
-    emas = [sharding.ShardedEMA(denoiser, d, mixed_precision=mixed_precision) for d in DECAYS]
+    emas = [EMA(denoiser, d, sharded=True, mixed_precision=mixed_precision) for d in DECAYS]
     sharding.shard(denoiser, mixed_precision=mixed_precision)
     return StepParts(denoiser, denoiser, build_optimizer(denoiser, LR, 0.01), emas, torch.device("cpu"))
 

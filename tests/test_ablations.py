@@ -11,9 +11,10 @@ import torch
 from helpers import TINY, TINY_MODEL, make_image_folder, run_script
 
 import main_jit
-from denoiser import CONVERSIONS, TRUTHS, Denoiser, SamplerSettings, velocity
+from denoiser import CONVERSIONS, TRUTHS, Denoiser, velocity
 from engine_jit import build_optimizer
 from model_jit import ARCH_KNOBS, JiT_models
+from sampling import SamplerSettings
 
 SPACES = tuple(CONVERSIONS)
 CPU = torch.device("cpu")

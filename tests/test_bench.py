@@ -9,8 +9,8 @@ import torch
 from helpers import ROOT, run_script
 from torch.utils.flop_counter import FlopCounterMode
 
-from denoiser import SamplerSettings, sample
 from model_jit import JiT_models
+from sampling import SamplerSettings, sample
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_data  # noqa: E402

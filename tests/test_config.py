@@ -11,8 +11,9 @@ from helpers import TINY, tiny_denoiser
 
 import main_jit
 from util import checkpoint as ckpt_util
-from util import phema, phema_files
+from util import phema_files
 from util.config import DERIVED, merge, parse, sections_of
+from util.ema import PowerEMA
 from util.errors import BadValue
 
 
@@ -133,7 +134,7 @@ def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
     """Seam bug 4: each snapshot records its run; reconstruction uses the run that wrote the newest
     file and names the others, which no longer set the default point."""
     model = tiny_denoiser()
-    ema = phema.PowerEMA(model, 0.1)
+    ema = PowerEMA(model, 0.1)
     folder = str(tmp_path / "phema")
     stale = phema_files.write_snapshot(
         folder,

@@ -7,21 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from denoiser import (
-    CONVERSIONS,
-    EMA,
-    METHODS,
-    MULTISTEP,
-    SAMPLERS,
-    TRUTHS,
-    Denoiser,
-    SamplerSettings,
-    cfg_scale_at,
-    sample,
-    schedule_warp,
-    time_grid,
-)
+from denoiser import CONVERSIONS, TRUTHS, Denoiser
 from model_jit import JiT, JiT_models
+from sampling import METHODS, MULTISTEP, SAMPLERS, SamplerSettings, cfg_scale_at, sample, schedule_warp, time_grid
+from util.ema import EMA
 
 
 def golden_denoiser(golden):
@@ -357,7 +346,7 @@ def test_multistep_solvers_take_the_velocity_of_eps_and_v_networks_through_the_c
         eps_net = GuidedGaussian(pred="eps")
         eps = sample(eps_net, z0, y, s, null_label=1, t_eps=1e-3, pred="eps")
 
-        def as_x(z, t, y_):  # the x̂ of the ε-network's velocity field
+        def as_x(z, t, y_, eps_net=eps_net):  # the x̂ of the ε-network's velocity field
             t = t.view(-1, 1, 1, 1)
             return z + (1 - t).clamp_min(1e-3) * CONVERSIONS["eps"]["v"](eps_net(z, t.flatten(), y_), z, t, 1e-3)
 

@@ -20,7 +20,7 @@ from helpers import (
 )
 from PIL import Image
 
-from denoiser import SamplerSettings
+from sampling import SamplerSettings
 from util.evaluation import (
     GenerationSpec,
     class_labels,

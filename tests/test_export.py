@@ -17,8 +17,9 @@ import export
 import model_jit_adapters
 import run_sources
 import weights
-from denoiser import Denoiser, SamplerSettings
+from denoiser import Denoiser
 from model_jit import JiT_models
+from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import files, phema_files
 from util.config import parse
@@ -437,7 +438,7 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
     ):
         bad = copy_of_export(name)
         safetensors.torch.save_file(change, os.path.join(bad, "model.safetensors"))
-        errors.append(capture(lambda: weights.load_exported(bad)))
+        errors.append(capture(lambda bad=bad: weights.load_exported(bad)))
     bad = copy_of_export("shape")
     config = json.load(open(os.path.join(bad, "config.json")))
     config["network"]["num_classes"] = 4
@@ -452,8 +453,8 @@ def test_bad_inputs_are_one_line_errors(run, exported, tmp_path, capsys):
         and "missing tensor net.final_layer.linear.bias" in errors[2]
     )
     assert (
-        "net.y_embedder.embedding_table.weight has shape [4, 64] but the network of its config (JiT-XS/4 at 16 px, 4 classes) needs [5, 64]"
-        in errors[3]
+        "net.y_embedder.embedding_table.weight has shape [4, 64] but the network of its config (JiT-XS/4 at 16 px, 4 "
+        "classes) needs [5, 64]" in errors[3]
     )
     assert "cannot read" in errors[4] and "config.json" in errors[4]
 

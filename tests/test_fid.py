@@ -12,8 +12,8 @@ import torch
 import torch_fidelity
 from helpers import TINY_MODEL, evaluation_of, make_image_folder, read_metrics, run_script, tiny_denoiser
 
-from denoiser import SamplerSettings
-from engine_jit import evaluate
+from engine_eval import evaluate
+from sampling import SamplerSettings
 from util import fid
 from util.evaluation import GenerationSpec, Scorer, image_folder_name
 from util.logger import RunLog

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import TINY_MODEL, tiny_denoiser
 
-from denoiser import EMA
 from engine_jit import build_optimizer
 from util import checkpoint
+from util.ema import EMA
 
 
 def rss_anon() -> int:
@@ -121,8 +121,8 @@ def test_an_evaluation_during_training_frees_the_gathered_copies_of_sharded_emas
     sees it."""
     import torch.distributed as dist
 
-    from denoiser import SamplerSettings
-    from engine_jit import EMAWeights, Evaluation, evaluate
+    from engine_eval import EMAWeights, Evaluation, evaluate
+    from sampling import SamplerSettings
     from util import sharding
     from util.evaluation import GenerationSpec
     from util.sweep import Point
@@ -130,7 +130,7 @@ def test_an_evaluation_during_training_frees_the_gathered_copies_of_sharded_emas
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         denoiser = tiny_denoiser()
-        emas = [sharding.ShardedEMA(denoiser, 0.99)]
+        emas = [EMA(denoiser, 0.99, sharded=True)]
         sharding.shard(denoiser, mixed_precision=False)
         net_bytes = sum(p.numel() * 4 for p in tiny_denoiser().parameters())
         spec = GenerationSpec(

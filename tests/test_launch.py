@@ -266,12 +266,12 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
 def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_new_sigma(monkeypatch, rank):
     """Rank 0 reconstructs while the others wait at a control-group barrier (bounded by --dist_timeout,
     unlike a wait in an NCCL broadcast): every rank passes the same barriers, also when asked again."""
-    import engine_jit
+    import engine_eval
 
     calls, barriers = [], []
-    monkeypatch.setattr(engine_jit.distributed, "is_main_process", lambda: rank == 0)
-    monkeypatch.setattr(engine_jit.distributed, "barrier", lambda: barriers.append(len(calls)))
-    samplers = engine_jit.PostHocWeights(
+    monkeypatch.setattr(engine_eval.distributed, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(engine_eval.distributed, "barrier", lambda: barriers.append(len(calls)))
+    samplers = engine_eval.PostHocWeights(
         torch.nn.Module(),
         lambda stds: calls.append(stds) or {s: {} for s in stds},
         torch.device("cpu"),

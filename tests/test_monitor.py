@@ -21,8 +21,8 @@ import engine_jit
 import main_jit
 import report
 import sample
-from denoiser import SamplerSettings
 from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, train_step
+from sampling import SamplerSettings
 from util import grid
 from util import report as R
 from util.errors import BadValue, exit_code
@@ -298,11 +298,13 @@ def test_smoothing_is_the_debiased_exponential_average():
 
 CHECK = """<script>
 window.__errors = [];
-window.addEventListener("error", e => window.__errors.push(String(e.message || (e.target && e.target.src) || "error")), true);
+window.addEventListener("error",
+  e => window.__errors.push(String(e.message || (e.target && e.target.src) || "error")), true);
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
-  document.body.setAttribute("data-check", JSON.stringify({images: images.length, broken: broken, errors: window.__errors}));
+  const check = {images: images.length, broken: broken, errors: window.__errors};
+  document.body.setAttribute("data-check", JSON.stringify(check));
 });
 </script>"""
 
@@ -310,8 +312,7 @@ window.addEventListener("load", () => {
 def chromium(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         timeout=timeout,
     )

@@ -14,8 +14,8 @@ from scipy import integrate, optimize
 
 import reconstruct_ema
 import sample
-from denoiser import EMA
 from util import checkpoint, phema, phema_files
+from util.ema import EMA, PowerEMA, lerp_together_
 
 
 def power_density(tau, end, gamma):
@@ -89,7 +89,7 @@ def test_power_ema_equals_explicit_weighted_average_of_stored_weights(batches):
     """The tracked EMA after step n equals Σ_k θ_k ∫_{t_{k-1}}^{t_k} p_n(τ) dτ, the profile integrated by
     quadrature over each step's interval of images."""
     theta = toy_trajectory(len(batches))
-    ema = phema.PowerEMA(start_module(theta), sigma_rel=0.15)
+    ema = PowerEMA(start_module(theta), sigma_rel=0.15)
     model = track(theta, batches, [ema])
     edges = np.concatenate([[0], np.cumsum(batches)]).astype(np.float64)
     w = [
@@ -110,8 +110,8 @@ def test_first_update_copies_the_weights_and_weight_is_eq_127():
 
 def test_fused_update_equals_separate_updates_bit_for_bit():
     model = tiny_denoiser()
-    a = [phema.PowerEMA(model, 0.01), phema.PowerEMA(model, 0.1)]
-    b = [phema.PowerEMA(model, 0.01), phema.PowerEMA(model, 0.1)]
+    a = [PowerEMA(model, 0.01), PowerEMA(model, 0.1)]
+    b = [PowerEMA(model, 0.01), PowerEMA(model, 0.1)]
     classic_a, classic_b = EMA(model, 0.999), EMA(model, 0.999)
     for step in range(1, 4):
         with torch.no_grad():
@@ -123,7 +123,7 @@ def test_fused_update_equals_separate_updates_bit_for_bit():
         classic_a.update(model)
         targets = [e.tensors() for e in b] + [list(classic_b.module.parameters())]
         weights = [e.weight(images, 16) for e in b] + [1 - classic_b.decay]
-        phema.lerp_together_(targets, list(model.parameters()), weights)
+        lerp_together_(targets, list(model.parameters()), weights)
     for x, y in zip(a + [classic_a], b + [classic_b]):
         for k, v in x.state_dict().items():
             assert torch.equal(v, y.state_dict()[k]), k
@@ -146,7 +146,7 @@ def test_power_inner_product_matches_quadrature(t_a, g_a, t_b, g_b):
 
 
 def test_classic_ema_step_weights_are_what_the_ema_does():
-    """denoiser.EMA over one-hot weights θ_k = e_k (θ_0 = θ_1, the documented approximation) gives back
+    """util.ema.EMA over one-hot weights θ_k = e_k (θ_0 = θ_1, the documented approximation) gives back
     ema_step_weights."""
     n, d = 30, 0.9
     theta = torch.cat([torch.eye(n, dtype=torch.float64)[:1], torch.eye(n, dtype=torch.float64)])  # θ_0, θ_1..θ_n
@@ -169,7 +169,11 @@ def test_classic_ema_inner_products_match_quadrature():
             w[k]
             / batch
             * integrate.quad(
-                lambda t: power_density(t, end_step * batch, gamma), k * batch, (k + 1) * batch, epsabs=0, epsrel=1e-12
+                lambda t, end_step=end_step, gamma=gamma: power_density(t, end_step * batch, gamma),
+                k * batch,
+                (k + 1) * batch,
+                epsabs=0,
+                epsrel=1e-12,
             )[0]
             for k in range(n)
         )
@@ -212,7 +216,7 @@ def write_toy_snapshots(folder, stds=(0.05, 0.15), steps=60, every=10, batch=8, 
     """Train-free run: a tiny denoiser whose weights random-walk for `steps` steps; PowerEMAs for
     `stds` and a snapshot of each every `every` steps. Returns the EMAs at the end and the run args."""
     model = tiny_denoiser()
-    emas = [phema.PowerEMA(model, s) for s in stds]
+    emas = [PowerEMA(model, s) for s in stds]
     args = {"model": "JiT-XS/4", "img_size": 16, "class_num": 3, "batch_size": batch}
     g = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
@@ -418,7 +422,7 @@ def test_a_snapshot_folder_that_cannot_be_made_is_a_write_error(tmp_path):
         )
     writer = phema_files.SnapshotWriter(
         str(blocked),
-        [phema.PowerEMA(model, 0.05)],
+        [PowerEMA(model, 0.05)],
         every=1,
         start=1,
         total=2,

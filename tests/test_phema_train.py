@@ -1,5 +1,5 @@
 """Post-hoc EMA wired into training and evaluation (main_jit.py --phema_stds, --evaluate_gen --phema
---ema_std): the power EMAs of a real run against util.phema.PowerEMA over its weights, resume bit-exact
+--ema_std): the power EMAs of a real run against util.ema.PowerEMA over its weights, resume bit-exact
 with the snapshot series continued, one-line errors, and the σ_rel sweep against reconstruct_ema.py.
 The runs are in this process (tiny JiT, 2 epochs of 6 steps: about 2 s each)."""
 
@@ -17,9 +17,10 @@ from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoi
 import engine_jit
 import main_jit
 import reconstruct_ema
-from denoiser import SamplerSettings
+from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import phema, phema_files, sweep
+from util.ema import PowerEMA
 
 STDS = (0.05, 0.1)
 # 2 epochs of 6 steps, global batch 4: snapshots at steps 5, 10 and 12 (the last).
@@ -59,9 +60,9 @@ def straight(data, tmp_path_factory):
 
 
 def power_ema_over(trajectory, sigma_rel: float, steps: int, batch: int = 4) -> dict:
-    """util.phema.PowerEMA run over the first `steps` weights of the trajectory; its state dict."""
+    """util.ema.PowerEMA run over the first `steps` weights of the trajectory; its state dict."""
     model = tiny_denoiser()
-    ema = phema.PowerEMA(model, sigma_rel)
+    ema = PowerEMA(model, sigma_rel)
     for k, params in enumerate(trajectory[:steps], 1):
         with torch.no_grad():
             for p, v in zip(model.parameters(), params):
@@ -300,7 +301,7 @@ def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_plan_warns_of_a_s
     from util import files
 
     model = tiny_denoiser()
-    emas = [phema.PowerEMA(model, s) for s in STDS]
+    emas = [PowerEMA(model, s) for s in STDS]
     writer = phema_files.SnapshotWriter(
         str(tmp_path / "phema"),
         emas,
@@ -349,7 +350,7 @@ def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
     events = []
     real_deepcopy = copy.deepcopy
 
-    def counting_deepcopy(x, memo=None, _nil=[]):
+    def counting_deepcopy(x, memo=None, _nil=None):
         if isinstance(x, Denoiser):
             events.append(+1)
         return real_deepcopy(x, memo)

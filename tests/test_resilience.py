@@ -14,11 +14,12 @@ import torch
 from helpers import ROOT, TINY, assert_same_state, load_last, make_image_folder, read_metrics, read_until, run_script
 
 import main_jit
-from denoiser import EMA, Denoiser
+from denoiser import Denoiser
 from engine_jit import StepParts, build_optimizer, train_step
 from model_jit import JiT_models
 from util import checkpoint as ckpt_util
 from util import files, logger
+from util.ema import EMA
 from util.logger import RunLog
 
 # 48 images / batch 4 = 12 steps per epoch; JiT-T/4 at 32 px makes a step slow enough (tens of ms)
@@ -112,8 +113,8 @@ def torch_disk_full(real_save=torch.save):
         f.truncate()
         try:
             raise OSError(28, "No space left on device")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from e
 
     return save
 

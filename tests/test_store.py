@@ -162,7 +162,7 @@ def test_items_and_batches_equal_centercropfolder_collated(source, store, huge_p
     for i, flip in [(0, True), (20, False), (7, True)]:
         got, want = ds[(i, flip)], folder[(int(src[i]), flip)]
         assert torch.equal(got[0], want[0]) and got[1:] == want[1:] and type(got[1]) is int
-    for batch in range(4):  # random keys with repeats, spanning all shards
+    for _ in range(4):  # random keys with repeats, spanning all shards
         keys = [(int(i), bool(f)) for i, f in zip(rng.integers(0, len(ds), 12), rng.random(12) < 0.5)]
         got = ds[keys]
         want = default_collate([folder[(int(src[i]), f)] for i, f in keys])
@@ -233,7 +233,7 @@ def test_dataloader_with_batch_sampler_same_batches_for_0_and_2_workers(store):
 
 @pytest.mark.slow
 def test_multiprocess_conversion_is_byte_identical(source, store, tmp_path):
-    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as engine_jit.StopSignal leaves it in this process
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as util.stop.StopSignal leaves it in this process
     try:
         out = convert(source, tmp_path / "mp", workers=2)  # the pool's workers must still end
     finally:

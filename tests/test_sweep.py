@@ -23,10 +23,10 @@ from helpers import (
 from PIL import Image
 
 import main_jit
-from denoiser import SamplerSettings
-from engine_jit import StopSignal
+from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import sweep
+from util.stop import StopSignal
 
 
 @pytest.fixture(scope="module")

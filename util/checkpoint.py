@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from denoiser import EMA
 from util import distributed, files, sharding
+from util.ema import EMA
 from util.errors import BadInput
 
 EMA_KEYS = ("model_ema1", "model_ema2", "model_ema3")  # EMA i + 1 (decay --ema_decay{i+1}); the third is optional
@@ -375,7 +375,7 @@ class Checkpointer:
 
     Holds the live denoiser, its EMAs (the list itself: an EMA added to it is saved too), the
     optimizer (None: weights only), the run's settings `args` (a plain dict, stored in every file),
-    the device (for RNG states) and the power EMAs `phemas` (util.phema.PowerEMA, ascending σ_rel).
+    the device (for RNG states) and the power EMAs `phemas` (util.ema.PowerEMA, ascending σ_rel).
     Sharded (FSDP) objects are gathered to and loaded from the unsharded format, rank 0 alone
     reading and writing the file. `log` notes every write.
     """

@@ -113,7 +113,8 @@ def gpu_index(local_rank: int, visible: int, local_size: int | None = None) -> i
     if visible > 1 and max(local_rank + 1, local_size or 0) > visible:
         raise BadInput(
             f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPUs "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process per GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process "
+            "per GPU "
             "(--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)"
         )
     return local_rank
@@ -157,7 +158,8 @@ def network_note(backends: list[str], multi_node: bool) -> str:
             address = "127.0.0.1"  # gloo falls back to loopback
         loopback = address.startswith("127.")
         parts.append(
-            f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; GLOO_SOCKET_IFNAME unset)"
+            f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; "
+            "GLOO_SOCKET_IFNAME unset)"
             + (" - loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME" if loopback and multi_node else "")
         )
     return "network: " + "; ".join(parts)

@@ -4,7 +4,8 @@
     1  a run that failed: a file that could not be written (a full disk), no final checkpoint
     a real bug (any other exception) keeps its traceback (Python exits with 1)
 
-Checks raise `BadInput` (or its ValueError / FileNotFoundError kinds; one-line message); the scripts' entry points call `exit_code`.
+Checks raise `BadInput` (or its ValueError / FileNotFoundError kinds; one-line message); the scripts'
+entry points call `exit_code`.
 """
 
 import sys

@@ -10,7 +10,7 @@ processes. A different gen_bsz changes only the float rounding of the network's 
 Each batch is quantised to uint8 and fed to torch-fidelity's Inception in memory; the features
 are gathered on rank 0 in image order, which computes FID and IS with torch-fidelity's functions
 and shares the numbers with every rank. What is generated is a `GenerationSpec`; how it is scored, a
-`Scorer` (built once per run). Logging the results is engine_jit.evaluate's job.
+`Scorer` (built once per run). Logging the results is engine_eval.evaluate's job.
 """
 
 import math
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from denoiser import SamplerSettings
+from sampling import SamplerSettings
 from util import fid
 from util.distributed import (
     all_gather_object,
@@ -156,7 +156,8 @@ def gather_rows(x: torch.Tensor, device: torch.device, chunk: int = 4096) -> tor
 def image_folder_name(sampler: SamplerSettings, num_images: int, img_size: int) -> str:
     """The reference's folder name for saved evaluation images."""
     s = sampler
-    return f"{s.method}-steps{s.steps}-cfg{s.cfg}-interval{s.interval_min}-{s.interval_max}-image{num_images}-res{img_size}"
+    interval = f"{s.interval_min}-{s.interval_max}"
+    return f"{s.method}-steps{s.steps}-cfg{s.cfg}-interval{interval}-image{num_images}-res{img_size}"
 
 
 def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
@@ -165,7 +166,7 @@ def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
     width = max(5, len(str(num_images - 1)))
     for j, img in enumerate(images.cpu()):
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        atomic_write(os.path.join(folder, f"{start + j:0{width}d}.png"), lambda f: pil.save(f, format="PNG"))
+        atomic_write(os.path.join(folder, f"{start + j:0{width}d}.png"), lambda f, pil=pil: pil.save(f, format="PNG"))
 
 
 def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, image_dir: str | None = None) -> dict:
@@ -213,8 +214,9 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
 
 
 def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
-    """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and how it is scored; checks --num_images, --final_num_images, the
-    FID statistics and the Inception weights (downloaded now if not cached and not given)."""
+    """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and
+    how it is scored; checks --num_images, --final_num_images, the FID statistics and the Inception
+    weights (downloaded now if not cached and not given)."""
     spec = GenerationSpec(
         num_images=config.num_images,
         class_num=config.class_num,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from denoiser import SamplerSettings
+from sampling import SamplerSettings
 from util import distributed
 from util.errors import BadValue
 from util.evaluation import gather_rows, initial_noise, quantize
@@ -147,7 +147,8 @@ class GridWriter:
             return "sample grids: off (--sample_every 0)"
         share = n * s.net_passes() / (3 * images_per_epoch * self.every)
         return (
-            f"sample grids: {len(self.spec.classes)} classes × {self.spec.per_class} with EMA 1 ({s.method}, {s.steps} steps, "
+            f"sample grids: {len(self.spec.classes)} classes × {self.spec.per_class} with EMA 1 ({s.method}, "
+            f"{s.steps} steps, "
             f"cfg {s.cfg} on ({s.interval_min}, {s.interval_max})), every {self.every} epoch(s) and at the end, "
             f"into {os.path.join(self.output_dir, FOLDER)}; about {n * s.net_passes()} network passes each, "
             f"{100 * share:.2f}% of the training's (small batches run slower: the first grid's time follows)"
@@ -180,7 +181,7 @@ class GridWriter:
         self.start(epochs_done)
 
     def __call__(self, epoch: int, samplers) -> str | None:
-        """Collective. The grid after `epoch`, sampled with EMA 1 of `samplers` (engine_jit.EMAWeights:
+        """Collective. The grid after `epoch`, sampled with EMA 1 of `samplers` (engine_eval.EMAWeights:
         a sharded EMA is gathered into a full copy on every rank first, and freed after). Returns its path (rank 0,
         when written)."""
         t0 = time.time()

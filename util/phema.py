@@ -17,16 +17,10 @@ The snapshot files, their writer and the weighted sums over them are util/phema_
 run and an evaluation use (flags, resume, the weights of --evaluate_gen --phema) util/phema_run.py.
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn as nn
-
-from util import sharding
-from util.sharding import local_tensors
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0, the plain average over the whole run
 
@@ -66,57 +60,6 @@ def power_ema_weight(images_seen: int, batch: int, gamma: float) -> float:
     if batch == images_seen:
         return 1.0
     return -math.expm1((gamma + 1) * math.log1p(-batch / images_seen))
-
-
-@torch.no_grad()
-def lerp_together_(targets: list[list[torch.Tensor]], source: list[torch.Tensor], weights: list[float]):
-    """targets[e][j] ← lerp(targets[e][j], source[j], weights[e]) for every EMA e and tensor j, in one
-    fused `_foreach_lerp_` (one weight per tensor; weights computed on the host, no device sync). A
-    classic EMA joins with the weight 1 − decay."""
-    flat = [t for ts in targets for t in ts]
-    per_tensor = [float(w) for ts, w in zip(targets, weights) for _ in ts]
-    torch._foreach_lerp_(flat, list(source) * len(targets), per_tensor)
-
-
-class PowerEMA:
-    """Power-function EMA of all parameters of a module, with relative standard deviation `sigma_rel`.
-
-    The interface of denoiser.EMA and util.sharding.ShardedEMA (`module`, a frozen copy that
-    samples directly; `tensors`, `weight(images_seen, batch)`, `update(model, images_seen, batch)`,
-    `state_dict`, `load_state_dict`); here the weight depends on the images seen. sharded: build
-    it from the unsharded model before that is sharded; the copy shards itself at once with the live model's plan (util.sharding.shard), as
-    ShardedEMA does, so that building P power EMAs never holds more than one extra full copy;
-    update() then lerps this rank's local shards only.
-    """
-
-    def __init__(self, model: nn.Module, sigma_rel: float, *, sharded: bool = False, mixed_precision: bool = False):
-        self.sigma_rel = float(sigma_rel)
-        self.gamma = gamma_from_sigma_rel(self.sigma_rel)
-        if sharded and sharding.is_sharded(model):
-            raise ValueError("a sharded PowerEMA copies the unsharded model: build it before sharding the model")
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        if sharded:
-            sharding.shard(self.module, mixed_precision=mixed_precision)
-
-    def weight(self, images_seen: int, batch: int) -> float:
-        """The lerp weight of the step that ends at `images_seen` with a global batch of `batch`."""
-        return power_ema_weight(images_seen, batch, self.gamma)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors update() writes: this rank's (shard of each) parameter."""
-        return local_tensors(self.module.parameters())
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, images_seen: int, batch: int):
-        """One step towards `model`'s parameters, after the optimiser step that brought the images seen
-        to `images_seen` with a global batch of `batch` images."""
-        lerp_together_([self.tensors()], local_tensors(model.parameters()), [self.weight(images_seen, batch)])
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.module.load_state_dict(state_dict)
 
 
 # Inner products of profiles (L2 over τ, in units of 1/images).
@@ -265,7 +208,8 @@ def fit_report(target: tuple[str, float], fit: Fit) -> list[str]:
     """How well the snapshots cover a target: one line, and a warning line when the fit is poor."""
     name = describe_target(target)
     lines = [
-        f"{name}: condition {fit.cond:.1e}, Σ|w| {fit.gain:.2f}, fit error {fit.fit_error:.1e} (relative, in profile space)"
+        f"{name}: condition {fit.cond:.1e}, Σ|w| {fit.gain:.2f}, fit error {fit.fit_error:.1e} (relative, in profile "
+        "space)"
     ]
     if fit.fit_error > POOR_FIT:
         lines.append(

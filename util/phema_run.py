@@ -22,7 +22,8 @@ def check_flags(args):
                 raise BadValue(f"--{flag} {value}: σ_rel must be in (0, {SIGMA_REL_MAX:.4f})")
     if args.phema_stds and len({f"{s:.6g}" for s in args.phema_stds}) < len(args.phema_stds):
         raise BadValue(
-            f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the snapshot files)"
+            f"--phema_stds {' '.join(map(str, args.phema_stds))}: the values must differ (in 6 digits: they name the "
+            "snapshot files)"
         )
     for flag, least in (("phema_every", 1), ("phema_from", 0), ("phema_at", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:

@@ -271,7 +271,8 @@ def svg_plot(
             )
     out.append(f'<text x="{left + w / 2:.0f}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
     out.append(
-        f'<text transform="translate(14 {top + h / 2:.0f}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>'
+        f'<text transform="translate(14 {top + h / 2:.0f}) rotate(-90)" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>'
     )
     named = [s for s in series if s.get("name")]
     for i, s in enumerate(named):
@@ -322,7 +323,10 @@ def fid_series(runs: list[dict], key: str = "fid") -> list[dict]:
     for run in runs:
         groups = {}
         for r in run["evals"]:
-            label = f"{run['name']} ema{r.get('ema', 1)} cfg{r.get('cfg')} ({r.get('interval_min')}, {r.get('interval_max')}) {r.get('num_images')} img"
+            label = (
+                f"{run['name']} ema{r.get('ema', 1)} cfg{r.get('cfg')} ({r.get('interval_min')}, "
+                f"{r.get('interval_max')}) {r.get('num_images')} img"
+            )
             groups.setdefault(label, []).append((r["epoch"], r.get(key)))
         for label, pts in groups.items():
             series.append(
@@ -387,13 +391,16 @@ def run_section(run: dict, page_dir: str, several: bool) -> str:
     if run["grids"]:
         latest_epoch, latest = run["grids"][-1]
         parts.append(
-            f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch {latest_epoch}">'
-            f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every grid)</figcaption></figure>"
+            f'<figure class="latest"><img src="{relative(latest, page_dir)}" alt="sample grid after epoch '
+            f'{latest_epoch}">'
+            f"<figcaption>after epoch {latest_epoch} (EMA 1, the same noise and classes in every "
+            "grid)</figcaption></figure>"
         )
         parts.append(
             '<div class="grids">'
             + "".join(
-                f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample grid after epoch {e}"></a>'
+                f'<figure><a href="{relative(path, page_dir)}"><img src="{relative(path, page_dir)}" alt="sample '
+                f'grid after epoch {e}"></a>'
                 f"<figcaption>epoch {e}</figcaption></figure>"
                 for e, path in run["grids"]
             )
@@ -588,5 +595,6 @@ def write_during_training(output_dir: str):
         write_report([output_dir])
     except Exception as e:  # the page is a convenience: it never stops a run
         print0(
-            f"warning: {os.path.join(output_dir, NAME)} could not be written ({type(e).__name__}: {e}); training goes on"
+            f"warning: {os.path.join(output_dir, NAME)} could not be written ({type(e).__name__}: {e}); training "
+            "goes on"
         )

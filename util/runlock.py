@@ -80,7 +80,8 @@ def acquire(output_dir: str, kind: str, ids: dict, log=print) -> str:
                     f"to end or use another --output_dir; if that run is dead, delete {path}"
                 ) from None
             log(
-                f"note: taking over the {kind} lock of {output_dir} from {describe(holder) if holder else 'nobody'}: {reason}"
+                f"note: taking over the {kind} lock of {output_dir} from {describe(holder) if holder else 'nobody'}: "
+                f"{reason}"
             )
             os.remove(path)
             continue

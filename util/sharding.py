@@ -26,8 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from denoiser import EMA
-
 FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # public since torch 2.6; before
 
 
@@ -70,7 +68,7 @@ def block_policy(mixed_precision: bool):
 def shard(denoiser: nn.Module, *, mixed_precision: bool, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
     """Shard `denoiser` (a Denoiser holding a JiT as `.net`) in place: one FSDP unit per block,
     then the root unit (everything else, always float32). Returns the same object, now an
-    FSDPModule. Call after `.to(device)` and after copying any EMA (`ShardedEMA`); the process
+    FSDPModule. Call after `.to(device)` and after copying any EMA (`util.ema.EMA(..., sharded=True)`); the process
     group must be initialised (the default mesh spans all ranks)."""
     policy, api = block_policy(mixed_precision), fsdp()
     for block in denoiser.net.blocks:
@@ -94,32 +92,6 @@ def local_tensors(tensors) -> list[torch.Tensor]:
     tensor can be a DTensor."""
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
     return [(t.to_local() if isinstance(t, dtensor) else t).detach() for t in tensors]
-
-
-class ShardedEMA(EMA):
-    """EMA whose module is sharded with the same plan as the live model, so that each rank's local
-    shard of every EMA parameter lines up with its local shard of the live one.
-
-    Build it from the *unsharded* denoiser, before `shard(denoiser, ...)`. `update(model)` takes
-    the sharded live model and lerps local shards only. state_dict / load_state_dict are the
-    sharded module's (DTensor values); checkpoints go through `full_state` / `load_full_state`.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, *, mixed_precision: bool = False, mesh=None):
-        if is_sharded(model):
-            raise ValueError("ShardedEMA copies the unsharded model: build it before shard(model)")
-        super().__init__(model, decay)
-        shard(self.module, mixed_precision=mixed_precision, mesh=mesh)
-        self._ema = None  # fully_shard replaced the parameters; update() reads the shards afresh
-
-    def tensors(self) -> list[torch.Tensor]:
-        """This rank's shard of each EMA parameter (what update() writes)."""
-        return local_tensors(self.module.parameters())
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, images_seen: int | None = None, batch: int | None = None):
-        """One fused lerp of this rank's EMA shards towards its shards of `model` (no communication)."""
-        torch._foreach_lerp_(self.tensors(), local_tensors(model.parameters()), self.weight(images_seen, batch))
 
 
 def nonfinite_flag(params, group=None) -> torch.Tensor:

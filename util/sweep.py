@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from denoiser import METHODS, SCHEDULES, SamplerSettings
+from sampling import METHODS, SCHEDULES, SamplerSettings
 from util.distributed import broadcast_object, is_main_process, print0
 from util.errors import BadValue
 from util.files import WriteError, atomic_write
@@ -52,7 +52,7 @@ def add_sampler_args(group, sweep: bool = False):
         choices=METHODS,
         **many,
         help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), the multistep dpm++2m / dpm++3m "
-        f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (denoiser.py){also}",
+        f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (sampling.py){also}",
     )
     a(
         "--num_sampling_steps",
@@ -119,7 +119,8 @@ class Point:
     def label(self) -> str:
         s = self.sampler
         return (
-            f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), {sampler_name(asdict(s))}, "
+            f"{ema_name(asdict(self))}, cfg {s.cfg}, interval ({s.interval_min}, {s.interval_max}), "
+            f"{sampler_name(asdict(s))}, "
             f"{self.num_images} images"
         )
 
@@ -215,7 +216,7 @@ def eval_records(metrics_path: str | None) -> list[dict]:
 
 def finished(metrics_path: str, context: dict) -> dict:
     """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
-    are equal (engine_jit.eval_context: the same weights, seeds, batch size, resolution, classes and
+    are equal (engine_eval.eval_context: the same weights, seeds, batch size, resolution, classes and
     reference statistics)."""
     return {
         record_key(r): r
@@ -388,7 +389,8 @@ def cost_note(points: list[Point]) -> str:
     nfe = sum(p.sampler.nfe() * p.num_images for p in points)
     passes = sum(p.sampler.net_passes() * p.num_images for p in points)
     return (
-        f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {nfe / 1e6:.1f}M network evaluations, "
+        f"sweep of {len(points)} points: {sum(p.num_images for p in points)} images, {nfe / 1e6:.1f}M network "
+        "evaluations, "
         f"{passes / 1e6:.1f}M network passes (the ETA follows after the first point)"
     )
 
