@@ -381,6 +381,7 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
 
 
 def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform():
+    import model_card
     import weights
 
     records = [
@@ -399,11 +400,11 @@ def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform
         }
         for fid, m, n, s in ((5.0, "heun", 50, None), (4.0, "ab3", 10, "edm:2"))
     ]
-    best = weights.recommended_sampler({}, records, ema=1, epoch=3)
+    best = model_card.recommended_sampler({}, records, ema=1, epoch=3)
     assert (best["method"], best["steps"], best["schedule"]) == ("ab3", 10, "edm:2")
-    assert weights.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
+    assert model_card.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
     assert (
-        weights.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"]
+        model_card.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"]
         == "logsnr:3"
     )
     values = weights.flag_values(
