@@ -12,6 +12,7 @@ loop over engine_jit.train_one_epoch.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -295,7 +296,7 @@ def resolve(args: RunConfig, world_size: int) -> tuple[RunConfig, run_sources.So
     )
     if not config.evaluate_gen and source.state is None:  # a new run: its identity, from its settings
         config = config.replace(run_id=phema_files.run_identity(config.as_dict()))
-    return config, run_sources.Source(source.state, source.path, source.init, tuple(notes))
+    return config, dataclasses.replace(source, notes=tuple(notes))
 
 
 def setup(args: RunConfig) -> Run:

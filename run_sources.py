@@ -176,6 +176,13 @@ def adapt_init(init: InitWeights, target, where: str) -> tuple[TrainState, list[
     return TrainState.weights_only(state_dict), notes
 
 
+def own_folder_to_come(resume: str, output_dir: str) -> bool:
+    """Whether --resume names the run's own --output_dir, which does not exist yet (util.runlock.take
+    makes it): a first run of the command that resumes from its own folder (`--resume DIR
+    --output_dir DIR`, what a requeued job reruns), with nothing to resume yet."""
+    return bool(resume) and not os.path.exists(resume) and os.path.abspath(resume) == os.path.abspath(output_dir)
+
+
 def read_source(config, log=print) -> tuple[object, Source]:
     """(config, Source) of a run: `config` (a util.config.RunConfig, derived values included) with
     what its weights bring, and the weights. --evaluate_gen: evaluation_source. Training: the
@@ -186,7 +193,10 @@ def read_source(config, log=print) -> tuple[object, Source]:
     if config.evaluate_gen:
         state, path, config = evaluation_source(config, log)
         return config, Source(state, path)
-    state, path = checkpoint.load_checkpoint(config.resume, log, required=False, main_only=config.fsdp)
+    if own_folder_to_come(config.resume, config.output_dir):  # a first run resumes from its own folder
+        state, path = None, None
+    else:
+        state, path = checkpoint.load_checkpoint(config.resume, log, required=False, main_only=config.fsdp)
     if state is not None:
         check_objective(state, path, config.pred, config.loss)
         phema_run.check_resume_stds(state, path, config.phema_stds)
