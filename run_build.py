@@ -1,8 +1,9 @@
 """Build a run from its resolved config (main_jit.resolve): `open_inputs` opens and checks what it
 reads besides its weights before anything is written, `build` makes the rest once the output folder
 is the run's: its log, network, EMAs and optimizer, the weights it starts from (run_sources.Source),
-evaluation and sample grids. Everything is built with keywords from the config and nothing is
-changed afterwards; the network's keywords are model_jit_adapters.build_denoiser's.
+evaluation and sample grids. The Run is made once, with keywords, and nothing in it is changed
+afterwards (the checkpoints store the config as resolve returned it). The network is
+model_jit_adapters.build_denoiser's, of the preset's keywords and the knobs given.
 """
 
 import functools

@@ -23,6 +23,7 @@ from helpers import (
 from PIL import Image
 
 import main_jit
+import run_build
 from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import sweep
@@ -319,7 +320,7 @@ class Stopped(StopSignal):
 def test_a_sweep_of_more_than_50_points_prints_its_cost_first(
     checkpoint, tmp_path, inception_weights, fid_ref_stats, monkeypatch, capsys
 ):
-    monkeypatch.setattr(main_jit, "StopSignal", Stopped)
+    monkeypatch.setattr(run_build, "StopSignal", Stopped)
     cfgs = [f"{1 + i / 10:.1f}" for i in range(26)]
     assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", *cfgs, "--ema", 1, 2) == 0
     out = capsys.readouterr().out
