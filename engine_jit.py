@@ -104,13 +104,6 @@ def build_optimizer(denoiser, lr: float, weight_decay: float) -> torch.optim.Opt
     return torch.optim.AdamW(param_groups(denoiser, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
 
 
-def nonfinite_flag(params) -> torch.Tensor:
-    """0-dim float tensor on the params' device: 1.0 if any gradient holds inf/NaN, else 0.0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.stack(torch._foreach_norm(grads)).sum()
-    return (~torch.isfinite(total)).float()
-
-
 def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = None, batch: int | None = None):
     """One optimiser step over micro-batches of (uint8 images (B, 3, H, W), labels (B,)).
 
@@ -146,7 +139,7 @@ def train_step(parts: StepParts, micro_batches: list, images_seen: int | None = 
         (loss / accum_iter).backward()
         loss_sum += loss.detach()
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    skipped = (sharding.nonfinite_flag if sharded else nonfinite_flag)(params)
+    skipped = sharding.nonfinite_flag(params)  # all-reduced when sharded
     optimizer.found_inf = skipped  # fused AdamW leaves params, moments and step count untouched
     measure = probe is not None and probe.measure_next
     before = probe.before_step(params, sharded) if measure else None

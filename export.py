@@ -80,16 +80,11 @@ def prepare_output(folder: str):
 
 def source_weights(args) -> tuple[dict, dict, str]:
     """(config, state dict "net.*", a description) of what to export."""
-    if weights.is_exported(args.source):
-        config, state_dict = weights.load_exported(args.source)
+    state, path, exported = run_sources.read_weights(args.source, log=lambda msg: print(msg, file=sys.stderr))
+    if exported is not None:
         if args.ema != 1:
             print(f"note: {args.source} is an exported folder holding one network; --ema {args.ema} does not apply")
-        return (
-            config,
-            state_dict,
-            f"the exported {config.get('weights', {}).get('which') or 'weights'} of {args.source}",
-        )
-    state, path = run_sources.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
+        return exported, state.model, f"the exported {exported.get('weights', {}).get('which') or 'weights'} of {path}"
     which = run_sources.weights_name(args.ema)
     metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     config = weights.export_config(state, which, dtype=args.dtype, source=path, records=sweep.eval_records(metrics))

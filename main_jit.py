@@ -3,36 +3,34 @@
     python main_jit.py --demo                                    # built-in CPU/GPU demo, no data needed
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 
-This file parses the flags and wires the pieces: data (util.data), network and diffusion
-(model_jit, denoiser), checkpoints (util.checkpoint.Checkpointer), the loops (engine_jit).
+This file parses the flags and wires the pieces, in two steps: `resolve` turns the flags into the
+run's complete, frozen config and reads where its weights come from (run_sources.Source), once;
+`build` (run_build.py) makes the run of them: data (util.data), network and diffusion (model_jit,
+denoiser), checkpoints (util.checkpoint.Checkpointer), evaluation (engine_eval). `setup` does the
+side effects between the two (the process group, the output folder's lock); `train` is the epoch
+loop over engine_jit.train_one_epoch.
 """
 
 import argparse
-import functools
-import inspect
+import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import run_sources
-from denoiser import CONVERSIONS, Denoiser
-from engine_eval import EMAWeights, Evaluation, PostHocWeights, evaluate
-from engine_jit import LoopConfig, RunIO, StepParts, build_optimizer, compile_fsdp_blocks, train_one_epoch
-from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-from util import distributed, grid, phema_files, phema_run, report, runlock, sharding, sweep
-from util.checkpoint import Checkpointer, Start, check_objective, match_emas, remove_stale_temporaries
+from denoiser import CONVERSIONS
+from engine_eval import evaluate
+from engine_jit import LoopConfig, RunIO, train_one_epoch
+from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
+from run_build import Run, build, open_inputs
+from util import distributed, grid, phema_files, phema_run, report, runlock, sweep
 from util.config import RunConfig, parse
-from util.data import Data, build_data
 from util.demo import write_demo_outputs
-from util.ema import EMA, PowerEMA
 from util.errors import BadValue, exit_code
-from util.evaluation import scoring
-from util.logger import RunLog, hms
-from util.stop import StopRun, StopSignal
+from util.logger import hms
+from util.stop import StopRun
 from weights import DENOISER_DEFAULTS
 
 DEMO_DEFAULTS = dict(
@@ -62,43 +60,22 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         "JiT training and evaluation", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    # fmt: off
     g = p.add_argument_group("model")
     a = g.add_argument
-    a(
-        "--model",
-        default="JiT-B/16",
-        type=str,
-        choices=sorted(JiT_models),
-        metavar="MODEL",
-        help=f"one of {', '.join(JiT_models)}",
-    )
+    a("--model", default="JiT-B/16", type=str, choices=sorted(JiT_models), metavar="MODEL",
+      help=f"one of {', '.join(JiT_models)}")
     a("--img_size", default=256, type=int, help="image side (pixels); a multiple of the patch size")
     a("--attn_dropout", default=0.0, type=float, help="attention dropout in the middle half of the blocks, in [0, 1)")
-    a(
-        "--proj_dropout",
-        default=0.0,
-        type=float,
-        help="projection / MLP dropout in the middle half of the blocks, in [0, 1)",
-    )
+    a("--proj_dropout", default=0.0, type=float,
+      help="projection / MLP dropout in the middle half of the blocks, in [0, 1)")
     a("--attn_impl", default="sdpa", choices=ATTN_IMPLS, help="sdpa (fused kernels) or reference (float32 logits, N×N)")
-    a(
-        "--bottleneck_dim",
-        default=None,
-        type=int,
-        help="patch-embedding bottleneck width; 0: one plain linear patch embedding (paper Fig. 4); None: the preset's",
-    )
-    a(
-        "--in_context_len",
-        default=None,
-        type=int,
-        help="number of in-context class tokens; 0: none (paper Table 4); None: the preset's",
-    )
-    a(
-        "--in_context_start",
-        default=None,
-        type=int,
-        help="block where the in-context class tokens are prepended; None: the preset's",
-    )
+    a("--bottleneck_dim", default=None, type=int,
+      help="patch-embedding bottleneck width; 0: one plain linear patch embedding (paper Fig. 4); None: the preset's")
+    a("--in_context_len", default=None, type=int,
+      help="number of in-context class tokens; 0: none (paper Table 4); None: the preset's")
+    a("--in_context_start", default=None, type=int,
+      help="block where the in-context class tokens are prepended; None: the preset's")
 
     g = p.add_argument_group("training")  # the denoiser's defaults are Denoiser's own (weights.DENOISER_DEFAULTS)
     a = g.add_argument
@@ -109,265 +86,126 @@ def get_args_parser():
     a("--lr", default=None, type=float, help="absolute learning rate (default: blr × global batch / 256)")
     a("--blr", default=5e-5, type=float, help="base learning rate, per 256 images of global batch")
     a("--min_lr", default=0.0, type=float, help="final learning rate of the cosine schedule")
-    a(
-        "--lr_schedule",
-        default="constant",
-        choices=("constant", "cosine"),
-        help="after warmup: constant or half-cycle cosine to --min_lr",
-    )
+    a("--lr_schedule", default="constant", choices=("constant", "cosine"),
+      help="after warmup: constant or half-cycle cosine to --min_lr")
     a("--weight_decay", default=0.0, type=float, help="AdamW weight decay (not on biases and 1-D parameters)")
     a("--ema_decay1", default=0.9999, type=float, help="decay per step of EMA 1 (the weights evaluation samples with)")
     a("--ema_decay2", default=0.9996, type=float, help="decay per step of EMA 2")
-    a(
-        "--ema_decay3",
-        default=None,
-        type=float,
-        help="decay per step of an optional third EMA (the paper's sweep: 0.9998); off by default",
-    )
-    a(
-        "--P_mean",
-        default=DENOISER_DEFAULTS["P_mean"],
-        type=float,
-        help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))",
-    )
-    a(
-        "--P_std",
-        default=DENOISER_DEFAULTS["P_std"],
-        type=float,
-        help="standard deviation of logit(t) for training times",
-    )
-    a(
-        "--noise_scale",
-        default=DENOISER_DEFAULTS["noise_scale"],
-        type=float,
-        help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)",
-    )
-    a(
-        "--t_eps",
-        default=DENOISER_DEFAULTS["t_eps"],
-        type=float,
-        help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our "
-        "choice)",
-    )
-    a(
-        "--pred",
-        default=DENOISER_DEFAULTS["pred"],
-        choices=tuple(CONVERSIONS),
-        help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = "
-        "x - eps (paper Table 2)",
-    )
-    a(
-        "--loss",
-        default=DENOISER_DEFAULTS["loss"],
-        choices=tuple(CONVERSIONS),
-        help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)",
-    )
-    a(
-        "--label_drop_prob",
-        default=DENOISER_DEFAULTS["label_drop_prob"],
-        type=float,
-        help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]",
-    )
-    a(
-        "--seed",
-        default=0,
-        type=int,
-        help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))",
-    )
+    a("--ema_decay3", default=None, type=float,
+      help="decay per step of an optional third EMA (the paper's sweep: 0.9998); off by default")
+    a("--P_mean", default=DENOISER_DEFAULTS["P_mean"], type=float,
+      help="mean of logit(t) for training times t = sigmoid(N(P_mean, P_std²))")
+    a("--P_std", default=DENOISER_DEFAULTS["P_std"], type=float,
+      help="standard deviation of logit(t) for training times")
+    a("--noise_scale", default=DENOISER_DEFAULTS["noise_scale"], type=float,
+      help="std of the noise e in z = t·x + (1 - t)·e, x in [-1, 1] (paper: 1 at 256 px, 2 at 512 px)")
+    a("--t_eps", default=DENOISER_DEFAULTS["t_eps"], type=float,
+      help="conversions divide by max(1 - t, t_eps) (the paper's) and, for --pred eps or v, by max(t, t_eps) (our "
+      "choice)")
+    a("--pred", default=DENOISER_DEFAULTS["pred"], choices=tuple(CONVERSIONS),
+      help="what the network predicts: the clean image x (the paper's method), the noise eps, or the velocity v = "
+      "x - eps (paper Table 2)")
+    a("--loss", default=DENOISER_DEFAULTS["loss"], choices=tuple(CONVERSIONS),
+      help="the space of the squared-error loss: x, eps, or v (the paper's; Table 2)")
+    a("--label_drop_prob", default=DENOISER_DEFAULTS["label_drop_prob"], type=float,
+      help="probability of replacing a label by 'no class' (trains CFG), in [0, 1]")
+    a("--seed", default=0, type=int,
+      help="random seed (process r uses seed + r; evaluation noise uses (seed, image index))")
     a("--start_epoch", default=0, type=int, help="first epoch when not resuming from a checkpoint")
-    a(
-        "--compile",
-        dest="compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the network (default: on for CUDA)",
-    )
+    a("--compile", dest="compile", action="store_true", default=None,
+      help="torch.compile the network (default: on for CUDA)")
     a("--no_compile", dest="compile", action="store_false", help="do not torch.compile")
     a("--max_nonfinite_steps", default=10, type=int, help="stop after this many non-finite steps in a row")
-    a(
-        "--grad_checkpoint",
-        action="store_true",
-        help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)",
-    )
-    a(
-        "--fsdp",
-        action="store_true",
-        help="shard weights, gradients, optimizer state and EMAs over the processes (FSDP2) instead of DDP",
-    )
-    a(
-        "--phema_stds",
-        default=None,
-        type=float,
-        nargs="+",
-        help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, "
-        "each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default",
-    )
-    a(
-        "--phema_every",
-        default=None,
-        type=int,
-        help="a post-hoc EMA snapshot every N optimiser steps (default: the run's steps / 300)",
-    )
-    a(
-        "--phema_from",
-        default=None,
-        type=int,
-        help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's "
-        "last step always writes them",
-    )
-    a(
-        "--phema_dtype",
-        default="float32",
-        choices=phema_files.SNAPSHOT_DTYPES,
-        help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)",
-    )
+    a("--grad_checkpoint", action="store_true",
+      help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    a("--fsdp", action="store_true",
+      help="shard weights, gradients, optimizer state and EMAs over the processes (FSDP2) instead of DDP")
+    a("--phema_stds", default=None, type=float, nargs="+",
+      help="post-hoc EMA (EDM2 §3): also track power-function EMAs of these relative standard deviations σ_rel, "
+      "each in (0, 0.2887), e.g. 0.003 0.006 0.012, with snapshots in output_dir/phema; off by default")
+    a("--phema_every", default=None, type=int,
+      help="a post-hoc EMA snapshot every N optimiser steps (default: the run's steps / 300)")
+    a("--phema_from", default=None, type=int,
+      help="no post-hoc EMA snapshots before this optimiser step (default: the last tenth of the run); the run's "
+      "last step always writes them")
+    a("--phema_dtype", default="float32", choices=phema_files.SNAPSHOT_DTYPES,
+      help="precision of the snapshots' weights (float16 halves the disk, frozen parameters stay exact)")
 
     g = p.add_argument_group("sampling and evaluation")
     sweep.add_sampler_args(g, sweep=True)
     a = g.add_argument
-    a(
-        "--ema",
-        default=[1],
-        type=int,
-        nargs="+",
-        choices=(1, 2, 3),
-        help="which EMA's weights sample; several values: a sweep",
-    )
-    a(
-        "--phema",
-        default=None,
-        help="with --evaluate_gen, instead of --resume: evaluate post-hoc EMAs reconstructed from this folder of "
-        "snapshots (a run's output_dir/phema)",
-    )
-    a(
-        "--ema_std",
-        default=None,
-        type=float,
-        nargs="+",
-        help="with --phema: the relative standard deviations σ_rel of the post-hoc EMAs to evaluate; several values: "
-        "a sweep",
-    )
-    a(
-        "--phema_at",
-        default=None,
-        type=int,
-        help="with --phema: reconstruct at this optimiser step, from the snapshots at or before it (default: the "
-        "newest snapshot's step)",
-    )
-    a(
-        "--final_num_images",
-        default=None,
-        type=int,
-        help="after a sweep, evaluate its best point again with this many images",
-    )
+    a("--ema", default=[1], type=int, nargs="+", choices=(1, 2, 3),
+      help="which EMA's weights sample; several values: a sweep")
+    a("--phema", default=None,
+      help="with --evaluate_gen, instead of --resume: evaluate post-hoc EMAs reconstructed from this folder of "
+      "snapshots (a run's output_dir/phema)")
+    a("--ema_std", default=None, type=float, nargs="+",
+      help="with --phema: the relative standard deviations σ_rel of the post-hoc EMAs to evaluate; several values: "
+      "a sweep")
+    a("--phema_at", default=None, type=int,
+      help="with --phema: reconstruct at this optimiser step, from the snapshots at or before it (default: the "
+      "newest snapshot's step)")
+    a("--final_num_images", default=None, type=int,
+      help="after a sweep, evaluate its best point again with this many images")
     a("--num_images", default=50000, type=int, help="images to generate for FID / IS; a multiple of --class_num")
     a("--eval_freq", default=40, type=int, help="online evaluation every N epochs (and at the last)")
     a("--online_eval", action="store_true", help="evaluate FID / IS during training")
     a("--evaluate_gen", action="store_true", help="only evaluate the checkpoint given by --resume")
     a("--gen_bsz", default=256, type=int, help="per-GPU generation batch size (images)")
-    a(
-        "--fid_stats",
-        default=None,
-        help="reference statistics (npz with mu, sigma); default fid_stats/jit_in{img_size}_stats.npz",
-    )
-    a(
-        "--inception_weights",
-        default=None,
-        help="local Inception-v3 weights for torch-fidelity (default: download once to the torch hub cache)",
-    )
+    a("--fid_stats", default=None,
+      help="reference statistics (npz with mu, sigma); default fid_stats/jit_in{img_size}_stats.npz")
+    a("--inception_weights", default=None,
+      help="local Inception-v3 weights for torch-fidelity (default: download once to the torch hub cache)")
     a("--save_images", action="store_true", help="also keep the generated PNGs in output_dir")
-    a(
-        "--sample_every",
-        default=5,
-        type=int,
-        help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples "
-        "and TensorBoard after every N epochs and the last; 0: none",
-    )
-    a(
-        "--sample_classes",
-        default=None,
-        type=int,
-        nargs="+",
-        help="the sample grid's classes, one row each (default: 8 spread over --class_num, or all when fewer)",
-    )
-    a(
-        "--sample_per_class",
-        default=None,
-        type=int,
-        help="images per row of the sample grid (default: 32 / number of classes)",
-    )
+    a("--sample_every", default=5, type=int,
+      help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples "
+      "and TensorBoard after every N epochs and the last; 0: none")
+    a("--sample_classes", default=None, type=int, nargs="+",
+      help="the sample grid's classes, one row each (default: 8 spread over --class_num, or all when fewer)")
+    a("--sample_per_class", default=None, type=int,
+      help="images per row of the sample grid (default: 32 / number of classes)")
 
     g = p.add_argument_group("data and output")
     a = g.add_argument
-    a(
-        "--data_path",
-        default="./data/imagenet",
-        type=str,
-        help="holds an ImageFolder tree under train/, or is an image store made by prepare_data.py",
-    )
+    a("--data_path", default="./data/imagenet", type=str,
+      help="holds an ImageFolder tree under train/, or is an image store made by prepare_data.py")
     a("--class_num", default=1000, type=int, help="number of classes (labels 0 .. class_num - 1)")
     a("--num_workers", default=12, type=int, help="DataLoader worker processes per GPU (0: load in the main process)")
     a("--pin_mem", action="store_true", help="pin host memory of batches (CUDA only)")
     a("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin host memory")
     p.set_defaults(pin_mem=True)
     a("--output_dir", default="./output_dir", help="checkpoints, log.txt, metrics.jsonl, TensorBoard events")
-    a(
-        "--resume",
-        default="",
-        help="checkpoint file, or folder to resume from (newest readable checkpoint); with --evaluate_gen also an "
-        "exported folder (export.py)",
-    )
-    a(
-        "--init_from",
-        default=None,
-        help="start a new run from these weights (checkpoint file, run folder or exported folder): the model and "
-        "every EMA, a fresh optimizer, epoch 0; another --class_num or --img_size adapts the label / position "
-        "embeddings",
-    )
-    a(
-        "--init_ema",
-        default=1,
-        type=int,
-        choices=(0, 1, 2, 3),
-        help="which weights of an --init_from checkpoint: EMA 1, 2, 3 or 0 (the raw model)",
-    )
+    a("--resume", default="",
+      help="checkpoint file, or folder to resume from (newest readable checkpoint); with --evaluate_gen also an "
+      "exported folder (export.py)")
+    a("--init_from", default=None,
+      help="start a new run from these weights (checkpoint file, run folder or exported folder): the model and "
+      "every EMA, a fresh optimizer, epoch 0; another --class_num or --img_size adapts the label / position "
+      "embeddings")
+    a("--init_ema", default=1, type=int, choices=(0, 1, 2, 3),
+      help="which weights of an --init_from checkpoint: EMA 1, 2, 3 or 0 (the raw model)")
     a("--save_last_freq", type=int, default=5, help="checkpoint-last.pth every N epochs (and at the last)")
     a("--save_every_steps", type=int, default=0, help="also checkpoint-last.pth every N optimiser steps (0: off)")
     a("--log_freq", default=100, type=int, help="TensorBoard / metrics.jsonl every N iterations")
     a("--print_freq", default=20, type=int, help="console progress every N iterations")
-    a(
-        "--max_bad_frac",
-        default=0.001,
-        type=float,
-        help="stop if more than this fraction of an epoch's images is unreadable",
-    )
-    a(
-        "--demo",
-        action="store_true",
-        help="train a tiny JiT on generated shapes (no data needed); other flags still apply",
-    )
+    a("--max_bad_frac", default=0.001, type=float,
+      help="stop if more than this fraction of an epoch's images is unreadable")
+    a("--demo", action="store_true",
+      help="train a tiny JiT on generated shapes (no data needed); other flags still apply")
     a("--dry_run", action="store_true", help="check the arguments, data and checkpoint, build everything, then exit")
 
     g = p.add_argument_group("distributed")
     a = g.add_argument
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--world_size", default=1, type=int, help="number of processes: set by the launcher (read from its environment)")
-    a(
-        "--local_rank",
-        "--local-rank",
-        default=-1,
-        type=int,
-        help="GPU of this process: set by the launcher (read from its environment)",
-    )
+    a("--local_rank", "--local-rank", default=-1, type=int,
+      help="GPU of this process: set by the launcher (read from its environment)")
     a("--dist_on_itp", action="store_true", help="launched by OpenMPI (ranks from OMPI_COMM_WORLD_*)")
     a("--dist_url", default="env://", help="url used to set up distributed training")
-    a(
-        "--dist_timeout",
-        default=30.0,
-        type=float,
-        help="minutes a process waits in a collective (a barrier, or while rank 0 writes a checkpoint) before the "
-        "run fails",
-    )
+    a("--dist_timeout", default=30.0, type=float,
+      help="minutes a process waits in a collective (a barrier, or while rank 0 writes a checkpoint) before the "
+      "run fails")
+    # fmt: on
     return p
 
 
@@ -380,22 +218,13 @@ def parse_args(argv=None) -> RunConfig:
 
 def check_args(args):
     """Fail fast, before any work, on flag values that cannot work (BadValue). Files are checked
-    where they are opened, before the expensive work too: the data by open_dataset, the checkpoint
-    by Checkpointer.load, the FID statistics and Inception weights by Scorer."""
+    where they are opened, before the expensive work too: the weights by resolve, the data and the
+    FID statistics and Inception weights by run_build.open_inputs."""
     patch = preset_patch_size(args.model)
     if args.img_size % patch:
         raise BadValue(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
-    for name in (
-        "batch_size",
-        "accum_iter",
-        "gen_bsz",
-        "epochs",
-        "num_sampling_steps",
-        "print_freq",
-        "log_freq",
-        "save_last_freq",
-        "class_num",
-    ):
+    positive = ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq")
+    for name in (*positive, "save_last_freq", "class_num"):
         if min(sweep.as_list(getattr(args, name))) < 1:
             raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_gen and not args.resume and not args.phema:
@@ -404,17 +233,17 @@ def check_args(args):
         )
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
-    phema_run.check_flags(args)
+    phema_run.check_phema_flags(args)
     if not args.evaluate_gen:
-        grid.check_flags(args)
+        grid.check_grid_flags(args)
 
 
-def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
-    """The run's settings, a new config: the flags as given (`args`) plus what follows from them. lr:
-    blr × global batch / 256 unless --lr is given; data_path: the demo's shapes under output_dir;
-    fsdp, grad_checkpoint: whether they apply (several processes; a backward pass); single-valued
-    sweep flags (--cfg, --interval_min, --interval_max, --ema) as plain numbers; phema_stds: the
-    power EMAs training keeps, ascending (none for --evaluate_gen). `setup` adds the default --fid_stats."""
+def derived_values(args: RunConfig, world_size: int) -> dict:
+    """What follows from the flags alone. lr: blr × global batch / 256 unless --lr is given;
+    data_path: the demo's shapes under output_dir; fsdp, grad_checkpoint: whether they apply
+    (several processes; a backward pass); single-valued sweep flags (--cfg, --interval_min,
+    --interval_max, --ema) as plain numbers; phema_stds: the power EMAs training keeps, ascending
+    (none for --evaluate_gen)."""
     derived = {}
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
         values = sweep.as_list(getattr(args, name))
@@ -425,10 +254,8 @@ def resolve_config(args: RunConfig, world_size: int) -> RunConfig:
         derived["data_path"] = os.path.join(args.output_dir, "demo_data")
     derived["fsdp"] = args.fsdp and world_size > 1 and not args.evaluate_gen
     derived["grad_checkpoint"] = args.grad_checkpoint and not args.evaluate_gen
-    derived["phema_stds"] = (
-        [] if args.evaluate_gen else sorted(args.phema_stds or [])
-    )  # ascending, as checkpoints keep them
-    return args.replace(**derived)
+    derived["phema_stds"] = [] if args.evaluate_gen else sorted(args.phema_stds or [])  # as checkpoints keep them
+    return derived
 
 
 def ignored_flags(args, world_size: int) -> list[str]:
@@ -447,225 +274,46 @@ def ignored_flags(args, world_size: int) -> list[str]:
     return notes
 
 
-def build_denoiser(config, device) -> Denoiser:
-    """A freshly initialised (global RNG) Denoiser of the configured network, on `device`."""
-    knobs = {k: getattr(config, k) for k in ARCH_KNOBS if getattr(config, k) is not None}  # overrides of the preset's
-    net = JiT_models[config.model](
-        input_size=config.img_size,
-        num_classes=config.class_num,
-        attn_drop=config.attn_dropout,
-        proj_drop=config.proj_dropout,
-        attn_impl=config.attn_impl,
-        grad_checkpoint=config.grad_checkpoint,
-        **knobs,
-    )
-    return Denoiser(
-        net,
-        config.class_num,
-        P_mean=config.P_mean,
-        P_std=config.P_std,
-        noise_scale=config.noise_scale,
-        t_eps=config.t_eps,
-        label_drop_prob=config.label_drop_prob,
-        pred=config.pred,
-        loss=config.loss,
-    ).to(device)
+def resolve(args: RunConfig, world_size: int) -> tuple[RunConfig, run_sources.Source]:
+    """The run's complete settings, once, and where its weights come from.
 
-
-def build_model(config, device):
-    """(denoiser, [EMA 1, EMA 2 (, EMA 3)], [power EMA of each config.phema_stds], optimizer), freshly
-    initialised from the global RNG; with config.fsdp the denoiser and all EMAs are sharded (one unit
-    per block) before the optimizer is built."""
-    denoiser = build_denoiser(config, device)
-    decays = [d for d in (config.ema_decay1, config.ema_decay2, config.ema_decay3) if d is not None]
-    if config.fsdp:  # each copy of the unsharded denoiser is sharded with its plan as it is made
-        emas = [EMA(denoiser, d, sharded=True) for d in decays]
-        phemas = [PowerEMA(denoiser, s, sharded=True) for s in config.phema_stds]
-        sharding.shard(denoiser, mixed_precision=False)
-    else:
-        emas = [EMA(denoiser, d) for d in decays]
-        phemas = [PowerEMA(denoiser, s) for s in config.phema_stds]
-    optimizer = build_optimizer(denoiser, config.lr, config.weight_decay)
-    n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    distributed.print0(
-        f"{config.model} at {config.img_size}px: {n_params / 1e6:.2f}M trainable parameters; device {device}, "
-        f"{distributed.get_world_size()} process(es){' (FSDP)' if config.fsdp else ''}; global batch "
-        f"{config.batch_size * config.accum_iter * distributed.get_world_size()}, lr {config.lr:.3e}"
-    )
-    return denoiser, emas, phemas, optimizer
-
-
-def use_compile(config, device) -> bool:
-    return device.type == "cuda" if config.compile is None else config.compile
-
-
-def wrap_for_training(denoiser, config, device):
-    """What the training step calls: the denoiser (sharded already with --fsdp, else DDP-wrapped
-    when distributed), compiled when on: whole, or under --fsdp block by block with the root and
-    FSDP's hooks eager (engine_jit.compile_fsdp_blocks: 2 graphs and no break instead of 9 and one)."""
-    if config.fsdp:
-        return compile_fsdp_blocks(denoiser) if use_compile(config, device) else denoiser
-    model = denoiser
-    if distributed.get_world_size() > 1 and not config.evaluate_gen:
-        ddp = torch.nn.parallel.DistributedDataParallel
-        # No buffer broadcast before each forward: the only buffers are the RoPE tables, constants
-        # built alike on every rank (torch 2.14 renamed the flag to forward_sync_buffers).
-        no_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(ddp).parameters
-            else {"broadcast_buffers": False}
-        )
-        model = ddp(denoiser, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
-    return torch.compile(model) if use_compile(config, device) else model
-
-
-@dataclass
-class Run:
-    """Everything a training or evaluation run holds, built once by `setup`."""
-
-    config: argparse.Namespace  # the flags plus derived values (resolve_config)
-    parts: StepParts  # the step's model, denoiser, optimizer, EMAs and device
-    checkpoints: Checkpointer
-    start: Start  # where the run starts (its checkpoint, epoch and step)
-    weights: EMAWeights | PostHocWeights  # what samples with each EMA (or post-hoc EMA)
-    log: RunLog
-    stopper: StopSignal
-    evaluation: Evaluation | None = None  # None: the run does not evaluate
-    data: Data | None = None  # None for --evaluate_gen
-    lock: str | None = None  # the output folder's lock file (rank 0)
-    snapshots: phema_files.SnapshotWriter | None = None  # None: no post-hoc EMA tracked
-    grids: grid.GridWriter | None = None  # None: no sample grids (evaluation, --sample_every 0)
-
-    def close(self):
-        """Put the signal handlers back, close the log and release the output folder."""
-        self.stopper.close()
-        self.log.close()
-        runlock.release(self.lock)
-
-
-def setup(args) -> Run:
-    """Validate, join the process group, build data, model, EMAs and optimizer, and resume."""
-    check_args(args)
-    device = distributed.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
-    config = resolve_config(args, distributed.get_world_size())
-    source = None
-    if config.evaluate_gen:  # the weights' settings, where the user typed no flag: a new config
-        state, path, config = run_sources.evaluation_source(config, log=distributed.print0)
-        source = (state, path)
+    args: the flags as given (parse_args), checked (check_args); world_size: the run's processes.
+    The config is `args` with derived_values, the settings the weights bring for the flags not
+    typed (--evaluate_gen), the default --fid_stats, and the run's identity: init_origin and run_id,
+    the resumed checkpoint's, else new. Reads the weights once (run_sources.read_source; under FSDP
+    rank 0 alone reads a checkpoint and broadcasts what it holds but its tensors: a collective) and
+    checks them against the flags (BadValue, CheckpointError); writes nothing and prints nothing but
+    what it found before an error: its notes are source.notes, for the run's log."""
+    notes = [f"note: {note}" for note in ignored_flags(args, world_size)]
+    try:
+        config, source = run_sources.read_source(args.replace(**derived_values(args, world_size)), log=notes.append)
+    except BaseException:  # what reading found before the error
+        for note in notes:
+            distributed.print0(note)
+        raise
     config = config.replace(
         fid_stats=config.fid_stats or os.path.join("fid_stats", f"jit_in{config.img_size}_stats.npz")
     )
-    points = sweep.eval_points(config, config.num_images)  # BadValue: a negative CFG scale, an empty interval
-    scores = scoring(config, points, device) if config.evaluate_gen or config.online_eval else None
-    data = None if config.evaluate_gen or config.demo else build_data(config, device)  # reads only: before the lock
+    if not config.evaluate_gen and source.state is None:  # a new run: its identity, from its settings
+        config = config.replace(run_id=phema_files.run_identity(config.as_dict()))
+    return config, dataclasses.replace(source, notes=tuple(notes))
+
+
+def setup(args: RunConfig) -> Run:
+    """A run, ready to train or evaluate: check the flags, join the process group (distributed.init
+    picks the device), resolve, open the inputs (run_build.open_inputs: the data, FID statistics and
+    Inception weights, checked before anything is written), take the output folder (util.runlock),
+    then build. The lock is released if building fails."""
+    check_args(args)
+    device = distributed.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
+    config, source = resolve(args, distributed.get_world_size())
+    inputs = open_inputs(config, device)
     lock = runlock.take(config.output_dir, "eval" if config.evaluate_gen else "train")
     try:
-        return build_run(args, config, device, lock=lock, data=data, source=source, points=points, scores=scores)
+        return build(config, source, inputs, device=device, lock=lock)
     except BaseException:  # a bad checkpoint, an interrupt, ...: the next run finds the folder free
         runlock.release(lock)
         raise
-
-
-def build_run(args, config, device, *, lock: str | None, data: Data | None, source, points: list, scores) -> Run:
-    """setup's second half, once the output folder is this run's (lock): log, demo data, model,
-    EMAs, optimizer, the checkpoint (`source` for --evaluate_gen) or initial weights, evaluation of
-    `points` with `scores` ((GenerationSpec, Scorer) or None)."""
-    if distributed.is_main_process():
-        remove_stale_temporaries(config.output_dir)
-    log = RunLog(config.output_dir)
-    for note in ignored_flags(args, distributed.get_world_size()):
-        distributed.print0(f"note: {note}")
-    if (attempt := distributed.elastic_attempt()) and attempt[0] > 0:
-        distributed.print0(
-            f"torchelastic restart {attempt[0]} of at most {attempt[1]}: resuming from the newest checkpoint"
-        )
-    if config.demo:
-        data = build_data(config, device)  # generates its shapes first
-    if data:
-        distributed.print0(f"data: {data}")
-    # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
-    # all ranks start identical; then seed + rank for the training randomness (t, noise, label
-    # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
-    torch.manual_seed(config.seed)
-    denoiser, emas, phemas, optimizer = build_model(config, device)
-    torch.manual_seed(config.seed + distributed.get_rank())
-    np.random.seed(config.seed + distributed.get_rank())
-    checkpoints = Checkpointer(
-        config.output_dir, device, denoiser, emas, None if config.evaluate_gen else optimizer, None, phemas
-    )
-    state, path = source or checkpoints.load(config.resume)
-    if state is not None and config.init_from:
-        distributed.print0(
-            f"note: --resume found {path}: it continues that run, --init_from {config.init_from} is not used"
-        )
-    if state is not None:
-        match_emas(
-            state,
-            path,
-            denoiser,
-            emas,
-            evaluate=config.evaluate_gen,
-            decay3=config.ema_decay3,
-            sampled=sweep.as_list(config.ema),
-        )
-        if not config.evaluate_gen:
-            phema_run.check_resume_stds(state, path, config.phema_stds)
-            check_objective(state, path, config.pred, config.loss)
-            config = config.replace(**{k: state.args[k] for k in ("init_origin", "run_id") if k in state.args})
-        start = checkpoints.restore(state, path)
-    else:
-        if config.init_from:
-            state, origin = run_sources.initial_state(
-                config.init_from, config.init_ema, denoiser, log=distributed.print0
-            )
-            config = config.replace(init_origin=origin)
-            checkpoints.initialise(state, config.init_from)
-        if not config.evaluate_gen:
-            config = config.replace(run_id=phema_files.run_identity(config.as_dict()))
-        start = Start(config.start_epoch)
-    checkpoints.args = config.as_dict()  # the run's settings, final: stored in every checkpoint
-    if not config.evaluate_gen:
-        checkpoints.check_free_space()
-    stopper = StopSignal()
-    if config.phema:  # each σ_rel's weights, reconstructed at step config.phema_at
-        reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
-        ema_weights = PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
-    else:
-        ema_weights = EMAWeights(
-            emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device)
-        )
-    evaluation = (
-        None
-        if scores is None
-        else Evaluation(
-            ema_weights,
-            points,
-            *scores,
-            log=log,
-            output_dir=config.output_dir,
-            save_images=config.save_images,
-            final_num_images=config.final_num_images,
-            stopper=stopper,
-            during_training=not config.evaluate_gen,
-            weights_context={"phema_step": config.phema_at} if config.phema else {},
-        )
-    )
-    parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)
-    done = start.epoch * data.steps_per_epoch + start.step if phemas else 0
-    snapshots = phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None
-    grids = (
-        None
-        if config.evaluate_gen or not config.sample_every
-        else grid.GridWriter(
-            config.output_dir,
-            grid.spec_from_flags(config, points[0].sampler, config.class_num),
-            config.sample_every,
-            config.epochs,
-            log,
-            device,
-        )
-    )
-    return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots, grids)
 
 
 def train(run: Run) -> int:
@@ -726,13 +374,13 @@ def train(run: Run) -> int:
     return 0
 
 
-def main(args) -> int:
+def main(args: RunConfig) -> int:
     run = setup(args)
     try:
-        if args.dry_run:
+        if run.config.dry_run:
             distributed.print0("dry run: arguments, data, model and checkpoint are ready; exiting before training")
             return 0
-        if args.evaluate_gen:
+        if run.config.evaluate_gen:
             s = run.start
             result = evaluate(run.evaluation, epoch=s.weights_epoch, weights_epoch=s.weights_epoch, checkpoint=s.path)
             return 1 if run.log.failed or (result or {}).get("images_saved") is False else 0

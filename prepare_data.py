@@ -27,7 +27,7 @@ from util.config import RunConfig, parse
 from util.data import CenterCropFolder, load_center_crop
 from util.distributed import print0
 from util.errors import BadInput, BadValue, RunFailed, exit_code
-from util.files import atomic_write, free_bytes, human_bytes
+from util.files import atomic_write, free_bytes, human_bytes, write_json
 from util.logger import hms
 from util.store import FORMAT_VERSION, MANIFEST, StoreDataset, file_sha256, read_manifest, sample_checksum
 
@@ -114,10 +114,6 @@ def inspect_store(store: str, settings: dict) -> str:
             f"give a new or empty folder"
         )
     return "new"
-
-
-def write_json(path: str, obj, indent: int | None = 1):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def shard_name(k: int) -> str:

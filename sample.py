@@ -14,6 +14,7 @@ grid is reproducible on any device; it is util.grid's, the same code as training
 """
 
 import argparse
+import os
 import sys
 
 import run_sources
@@ -55,7 +56,7 @@ def get_args_parser():
         default=None,
         type=int,
         nargs="+",
-        help="one grid row per class (default: default_classes of the weights' class count)",
+        help="one grid row per class (default: util.grid.figure_classes of the weights' class count)",
     )
     a("--per_class", default=8, type=int, help="images per row")
     add_sampler_args(parser)
@@ -70,17 +71,6 @@ def get_args_parser():
     return parser
 
 
-IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the grid of the reference's ImageNet figures
-
-
-def default_classes(num_classes: int) -> list[int]:
-    """The rows when --classes is not given: the reference's ImageNet classes when the weights have
-    them all, else the first (up to 8) of the weights' own classes."""
-    if num_classes > max(IMAGENET_CLASSES):
-        return list(IMAGENET_CLASSES)
-    return list(range(min(len(IMAGENET_CLASSES), num_classes)))
-
-
 def parse_args(argv=None) -> RunConfig:
     """The flags as given (util.config.RunConfig; `given`: the flags typed)."""
     return parse(get_args_parser(), argv)
@@ -90,11 +80,11 @@ def load(args: RunConfig) -> weights.Loaded:
     """The denoiser --resume names with its weights, and the sampler: the flags typed (args.given,
     also a default typed out) override what the weights bring (weights.load_denoiser)."""
     overrides = {k: getattr(args, k) for k in args.given}
-    if weights.is_exported(args.resume):
-        if args.weights or args.ema != 1:
-            raise BadValue(f"{args.resume} is an exported folder holding one network: --ema / --weights do not apply")
-        return weights.load_denoiser(args.resume, overrides)
-    state, path = run_sources.load_checkpoint(args.resume, log=lambda msg: None)
+    if weights.is_exported(args.resume) and (args.weights or args.ema != 1):
+        raise BadValue(f"{args.resume} is an exported folder holding one network: --ema / --weights do not apply")
+    state, path, exported = run_sources.read_weights(args.resume, log=lambda msg: None)
+    if exported is not None:
+        return weights.load_denoiser((exported, state.model), overrides, where=os.path.join(path, weights.CONFIG))
     which = args.weights or f"ema{args.ema}"
     exported = weights.command_line_sampler(
         weights.export_config(state, which, dtype="float32", source=path, records=[]), args
@@ -110,7 +100,7 @@ def main(args: RunConfig) -> int:
     model = loaded.denoiser.to(device)
     for note in loaded.notes:
         print(f"note: {note}")
-    classes = default_classes(model.num_classes) if args.classes is None else args.classes
+    classes = grid.figure_classes(model.num_classes) if args.classes is None else args.classes
     spec = grid.GridSpec(tuple(classes), args.per_class, loaded.sampler, args.seed)  # training's grids are these
     spec.check_classes(model.num_classes, "--classes")
     save_grid(grid.sample_images(model, spec, device), args.per_class, args.output)

@@ -14,7 +14,6 @@ memory: the data pipeline is not included (see bench_data.py). Sampling times `D
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -33,9 +32,11 @@ from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import ATTN_IMPLS, JiT_models  # noqa: E402
 from sampling import SamplerSettings  # noqa: E402
 from util import distributed  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
 from util.ema import EMA  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
 from util.evaluation import quantize  # noqa: E402
+from util.files import write_json  # noqa: E402
 
 H100_CLASS_TFLOPS = 790.0  # dense bf16 peak assumed for H100 / H200 (SPEC's figure)
 
@@ -159,7 +160,7 @@ def bench_sampler(args, steps: int) -> SamplerSettings:
     )
 
 
-def build(args, device, attn_impl):
+def bench_denoiser(args, device, attn_impl):
     torch.manual_seed(args.seed)
     net = JiT_models[args.model](
         input_size=args.img_size, num_classes=args.class_num, attn_impl=attn_impl, grad_checkpoint=args.grad_checkpoint
@@ -173,7 +174,7 @@ def utilisation(flops_per_s, args):
 
 def bench_train(args, device, fwd_flops):
     """Steady-state training throughput: `steps` timed optimiser steps after `warmup` untimed ones."""
-    denoiser = build(args, device, args.attn_impl)
+    denoiser = bench_denoiser(args, device, args.attn_impl)
     emas = [EMA(denoiser, 0.9999), EMA(denoiser, 0.9996)]
     optimizer = build_optimizer(denoiser, lr=5e-5 * args.batch_size / 256, weight_decay=0.0)
     model = torch.compile(denoiser) if args.compile else denoiser
@@ -207,7 +208,7 @@ def bench_train(args, device, fwd_flops):
 
 def bench_sample(args, device, fwd_flops):
     """Throughput of one timed generate call of `sample_batch` images, after one untimed call."""
-    denoiser = build(args, device, args.attn_impl).eval().requires_grad_(False)  # like the EMA copy sampled from
+    denoiser = bench_denoiser(args, device, args.attn_impl).eval().requires_grad_(False)  # as the EMA copy sampled
     net = compile_sampling_net(denoiser.net) if args.compile else None  # as evaluation compiles it
     labels = torch.arange(args.sample_batch, device=device) % args.class_num
     sampler = bench_sampler(args, args.sample_steps)
@@ -240,12 +241,12 @@ def bench_parity(args, device, n=8):
     noise, and `n` samples of `parity_steps` Heun steps from fixed noise, with the same weights (all
     perturbed by N(0, 0.02²), so that the zero-initialised layers act)."""
     g = torch.Generator().manual_seed(args.seed)
-    fast = build(args, device, args.attn_impl).eval()
+    fast = bench_denoiser(args, device, args.attn_impl).eval()
     with torch.no_grad():
         for p in fast.parameters():
             if p.requires_grad:
                 p.add_(0.02 * torch.randn(p.shape, generator=g).to(device))
-    ref = build(args, device, "reference").eval()
+    ref = bench_denoiser(args, device, "reference").eval()
     ref.load_state_dict(fast.state_dict())
     if args.compile:
         fast = Denoiser(compile_sampling_net(fast.net), args.class_num).eval()
@@ -280,35 +281,32 @@ def bench_parity(args, device, n=8):
     }
 
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def fmt(v, spec):
+def figure(v, spec: str) -> str:
+    """A measured figure in `spec`'s format, or n/a when not measured."""
     return "n/a" if v is None else format(v, spec)
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def main(args: RunConfig) -> dict:
+    """Measure; BadValue for a setting that cannot work (see cli). Returns what --json holds."""
     for name in ("batch_size", "steps", "sample_batch", "sample_steps", "parity_steps"):
         if getattr(args, name) < 1:
             raise BadValue(f"--{name} must be at least 1")
     device = distributed.init(args.device)
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if (
-        device.type == "cuda"
-        and args.peak_tflops is None
-        and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200"))
-    ):
-        args.peak_tflops = H100_CLASS_TFLOPS
+    h100_class = device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200"))
+    args = args.replace(
+        compile=device.type == "cuda" if args.compile is None else args.compile,
+        peak_tflops=H100_CLASS_TFLOPS if args.peak_tflops is None and h100_class else args.peak_tflops,
+    )
 
     params, fwd_flops = model_size(args)
     out = {
         "env": environment(device),
-        "config": vars(args),
+        "config": args.as_dict(),
         "model": {
             "params_m": params / 1e6,
             "fwd_gflops_per_image": fwd_flops / 1e9,
@@ -329,7 +327,7 @@ def main(argv=None):
         r = out["train"] = bench_train(args, device, fwd_flops)
         print(
             f"train  (batch {args.batch_size}): {r['img_per_s']:.1f} img/s, {r['step_ms']:.1f} ms/step, "
-            f"peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}",
+            f"peak {figure(r['peak_mem_gb'], '.1f')} GB, {r['tflops']:.2f} TFLOP/s, MFU {figure(r['mfu'], '.1%')}",
             flush=True,
         )
     if not args.skip_sample:
@@ -337,9 +335,9 @@ def main(argv=None):
         print(
             f"sample (batch {args.sample_batch}, {args.sample_steps}-step Heun, cfg {args.cfg}): "
             f"{r['img_per_s']:.2f} img/s, "
-            f"{r['batch_s']:.2f} s/batch, peak {fmt(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net "
+            f"{r['batch_s']:.2f} s/batch, peak {figure(r['peak_mem_gb'], '.1f')} GB, {r['net_passes_per_image']} net "
             "passes/image, "
-            f"{r['tflops']:.2f} TFLOP/s, MFU {fmt(r['mfu'], '.1%')}",
+            f"{r['tflops']:.2f} TFLOP/s, MFU {figure(r['mfu'], '.1%')}",
             flush=True,
         )
     if args.parity:
@@ -352,9 +350,14 @@ def main(argv=None):
             flush=True,
         )
     if args.json:
-        write_json(args.json, out)
+        write_json(args.json, out, indent=2)
     return out
 
 
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main))
+    sys.exit(cli())

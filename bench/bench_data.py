@@ -30,9 +30,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 
 import prepare_data  # noqa: E402
-from bench import write_json  # noqa: E402  (bench/bench.py: this folder is on sys.path)
+from util.config import RunConfig, parse  # noqa: E402
 from util.data import ResumableSampler, make_loader, open_dataset  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
+from util.files import write_json  # noqa: E402
 from util.store import is_store  # noqa: E402
 
 
@@ -160,7 +161,7 @@ def measure_all(dataset, args, device, label: str) -> dict:
     }
 
 
-def convert(folder: str, store: str, size: int) -> float:
+def timed_conversion(folder: str, store: str, size: int) -> float:
     """prepare_data.py in one process; returns its images/s."""
     n = len(open_dataset(folder, size))
     start = time.perf_counter()
@@ -181,7 +182,7 @@ def bench_size(path: str, size: int, args, device, tmp: str) -> dict:
     out["jpeg"] = measure_all(open_dataset(path, size), args, device, f"JPEG {size}px")
     if args.store:
         store = os.path.join(tmp, f"store-{size}")
-        out["conversion_img_per_s_per_process"] = convert(path, store, size)
+        out["conversion_img_per_s_per_process"] = timed_conversion(path, store, size)
         out["store"] = measure_all(open_dataset(store, size), args, device, f"store {size}px")
         out["store_vs_jpeg_per_process"] = {
             r["workers"]: s["img_per_s_per_process"] / r["img_per_s_per_process"]
@@ -196,8 +197,13 @@ def bench_size(path: str, size: int, args, device, tmp: str) -> dict:
     return out
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def main(args: RunConfig) -> dict:
+    """Measure; BadValue for a setting that cannot work (see cli). Returns what --json holds."""
     if args.batches < 1 or args.batch_size < 1 or min(args.workers) < 0:
         raise BadValue("--batches and --batch_size must be at least 1, --workers at least 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -218,16 +224,21 @@ def main(argv=None):
         )
         by_size = {size: bench_size(path, size, args, device, tmp) for size in args.img_size}
     out = {
-        "config": vars(args),
+        "config": args.as_dict(),
         "cpus": os.cpu_count(),
         "images": len(first),
         "mean_file_kb": mean_kb,
         "sizes": by_size,
     }
     if args.json:
-        write_json(args.json, out)
+        write_json(args.json, out, indent=2)
     return out
 
 
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main))
+    sys.exit(cli())

@@ -12,7 +12,6 @@ two steps (recompiles). The counts are dynamo's, the same for any backend: --bac
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepParts, build_optimizer, compile_fsdp_blocks, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util import (
-    distributed,  # noqa: E402
-    sharding,  # noqa: E402
-)
+from util import distributed, sharding  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
+from util.files import write_json  # noqa: E402
 
 
 def get_args_parser():
@@ -39,8 +38,17 @@ def get_args_parser():
     return p
 
 
-def main():
-    args = get_args_parser().parse_args()
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def main(args: RunConfig):
+    """Train, count and print (rank 0); BadValue for --steps below 3 (see cli)."""
+    if args.steps < 3:
+        raise BadValue(
+            f"--steps must be at least 3 (2 to warm up, then the steps whose graphs are counted), got {args.steps}"
+        )
     device = distributed.init(args.device)
     from torch._dynamo import lookup_backend
     from torch._dynamo.utils import counters
@@ -87,24 +95,18 @@ def main():
     for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
         distributed.print0(f"  {n}× {reason[:160]}")
     if args.json and distributed.is_main_process():
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "mode": args.mode,
-                    "grad_checkpoint": args.grad_checkpoint,
-                    "backend": args.backend,
-                    "device": str(device),
-                    "world_size": distributed.get_world_size(),
-                    "graphs": graphs,
-                    "dynamic_graphs": sum(dynamic),
-                    "graph_breaks": sum(breaks.values()),
-                    "graphs_after_step_2": graphs - after_warmup,
-                },
-                f,
-                indent=1,
-            )
+        counts = {"graphs": graphs, "dynamic_graphs": sum(dynamic), "graph_breaks": sum(breaks.values())}
+        run = {"mode": args.mode, "grad_checkpoint": args.grad_checkpoint, "backend": args.backend}
+        where = {"device": str(device), "world_size": distributed.get_world_size()}
+        write_json(args.json, {**run, **where, **counts, "graphs_after_step_2": graphs - after_warmup})
+
+
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    code = exit_code(main, parse_args(argv))
     distributed.shutdown()
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -41,20 +41,15 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
-from util.errors import exit_code  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
 
 GiB = 2**30
 CAPACITY_GIB = {"80GB": 79.1, "141GB": 139.8}  # what torch reports as total memory on H100-80GB / H200
 HEADROOM_GIB = 4.0  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
-TABLE = [
-    ("JiT-B/16", 256, 128),
-    ("JiT-L/16", 256, 128),
-    ("JiT-H/16", 256, 128),
-    ("JiT-G/16", 256, 32),
-    ("JiT-B/32", 512, 128),
-    ("JiT-L/32", 512, 128),
-    ("JiT-H/32", 512, 128),
-    ("JiT-G/32", 512, 32),
+TABLE = [  # (model, image size, batch per GPU) of the README table
+    *[("JiT-B/16", 256, 128), ("JiT-L/16", 256, 128), ("JiT-H/16", 256, 128), ("JiT-G/16", 256, 32)],
+    *[("JiT-B/32", 512, 128), ("JiT-L/32", 512, 128), ("JiT-H/32", 512, 128), ("JiT-G/32", 512, 32)],
 ]
 
 
@@ -90,7 +85,7 @@ def state_bytes(counts: dict, *, world_size: int, fsdp: bool, mixed_precision: b
     AdamW moments, two EMAs) plus 4 B per parameter and power EMA (--phema_stds), divided by
     world_size under FSDP (shard padding ignored). 'build_peak': the most the EMAs' construction
     holds, before training: under FSDP the live weights still whole and one full copy being sharded
-    (main_jit.build_model shards each copy as it is made), with the shards made so far; before
+    (run_build.build_model shards each copy as it is made), with the shards made so far; before
     issue 28 item 3 the power EMAs were all copied before sharding (2 + P full copies)."""
     n, tr = counts["total"], counts["trainable"]
     state = {"weights": 4 * n, "grads": 4 * tr, "adamw": 8 * tr, "emas": 2 * 4 * n}
@@ -314,18 +309,13 @@ def estimate(
     acts = activation_bytes(trace, grad_checkpoint=grad_checkpoint, fp32_params=not (fsdp and mixed_precision))
     out["activations"] = acts["saved"]
     out["weight_casts"] = acts["weight_casts"]
-    out["total"] = (
-        out["state"]
-        + out.get("fsdp_gathered", 0)
-        + out.get("ddp_buckets", 0)
-        + out["activations"]
-        + out["weight_casts"]
-    )
+    extra = out.get("fsdp_gathered", 0) + out.get("ddp_buckets", 0)
+    out["total"] = out["state"] + extra + out["activations"] + out["weight_casts"]
     out["fits"] = {k: out["total"] / GiB + HEADROOM_GIB <= cap for k, cap in CAPACITY_GIB.items()}
     return out
 
 
-def table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = False) -> str:
+def readme_table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = False) -> str:
     """The README table: per-GPU GiB for TABLE's models, DDP and FSDP, without and with checkpointing."""
     act = "compiled" if compiled else "eager"
     rows = [
@@ -366,7 +356,7 @@ def table(world_size: int = 8, mixed_precision: bool = False, compiled: bool = F
     return "\n".join(rows)
 
 
-def main(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser("Per-GPU memory estimate of JiT training (meta device)")
     a = p.add_argument
     a("--model", default="JiT-B/16", choices=sorted(JiT_models), metavar="MODEL")
@@ -387,23 +377,16 @@ def main(argv=None):
         help="post-hoc EMA: the σ_rel main_jit.py tracks (their count matters)",
     )
     a("--table", action="store_true", help="print the README table instead")
-    args = p.parse_args(argv)
-    if args.table:
-        print(table(args.world_size, args.mixed_precision, args.compiled))
-        return
-    e = estimate(
-        args.model,
-        args.img_size,
-        args.batch_size,
-        world_size=args.world_size,
-        fsdp=args.fsdp,
-        grad_checkpoint=args.grad_checkpoint,
-        mixed_precision=args.mixed_precision,
-        attn_drop=args.attn_dropout,
-        proj_drop=args.proj_dropout,
-        compiled=args.compiled,
-        phemas=len(args.phema_stds),
-    )
+    return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def print_breakdown(args: RunConfig, e: dict):
+    """The estimate `e` of `args`'s run, one line per kind of memory."""
     mode = ("FSDP" if args.fsdp else "DDP") + (" + grad checkpointing" if args.grad_checkpoint else "")
     print(
         f"{args.model} at {args.img_size}px, batch {args.batch_size}/GPU, {args.world_size} GPUs, {mode}: "
@@ -437,5 +420,24 @@ def main(argv=None):
         print(f"  fits a {k} GPU ({CAPACITY_GIB[k]} GiB): {'yes' if ok else 'no'}")
 
 
+def main(args: RunConfig):
+    """Print the estimate (or --table); BadValue for sizes that cannot work (see cli)."""
+    for name in ("img_size", "batch_size", "world_size"):
+        if getattr(args, name) < 1:
+            raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.table:
+        print(readme_table(args.world_size, args.mixed_precision, args.compiled))
+        return
+    same = {k: getattr(args, k) for k in ("world_size", "fsdp", "grad_checkpoint", "mixed_precision", "compiled")}
+    drop = {"attn_drop": args.attn_dropout, "proj_drop": args.proj_dropout}
+    e = estimate(args.model, args.img_size, args.batch_size, **same, **drop, phemas=len(args.phema_stds))
+    print_breakdown(args, e)
+
+
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main))
+    sys.exit(cli())

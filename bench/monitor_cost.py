@@ -21,16 +21,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import sync  # noqa: E402  (bench/bench.py: this folder is on sys.path)
 from denoiser import Denoiser  # noqa: E402
 from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from sampling import SamplerSettings  # noqa: E402
 from util import grid  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
 from util.ema import EMA  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
+from util.files import write_json  # noqa: E402
 
 
-def get_args():
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser():
+    p = argparse.ArgumentParser("JiT monitoring cost", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="JiT-T/4")
     a("--img_size", default=32, type=int)
@@ -69,12 +73,12 @@ def get_args():
     )
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--json", default=None)
-    return p.parse_args()
+    return p
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
 
 
 def timed_steps(parts, batch, n, device, monitor=None, measure=False) -> float:
@@ -132,38 +136,29 @@ def probe_ops(monitor, params, device, batch: int, reps: int = 200) -> tuple[flo
     return per_step, (time.perf_counter() - t0) / (reps // 10)
 
 
-def main():
-    args = get_args()
-    if args.from_figures:
-        result = from_figures(args)
-        print(json.dumps(result, indent=1))
-        return
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num)
-    denoiser = Denoiser(net, args.class_num).to(device)
-    emas = [EMA(denoiser, 0.9999), EMA(denoiser, 0.9996)]
-    parts = StepParts(denoiser, denoiser, build_optimizer(denoiser, 1e-4, 0.0), emas, device)
+def probe_cost(args: RunConfig, denoiser, device: torch.device) -> dict:
+    """--probe_only: the probe's own operations, timed alone (probe_ops), per step and per epoch."""
+    monitor = StepMonitor(device, t_bin_edges(-0.8, 0.8))
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    per_step, per_measure = probe_ops(monitor, params, device, args.batch_size)
+    steps_per_epoch = args.images_per_epoch // (args.batch_size * args.world_size)
+    return {
+        "device": str(device),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "probe_s_per_step": per_step,
+        "probe_s_per_measured_step": per_measure,
+        "steps_per_epoch": steps_per_epoch,
+        "log_freq": args.log_freq,
+        "per_t_loss_s_per_epoch": per_step * steps_per_epoch + per_measure * steps_per_epoch / args.log_freq,
+    }
+
+
+def step_cost(args: RunConfig, parts: StepParts, device: torch.device) -> dict:
+    """Training steps without and with the probe, alternating (medians), and the measured step."""
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8)
     batch = (x, torch.randint(0, args.class_num, (args.batch_size,)))
     monitor = StepMonitor(device, t_bin_edges(-0.8, 0.8))
-    if args.probe_only:
-        per_step, per_measure = probe_ops(
-            monitor, [p for p in denoiser.parameters() if p.requires_grad], device, args.batch_size
-        )
-        steps_per_epoch = args.images_per_epoch // (args.batch_size * args.world_size)
-        result = {
-            "device": str(device),
-            "model": args.model,
-            "batch_size": args.batch_size,
-            "probe_s_per_step": per_step,
-            "probe_s_per_measured_step": per_measure,
-            "steps_per_epoch": steps_per_epoch,
-            "log_freq": args.log_freq,
-            "per_t_loss_s_per_epoch": per_step * steps_per_epoch + per_measure * steps_per_epoch / args.log_freq,
-        }
-        print(json.dumps(result, indent=1))
-        return
     timed_steps(parts, batch, 2, device, monitor)  # warm-up
     plain, probed = [], []
     for _ in range(args.steps):
@@ -174,12 +169,22 @@ def main():
     steps_per_epoch = args.images_per_epoch // (args.batch_size * args.world_size)
     epoch_s = step_s * steps_per_epoch
     per_t = (probe_s - step_s) * steps_per_epoch + (measured - probe_s) * steps_per_epoch / args.log_freq
+    return {
+        "step_s": step_s,
+        "step_with_probe_s": probe_s,
+        "measured_step_s": measured,
+        "epoch_s": epoch_s,
+        "per_t_loss_s_per_epoch": per_t,
+        "per_t_loss_pct": 100 * per_t / epoch_s,
+    }
 
+
+def grid_cost(args: RunConfig, ema, device: torch.device, epoch_s: float) -> dict:
+    """One sample grid (this rank's share), timed after an untimed one."""
     classes = grid.default_classes(args.class_num)
     spec = grid.GridSpec(
         tuple(classes), per_class(args), SamplerSettings("heun", args.sample_steps, args.cfg, args.interval_min, 1.0)
     )
-    ema = emas[0].module
     rank_share = range(spec.size // args.world_size)
     grid.sample_images(ema, spec, device, rank_share)  # warm-up
     sync(device)
@@ -187,17 +192,7 @@ def main():
     grid.sample_images(ema, spec, device, rank_share)
     sync(device)
     grid_s = time.perf_counter() - t
-    result = {
-        "device": str(device),
-        "model": args.model,
-        "img_size": args.img_size,
-        "batch_size": args.batch_size,
-        "step_s": step_s,
-        "step_with_probe_s": probe_s,
-        "measured_step_s": measured,
-        "epoch_s": epoch_s,
-        "per_t_loss_s_per_epoch": per_t,
-        "per_t_loss_pct": 100 * per_t / epoch_s,
+    return {
         "grid": f"{len(classes)} × {spec.per_class}, {spec.sampler.method} {spec.sampler.steps} steps, cfg "
         f"{spec.sampler.cfg}",
         "grid_images_per_rank": len(rank_share),
@@ -207,11 +202,42 @@ def main():
         "grid_pct": 100 * grid_s / (epoch_s * args.sample_every),
         "grid_pct_of_one_epoch": 100 * grid_s / epoch_s,
     }
+
+
+def main(args: RunConfig) -> dict:
+    """Measure (or work out --from_figures) and print the costs as JSON; BadValue for settings that
+    cannot work (see cli)."""
+    for name in ("batch_size", "steps", "log_freq", "sample_every", "sample_steps", "world_size"):
+        if getattr(args, name) < 1:
+            raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.from_figures and (args.train_img_per_s is None or args.sample_img_per_s is None):
+        raise BadValue("--from_figures needs --train_img_per_s and --sample_img_per_s")
+    if args.from_figures:
+        result = from_figures(args)
+    else:
+        device = torch.device(args.device)
+        torch.manual_seed(0)
+        net = JiT_models[args.model](input_size=args.img_size, num_classes=args.class_num)
+        denoiser = Denoiser(net, args.class_num).to(device)
+        if args.probe_only:
+            result = probe_cost(args, denoiser, device)
+        else:
+            emas = [EMA(denoiser, 0.9999), EMA(denoiser, 0.9996)]
+            parts = StepParts(denoiser, denoiser, build_optimizer(denoiser, 1e-4, 0.0), emas, device)
+            steps = step_cost(args, parts, device)
+            where = {"device": str(device), "model": args.model, "img_size": args.img_size}
+            result = {**where, "batch_size": args.batch_size, **steps}
+            result.update(grid_cost(args, emas[0].module, device, steps["epoch_s"]))
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
+    return result
+
+
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

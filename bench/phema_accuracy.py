@@ -23,7 +23,6 @@
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,8 +38,10 @@ import reconstruct_ema  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from util import checkpoint, phema, phema_files  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
 from util.ema import EMA, PowerEMA, lerp_together_  # noqa: E402
-from util.files import human_bytes  # noqa: E402
+from util.errors import BadValue, exit_code  # noqa: E402
+from util.files import human_bytes, write_json  # noqa: E402
 
 # ImageNet 600 epochs at a global batch of 1024, and the defaults chosen from this benchmark.
 IMAGENET_STEPS_PER_EPOCH, IMAGENET_EPOCHS, IMAGENET_BATCH = 1251, 600, 1024
@@ -73,7 +74,7 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
 
 
-def train(steps: int, finest: int, start: int, log=print) -> dict:
+def train_tiny(steps: int, finest: int, start: int, log=print) -> dict:
     """Train the tiny preset for `steps` steps, tracking the EMAs; keep the snapshot profiles
     (flattened float32 weights) at each multiple of `finest` from `start` on."""
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def train(steps: int, finest: int, start: int, log=print) -> dict:
     }
 
 
-def reconstruct(run: dict, stds, steps: int, spacing: int, start: int, target, dtype=torch.float32):
+def reconstruct_from_run(run: dict, stds, steps: int, spacing: int, start: int, target, dtype=torch.float32):
     """(weights (P,) float64, Fit) of `target` (('std', σ) or ('decay', d)) at the end of the run
     from the snapshots of profiles `stds` every `spacing` steps from `start` on, stored as `dtype`."""
     keys = [(s, k) for k in range(start, steps + 1) if k % spacing == 0 for s in stds]
@@ -147,7 +148,7 @@ def accuracy_rows(run: dict, steps: int, start: int) -> list[dict]:
             row["sigma_rel"] = phema.sigma_rel_of_decay(value, steps)
         for epochs in SPACINGS_IN_EPOCHS:
             spacing = round(steps * epochs / IMAGENET_EPOCHS)
-            rec, fit = reconstruct(run, stds, steps, spacing, start, (kind, value))
+            rec, fit = reconstruct_from_run(run, stds, steps, spacing, start, (kind, value))
             cell = {
                 "steps": spacing,
                 "error": relative_error(rec, flat(ema.module), run["raw"]),
@@ -155,7 +156,7 @@ def accuracy_rows(run: dict, steps: int, start: int) -> list[dict]:
                 "gain": fit.gain,
             }
             if epochs * IMAGENET_STEPS_PER_EPOCH == DEFAULT_EVERY:
-                rec16, _ = reconstruct(run, stds, steps, spacing, start, (kind, value), torch.float16)
+                rec16, _ = reconstruct_from_run(run, stds, steps, spacing, start, (kind, value), torch.float16)
                 row["error_float16"] = relative_error(rec16, flat(ema.module), run["raw"])
                 row["error_float16_of_weights"] = float(
                     (rec16 - flat(ema.module).double()).norm() / flat(ema.module).norm()
@@ -303,22 +304,31 @@ def print_tables(result: dict):
         )
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps", default=3600, type=int, help="training steps (a multiple of 1200, so that every spacing is whole)"
     )
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    if args.steps % 1200:
-        parser.error("--steps must be a multiple of 1200")
+    return parser
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def main(args: RunConfig) -> dict:
+    """Train, reconstruct and print the tables; BadValue for --steps that is no positive multiple of 1200."""
+    if args.steps < 1 or args.steps % 1200:
+        raise BadValue(f"--steps must be a positive multiple of 1200, got {args.steps}")
     torch.set_num_threads(1)  # a 0.3M-parameter model: more threads only contend (10x slower on a busy 2-core VM)
     t0 = time.time()
     steps = args.steps
     start = phema_files.default_schedule(steps)[1]
     finest = round(steps * min(SPACINGS_IN_EPOCHS) / IMAGENET_EPOCHS)
     print(f"training JiT-XS/4 for {steps} steps (snapshots every {finest} steps from step {start})")
-    run = train(steps, finest, start)
+    run = train_tiny(steps, finest, start)
     result = {
         "steps": steps,
         "start": start,
@@ -332,9 +342,14 @@ def main():
     print_tables(result)
     print(f"\nwall time {result['wall_s']:.0f} s (training {result['train_s']:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
+    return result
+
+
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr)."""
+    return exit_code(main, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

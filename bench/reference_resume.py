@@ -17,6 +17,11 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import main_jit  # noqa: E402
+from util.config import RunConfig, parse  # noqa: E402
+from util.errors import MissingFile, exit_code  # noqa: E402
 
 
 def write_reference_format(src: str, dst: str) -> dict:
@@ -28,15 +33,33 @@ def write_reference_format(src: str, dst: str) -> dict:
     return ref
 
 
-def main(argv):
-    src, out, flags = argv[0], argv[1], argv[2:]
+def get_args_parser():
+    p = argparse.ArgumentParser("Resume from a checkpoint in the reference's format")
+    p.add_argument("checkpoint", help="a checkpoint of this repository (checkpoint-last.pth of a run)")
+    p.add_argument("output", help="the folder main_jit.py resumes in (--output_dir)")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="main_jit.py's flags for the run (e.g. --demo)")
+    return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The flags as given (util.config.RunConfig), as every script's."""
+    return parse(get_args_parser(), argv)
+
+
+def main(args: RunConfig) -> int:
+    """Rewrite, resume, check: 0 when every AdamW step counter advanced by the epoch's steps, 1 when
+    not or main_jit.py failed; MissingFile / BadValue before any work (see cli)."""
+    if not os.path.isfile(args.checkpoint):
+        raise MissingFile(f"{args.checkpoint}: no such checkpoint file")
+    main_jit.parse_args(args.flags)  # its flags, checked by its parser before any work
+    out = args.output
     os.makedirs(out, exist_ok=True)
-    ref = write_reference_format(src, os.path.join(out, "reference-format.pth"))
+    ref = write_reference_format(args.checkpoint, os.path.join(out, "reference-format.pth"))
     code = subprocess.call(
         [
             sys.executable,
             os.path.join(ROOT, "main_jit.py"),
-            *flags,
+            *args.flags,
             "--resume",
             os.path.join(out, "reference-format.pth"),
             "--output_dir",
@@ -56,5 +79,10 @@ def main(argv):
     )
 
 
+def cli(argv=None) -> int:
+    """Exit status as util.errors: 2 for bad input (one line on stderr), else main's."""
+    return exit_code(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli())

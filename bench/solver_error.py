@@ -44,7 +44,7 @@ def load_denoiser(resume: str, ema: int):
     """The Denoiser of a checkpoint (file or run folder; EMA `ema`) or an exported folder."""
     if weights.is_exported(resume):
         return weights.load_denoiser(resume).denoiser
-    state, path = run_sources.load_checkpoint(resume, log=lambda msg: None)
+    state, path, _ = run_sources.read_weights(resume, log=lambda msg: None)
     which = f"ema{ema}"
     config = weights.export_config(state, which, dtype="float32", source=path, records=[])
     return weights.load_denoiser((config, state.weights(which)), {}, where=f"{path} ({which})").denoiser

@@ -11,6 +11,7 @@ import torch
 from helpers import TINY, TINY_MODEL, make_image_folder, run_script
 
 import main_jit
+import run_build
 from denoiser import CONVERSIONS, TRUTHS, Denoiser, velocity
 from engine_jit import build_optimizer
 from model_jit import ARCH_KNOBS, JiT_models
@@ -137,7 +138,7 @@ def test_eps_and_v_prediction_train_resume_bit_exactly_and_sample(pred, tmp_path
 
     def build(seed):
         torch.manual_seed(seed)
-        d = main_jit.build_denoiser(args, CPU).train()
+        d = run_build.new_denoiser(args, CPU).train()
         return d, build_optimizer(d, 1e-3, 0.0)
 
     d1, o1 = build(0)
@@ -167,7 +168,7 @@ def test_knob_flags_default_to_the_presets_network(tmp_path):
     args = tiny_run_args(tmp_path)
     assert [getattr(args, k) for k in ARCH_KNOBS] == [None, None, None] and (args.pred, args.loss) == ("x", "v")
     torch.manual_seed(0)
-    built = main_jit.build_denoiser(args, CPU).state_dict()
+    built = run_build.new_denoiser(args, CPU).state_dict()
     torch.manual_seed(0)
     plain = Denoiser(JiT_models[TINY_MODEL["model"]](input_size=16, num_classes=3), num_classes=3).state_dict()
     assert list(built) == list(plain) and all(torch.equal(built[k], plain[k]) for k in plain)
@@ -275,7 +276,7 @@ def test_an_ablation_run_records_its_choices_and_evaluates(tmp_path, inception_w
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     saved = ckpt["args"]
     assert (saved["pred"], saved["loss"], saved["bottleneck_dim"], saved["in_context_len"]) == ("eps", "x", 0, 0)
-    rebuilt = main_jit.build_denoiser(argparse.Namespace(**saved), CPU)
+    rebuilt = run_build.new_denoiser(argparse.Namespace(**saved), CPU)
     assert (rebuilt.pred, rebuilt.loss) == ("eps", "x")
     for key in ("model", "model_ema1", "model_ema2"):
         rebuilt.load_state_dict(ckpt[key], strict=True)

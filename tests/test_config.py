@@ -166,3 +166,41 @@ def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
         == phema_files.run_identity({"a": 1})
         != phema_files.run_identity({"a": 2})
     )
+
+
+def test_resolve_reads_the_weights_once_and_returns_the_complete_config(data, tmp_path):
+    """main_jit.resolve: the flags with what follows from them and the run's identity (a new run's
+    own, a resumed checkpoint's, --init_from's origin), the weights in the Source, nothing written;
+    build stores that config, unchanged, in every checkpoint (nothing patched afterwards)."""
+    out = tmp_path / "out"
+    base = [*TINY, "--data_path", data, "--output_dir", str(out)]
+    config, source = main_jit.resolve(main_jit.parse_args([*base, "--resume", str(out)]), world_size=2)
+    assert (config.lr, config.fid_stats) == (1e-3, os.path.join("fid_stats", "jit_in16_stats.npz"))
+    assert config.run_id == phema_files.run_identity(config.as_dict()) and config.cfg == 1.0
+    assert (source.state, source.init) == (None, None) and not out.exists()
+    assert source.notes == (f"no checkpoint in {out}: training from scratch",)  # its own folder, still to come
+
+    sd = tiny_denoiser().state_dict()
+    origin = {"path": "/elsewhere", "weights": "ema1", "epoch": 3, "model": "JiT-XS/4", "img_size": 16, "class_num": 3}
+    identity = {"model": "JiT-XS/4", "img_size": 16, "class_num": 3, "run_id": "a run", "init_origin": origin}
+    kept = tmp_path / "kept"
+    os.makedirs(kept)
+    ckpt_util.save(
+        ckpt_util.TrainState(
+            model=sd, emas=[sd, sd], optimizer=None, epoch=0, start={"epoch": 1, "step": 0}, args=identity
+        ),
+        str(kept / "checkpoint-last.pth"),
+    )
+    config, source = main_jit.resolve(main_jit.parse_args([*base, "--resume", str(kept)]), world_size=1)
+    assert (config.run_id, config.init_origin) == ("a run", origin) and source.path == str(kept / "checkpoint-last.pth")
+    assert source.state.epoch == 0 and source.init is None and not out.exists()
+
+    args = main_jit.parse_args([*base, "--init_from", str(kept), "--dry_run"])
+    config, source = main_jit.resolve(args, world_size=1)
+    assert config.init_origin["path"] == str(kept / "checkpoint-last.pth") and config.init_origin["epoch"] == 0
+    assert config.run_id == phema_files.run_identity(config.as_dict()) != "a run" and source.state is None
+    assert source.init.state_dict is not None and not out.exists()
+
+    run = main_jit.setup(args)
+    run.close()
+    assert run.checkpoints.args == run.config.as_dict() and run.config == config

@@ -23,6 +23,7 @@ from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import files, phema_files
 from util.config import parse
+from util.grid import figure_classes
 from util.pos_embed import sincos_2d_pos_embed
 
 SAMPLER = SamplerSettings(method="heun", steps=3, cfg=2.0, interval_min=0.1)
@@ -347,20 +348,27 @@ def test_init_with_another_network_is_a_one_line_error():
         model_jit_adapters.adapt_for_init(cut, tiny_target())
 
 
+def init_from(path, ema, target):
+    """(state dict, notes, origin) of --init_from PATH --init_ema EMA for `target`, as a run reads and adapts them."""
+    init = run_sources.read_init(path, ema)
+    state, notes = run_sources.adapt_init(init, target, where=path)
+    return state.model, notes, init.origin
+
+
 def test_init_from_checkpoint_file_run_folder_and_exported_folder(run, exported):
     folder, state = run
-    sd, notes, origin = run_sources.init_from(folder, 2, tiny_target(class_num=5), log=print)
+    sd, notes, origin = init_from(folder, 2, tiny_target(class_num=5))
     assert all(torch.equal(sd[k], state.emas[1][k]) for k in sd if k != model_jit_adapters.LABEL_KEY)
     assert origin["weights"] == "ema2" and origin["epoch"] == 7 and origin["path"].endswith("checkpoint-last.pth")
     assert (
         notes[0].startswith("--init_from: the model and every EMA start from the ema2 weights of") and len(notes) == 2
     )
-    sd, _, origin = run_sources.init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target(), log=print)
+    sd, _, origin = init_from(os.path.join(folder, "checkpoint-last.pth"), 0, tiny_target())
     assert all(torch.equal(sd[k], state.model[k]) for k in sd) and origin["weights"] == "model"
-    sd, notes, origin = run_sources.init_from(exported, 1, tiny_target(), log=print)
+    sd, notes, origin = init_from(exported, 1, tiny_target())
     assert all(torch.equal(sd[k], state.emas[0][k]) for k in sd) and origin["weights"] == "ema1" and len(notes) == 1
     with pytest.raises(ckpt_util.CheckpointError, match=r"^--init_from .*no model_ema3"):
-        run_sources.init_from(folder, 3, tiny_target(), log=print)
+        run_sources.read_init(folder, 3)
 
 
 def test_config_flags_override_or_disagree(exported):
@@ -670,17 +678,8 @@ def test_sample_without_classes_draws_the_weights_own_classes(exported, tmp_path
     assert sample.main(sample.parse_args(argv)) == 0
     assert "wrote 3×2 grid" in capsys.readouterr().out
     assert Image.open(grid).size[1] > Image.open(grid).size[0]  # 3 rows of 2 images
-    assert sample.default_classes(3) == [0, 1, 2] and sample.default_classes(1000) == [
-        207,
-        360,
-        387,
-        974,
-        88,
-        979,
-        417,
-        279,
-    ]
-    assert sample.default_classes(100) == list(range(8))
+    assert figure_classes(3) == [0, 1, 2] and figure_classes(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert figure_classes(100) == list(range(8))
 
 
 @pytest.mark.slow

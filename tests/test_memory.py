@@ -57,7 +57,7 @@ def test_estimate_fsdp_and_checkpointing_lower_the_total():
 
 
 def test_cli_prints_a_breakdown(capsys):
-    memory.main(
+    memory.cli(
         [
             "--model",
             "JiT-XS/4",

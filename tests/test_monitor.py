@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -23,9 +24,11 @@ import report
 import sample
 from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, train_step
 from sampling import SamplerSettings
+from util import checkpoint as ckpt_util
 from util import grid
 from util import report as R
 from util.errors import BadValue, exit_code
+from util.svg_plot import smooth
 
 SAMPLER = ["--num_sampling_steps", "2", "--cfg", "2.0", "--interval_min", "0.1"]
 GRIDS = ["--sample_every", "1", *SAMPLER]
@@ -288,10 +291,34 @@ def test_the_report_overlays_runs_and_refers_only_to_files_that_exist(tmp_path, 
     assert "error: " in capsys.readouterr().err
 
 
+def test_the_report_reads_the_newest_readable_checkpoint_and_names_a_bad_one_in_one_line(tmp_path):
+    """util.report reads checkpoints through util.checkpoint's reader: a cut newest file is one line
+    under Warnings, and the config comes from the older file; a folder of bad files only, a line each."""
+    fake_run(tmp_path / "a", [1.0, 0.8], [(0, 50.0)])
+    sd = tiny_denoiser().state_dict()
+    older = ckpt_util.TrainState(
+        model=sd, emas=[sd, sd], optimizer=None, epoch=1, start={"epoch": 2, "step": 0}, args={"epochs": 7, "lr": 0.5}
+    )
+    ckpt_util.save(older, str(tmp_path / "a" / "checkpoint-1.pth"))
+    newest = tmp_path / "a" / "checkpoint-last.pth"
+    newest.write_bytes((tmp_path / "a" / "checkpoint-1.pth").read_bytes()[:1000])  # cut by a full disk
+    os.utime(newest, (time.time() + 5, time.time() + 5))
+    run = R.read_run(str(tmp_path / "a"))
+    assert run["config"] == {"epochs": 7, "lr": 0.5} and run["progress"]["total_steps"] == 7 * 2
+    (line,) = run["unreadable"]
+    assert line.startswith(f"cannot read checkpoint {newest}") and "\n" not in line
+    R.write_report([str(tmp_path / "a")])
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert f"<li>cannot read checkpoint {newest}" in page and "<td>lr</td><td>0.5</td>" in page
+    os.remove(tmp_path / "a" / "checkpoint-1.pth")
+    (bad,) = R.read_run(str(tmp_path / "a"))["unreadable"]
+    assert bad == line and R.read_run(str(tmp_path / "a"))["config"] == {}
+
+
 def test_smoothing_is_the_debiased_exponential_average():
     values = [3.0, 1.0, 2.0, 5.0]
     w = 0.9
-    for k, s in enumerate(R.smooth(values, w)):
+    for k, s in enumerate(smooth(values, w)):
         weights = [w ** (k - i) * (1 - w) for i in range(k + 1)]
         assert s == pytest.approx(sum(wi * v for wi, v in zip(weights, values)) / sum(weights))
 

@@ -17,6 +17,7 @@ from helpers import TINY, assert_same_state, load_last, read_metrics, tiny_denoi
 import engine_jit
 import main_jit
 import reconstruct_ema
+import run_build
 from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import phema, phema_files, sweep
@@ -265,7 +266,7 @@ def test_finished_points_are_matched_by_their_sigma_rel(tmp_path):
     ]
     assert point.weights == 0.05 and sweep.Point(2, point.sampler, 6).weights == 2
     assert (
-        sweep.describe({**record, "inception_score": None})
+        sweep.describe_record({**record, "inception_score": None})
         == "σ_rel 0.05, cfg 2.0, interval (0.0, 1.0): FID 3.0000, IS n/a"
     )
 
@@ -368,13 +369,11 @@ def test_under_fsdp_each_copy_is_sharded_as_it_is_made(tmp_path, monkeypatch):
     monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
     monkeypatch.setattr(sharding, "shard", stand_in_shard)
     monkeypatch.setattr(sharding, "is_sharded", lambda m: False)
-    config = main_jit.resolve_config(
-        main_jit.parse_args([*TINY, "--fsdp", *PHEMA, "--ema_decay3", "0.99"]), world_size=2
-    )
+    config, _ = main_jit.resolve(main_jit.parse_args([*TINY, "--fsdp", *PHEMA, "--ema_decay3", "0.99"]), world_size=2)
     assert config.fsdp
-    real_build = main_jit.build_denoiser
-    monkeypatch.setattr(main_jit, "build_denoiser", lambda *a: live.append(real_build(*a)) or live[-1])
-    denoiser, emas, phemas, _ = main_jit.build_model(config, torch.device("cpu"))
+    real_build = run_build.new_denoiser
+    monkeypatch.setattr(run_build, "new_denoiser", lambda *a: live.append(real_build(*a)) or live[-1])
+    denoiser, emas, phemas, _ = run_build.build_model(config, torch.device("cpu"))
     held = np.cumsum(events)
     assert events.count(1) == 3 + len(STDS) and held[-1] == 0 and held.max() == 1
     assert [e.sigma_rel for e in phemas] == list(STDS) and all(

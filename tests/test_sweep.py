@@ -23,6 +23,7 @@ from helpers import (
 from PIL import Image
 
 import main_jit
+import run_build
 from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
 from util import sweep
@@ -319,7 +320,7 @@ class Stopped(StopSignal):
 def test_a_sweep_of_more_than_50_points_prints_its_cost_first(
     checkpoint, tmp_path, inception_weights, fid_ref_stats, monkeypatch, capsys
 ):
-    monkeypatch.setattr(main_jit, "StopSignal", Stopped)
+    monkeypatch.setattr(run_build, "StopSignal", Stopped)
     cfgs = [f"{1 + i / 10:.1f}" for i in range(26)]
     assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", *cfgs, "--ema", 1, 2) == 0
     out = capsys.readouterr().out
@@ -381,6 +382,7 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
 
 
 def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform():
+    import model_card
     import weights
 
     records = [
@@ -399,11 +401,11 @@ def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform
         }
         for fid, m, n, s in ((5.0, "heun", 50, None), (4.0, "ab3", 10, "edm:2"))
     ]
-    best = weights.recommended_sampler({}, records, ema=1, epoch=3)
+    best = model_card.recommended_sampler({}, records, ema=1, epoch=3)
     assert (best["method"], best["steps"], best["schedule"]) == ("ab3", 10, "edm:2")
-    assert weights.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
+    assert model_card.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
     assert (
-        weights.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"]
+        model_card.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"]
         == "logsnr:3"
     )
     values = weights.flag_values(

@@ -2,6 +2,7 @@
 clear error when the disk is full or the write fails otherwise, and nothing half-written left behind."""
 
 import errno
+import json
 import os
 import shutil
 
@@ -22,6 +23,12 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def write_json(path: str, obj, indent: int | None = 1):
+    """`obj` as JSON in `path`, written atomically (atomic_write); its folder is made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def free_bytes(path: str) -> int:

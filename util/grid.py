@@ -24,12 +24,21 @@ from util.viz import grid_array, write_png
 GRID_IMAGES = 32  # images of a default training grid
 GRID_ROWS = 8  # classes of a default training grid (fewer when the run has fewer)
 FOLDER = "samples"
+IMAGENET_FIGURE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's ImageNet figures' grid
 
 
 def default_classes(class_num: int, rows: int = GRID_ROWS) -> list[int]:
     """`rows` classes spread evenly over 0 .. class_num - 1 (all of them when there are fewer)."""
     rows = min(rows, class_num)
     return [k * class_num // rows for k in range(rows)]
+
+
+def figure_classes(class_num: int, rows: int = GRID_ROWS) -> list[int]:
+    """sample.py's rows when no --classes are given: the classes of the reference's ImageNet figures
+    when the weights have them all, else the first `rows` (all of them when there are fewer)."""
+    if class_num > max(IMAGENET_FIGURE_CLASSES):
+        return list(IMAGENET_FIGURE_CLASSES[:rows])
+    return list(range(min(rows, class_num)))
 
 
 def default_per_class(n_classes: int) -> int:
@@ -71,7 +80,7 @@ class GridSpec:
         return torch.tensor([self.classes[i // self.per_class] for i in indices], dtype=torch.long)
 
 
-def check_flags(flags):
+def check_grid_flags(flags):
     """--sample_every, --sample_classes, --sample_per_class against --class_num (BadValue), before any work."""
     if flags.sample_every < 0:
         raise BadValue(f"--sample_every must be >= 0 (0: no sample grids), got {flags.sample_every}")

@@ -13,7 +13,7 @@ from util.phema_files import read_snapshot, reconstruct, reconstruction_point, u
 from util.sweep import as_list
 
 
-def check_flags(args):
+def check_phema_flags(args):
     """The post-hoc EMA flags of main_jit.py: σ_rel in range and distinct, a schedule of whole steps,
     and --phema (with --ema_std) as the one source of weights of an --evaluate_gen (BadValue)."""
     for flag in ("phema_stds", "ema_std"):

@@ -39,7 +39,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def describe(holder: dict) -> str:
+def describe_holder(holder: dict) -> str:
     ids = ", ".join(f"{k} {holder[k]}" for k in ("slurm_job", "rdzv_id") if holder.get(k))
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" + (
         f", {ids}" if ids else ""
@@ -76,12 +76,12 @@ def acquire(output_dir: str, kind: str, ids: dict, log=print) -> str:
             reason = stale_reason(holder, me) if holder else "it is empty (its writer was killed)"
             if reason is None:
                 raise BadInput(
-                    f"--output_dir {output_dir} is in use by another {kind} run ({describe(holder)}): wait for it "
-                    f"to end or use another --output_dir; if that run is dead, delete {path}"
+                    f"--output_dir {output_dir} is in use by another {kind} run ({describe_holder(holder)}): wait for "
+                    f"it to end or use another --output_dir; if that run is dead, delete {path}"
                 ) from None
             log(
-                f"note: taking over the {kind} lock of {output_dir} from {describe(holder) if holder else 'nobody'}: "
-                f"{reason}"
+                f"note: taking over the {kind} lock of {output_dir} from "
+                f"{describe_holder(holder) if holder else 'nobody'}: {reason}"
             )
             os.remove(path)
             continue

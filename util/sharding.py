@@ -95,12 +95,16 @@ def local_tensors(tensors) -> list[torch.Tensor]:
 
 
 def nonfinite_flag(params, group=None) -> torch.Tensor:
-    """0-dim float tensor, the same on every rank: 1.0 if any rank's local gradient shard holds
-    inf/NaN (or their norms overflow), else 0.0. One all-reduce (max) of one number; no host sync.
-    Set it as `optimizer.found_inf` before `step()` so fused AdamW skips the step on all ranks."""
-    grads = local_tensors(p.grad for p in params if p.grad is not None)
-    flag = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    """0-dim float tensor: 1.0 if any gradient holds inf/NaN (or their norms overflow), else 0.0; no
+    host sync. Sharded gradients (DTensors) are checked shard by shard and the flag all-reduced (max,
+    one number over `group`), so it is the same on every rank; plain gradients (one process, or DDP's,
+    equal on every rank) need no communication. Set it as `optimizer.found_inf` before `step()` so
+    that fused AdamW skips the step on all ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    flag = (~torch.isfinite(torch.stack(torch._foreach_norm(local_tensors(grads))).sum())).float()
+    if any(isinstance(g, dtensor) for g in grads):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag
 
 

@@ -234,7 +234,7 @@ def best(records: list[dict]) -> dict | None:
     return min((r for r in records if finite(r["fid"])), key=lambda r: r["fid"], default=None)
 
 
-def describe(record: dict) -> str:
+def describe_record(record: dict) -> str:
     """A point's settings and scores in one line (a missing or NaN score as n/a)."""
     num = lambda x: f"{x:.4f}" if finite(x) else "n/a"  # noqa: E731
     return (
@@ -399,7 +399,9 @@ def report(records: list[dict], output_dir: str, name: str, log) -> dict | None:
     """Print the best point; rank 0 writes {name}.csv and {name}.png (a failed write is reported
     through `log`, a RunLog). Returns the best record (None if no FID is finite)."""
     top = best(records)
-    print0(f"best: {describe(top)}; sampler {sampler_name(top)}" if top else "best: none, no point has a finite FID")
+    print0(
+        f"best: {describe_record(top)}; sampler {sampler_name(top)}" if top else "best: none, no point has a finite FID"
+    )
     if is_main_process():
         try:
             write_csv(os.path.join(output_dir, f"{name}.csv"), records)
