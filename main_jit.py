@@ -30,6 +30,8 @@ from util.data import Data, build_data
 from util.demo import write_demo_outputs
 from util.ema import EMA, PowerEMA
 from util.errors import BadValue, exit_code
+from util.evaluation import check_flags as check_eval_flags
+from util.evaluation import notes as eval_notes
 from util.evaluation import scoring
 from util.logger import RunLog, hms
 from util.stop import StopRun, StopSignal
@@ -277,6 +279,35 @@ def get_args_parser():
     )
     a("--save_images", action="store_true", help="also keep the generated PNGs in output_dir")
     a(
+        "--eval_seeds",
+        default=1,
+        type=int,
+        help="score each evaluation with N noise seeds (--seed, --seed + 1, ...): a record per seed and their mean ± "
+        "std",
+    )
+    a(
+        "--ref_features",
+        default=None,
+        help="reference Inception pool features (prepare_ref.py --ref_features): adds precision and recall (k = 3)",
+    )
+    a(
+        "--dinov2_weights",
+        default=None,
+        help="local DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth, or timm's vit_large_patch14_dinov2): adds "
+        "FD-DINOv2",
+    )
+    a(
+        "--dinov2_stats",
+        default=None,
+        help="DINOv2 reference statistics (prepare_ref.py --dinov2_stats); default "
+        "fid_stats/jit_in{img_size}_dinov2_stats.npz",
+    )
+    a(
+        "--phema_run",
+        default=None,
+        help="with --phema: the run whose snapshots to use when the folder holds snapshots of several runs",
+    )
+    a(
         "--sample_every",
         default=5,
         type=int,
@@ -405,6 +436,7 @@ def check_args(args):
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     phema_run.check_flags(args)
+    check_eval_flags(args)
     if not args.evaluate_gen:
         grid.check_flags(args)
 
@@ -583,6 +615,8 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         data = build_data(config, device)  # generates its shapes first
     if data:
         distributed.print0(f"data: {data}")
+    for note in eval_notes(config, data.steps_per_epoch * config.epochs if data else None):
+        distributed.print0(f"note: {note}")
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
     # all ranks start identical; then seed + rank for the training randomness (t, noise, label
     # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.
@@ -628,7 +662,9 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         checkpoints.check_free_space()
     stopper = StopSignal()
     if config.phema:  # each σ_rel's weights, reconstructed at step config.phema_at
-        reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
+        reconstruct = functools.partial(
+            phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0, run=config.phema_run
+        )
         ema_weights = PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
     else:
         ema_weights = EMAWeights(
@@ -648,6 +684,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
             stopper=stopper,
             during_training=not config.evaluate_gen,
             weights_context={"phema_step": config.phema_at} if config.phema else {},
+            eval_seeds=config.eval_seeds,
         )
     )
     parts = StepParts(wrap_for_training(denoiser, config, device), denoiser, optimizer, emas, device, phemas)

@@ -82,7 +82,7 @@ def evaluation_source(flags, log=print) -> tuple[checkpoint.TrainState, str, obj
     else:
         if flags.phema:
             (state, changes["phema_at"]), path = (
-                phema_run.snapshot_state(flags.phema, flags.phema_at, log),
+                phema_run.snapshot_state(flags.phema, flags.phema_at, flags.phema_run),
                 os.path.abspath(flags.phema),
             )
         else:
