@@ -62,7 +62,7 @@ def torch_fidelity_features(model, images: torch.Tensor) -> torch.Tensor:
         return extractor(images)[0]
 
 
-def main():
+def get_args_parser():
     p = argparse.ArgumentParser("util/dinov2.py against DINOv2's torch.hub implementation")
     p.add_argument("--dinov2_repo", required=True, help="a checkout of github.com/facebookresearch/dinov2")
     p.add_argument("--weights", default=None, help="a DINOv2 release file (default: random weights, see --dim)")
@@ -71,7 +71,11 @@ def main():
     p.add_argument("--images", default=8, type=int)
     p.add_argument("--size", default=256, type=int, help="side of the random uint8 images (pixels)")
     p.add_argument("--out", default="/tmp/dinov2_parity_weights.pth", help="where the random weights go")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_args_parser().parse_args()
     torch.manual_seed(0)
     if args.weights is None:
         arch = dict(dim=args.dim, depth=args.depth, patch=14, mlp_ratio=4.0, grid=37)

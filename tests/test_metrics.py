@@ -80,8 +80,12 @@ def test_reference_features_round_trip_and_errors(tmp_path):
     with pytest.raises(MissingFile, match="prepare_ref.py --ref_features"):
         prc.load_features(str(tmp_path / "none.npz"))
     np.savez(tmp_path / "small.npz", features=np.zeros((7, 64), np.float32))
-    with pytest.raises(BadValue, match=r"expected features of shape \(N > 3, 2048\)"):
+    with pytest.raises(BadValue, match=r"expected float32 features of shape \(N > 3, 2048\), got float32 \(7, 64\)"):
         prc.load_features(str(tmp_path / "small.npz"))
+    np.savez(tmp_path / "f64.npz", features=np.zeros((7, 2048)))
+    with pytest.raises(BadValue, match=r"got float64 \(7, 2048\)"):
+        prc.check_features(str(tmp_path / "f64.npz"))
+    assert prc.check_features(path) == 7
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(BadValue, match="not a features file"):
         prc.load_features(str(tmp_path / "junk.npz"))

@@ -4,8 +4,11 @@ recall, FD-DINOv2 and three noise seeds; and one-class runs (--class_num 1: trai
 evaluation, sample.py), the cases that make the reference crash (#7) or draw noise (#31)."""
 
 import hashlib
+import importlib.util
 import math
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -122,18 +125,18 @@ def test_own_dataset_end_to_end_with_precision_recall_fd_dinov2_and_three_seeds(
 @pytest.mark.slow
 def test_one_class_runs_train_draw_grids_guide_and_evaluate(tmp_path, inception_weights, fid_ref_stats):
     """--class_num 1: training with guidance, a grid (4 rows of 8, not a 1 × 32 strip) and an online
-    evaluation; an --evaluate_gen sweep over the CFG scale; sample.py. The causes found for the
-    reference's crash and noise get one-line answers: a tree of several class folders is refused
-    before any work (exit 2, what to do); guidance without a trained 'no class' label and an EMA that
-    is still mostly its initialisation are named in notes, which the unconditional recipe (#7:
-    --label_drop_prob 0 --cfg 1.0) and a short EMA do not get."""
+    evaluation; an --evaluate_gen sweep over the CFG scale (the scale changes the images); sample.py.
+    The causes found for the reference's crash and noise get one-line answers: a tree of several class
+    folders is refused before any work (exit 2, what to do); guidance without a trained 'no class'
+    label and an EMA that is still mostly its initialisation are named in notes, which the
+    unconditional recipe (#7: --label_drop_prob 0 --cfg 1.0) and a short EMA do not get."""
     one, three, out = tmp_path / "one", tmp_path / "three", tmp_path / "run"
     make_image_folder(one, classes=1, per_class=8)
     make_image_folder(three, classes=3, per_class=2)
     scoring = ["--fid_stats", fid_ref_stats, "--inception_weights", inception_weights, "--num_images", 10]
     common = [*TINY_RUN, "--class_num", 1, "--data_path", one, "--label_drop_prob", 0, *scoring]
     p = run_script("main_jit.py", *common, "--output_dir", out, "--epochs", 1, "--online_eval", "--cfg", 2.0,
-                   "--sample_every", 1)  # fmt: skip
+                   "--sample_every", 1, "--ema_decay2", 0.5)  # fmt: skip
     assert "data: 8 images in 1 classes" in p.stdout and "sample grids: 1 classes × 32" in p.stdout
     assert "note: --cfg 2.0 guides away from the 'no class' label, which --label_drop_prob 0 never trains" in p.stdout
     assert "note: EMA 1 (--ema_decay1 0.9999) still holds 100% of the initial random weights" in p.stdout
@@ -141,9 +144,11 @@ def test_one_class_runs_train_draw_grids_guide_and_evaluate(tmp_path, inception_
     (record,) = read_metrics(out, "eval")
     assert record["class_num"] == 1 and record["cfg"] == 2.0 and math.isfinite(record["fid"])
 
-    run_script("main_jit.py", *common, "--output_dir", out, "--evaluate_gen", "--resume", out, "--cfg", 1.0, 3.0)
+    run_script("main_jit.py", *common, "--output_dir", out, "--evaluate_gen", "--resume", out, "--cfg", 1.0, 3.0,
+               "--ema", 2)  # fmt: skip
     sweep = read_metrics(out, "eval")[1:]
-    assert [r["cfg"] for r in sweep] == [1.0, 3.0] and all(math.isfinite(r["fid"]) for r in sweep)
+    assert [(r["ema"], r["cfg"]) for r in sweep] == [(2, 1.0), (2, 3.0)] and all(math.isfinite(r["fid"]) for r in sweep)
+    assert sweep[0]["fid"] != sweep[1]["fid"]  # guidance changes the images (EMA 2 is past its initialisation)
     assert (out / "sweep.csv").is_file()
     run_script("sample.py", "--resume", out, "--classes", 0, "--per_class", 3, "--num_sampling_steps", 2,
                "--device", "cpu", "--output", tmp_path / "grid.png")  # fmt: skip
@@ -154,3 +159,32 @@ def test_one_class_runs_train_draw_grids_guide_and_evaluate(tmp_path, inception_
     assert "for one class put all images in one sub-folder" in p.stdout and not (tmp_path / "r3").exists()
     p = run_script("main_jit.py", *common, "--output_dir", tmp_path / "dry", "--dry_run", "--ema_decay1", 0.3)
     assert "dry run" in p.stdout and "note:" not in p.stdout
+
+
+def doc_commands(path: str) -> list[list[str]]:
+    """The `python X.py ...` / `torchrun ... X.py ...` commands of a Markdown file's code blocks, with
+    backslash continuations joined and each ${VAR} replaced by 1: [script, args...] each."""
+    commands, block, text = [], False, open(path).read().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = not block
+            continue
+        if not (block and line.startswith(("python ", "torchrun "))):
+            continue
+        words = shlex.split(re.sub(r"\$\{\w+\}", "1", line.split(" # ")[0]))
+        if words:
+            at = next(i for i, w in enumerate(words) if w.endswith(".py"))
+            commands.append(words[at:])
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["docs/evaluation.md", "docs/own_data.md"])
+def test_the_commands_of_the_docs_parse_with_each_scripts_flags(doc):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commands = doc_commands(os.path.join(root, doc))
+    assert len(commands) >= 4
+    for script, *args in commands:
+        spec = importlib.util.spec_from_file_location(script.replace("/", "_")[:-3], os.path.join(root, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.get_args_parser().parse_args(args)  # SystemExit (exit status 2) for a flag it does not know

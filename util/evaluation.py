@@ -234,9 +234,8 @@ def check_flags(flags):
 def notes(config, total_steps: int | None) -> list[str]:
     """Warnings about what the run's samples (grids, evaluation) will show, for the log before any
     work: flags of evaluation without an evaluation; guidance (a CFG scale other than 1) towards the
-    'no class' label that --label_drop_prob 0 never trains; an EMA 1 that, after the run's
-    `total_steps` optimiser steps (None: unknown), still holds over 10% of the initial random weights
-    (decay^steps), so that its samples show mostly the initialisation."""
+    'no class' label that --label_drop_prob 0 never trains; EMAs that, after the run's `total_steps`
+    optimiser steps (None: unknown), still hold over 10% of the initial random weights (ema_notes)."""
     out = []
     evaluating = config.online_eval or config.evaluate_gen
     extra = [f"--{k}" for k in ("ref_features", "dinov2_weights", "eval_seeds") if getattr(config, k) not in (None, 1)]
@@ -249,15 +248,27 @@ def notes(config, total_steps: int | None) -> list[str]:
             "embedding stays at its random initialisation): guided samples are off; sample with --cfg 1.0, or "
             "train with --label_drop_prob > 0 (the paper's 0.1)"
         )
-    if total_steps and not config.evaluate_gen and config.ema_decay1**total_steps > 0.1:
-        share = config.ema_decay1**total_steps
-        out.append(
-            f"EMA 1 (--ema_decay1 {config.ema_decay1}) still holds {share:.0%} of the initial random weights after "
-            f"this run's {total_steps} optimiser steps ({config.ema_decay1}^{total_steps}): its sample grids and "
-            "evaluations show mostly the initialisation (noise, blocky patches); for a short run or a small dataset "
-            f"lower --ema_decay1 ({smaller_decay(total_steps)} keeps under 1%) or sample EMA 2 (--ema 2)"
-        )
+    if total_steps and not config.evaluate_gen:
+        out += ema_notes(config, total_steps)
     return out
+
+
+def ema_notes(config, total_steps: int) -> list[str]:
+    """A note when EMAs still hold over 10% of the initial random weights (decay^steps) at the end of
+    a run of `total_steps` optimiser steps (EMA 1 is what grids and evaluation sample)."""
+    decays = [(k, getattr(config, f"ema_decay{k}")) for k in (1, 2, 3)]
+    held = [(k, d, d**total_steps) for k, d in decays if d is not None and d**total_steps > 0.1]
+    if not held:
+        return []
+    one = len(held) == 1
+    which = ", ".join(f"EMA {k} (--ema_decay{k} {d})" for k, d, _ in held)
+    shares = ", ".join(f"{share:.0%}" for _, _, share in held)
+    return [
+        f"{which} still hold{'s' if one else ''} {shares} of the initial random weights after this run's "
+        f"{total_steps} optimiser steps (decay^steps): {'its' if one else 'their'} sample grids and evaluations "
+        f"show mostly the initialisation, not the trained weights; for a short run or a small dataset lower the "
+        f"decay ({smaller_decay(total_steps)} keeps under 1%)"
+    ]
 
 
 def smaller_decay(steps: int) -> str:

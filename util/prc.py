@@ -15,6 +15,7 @@ order) and `total` (the dataset's size). ImageNet's 1,281,167 images make 10.5 G
 """
 
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -47,21 +48,33 @@ def save_features(path: str, features: torch.Tensor, indices: np.ndarray, total:
     )
 
 
-def load_features(path: str, dim: int = 2048) -> torch.Tensor:
-    """The (N, dim) float32 features of a --ref_features file; one-line errors when missing or bad."""
+def check_features(path: str, dim: int = 2048) -> int:
+    """The number of reference images of a --ref_features file, from its header alone (the features
+    are read where they are used); one-line errors when it is missing or not (N > K, dim) float32."""
     if not os.path.isfile(path):
         raise MissingFile(
             f"--ref_features {path}: no such file; make it with `python prepare_ref.py --ref_features {path} ...` "
             "(see docs/evaluation.md)"
         )
     try:
-        with np.load(path) as f:
-            feats = f["features"]
+        with zipfile.ZipFile(path) as z, z.open("features.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
     except Exception as e:  # not a zip, no 'features', truncated
         raise BadValue(f"--ref_features {path}: not a features file ({type(e).__name__}: {e})") from None
-    if feats.ndim != 2 or feats.shape[1] != dim or feats.shape[0] <= K:
-        raise BadValue(f"--ref_features {path}: expected features of shape (N > {K}, {dim}), got {tuple(feats.shape)}")
-    return torch.from_numpy(feats.astype(np.float32, copy=False))
+    if len(shape) != 2 or shape[1] != dim or shape[0] <= K or dtype != np.float32:
+        raise BadValue(
+            f"--ref_features {path}: expected float32 features of shape (N > {K}, {dim}), got {dtype} {tuple(shape)}"
+        )
+    return shape[0]
+
+
+def load_features(path: str, dim: int = 2048) -> torch.Tensor:
+    """The (N, dim) float32 features of a --ref_features file (check_features first)."""
+    check_features(path, dim)
+    with np.load(path) as f:
+        return torch.from_numpy(f["features"])
 
 
 def precision_recall(generated: torch.Tensor, reference: torch.Tensor, device: torch.device) -> tuple[float, float]:

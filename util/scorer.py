@@ -13,6 +13,7 @@ import torch
 
 from util import fid, prc
 from util.dinov2 import DINOv2, describe
+from util.distributed import broadcast_object, is_main_process
 
 QUANTIZE = "round(clip(255·(x + 1)/2, 0, 255)) to uint8, ties to even (util.evaluation.quantize)"
 
@@ -30,7 +31,8 @@ class Scorer:
     """FID against `fid_stats` and Inception Score with one Inception network; with `ref_features`
     (prepare_ref.py --ref_features) also precision and recall (k = 3) of the same pool features; with
     `dinov2_weights` also FD-DINOv2 against `dinov2_stats`. util.errors.BadInput kinds for a missing
-    or bad file, at construction."""
+    or bad file, at construction (a collective: rank 0 hashes the files for the protocol; the
+    reference features are read by the rank that scores, at its first scoring)."""
 
     def __init__(
         self,
@@ -46,11 +48,12 @@ class Scorer:
         self.stats = fid.load_stats(fid_stats)
         self.inception = fid.Inception(inception_weights, device)
         self.ref_features = ref_features
-        self.reference = prc.load_features(ref_features) if ref_features else None
+        self.reference_count = prc.check_features(ref_features) if ref_features else None
+        self._reference = None  # the features themselves: read by the rank that scores, when it first does
         self.dinov2 = DINOv2(dinov2_weights, device) if dinov2_weights else None
         self.dinov2_stats_path = dinov2_stats
         self.dinov2_stats = fid.load_stats(dinov2_stats, self.dinov2.dim, "--dinov2_stats") if self.dinov2 else None
-        self.protocol = self._protocol()
+        self.protocol = broadcast_object(self._protocol() if is_main_process() else None)  # files hashed once
 
     @property
     def device(self) -> torch.device:
@@ -76,8 +79,10 @@ class Scorer:
         is_mean, is_std = fid.inception_score(logits)
         fid_value = fid.frechet_distance(fid.statistics(pool), self.stats)
         out = dict(fid=fid_value, inception_score=is_mean, inception_score_std=is_std)
-        if self.reference is not None:
-            out["precision"], out["recall"] = prc.precision_recall(pool, self.reference, self.device)
+        if self.ref_features:
+            if self._reference is None:
+                self._reference = prc.load_features(self.ref_features)
+            out["precision"], out["recall"] = prc.precision_recall(pool, self._reference, self.device)
         if self.dinov2 is not None:
             dino = features[:, inception_end:].contiguous()
             out["fd_dinov2"] = fid.frechet_distance(fid.statistics(dino), self.dinov2_stats)
@@ -94,12 +99,12 @@ class Scorer:
             fid_stats=self.fid_stats,
             fid_stats_sha256=fid.file_digest(self.fid_stats),
         )
-        if self.reference is not None:
+        if self.ref_features:
             p.update(
                 prc=f"torch-fidelity prc_features_to_metric, k = {prc.K}, Inception pool features",
                 ref_features=self.ref_features,
                 ref_features_sha256=fid.file_digest(self.ref_features),
-                ref_features_count=int(self.reference.shape[0]),
+                ref_features_count=int(self.reference_count),
             )
         if self.dinov2 is not None:
             p.update(
