@@ -67,20 +67,33 @@ def random_dinov2_large(device: torch.device):
     return dinov2.build(state, "random ViT-L/14").to(device)
 
 
+def flops_per_image(fn, images: torch.Tensor) -> float:
+    """Floating-point operations of fn on one image (torch's FlopCounterMode: matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn(images[:1])
+    return counter.get_total_flops()
+
+
 def per_image(name: str, fn, images: torch.Tensor, batch: int, device: torch.device) -> dict:
-    """Seconds per image of fn(uint8 batch) over `images`, after one untimed batch."""
+    """Seconds and FLOPs per image of fn(uint8 batch) over `images`, after one untimed batch."""
     with torch.no_grad():
         fn(images[:batch])
         seconds = sum(timed(lambda b=b: fn(images[b : b + batch]), device) for b in range(0, len(images), batch))
-    s = seconds / len(images)
+    s, flops = seconds / len(images), flops_per_image(fn, images)
     print(
-        f"{name}: {s * 1e3:.1f} ms per image ({len(images)} images, batch {batch}); {s * IMAGES / 3600:.2f} h per 50K"
+        f"{name}: {flops / 1e9:.1f} GFLOP and {s * 1e3:.1f} ms per image ({len(images)} images, batch {batch}); "
+        f"{s * IMAGES / 3600:.2f} h per 50K"
     )
-    return {"what": name, "s_per_image": s, "s_per_50k": s * IMAGES}
+    return {"what": name, "gflop_per_image": flops / 1e9, "s_per_image": s, "s_per_50k": s * IMAGES}
 
 
 def prc_cost(sizes: list[int], device: torch.device) -> list[dict]:
     """Precision / recall seconds for n against n random 2048-d features, each n of `sizes`."""
+    pairs = (2 * IMAGES) ** 2  # torch-fidelity's k-NN radii of both sets and both cross distances: (n + n)² pairs
+    print(f"precision / recall, 50K vs 50K: {pairs:.1e} distances of 2048-d features, ~{2 * 2048 * pairs:.1e} FLOP")
     rows = []
     for n in sizes:
         gen, ref = torch.randn(n, fid.FEATURE_DIM), torch.randn(n, fid.FEATURE_DIM)

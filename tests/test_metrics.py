@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import make_standin_dinov2_weights
+from helpers import make_image_folder, make_standin_dinov2_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import prepare_ref
 from util import dinov2, fid, prc, seeds, sweep
 from util.errors import BadValue, MissingFile
 from util.scorer import Scorer
@@ -278,3 +279,26 @@ def test_finished_points_need_the_same_seeds_and_protocol(tmp_path):
     path.write_text(json.dumps({**old, **vars(point.sampler)}) + "\n")  # written before eval_seeds existed: one seed
     assert list(sweep.finished(str(path), no_protocol)) == [point.key()]
     assert sweep.finished(str(path), {**no_protocol, "eval_seeds": 2}) == {}
+
+
+@pytest.mark.slow
+def test_prepare_ref_writes_a_random_subset_of_the_features_reading_only_those_images(tmp_path, inception_weights):
+    """--ref_features with --ref_features_num alone reads only the drawn images; their features equal
+    the rows of the whole set's, the file records which images they are; bad combinations exit 2."""
+    make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    common = ["--data_path", str(tmp_path / "data"), "--img_size", "16", "--device", "cpu", "--num_workers", "0"]
+    common += ["--inception_weights", inception_weights, "--batch_size", "4"]
+    prepare_ref.main(prepare_ref.parse_args([*common, "--ref_features", str(tmp_path / "all.npz")]))
+    part = ["--ref_features", str(tmp_path / "part.npz"), "--ref_features_num", "5", "--seed", "3"]
+    prepare_ref.main(prepare_ref.parse_args([*common, *part]))
+    with np.load(tmp_path / "all.npz") as a, np.load(tmp_path / "part.npz") as p:
+        assert a["indices"].tolist() == list(range(8)) and int(p["total"]) == 8
+        assert p["indices"].tolist() == prc.subset(8, 5, 3).tolist()
+        assert np.array_equal(p["features"], a["features"][p["indices"]])
+    for argv, message in (
+        (["--stats", "s.npz", "--ref_features_num", "5"], "--ref_features_num chooses the images of --ref_features"),
+        (["--dinov2_stats", "x.npz"], "--dinov2_stats and --dinov2_weights go together"),
+        (["--ref_features", "f.npz", "--ref_features_num", "3"], "--ref_features_num must be more than k = 3"),
+    ):
+        with pytest.raises(BadValue, match=message):
+            prepare_ref.main(prepare_ref.parse_args([*common, *argv]))
