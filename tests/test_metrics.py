@@ -302,3 +302,36 @@ def test_prepare_ref_writes_a_random_subset_of_the_features_reading_only_those_i
     ):
         with pytest.raises(BadValue, match=message):
             prepare_ref.main(prepare_ref.parse_args([*common, *argv]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(-3, 50), stats=st.booleans(), weights=st.booleans())
+def test_the_evaluation_flags_work_or_are_refused_up_front(n, stats, weights):
+    from main_jit import parse_args
+    from util.evaluation import check_flags
+
+    argv = ["--eval_seeds", str(n)] + (["--dinov2_stats", "s.npz"] if stats else [])
+    argv += ["--dinov2_weights", "w.pth"] if weights else []
+    flags = parse_args(argv)
+    if n < 1 or (stats and not weights):
+        with pytest.raises(BadValue, match="--eval_seeds must be at least 1|--dinov2_stats is read for FD-DINOv2"):
+            check_flags(flags)
+    else:
+        check_flags(flags)
+        assert seeds.seed_list(flags.seed, n) == list(range(n))
+
+
+def test_the_report_page_shows_the_spread_over_seeds_and_the_new_scores():
+    from util.report import evaluations_table
+
+    base = dict(epoch=3, ema=1, cfg=2.0, interval_min=0.1, interval_max=1.0, steps=50, num_images=50000)
+    html = evaluations_table(
+        [
+            {**base, "fid": 3.5, "inception_score": 200.0},
+            {**base, "fid": 3.25, "fid_seed_std": 0.0125, "inception_score": 210.0, "inception_score_seed_std": 1.5}
+            | {"eval_seeds": 3, "precision": 0.75, "recall": 0.625, "fd_dinov2": 80.5},
+        ]
+    )
+    assert "<th>seeds</th><th>FID</th><th>IS</th><th>precision</th><th>recall</th><th>FD-DINOv2</th>" in html
+    assert "<td>3</td><td>3.25 ± 0.0125</td><td>210 ± 1.5</td><td>0.75</td><td>0.625</td><td>80.5</td>" in html
+    assert "<td>1</td><td>3.5</td><td>200</td><td></td><td></td><td></td>" in html
