@@ -6,8 +6,10 @@ torch-fidelity's own pieces are used unchanged: its Inception-v3 feature extract
 uint8 images in the same order, the numbers equal `torch_fidelity.calculate_metrics` on PNG files.
 
 Reference statistics are an .npz file with `mu` (2048,) and `sigma` (2048, 2048), the layout of the
-reference release's `fid_stats/jit_in{size}_stats.npz`. torch-fidelity (and torchvision under it)
-is imported where it is used, so that runs that do not evaluate do not pay its import time.
+reference release's `fid_stats/jit_in{size}_stats.npz` (FD-DINOv2's have D = 1024: load_stats takes
+the dimension). `file_digest` is the sha256 a record's protocol names each file by. torch-fidelity
+(and torchvision under it) is imported where it is used, so that runs that do not evaluate do not pay
+its import time.
 """
 
 import hashlib

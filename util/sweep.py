@@ -2,7 +2,8 @@
 post-hoc EMAs of several lengths σ_rel), guidance interval and CFG scale, scored with the same
 per-image seeds and one Inception network; the sampler (method, steps, schedule) is an axis too.
 Finished points are found again in metrics.jsonl, so a stopped sweep continues where it was; the
-results go to sweep.csv (sorted by FID, with each point's NFE) and sweep.png (FID and IS against the
+results go to sweep.csv (sorted by FID, with each point's NFE, and precision, recall, FD-DINOv2 and
+the spread over --eval_seeds where the records have them) and sweep.png (FID and IS against the
 CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one line per CFG scale
 and interval; with several samplers FID against NFE, one line per method and schedule). The
 sampler's command-line flags (shared by main_jit.py and sample.py) and the grid they give live here
