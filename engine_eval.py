@@ -1,7 +1,9 @@
-"""Evaluation during training and of trained weights: FID / IS of one sampler setting, or a sweep of
-settings (util/sweep.py) with the best point scored again. What samples: each EMA's weights
-(`EMAWeights`, gathered when sharded) or post-hoc EMAs reconstructed from snapshots
-(`PostHocWeights`). Generation and scoring themselves are util/evaluation.py."""
+"""Evaluation during training and of trained weights: FID / IS (and precision / recall, FD-DINOv2) of
+one sampler setting, or a sweep of settings (util/sweep.py) with the best point scored again; each
+point with one noise seed or several (--eval_seeds: a record per seed and their mean ± std,
+util/seeds.py). What samples: each EMA's weights (`EMAWeights`, gathered when sharded) or post-hoc
+EMAs reconstructed from snapshots (`PostHocWeights`). Generation and scoring themselves are
+util/evaluation.py and util/scorer.py."""
 
 import dataclasses
 import os
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from util import distributed, sharding, sweep
+from util import distributed, seeds, sharding, sweep
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
 from util.stop import StopSignal
 
@@ -110,7 +112,8 @@ class Evaluation:
     again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points;
     during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv;
     weights_context: what else identifies the weights in the records (and when finished points are
-    matched): for post-hoc EMAs the step they are reconstructed at."""
+    matched): for post-hoc EMAs the step they are reconstructed at; eval_seeds: score each point with
+    this many noise seeds (spec.seed, spec.seed + 1, ...)."""
 
     samplers: EMAWeights | PostHocWeights
     points: list
@@ -123,11 +126,13 @@ class Evaluation:
     stopper: StopSignal | None = None
     during_training: bool = False
     weights_context: dict = dataclasses.field(default_factory=dict)
+    eval_seeds: int = 1
 
 
 def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> dict:
     """What, besides its point, every evaluation record holds and a finished sweep point is matched
-    on: the weights (checkpoint file, epoch) and what generation and scoring depend on."""
+    on: the weights (checkpoint file, epoch) and what generation and scoring depend on (the scorer's
+    protocol: its files and their digests)."""
     s = ev.spec
     return dict(
         checkpoint=checkpoint,
@@ -138,49 +143,96 @@ def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> 
         class_num=s.class_num,
         img_size=s.img_size,
         fid_stats=ev.scorer.fid_stats,
+        eval_seeds=ev.eval_seeds,
+        protocol=ev.scorer.protocol,
     )
 
 
 def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
-    """FID / IS of one point, written as one record (metrics.jsonl, TensorBoard, console); the global
+    """The scores of one point, written as one record (metrics.jsonl, TensorBoard, console); the global
     RNG streams are left as they were. Returns the record: the point's settings, the scores and
-    `context` (eval_context)."""
-    spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images)
+    `context` (eval_context). With ev.eval_seeds > 1, the summary of one record per seed (score_seeds)."""
+    if ev.eval_seeds > 1:
+        return score_seeds(ev, point, epoch=epoch, context=context, in_sweep=in_sweep)
+    record = point_record(ev, point, score_seed(ev, point, ev.spec.seed), epoch=epoch, context=context)
+    publish(ev, point, record, in_sweep=in_sweep)
+    return record
+
+
+def score_seed(ev: Evaluation, point, seed: int, folder_suffix: str = "") -> dict:
+    """util.evaluation.score_images of the point with the noise of `seed` (--save_images: into the
+    reference's folder name + folder_suffix); the global RNG streams are left as they were."""
+    spec = dataclasses.replace(ev.spec, sampler=point.sampler, num_images=point.num_images, seed=seed)
     image_dir = (
-        os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size))
+        os.path.join(ev.output_dir, image_folder_name(spec.sampler, spec.num_images, spec.img_size) + folder_suffix)
         if ev.save_images
         else None
     )
     denoiser, net = ev.samplers(point.weights)
     with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
-        result = score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
+        return score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
+
+
+def point_record(ev: Evaluation, point, result: dict, *, epoch: int, context: dict, kind: str = "eval") -> dict:
+    """A metrics.jsonl record: `kind`, the epoch, `context`, the scores, the point's weights and sampler."""
     std = {} if point.ema_std is None else {sweep.STD_COLUMN: point.ema_std}
     s = point.sampler
-    record = dict(
-        kind="eval",
+    return dict(
+        kind=kind,
         epoch=epoch,
         **context,
         **result,
         ema=point.ema,
         **std,
-        **dataclasses.asdict(point.sampler),
+        **dataclasses.asdict(s),
         nfe=s.nfe(),
         net_passes=s.net_passes(),
         world_size=distributed.get_world_size(),
     )
+
+
+def publish(ev: Evaluation, point, record: dict, *, in_sweep: bool):
+    """The point's record to the console, TensorBoard (fid / is of the point's tags, and the other
+    scores and the spread over seeds where present) and metrics.jsonl."""
+    s = point.sampler
+    over = f", {len(record['seeds'])} seeds" if "seeds" in record else ""
     distributed.print0(
-        f"eval ({spec.num_images} images, cfg {s.cfg}, {sweep.sampler_name(record)}): FID {result['fid']:.4f}, "
-        f"IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}, {result['seconds']:.0f}s"
+        f"eval ({record['num_images']} images, cfg {s.cfg}, {sweep.sampler_name(record)}{over}): "
+        f"{seeds.scores_text(record)}, {record['seconds']:.0f}s"
     )
     weights = f"_std{point.ema_std:g}" if point.ema_std is not None else (f"_ema{point.ema}" if point.ema != 1 else "")
     suffix = (
-        f"_cfg{s.cfg}_res{spec.img_size}"
+        f"_cfg{s.cfg}_res{ev.spec.img_size}"
         + weights
         + (f"_interval{s.interval_min}-{s.interval_max}" if in_sweep else "")
     )
-    ev.log.scalars({f"fid{suffix}": result["fid"], f"is{suffix}": result["inception_score"]}, epoch)
+    scalars = {f"fid{suffix}": record["fid"], f"is{suffix}": record["inception_score"]}
+    for key in ("precision", "recall", "fd_dinov2", "fid_seed_std"):
+        if key in record:
+            scalars[f"{key}{suffix}"] = record[key]
+    ev.log.scalars(scalars, record["epoch"])
     ev.log.flush()
     ev.log.record(record)
+
+
+def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool) -> dict:
+    """--eval_seeds N: the point scored with each seed (an "eval_seed" record each, a single-seed
+    evaluation's context with its seed; one found in metrics.jsonl is not scored again), then the
+    "eval" record of their summary (util.seeds.summarize: mean, std over seeds, per-seed values)."""
+    per_seed = []
+    for k, seed in enumerate(seeds.seed_list(ev.spec.seed, ev.eval_seeds), 1):
+        own = {**context, "seed": seed, "eval_seeds": 1}
+        record = sweep.finished_everywhere(ev.log.metrics_path, own, kind="eval_seed").get(point.key())
+        note = ", found in metrics.jsonl" if record else ""
+        if record is None:
+            result = score_seed(ev, point, seed, f"-seed{seed}")
+            record = point_record(ev, point, result, epoch=epoch, context=own, kind="eval_seed")
+            ev.log.record(record)
+        distributed.print0(f"eval seed {seed} ({k} of {ev.eval_seeds}{note}): {seeds.scores_text(record)}")
+        per_seed.append(record)
+    summary = seeds.summarize(per_seed)
+    record = point_record(ev, point, {**summary, "seeds": [r["seed"] for r in per_seed]}, epoch=epoch, context=context)
+    publish(ev, point, record, in_sweep=in_sweep)
     return record
 
 

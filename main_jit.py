@@ -29,6 +29,7 @@ from util import distributed, grid, phema_files, phema_run, report, runlock, swe
 from util.config import RunConfig, parse
 from util.demo import write_demo_outputs
 from util.errors import BadValue, exit_code
+from util.evaluation import check_eval_flags
 from util.logger import hms
 from util.stop import StopRun
 from weights import DENOISER_DEFAULTS
@@ -157,6 +158,18 @@ def get_args_parser():
     a("--inception_weights", default=None,
       help="local Inception-v3 weights for torch-fidelity (default: download once to the torch hub cache)")
     a("--save_images", action="store_true", help="also keep the generated PNGs in output_dir")
+    a("--eval_seeds", default=1, type=int,
+      help="score each evaluation with N noise seeds (--seed, --seed + 1, ...): a record per seed and their mean ± std")
+    a("--ref_features", default=None,
+      help="reference Inception pool features (prepare_ref.py --ref_features): adds precision and recall (k = 3)")
+    a("--dinov2_weights", default=None,
+      help="local DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth, or timm's vit_large_patch14_dinov2): "
+      "adds FD-DINOv2")
+    a("--dinov2_stats", default=None,
+      help="DINOv2 reference statistics (prepare_ref.py --dinov2_stats); default "
+      "fid_stats/jit_in{img_size}_dinov2_stats.npz")
+    a("--phema_run", default=None,
+      help="with --phema: the run whose snapshots to use when the folder holds snapshots of several runs")
     a("--sample_every", default=5, type=int,
       help="training: a sample grid (EMA 1, fixed noise and classes, the run's sampler) into output_dir/samples "
       "and TensorBoard after every N epochs and the last; 0: none")
@@ -234,6 +247,7 @@ def check_args(args):
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     phema_run.check_phema_flags(args)
+    check_eval_flags(args)
     if not args.evaluate_gen:
         grid.check_grid_flags(args)
 

@@ -4,8 +4,9 @@ snapshots a run wrote with --phema_stds (EDM2 §3; the math is in util/phema.py)
     python reconstruct_ema.py --snapshots ${OUTPUT_DIR}/phema --std 0.004 0.0067 0.01 --decay 0.99985
 
 Each target (a relative standard deviation --std, or a classic per-step EMA decay --decay) is
-reconstructed at the step --at (default: the newest snapshot) from the snapshots at or before it,
-and written as a checkpoint (`model` and `model_ema1` hold the weights; `phema` records the target,
+reconstructed at the step --at (default: the newest snapshot) from the snapshots at or before it
+(of one run: a folder holding snapshots of several runs is refused with a list of them, until
+--run names one), and written as a checkpoint (`model` and `model_ema1` hold the weights; `phema` records the target,
 the snapshots and their weights) that `main_jit.py --evaluate_gen --resume FILE` and
 `sample.py --resume FILE` read. Bad input exits with status 2 and one line on stderr, a failed
 write with status 1.
@@ -31,6 +32,11 @@ def get_args_parser():
     a("--std", default=[], type=float, nargs="+", help="target relative standard deviations σ_rel, each in (0, 0.2887)")
     a("--decay", default=[], type=float, nargs="+", help="target classic EMA decays per optimiser step, each in (0, 1)")
     a("--at", default=None, type=int, help="global optimiser step to reconstruct at (default: the newest snapshot's)")
+    a(
+        "--run",
+        default=None,
+        help="the run whose snapshots to use (its name or a unique prefix) when the folder holds several runs",
+    )
     a("--output_dir", default=None, help="where the checkpoints go (default: SNAPSHOTS/reconstructed)")
     a(
         "--accum",
@@ -93,7 +99,7 @@ def write(
 def main(args):
     """Reconstruct and write the targets; BadInput for bad input, WriteError for a failed write (see cli)."""
     wanted = targets(args.std, args.decay)
-    snapshots = phema_files.usable_snapshots(args.snapshots, args.at)
+    snapshots = phema_files.usable_snapshots(args.snapshots, args.at, args.run, flag="--run")
     at_step, end_images, batch = phema_files.reconstruction_point(snapshots, args.at, need_batch=bool(args.decay))
     out_dir = args.output_dir or os.path.join(args.snapshots, "reconstructed")
     os.makedirs(out_dir, exist_ok=True)

@@ -24,7 +24,7 @@ from util.checkpoint import Checkpointer, Start, match_emas, remove_stale_tempor
 from util.config import RunConfig
 from util.data import Data, build_data
 from util.ema import EMA, PowerEMA
-from util.evaluation import GenerationSpec, Scorer, scoring
+from util.evaluation import GenerationSpec, Scorer, eval_notes, scoring
 from util.logger import RunLog
 from util.stop import StopSignal
 from weights import DENOISER_DEFAULTS
@@ -169,7 +169,9 @@ def sample_weights(config: RunConfig, denoiser, emas: list, device: torch.device
     """What samples: each EMA's weights, or with --phema each σ_rel's, reconstructed at config.phema_at."""
     compiled = use_compile(config, device)
     if config.phema:
-        reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
+        reconstruct = functools.partial(
+            phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0, run=config.phema_run
+        )
         return PostHocWeights(denoiser, reconstruct, device, compiled)
     return EMAWeights(emas, device, functools.partial(new_denoiser, config, device), compiled)
 
@@ -189,6 +191,7 @@ def evaluation_of(config: RunConfig, inputs: Inputs, weights, log: RunLog, stopp
         stopper=stopper,
         during_training=not config.evaluate_gen,
         weights_context={"phema_step": config.phema_at} if config.phema else {},
+        eval_seeds=config.eval_seeds,
     )
 
 
@@ -200,8 +203,9 @@ def grids_of(config: RunConfig, inputs: Inputs, log: RunLog, device: torch.devic
     return grid.GridWriter(config.output_dir, spec, config.sample_every, config.epochs, log, device)
 
 
-def print_start_notes(source: Source, data: Data | None):
-    """The notes of resolve, a torchelastic restart, the data: into the run's log."""
+def print_start_notes(config: RunConfig, source: Source, data: Data | None):
+    """The notes of resolve, a torchelastic restart, the data and what evaluation warns of: into the
+    run's log."""
     for note in source.notes:
         distributed.print0(note)
     if (attempt := distributed.elastic_attempt()) and attempt[0] > 0:
@@ -210,6 +214,8 @@ def print_start_notes(source: Source, data: Data | None):
         )
     if data:
         distributed.print0(f"data: {data}")
+    for note in eval_notes(config, data.steps_per_epoch * config.epochs if data else None):
+        distributed.print0(f"note: {note}")
 
 
 def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.device, lock: str | None) -> Run:
@@ -220,7 +226,7 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
         remove_stale_temporaries(config.output_dir)
     log = RunLog(config.output_dir)
     data = build_data(config, device) if config.demo else inputs.data  # the demo generates its shapes first
-    print_start_notes(source, data)
+    print_start_notes(config, source, data)
     # Seeding order: the same seed on every rank while the weights and EMAs are initialised, so that
     # all ranks start identical; then seed + rank for the training randomness (t, noise, label
     # dropout), which must differ between ranks. A resumed run then restores its saved RNG states.

@@ -110,7 +110,7 @@ def evaluation_source(flags, log=print) -> tuple[TrainState, str, object]:
     BadValue for a contradicting flag."""
     changes, exported = {}, None
     if flags.phema:
-        state, changes["phema_at"] = phema_run.snapshot_state(flags.phema, flags.phema_at, log)
+        state, changes["phema_at"] = phema_run.snapshot_state(flags.phema, flags.phema_at, flags.phema_run)
         path = os.path.abspath(flags.phema)
     else:
         state, path, exported = read_weights(flags.resume, log)

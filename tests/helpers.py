@@ -293,3 +293,22 @@ def worker_pids(launcher: int) -> dict:
         if ppid == launcher and b"RANK" in env:
             pids[int(env[b"RANK"])] = int(pid)
     return pids
+
+
+def make_standin_dinov2_weights(path: str, dim: int = 128, depth: int = 2, grid: int = 37, seed: int = 0, **extra):
+    """Write a small DINOv2-shaped ViT (patch 14, `dim` wide, `depth` blocks, a grid × grid position
+    embedding: 37 is the 518 px of DINOv2's release) with random weights, in the release's format
+    (Meta's key names with `mask_token`); `extra` tensors are added (e.g. register_tokens). LayerScale
+    is set to order one, so that every block changes the features."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    net = VisionTransformer(
+        img_size=14 * grid, patch_size=14, embed_dim=dim, depth=depth, num_heads=dim // 64, init_values=1.0
+    )
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    for k in state:
+        if k.endswith(".gamma") or k == "pos_embed" or k == "cls_token":
+            state[k] = torch.randn_like(state[k]) * (0.5 if k.endswith(".gamma") else 0.02)
+    torch.save({**state, "mask_token": torch.zeros(1, dim), **extra}, path)
+    return path

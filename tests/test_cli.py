@@ -69,7 +69,7 @@ def run_as_script(script: str, *args, monkeypatch, capsys) -> tuple[int, str]:
             "--resume /nonexistent/ckpt.pth: no such file",
         ),
         ("sample.py", ["--resume", "/nonexistent/ckpt.pth", "--cfg", -1], "the CFG scale must be >= 0"),
-        ("prepare_ref.py", ["--device", "cpu"], "nothing to do: give --png_dir and/or --stats"),
+        ("prepare_ref.py", ["--device", "cpu"], "nothing to do: give --png_dir, --stats, --ref_features and/or"),
         ("prepare_data.py", ["--data_path", "d", "--store", "s", "--img_size", 0], "--img_size must be at least 1"),
         ("bench/bench.py", ["--steps", 0, "--device", "cpu"], "--steps must be at least 1"),
         ("bench/bench_data.py", ["--batches", 0], "--batches and --batch_size must be at least 1"),

@@ -130,9 +130,9 @@ def test_resuming_with_another_objective_is_refused(data, tmp_path, flag, value)
         main_jit.setup(main_jit.parse_args([*argv, f"--{flag}", value]))
 
 
-def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
-    """Seam bug 4: each snapshot records its run; reconstruction uses the run that wrote the newest
-    file and names the others, which no longer set the default point."""
+def test_a_stale_snapshot_of_another_run_is_refused_and_named(tmp_path):
+    """Seam bug 4: each snapshot records its run; a folder holding snapshots of several runs is
+    refused (one line naming each run, its count and steps), and the run is picked by name or prefix."""
     model = tiny_denoiser()
     ema = PowerEMA(model, 0.1)
     folder = str(tmp_path / "phema")
@@ -156,10 +156,14 @@ def test_a_stale_snapshot_of_another_run_is_skipped_and_named(tmp_path):
             epoch=0,
             args={"run_id": "new", "epochs": 3},
         )
-    notes = []
-    used = phema_files.usable_snapshots(folder, log=notes.append)
+    with pytest.raises(BadValue) as e:
+        phema_files.usable_snapshots(folder)
+    assert str(e.value) == (
+        f"{folder} holds the snapshots of 2 runs: run new (2 snapshots, steps 10-20), run old (1 snapshot, step 90); "
+        "pick one with --phema_run RUN, or move the other run's files out of the folder"
+    )
+    used = phema_files.usable_snapshots(folder, run="ne")
     assert [s.step for s in used] == [10, 20] and {s.run for s in used} == {"new"}
-    assert len(notes) == 1 and "1 snapshot(s) of another run skipped (phema-0000000090-0.1.pth)" in notes[0]
     assert phema_files.reconstruction_point(used)[0] == 20
     assert (
         phema_files.run_identity({"a": 1, "run_id": "x"})

@@ -116,6 +116,8 @@ def commands(path: str, text: str) -> list[tuple[str, list[str]]]:
 
 def substituted(line: str, loops: dict) -> list[list[str]]:
     """The commands of one shell line, once per combination of the loop variables it uses."""
+    if not re.search(r"\b(python3?|torchrun)\b", line):  # output shown in a block, not a command
+        return []
     used = [v for v in loops if re.search(rf"\$(\{{{v}\}}|{v}\b)", line)]
     out = []
     for values in itertools.product(*(loops[v] for v in used)):

@@ -194,7 +194,8 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     mid-epoch, the same command again: the weights, every EMA, the power EMAs, the optimizer, the
     snapshot files byte for byte and the eval records equal the uninterrupted run's. Then on its
     snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to float32
-    rounding) and leaves the files unchanged, and a stale snapshot of another run is skipped and named."""
+    rounding) and leaves the files unchanged, and a stale snapshot of another run is refused and named
+    until --run picks the run."""
     import reconstruct_ema
 
     out = fsdp["base"] / "run"
@@ -268,14 +269,10 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     torch.save(other, stale)
     os.utime(stale, (1, 1))
     capsys.readouterr()
-    assert (
-        reconstruct_ema.cli(
-            ["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
-    assert "1 snapshot(s) of another run skipped (phema-0000000016-0.05.pth)" in printed
+    rec = ["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]
+    assert reconstruct_ema.cli(rec) == 2
+    assert "run another-run (1 snapshot, step 16); pick one with --run RUN" in capsys.readouterr().err
+    assert reconstruct_ema.cli([*rec, "--run", fsdp["args"]["run_id"]]) == 0
     assert os.listdir(out / "rec-stale") == [
         "ema-std0.07-step0000000012.pth"
     ]  # not step 16: the stale one sets nothing

@@ -85,20 +85,20 @@ def test_a_resume_holds_only_the_adamw_moments_of_the_checkpoint(tmp_path):
 
 
 class StandinScorer:
-    """What score_images asks of a Scorer, without Inception: features are the images' pixel means."""
+    """What score_images asks of a Scorer (util.scorer), without Inception: features are the images' pixel means."""
 
     fid_stats = "standin"
+    protocol = {"fid_stats": "standin"}
+    device = torch.device("cpu")
+    feature_dim = 2048 + 1008
 
-    class inception:  # noqa: N801 (an attribute of the scorer in util.evaluation.Scorer)
-        device = torch.device("cpu")
-
-        @staticmethod
-        def features(images):
-            return images.float().mean(dim=(1, 2, 3))[:, None].expand(-1, 2048 + 1008).contiguous()
+    @staticmethod
+    def features(images):
+        return images.float().mean(dim=(1, 2, 3))[:, None].expand(-1, 2048 + 1008).contiguous()
 
     @staticmethod
     def scores(features):
-        return 1.0, 1.0, 0.0
+        return dict(fid=1.0, inception_score=1.0, inception_score_std=0.0)
 
 
 class NoLog:

@@ -4,17 +4,19 @@ reconstruction CLI."""
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import tiny_denoiser
+from helpers import TINY, tiny_denoiser
 from scipy import integrate, optimize
 
+import main_jit
 import reconstruct_ema
 import sample
-from util import checkpoint, phema, phema_files
+from util import checkpoint, phema, phema_files, phema_run
 from util.ema import EMA, PowerEMA, lerp_together_
 
 
@@ -432,3 +434,33 @@ def test_a_snapshot_folder_that_cannot_be_made_is_a_write_error(tmp_path):
     )
     writer(1, 8)
     assert writer.failed == 1
+
+
+def test_a_folder_with_a_stray_snapshot_of_another_run_is_refused_until_a_run_is_picked(tmp_path, capsys):
+    """Issue 36 item 6: one newer file of another run copied into the folder; reconstruct_ema.py and
+    --evaluate_gen --phema refuse it in one line naming both runs, their counts and steps, and how to
+    pick; --run / --phema_run picks one (by name or prefix)."""
+    snap_dir = tmp_path / "phema"
+    write_toy_snapshots(str(snap_dir))  # 12 snapshots, steps 10-60, written before runs had a name
+    stray = phema_files.read_snapshot(phema_files.list_snapshots(str(snap_dir))[-1].path)[1]
+    stray.update(run="f0e1d2c3b4a59687", step=70)
+    torch.save(stray, snap_dir / "phema-0000000070-0.05.pth")
+    listing = "run unnamed (12 snapshots, steps 10-60), run f0e1d2c3b4a59687 (1 snapshot, step 70)"
+    code, out, err = run_cli(["--snapshots", str(snap_dir), "--std", "0.1"], capsys)
+    assert code == 2 and err == (
+        f"error: {snap_dir} holds the snapshots of 2 runs: {listing}; pick one with --run RUN, or move the other "
+        "run's files out of the folder\n"
+    )
+    assert not (snap_dir / "reconstructed").exists()
+    for run, step, count in (("unnamed", 60, 12), ("f0e1", 70, 1)):
+        code, out, err = run_cli(["--snapshots", str(snap_dir), "--std", "0.1", "--run", run], capsys)
+        assert code == 0 and f"{count} snapshots up to step {step}" in out, err
+        assert os.path.isfile(snap_dir / "reconstructed" / f"ema-std0.1-step{step:010d}.pth")
+    code, out, err = run_cli(["--snapshots", str(snap_dir), "--std", "0.1", "--run", "zz"], capsys)
+    assert code == 2 and err == f"error: --run zz: no run of {snap_dir} match; it holds {listing}\n"
+    argv = [*TINY, "--evaluate_gen", "--phema", str(snap_dir), "--ema_std", "0.1", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=re.escape(f"2 runs: {listing}; pick one with --phema_run RUN")):
+        main_jit.main(main_jit.parse_args(argv))
+    config = main_jit.parse_args([*argv, "--phema_run", "unnamed"])
+    state, step = phema_run.snapshot_state(config.phema, None, config.phema_run)
+    assert step == 60 and state.args["class_num"] == 3

@@ -283,6 +283,7 @@ def test_finished_points_are_matched_by_their_sigma_rel(tmp_path):
         (["--evaluate_gen", "--phema", "x", "--ema_std", "0.05", "--ema", "2"], "--ema chooses an EMA of a checkpoint"),
         (["--evaluate_gen", "--phema", "x", "--ema_std", "0"], "--ema_std 0.0: σ_rel must be in"),
         (["--evaluate_gen", "--resume", "y", "--ema_std", "0.05"], "--ema_std needs --phema"),
+        (["--evaluate_gen", "--resume", "y", "--phema_run", "abc"], "--phema_run needs --phema"),
         (
             ["--evaluate_gen", "--phema", "/nonexistent", "--ema_std", "0.05"],
             "/nonexistent: no such folder of snapshots",

@@ -221,7 +221,12 @@ def build_data(config, device) -> Data:
         barrier()
     dataset = open_dataset(config.data_path, config.img_size)
     if len(dataset.classes) > config.class_num:
-        raise BadValue(f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num}")
+        raise BadValue(
+            f"{config.data_path} has {len(dataset.classes)} classes but --class_num is {config.class_num} (every "
+            "sub-folder of train/ is a class, and a label >= --class_num has no row in the label embedding: the "
+            "reference's device-side assert); pass --class_num "
+            f"{len(dataset.classes)}, or for one class put all images in one sub-folder"
+        )
     sampler = ResumableSampler(len(dataset), get_rank(), get_world_size(), seed=config.seed)
     loader = make_loader(
         dataset,

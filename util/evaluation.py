@@ -7,10 +7,12 @@ and every batch's content depend on (weights, seed, gen_bsz, sampler), not on th
 processes. A different gen_bsz changes only the float rounding of the network's batched kernels
 (CPU or GPU matrix products are not batch-invariant), which may move a few uint8 values by one.
 
-Each batch is quantised to uint8 and fed to torch-fidelity's Inception in memory; the features
-are gathered on rank 0 in image order, which computes FID and IS with torch-fidelity's functions
-and shares the numbers with every rank. What is generated is a `GenerationSpec`; how it is scored, a
-`Scorer` (built once per run). Logging the results is engine_eval.evaluate's job.
+Each batch is quantised to uint8 and fed to torch-fidelity's Inception (and DINOv2, for FD-DINOv2)
+in memory; the features are gathered on rank 0 in image order, which computes FID and IS (and
+precision / recall, FD-DINOv2) and shares the numbers with every rank. What is generated is a
+`GenerationSpec`; how it is scored, a `Scorer` (util/scorer.py, built once per run). Logging the
+results is engine_eval.evaluate's job. `check_eval_flags` and `eval_notes` are the evaluation flags' checks
+and warnings for main_jit.py.
 """
 
 import math
@@ -25,7 +27,6 @@ import torch.distributed as dist
 from PIL import Image
 
 from sampling import SamplerSettings
-from util import fid
 from util.distributed import (
     all_gather_object,
     autocast,
@@ -40,6 +41,7 @@ from util.distributed import (
 )
 from util.errors import BadValue
 from util.files import atomic_write
+from util.scorer import Scorer
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,6 @@ class GenerationSpec:
                 f"the number of images ({self.num_images}) must be a positive multiple of --class_num "
                 f"({self.class_num}) for class-balanced generation"
             )
-
-
-class Scorer:
-    """FID (against the statistics in `fid_stats`) and Inception Score of uint8 images, with one
-    Inception network (util.fid.Inception). Built once per run; the statistics and the weights
-    file are checked at construction (util.errors.BadInput kinds: what to pass instead)."""
-
-    def __init__(self, fid_stats: str, inception_weights: str | None, device: torch.device):
-        self.fid_stats = fid_stats
-        self.stats = fid.load_stats(fid_stats)
-        self.inception = fid.Inception(inception_weights, device)
-
-    def scores(self, features: torch.Tensor) -> tuple[float, float, float]:
-        """(FID, IS mean, IS std) of all images' features (N, 2048 + 1008), in image order."""
-        pool, logits = features[:, : fid.FEATURE_DIM], features[:, fid.FEATURE_DIM :]
-        return (fid.frechet_distance(fid.statistics(pool), self.stats), *fid.inception_score(logits))
 
 
 def class_labels(indices: torch.Tensor, num_images: int, class_num: int) -> torch.Tensor:
@@ -173,12 +159,13 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
     """Generate the images of `spec` with `denoiser` (an EMA) on every rank and score them.
 
     Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). Generation runs under the
-    device's autocast; Inception in float32. image_dir: also keep the PNGs there (a full disk stops
-    the writing, not the scoring; then `images_saved` is False). Returns, on every rank,
-    {'fid', 'inception_score', 'inception_score_std', 'num_images', 'seconds'} (+ 'images_saved').
+    device's autocast; Inception (and DINOv2) in float32. image_dir: also keep the PNGs there (a full
+    disk stops the writing, not the scoring; then `images_saved` is False). Returns, on every rank,
+    scorer.scores' numbers ('fid', 'inception_score', 'inception_score_std', ...), 'num_images' and
+    'seconds' (+ 'images_saved').
     """
     t0 = time.time()
-    device = scorer.inception.device
+    device = scorer.device
     if image_dir and is_main_process():
         os.makedirs(image_dir, exist_ok=True)
     barrier()
@@ -192,22 +179,15 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
             except OSError as e:  # a full disk: stop writing, go on scoring
                 png_error = e
                 print_all(f"error: {e}; the remaining images of this process are not saved")
-        features.append(scorer.inception.features(images))
+        features.append(scorer.features(images))
         if b % report_every == 0 or b == num_batches:
             print0(f"eval: rank 0 batch {b}/{num_batches}, {time.time() - t0:.0f}s")
     png_failures = round(host_all_reduce_sum([float(png_error is not None)])[0]) if image_dir else 0
-    share = torch.cat(features) if features else torch.empty((0, fid.FEATURE_DIM + fid.LOGITS_DIM))
-    everything = gather_rows(share, device)  # (num_images, 2048 + 1008) on rank 0
+    share = torch.cat(features) if features else torch.empty((0, scorer.feature_dim))
+    everything = gather_rows(share, device)  # (num_images, scorer.feature_dim) on rank 0
     result = None
     if is_main_process():
-        fid_value, is_mean, is_std = scorer.scores(everything)
-        result = dict(
-            fid=fid_value,
-            inception_score=is_mean,
-            inception_score_std=is_std,
-            num_images=spec.num_images,
-            seconds=time.time() - t0,
-        )
+        result = dict(**scorer.scores(everything), num_images=spec.num_images, seconds=time.time() - t0)
         if image_dir:
             result["images_saved"] = png_failures == 0
     return all_gather_object(result)[0]
@@ -215,8 +195,9 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
 
 def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
     """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and
-    how it is scored; checks --num_images, --final_num_images, the FID statistics and the Inception
-    weights (downloaded now if not cached and not given)."""
+    how it is scored; checks --num_images, --final_num_images and every file the scorer reads: the FID
+    statistics, the Inception weights (downloaded now if not cached and not given), --ref_features,
+    --dinov2_weights and --dinov2_stats (default fid_stats/jit_in{img_size}_dinov2_stats.npz)."""
     spec = GenerationSpec(
         num_images=config.num_images,
         class_num=config.class_num,
@@ -227,4 +208,75 @@ def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
     )
     if config.final_num_images is not None:
         GenerationSpec(**{**vars(spec), "num_images": config.final_num_images})
-    return spec, Scorer(config.fid_stats, config.inception_weights, device)
+    return spec, Scorer(
+        config.fid_stats,
+        config.inception_weights,
+        device,
+        ref_features=config.ref_features,
+        dinov2_weights=config.dinov2_weights,
+        dinov2_stats=config.dinov2_stats or default_dinov2_stats(config.img_size),
+    )
+
+
+def default_dinov2_stats(img_size: int) -> str:
+    return os.path.join("fid_stats", f"jit_in{img_size}_dinov2_stats.npz")
+
+
+def check_eval_flags(flags):
+    """main_jit.py's evaluation flags that cannot work (BadValue), before any work: --eval_seeds at
+    least 1, --dinov2_stats only with --dinov2_weights."""
+    if flags.eval_seeds < 1:
+        raise BadValue(f"--eval_seeds must be at least 1, got {flags.eval_seeds}")
+    if flags.dinov2_stats and not flags.dinov2_weights:
+        raise BadValue("--dinov2_stats is read for FD-DINOv2: add --dinov2_weights (the DINOv2 ViT-L/14 weights file)")
+
+
+def eval_notes(config, total_steps: int | None) -> list[str]:
+    """Warnings about what the run's samples (grids, evaluation) will show, for the log before any
+    work: flags of evaluation without an evaluation; guidance (a CFG scale other than 1) towards the
+    'no class' label that --label_drop_prob 0 never trains; EMAs that, after the run's `total_steps`
+    optimiser steps (None: unknown), still hold over 10% of the initial random weights (ema_notes)."""
+    out = []
+    evaluating = config.online_eval or config.evaluate_gen
+    extra = [f"--{k}" for k in ("ref_features", "dinov2_weights", "eval_seeds") if getattr(config, k) not in (None, 1)]
+    if extra and not evaluating:
+        out.append(f"{', '.join(extra)} only apply to an evaluation (--online_eval or --evaluate_gen)")
+    cfgs = [c for c in (config.cfg if isinstance(config.cfg, list) else [config.cfg]) if c != 1]
+    if cfgs and config.label_drop_prob == 0:
+        out.append(
+            f"--cfg {cfgs[0]} guides away from the 'no class' label, which --label_drop_prob 0 never trains (its "
+            "embedding stays at its random initialisation): guided samples are off; sample with --cfg 1.0, or "
+            "train with --label_drop_prob > 0 (the paper's 0.1)"
+        )
+    if total_steps and not config.evaluate_gen:
+        out += ema_notes(config, total_steps)
+    return out
+
+
+def ema_notes(config, total_steps: int) -> list[str]:
+    """A note when EMAs still hold over 10% of the initial random weights (decay^steps) at the end of
+    a run of `total_steps` optimiser steps (EMA 1 is what grids and evaluation sample)."""
+    decays = [(k, getattr(config, f"ema_decay{k}")) for k in (1, 2, 3)]
+    held = [(k, d, d**total_steps) for k, d in decays if d is not None and d**total_steps > 0.1]
+    if not held:
+        return []
+    one = len(held) == 1
+    which = ", ".join(f"EMA {k} (--ema_decay{k} {d})" for k, d, _ in held)
+    shares = ", ".join(f"{share:.0%}" for _, _, share in held)
+    return [
+        f"{which} still hold{'s' if one else ''} {shares} of the initial random weights after this run's "
+        f"{total_steps} optimiser steps (decay^steps): {'its' if one else 'their'} sample grids and evaluations "
+        f"show mostly the initialisation, not the trained weights; for a short run or a small dataset lower the "
+        f"decay ({smaller_decay(total_steps)} keeps under 1%)"
+    ]
+
+
+def smaller_decay(steps: int) -> str:
+    """The largest of 0.9999, 0.9998, 0.9995, 0.999, ... (three significant digits of 1 - d) whose
+    decay^steps is below 1%: what --ema_decay1 a run of `steps` steps can afford."""
+    for digits in range(4, 0, -1):
+        for lead in (1, 2, 5):
+            d = 1 - lead * 10.0**-digits
+            if d**steps < 0.01:
+                return f"{d:.{digits}f}"
+    return "0.9"

@@ -6,10 +6,13 @@ torch-fidelity's own pieces are used unchanged: its Inception-v3 feature extract
 uint8 images in the same order, the numbers equal `torch_fidelity.calculate_metrics` on PNG files.
 
 Reference statistics are an .npz file with `mu` (2048,) and `sigma` (2048, 2048), the layout of the
-reference release's `fid_stats/jit_in{size}_stats.npz`. torch-fidelity (and torchvision under it)
-is imported where it is used, so that runs that do not evaluate do not pay its import time.
+reference release's `fid_stats/jit_in{size}_stats.npz` (FD-DINOv2's have D = 1024: load_stats takes
+the dimension). `file_digest` is the sha256 a record's protocol names each file by. torch-fidelity
+(and torchvision under it) is imported where it is used, so that runs that do not evaluate do not pay
+its import time.
 """
 
+import hashlib
 import os
 import socket
 
@@ -108,12 +111,14 @@ def save_stats(path: str, stats: dict):
     )
 
 
-def load_stats(path: str) -> dict:
-    """Read reference statistics ({'mu': (2048,), 'sigma': (2048, 2048)}); clear errors if bad."""
+def load_stats(path: str, dim: int = FEATURE_DIM, flag: str = "--fid_stats") -> dict:
+    """Read reference statistics ({'mu': (dim,), 'sigma': (dim, dim)}); one-line errors naming `flag`
+    (and the prepare_ref.py option that makes the file) when missing or bad."""
     if not os.path.isfile(path):
+        made_by = "--stats" if flag == "--fid_stats" else flag
         raise MissingFile(
-            f"FID reference statistics {path} not found: pass --fid_stats PATH, or make the file with "
-            f"`python prepare_ref.py --stats {path} ...` (see fid_stats/README.md)"
+            f"{flag} {path} not found: pass {flag} PATH, or make the file with "
+            f"`python prepare_ref.py {made_by} {path} ...` (see fid_stats/README.md)"
         )
     try:
         with np.load(path) as f:
@@ -122,12 +127,20 @@ def load_stats(path: str) -> dict:
         raise BadValue(
             f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})"
         ) from None
-    if stats["mu"].shape != (FEATURE_DIM,) or stats["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
+    if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
         raise BadValue(
-            f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
-            f"got {stats['mu'].shape} and {stats['sigma'].shape}"
+            f"{path}: expected mu ({dim},) and sigma ({dim}, {dim}), got {stats['mu'].shape} and {stats['sigma'].shape}"
         )
     return stats
+
+
+def file_digest(path: str, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks of 16 MB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def frechet_distance(stats1: dict, stats2: dict) -> float:

@@ -23,6 +23,7 @@ from util.viz import grid_array, write_png
 
 GRID_IMAGES = 32  # images of a default training grid
 GRID_ROWS = 8  # classes of a default training grid (fewer when the run has fewer)
+ONE_CLASS_ROW = 8  # images per row of a grid of one class
 FOLDER = "samples"
 IMAGENET_FIGURE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's ImageNet figures' grid
 
@@ -113,8 +114,9 @@ def sample_images(denoiser, spec: GridSpec, device: torch.device, indices=None, 
 
 
 def grid_of(images: torch.Tensor, spec: GridSpec) -> np.ndarray:
-    """The (H', W', 3) uint8 picture of a grid's images: one row per class."""
-    return grid_array(images, nrow=spec.per_class)
+    """The (H', W', 3) uint8 picture of a grid's images: one row per class; the images of a one-class
+    grid (--class_num 1) in rows of ONE_CLASS_ROW (32 images: 4 × 8, not a strip 32 images wide)."""
+    return grid_array(images, nrow=spec.per_class if len(spec.classes) > 1 else min(spec.per_class, ONE_CLASS_ROW))
 
 
 def grid_path(output_dir: str, epoch: int) -> str:

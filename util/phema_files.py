@@ -3,7 +3,8 @@
 Snapshot files (`phema-{step}-{sigma_rel}.pth` in one folder) are torch.save'd plain dicts; see
 write_snapshot. A training run (main_jit.py --phema_stds) writes them with SnapshotWriter;
 reconstruct_ema.py and main_jit.py --evaluate_gen --phema read the snapshots of one run back
-(usable_snapshots) and sum them with the reconstruction weights (reconstruct, combine).
+(usable_snapshots: a folder holding several runs' snapshots names them and asks which) and sum them
+with the reconstruction weights (reconstruct, combine).
 """
 
 import glob
@@ -191,27 +192,51 @@ def run_identity(args: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def one_run(found: list[Snapshot], folder: str, log=print) -> list[Snapshot]:
-    """The snapshots of the run that wrote the newest file of `found` (by modification time, then
-    step); those of other runs (an earlier or abandoned run in the same folder) are left out and
-    named through `log`."""
-    newest = max(found, key=lambda s: (os.path.getmtime(s.path), s.step))
-    kept = [s for s in found if s.run == newest.run]
-    skipped = [s for s in found if s.run != newest.run]
-    if skipped:
-        names = ", ".join(os.path.basename(s.path) for s in skipped[:4]) + (
-            f" and {len(skipped) - 4} more" if len(skipped) > 4 else ""
-        )
-        log(
-            f"note: {folder}: {len(skipped)} snapshot(s) of another run skipped ({names}); "
-            f"using the {len(kept)} of run {newest.run or '(unnamed)'}, which wrote the newest"
-        )
-    return kept
+def run_name(run: str | None) -> str:
+    """How a run is named in messages and picked by --phema_run / --run: its identity, or "unnamed"
+    for snapshots written before runs had one."""
+    return run or "unnamed"
 
 
-def usable_snapshots(folder: str, at: int | None = None, log=print) -> list[Snapshot]:
-    """The snapshots of one run in `folder` (one_run) at or before global step `at` (default: all),
-    sorted as list_snapshots; MissingFile or BadValue (one line) when there are none."""
+def describe_runs(groups: dict) -> str:
+    """'run 0123abcd (12 snapshots, steps 100-1200), run ffee0011 (1 snapshot, step 1300)', by first step."""
+    parts = []
+    for run, snaps in sorted(groups.items(), key=lambda kv: kv[1][0].step):
+        steps = sorted({s.step for s in snaps})
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        parts.append(f"run {run_name(run)} ({len(snaps)} snapshot{'s' if len(snaps) > 1 else ''}, {span})")
+    return ", ".join(parts)
+
+
+def one_run(found: list[Snapshot], folder: str, run: str | None = None, flag: str = "--phema_run") -> list[Snapshot]:
+    """The snapshots of one run (they record the run that wrote them, run_identity). With `run` (a
+    run's name or a unique prefix of it), that run's; without, the folder must hold one run only: a
+    folder with several (a stray file of another run copied in, an earlier run in the same output
+    folder) is a BadValue listing each run (snapshot count, step range) and how to pick one with
+    `flag`. Taking the newest file's run would let one foreign file replace a whole run."""
+    groups = {}
+    for s in found:
+        groups.setdefault(s.run, []).append(s)
+    if run is not None:
+        matches = [r for r in groups if run_name(r) == run or (r or "").startswith(run)]
+        if len(matches) != 1:
+            which = "no run" if not matches else f"{len(matches)} runs"
+            raise BadValue(f"{flag} {run}: {which} of {folder} match; it holds {describe_runs(groups)}")
+        return groups[matches[0]]
+    if len(groups) > 1:
+        raise BadValue(
+            f"{folder} holds the snapshots of {len(groups)} runs: {describe_runs(groups)}; pick one with {flag} RUN, "
+            "or move the other run's files out of the folder"
+        )
+    return found
+
+
+def usable_snapshots(
+    folder: str, at: int | None = None, run: str | None = None, flag: str = "--phema_run"
+) -> list[Snapshot]:
+    """The snapshots of one run in `folder` (one_run: `run`, or the folder's only run) at or before
+    global step `at` (default: all), sorted as list_snapshots; MissingFile or BadValue (one line)
+    when there are none or the folder holds several runs and none is picked (`flag` names the option)."""
     if not os.path.isdir(folder):
         raise MissingFile(f"{folder}: no such folder of snapshots")
     try:
@@ -220,7 +245,7 @@ def usable_snapshots(folder: str, at: int | None = None, log=print) -> list[Snap
         raise BadValue(str(e)) from None
     if not found:
         raise BadValue(f"{folder}: no phema-*.pth snapshots (train with --phema_stds)")
-    found = one_run(found, folder, log)
+    found = one_run(found, folder, run, flag)
     used = [s for s in found if at is None or s.step <= at]
     if not used:
         raise BadValue(f"{folder}: no snapshot at or before step {at} (the first is at step {found[0].step})")

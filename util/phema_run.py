@@ -39,10 +39,9 @@ def check_phema_flags(args):
             raise BadValue(
                 "--ema chooses an EMA of a checkpoint; with --phema the weights are the post-hoc EMAs of --ema_std"
             )
-    elif args.ema_std or args.phema_at is not None:
-        raise BadValue(
-            f"--{'ema_std' if args.ema_std else 'phema_at'} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)"
-        )
+    elif args.ema_std or args.phema_at is not None or args.phema_run is not None:
+        flag = "ema_std" if args.ema_std else "phema_at" if args.phema_at is not None else "phema_run"
+        raise BadValue(f"--{flag} needs --phema SNAPSHOT_FOLDER (and --evaluate_gen)")
 
 
 def run_writer(config, steps_per_epoch: int, done: int, denoiser, phemas: list) -> phema_files.SnapshotWriter:
@@ -86,21 +85,23 @@ def check_resume_stds(state: checkpoint.TrainState, path: str, stds: list):
     )
 
 
-def snapshot_state(folder: str, at: int | None, log=print) -> tuple[checkpoint.TrainState, int]:
-    """(the newest snapshot at or before step `at` of `folder` as a weights-only TrainState, the step
-    the EMAs are reconstructed at: `at`, default that snapshot's). Its run's args and tensors say
-    what network to build (--evaluate_gen --phema); the weights sampled are reconstruct_at's."""
-    snapshots = usable_snapshots(folder, at, log)
+def snapshot_state(folder: str, at: int | None, run: str | None = None) -> tuple[checkpoint.TrainState, int]:
+    """(the newest snapshot at or before step `at` of `folder`'s run (`run`: --phema_run, needed when
+    the folder holds several) as a weights-only TrainState, the step the EMAs are reconstructed at:
+    `at`, default that snapshot's). Its run's args and tensors say what network to build
+    (--evaluate_gen --phema); the weights sampled are reconstruct_at's."""
+    snapshots = usable_snapshots(folder, at, run)
     step = reconstruction_point(snapshots, at)[0]
     newest, data = read_snapshot(snapshots[-1].path)
     state = checkpoint.TrainState.weights_only(data["state_dict"], epoch=newest.epoch, args=data["args"])
     return state, step
 
 
-def reconstruct_at(folder: str, at: int, stds: list, log=print) -> dict:
-    """{σ_rel: state dict} of the power EMAs `stds` at step `at`, from the snapshots of `folder` at or
-    before it (reconstruct: float64 sums, one pass for all); the fits are reported through `log`."""
-    snapshots = usable_snapshots(folder, at, log=lambda note: None)  # named once, by snapshot_state
+def reconstruct_at(folder: str, at: int, stds: list, log=print, run: str | None = None) -> dict:
+    """{σ_rel: state dict} of the power EMAs `stds` at step `at`, from the snapshots of `folder`'s run
+    (`run`: --phema_run) at or before it (reconstruct: float64 sums, one pass for all); the fits are
+    reported through `log`."""
+    snapshots = usable_snapshots(folder, at, run)
     at, end_images, batch = reconstruction_point(snapshots, at)
     log(
         f"post-hoc EMA: reconstructing σ_rel {stds_text(stds)} at step {at} ({end_images} images) "

@@ -166,20 +166,39 @@ def training_plots(run: dict) -> str:
     return "".join(parts)
 
 
+EXTRA_SCORES = (("precision", "precision"), ("recall", "recall"), ("fd_dinov2", "FD-DINOv2"))  # key, column
+
+
+def with_spread(r: dict, key: str):
+    """A score, or 'mean ± std' over the seeds of an --eval_seeds record."""
+    spread = r.get(f"{key}_seed_std")
+    value = r.get(key)
+    if spread is None or value is None:
+        return value
+    return f"{cell(value)} ± {cell(spread)}"
+
+
+def evaluations_table(evals: list[dict]) -> str:
+    """The eval records as a table: the point, the images and seeds, FID and IS (mean ± std over the
+    seeds of an --eval_seeds record), and precision, recall and FD-DINOv2 where a record has them."""
+    scores = [("fid", "FID"), ("inception_score", "IS"), *[s for s in EXTRA_SCORES if any(s[0] in r for r in evals)]]
+    rows = [
+        [
+            *(r.get("epoch"), r.get("ema"), r.get("cfg"), f"({r.get('interval_min')}, {r.get('interval_max')})"),
+            *(r.get("num_sampling_steps", r.get("steps")), r.get("num_images"), r.get("eval_seeds", 1)),
+            *[with_spread(r, k) for k, _ in scores],
+        ]
+        for r in evals
+    ]
+    header = ["epoch", "EMA", "cfg", "interval", "steps", "images", "seeds", *[name for _, name in scores]]
+    return html_table(header, rows)
+
+
 def evaluations_section(run: dict, page_dir: str) -> str:
     """The run's evaluation records and its sweeps (plot and table)."""
     parts = []
     if run["evals"]:
-        rows = [
-            [
-                *(r.get("epoch"), r.get("ema"), r.get("cfg"), f"({r.get('interval_min')}, {r.get('interval_max')})"),
-                *(r.get("num_sampling_steps", r.get("steps")), r.get("num_images"), r.get("fid")),
-                r.get("inception_score"),
-            ]
-            for r in run["evals"]
-        ]
-        header = ["epoch", "EMA", "cfg", "interval", "steps", "images", "FID", "IS"]
-        parts.append("<h3>Evaluations</h3>" + html_table(header, rows))
+        parts.append("<h3>Evaluations</h3>" + evaluations_table(run["evals"]))
     for sw in run["sweeps"]:
         parts.append(f"<h3>Sweep {html.escape(sw['name'])}</h3>")
         if sw["png"]:

@@ -2,7 +2,8 @@
 post-hoc EMAs of several lengths σ_rel), guidance interval and CFG scale, scored with the same
 per-image seeds and one Inception network; the sampler (method, steps, schedule) is an axis too.
 Finished points are found again in metrics.jsonl, so a stopped sweep continues where it was; the
-results go to sweep.csv (sorted by FID, with each point's NFE) and sweep.png (FID and IS against the
+results go to sweep.csv (sorted by FID, with each point's NFE, and precision, recall, FD-DINOv2 and
+the spread over --eval_seeds where the records have them) and sweep.png (FID and IS against the
 CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one line per CFG scale
 and interval; with several samplers FID against NFE, one line per method and schedule). The
 sampler's command-line flags (shared by main_jit.py and sample.py) and the grid they give live here
@@ -197,9 +198,10 @@ def record_key(record: dict) -> tuple:
     )
 
 
-def eval_records(metrics_path: str | None) -> list[dict]:
-    """The scored evaluation records ({"kind": "eval"} with a finite FID) of a metrics.jsonl, in file
-    order; a line cut short by a kill is skipped; [] without the file."""
+def eval_records(metrics_path: str | None, kind: str = "eval") -> list[dict]:
+    """The scored evaluation records ({"kind": kind} with a finite FID; "eval_seed": one seed's of an
+    --eval_seeds evaluation) of a metrics.jsonl, in file order; a line cut short by a kill is skipped;
+    [] without the file."""
     records = []
     if not metrics_path or not os.path.isfile(metrics_path):
         return records
@@ -209,19 +211,22 @@ def eval_records(metrics_path: str | None) -> list[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(r, dict) and r.get("kind") == "eval" and finite(r.get("fid")):
+            if isinstance(r, dict) and r.get("kind") == kind and finite(r.get("fid")):
                 records.append(r)
     return records
 
 
-def finished(metrics_path: str, context: dict) -> dict:
-    """{Point.key(): record} of the eval records in metrics_path whose values of `context`'s keys
-    are equal (engine_eval.eval_context: the same weights, seeds, batch size, resolution, classes and
-    reference statistics)."""
+CONTEXT_DEFAULTS = {"eval_seeds": 1}  # what a record written before a context field existed had
+
+
+def finished(metrics_path: str, context: dict, kind: str = "eval") -> dict:
+    """{Point.key(): record} of the `kind` records in metrics_path whose values of `context`'s keys
+    are equal (engine_eval.eval_context: the same weights, seeds, batch size, resolution, classes,
+    reference statistics and scoring protocol; a key a record lacks has its CONTEXT_DEFAULTS value)."""
     return {
         record_key(r): r
-        for r in eval_records(metrics_path)
-        if "ema" in r and all(r.get(k) == v for k, v in context.items())
+        for r in eval_records(metrics_path, kind)
+        if "ema" in r and all(r.get(k, CONTEXT_DEFAULTS.get(k)) == v for k, v in context.items())
     }
 
 
@@ -248,12 +253,26 @@ def has_std_axis(records: list[dict]) -> bool:
     return any(r.get(STD_COLUMN) is not None for r in records)
 
 
-def write_csv(path: str, records: list[dict]):
-    """The records as a table sorted by FID (best first; no finite FID last); an `ema_std` column
-    after `ema` when the records are of post-hoc EMAs."""
+def csv_columns(records: list[dict]) -> list[str]:
+    """COLUMNS, with what some record has: `ema_std` after `ema` (post-hoc EMAs); precision, recall and
+    fd_dinov2 after the IS; with several noise seeds, each score's `_seed_std` after it and
+    `eval_seeds` last."""
     columns = list(COLUMNS)
     if has_std_axis(records):
         columns.insert(columns.index("ema") + 1, STD_COLUMN)
+    extra = [k for k in ("precision", "recall", "fd_dinov2") if any(k in r for r in records)]
+    at = columns.index("inception_score_std") + 1
+    columns[at:at] = extra
+    if any(r.get("eval_seeds", 1) > 1 for r in records):
+        for key in ("fid", "inception_score", *extra):
+            columns.insert(columns.index(key) + 1, f"{key}_seed_std")
+        columns.append("eval_seeds")
+    return columns
+
+
+def write_csv(path: str, records: list[dict]):
+    """The records as a table sorted by FID (best first; no finite FID last), columns csv_columns."""
+    columns = csv_columns(records)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -378,9 +397,9 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
     return records, False
 
 
-def finished_everywhere(metrics_path: str, context: dict) -> dict:
+def finished_everywhere(metrics_path: str, context: dict, kind: str = "eval") -> dict:
     """finished() as rank 0 reads it, on every rank (all must skip the same points)."""
-    return broadcast_object(finished(metrics_path, context) if is_main_process() else None)
+    return broadcast_object(finished(metrics_path, context, kind) if is_main_process() else None)
 
 
 def cost_note(points: list[Point]) -> str:
