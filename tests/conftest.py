@@ -8,6 +8,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GOLDEN = os.path.join(ROOT, "tests", "data", "jit_tiny_reference.pt")
+# The intra-op thread count of everything run in the test process, fixtures of any scope included: CPU
+# kernels split their sums by thread, so two runs compared bit for bit must use the same count.
+THREADS = min(2, os.cpu_count() or 1)
 
 
 def pytest_configure(config):
@@ -16,6 +19,7 @@ def pytest_configure(config):
         "slow: starts processes (scripts, torchrun) or runs a whole training or evaluation; "
         "`pytest -m 'not slow'` skips them",
     )
+    torch.set_num_threads(THREADS)  # before any fixture: OMP_NUM_THREADS sets only the start value
 
 
 @pytest.fixture(scope="session")
@@ -88,5 +92,6 @@ def fid_ref_stats(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
     yield
+    torch.set_num_threads(THREADS)  # a module-scoped fixture of the next test is set up before its reset

@@ -315,12 +315,14 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
 
 
 def capture_rng(device: torch.device) -> dict:
-    """This process's RNG states: torch CPU (and the current CUDA device), numpy, python."""
+    """This process's RNG states: torch CPU (and the current CUDA device), numpy, python; and its
+    intra-op thread count, which CPU results depend on (see thread_note)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),  # loadable with weights_only
         "python": random.getstate(),
+        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -334,6 +336,20 @@ def restore_rng(state: dict, device: torch.device):
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def thread_note(state: dict, device: torch.device, path: str) -> str | None:
+    """A note when a CPU run continues the RNG `state` of a process with another intra-op thread count:
+    CPU kernels split their sums between threads, so the results differ in the last bits (None: same
+    count, not the CPU, or a file without the count)."""
+    saved, now = state.get("threads"), torch.get_num_threads()
+    if device.type != "cpu" or saved is None or saved == now:
+        return None
+    return (
+        f"note: {path} was written by processes of {saved} CPU threads, this run has {now} "
+        "(torch.get_num_threads(), from OMP_NUM_THREADS): training continues, but not bit-exactly as the original "
+        "run would"
+    )
 
 
 def describe(path: str, start: dict) -> str:
@@ -403,6 +419,8 @@ class Checkpointer:
         self._load_weights(state, path)
         if state.rng is not None and state.world_size == distributed.get_world_size():
             restore_rng(state.rng[distributed.get_rank()], self.device)
+            if note := thread_note(state.rng[distributed.get_rank()], self.device, path):
+                distributed.print0(note)
         elif state.rng is not None:
             distributed.print0(
                 f"note: {path} was written by {state.world_size} processes, this run has "
