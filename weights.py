@@ -48,7 +48,7 @@ from model_jit_adapters import (
     strip_net,
     to_diffusers,
 )
-from sampling import SamplerSettings
+from sampling import SamplerSettings, upgrade_schedule
 from util import checkpoint, files
 from util import config as run_config
 from util.checkpoint import CheckpointError
@@ -237,7 +237,7 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
         best = min((r for r in sweeps if r["num_images"] == n), key=lambda r: r["fid"])
         return {
             **{k: best[k] for k in default_sampler()},
-            "schedule": best.get("schedule") or "uniform",
+            "schedule": upgrade_schedule(best.get("schedule") or "uniform"),  # (a record may hold an old name)
             "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images",
         }
     defaults = default_sampler()
@@ -254,6 +254,7 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
     for key, flag in flags.items():
         value = args.get(flag)
         out[key] = defaults[key] if value is None else (value[0] if isinstance(value, (list, tuple)) else value)
+    out["schedule"] = upgrade_schedule(out["schedule"])
     return {**out, "chosen_by": "the training flags (no sweep in metrics.jsonl)"}
 
 
@@ -573,6 +574,8 @@ def flag_values(config: dict) -> dict:
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         out[flag] = value
+    if isinstance(out["sampling_schedule"], str):  # a folder exported before a schedule was renamed
+        out["sampling_schedule"] = upgrade_schedule(out["sampling_schedule"])
     return out
 
 
