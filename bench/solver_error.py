@@ -20,7 +20,9 @@ noise and labels (class-balanced) for every sampler; CFG --cfg on (--interval_mi
 3. Inversion (--inversion METHOD:SCHEDULE ...): at each of --inversion_steps, the samples of those
    settings are inverted (sampling.invert) and generated again: RMSE of the recovered noise against
    the noise they came from, and of the images generated from it against the samples.
-4. Fréchet distance against NFE (--fd, a model only): for METHOD:SCHEDULE:STEPS settings, on
+4. Census (--census, nothing else runs): every method × CENSUS's schedules, step counts and guidance
+   intervals, at t_eps 0.05 and 0, on the mixture: settings refused when made, sampled, non-finite.
+5. Fréchet distance against NFE (--fd, a model only): for METHOD:SCHEDULE:STEPS settings, on
    --fd_images images per seed and each of --fd_seeds, the Fréchet distance between the generated
    images and the training images of --data_path (an ImageFolder tree), both as grey 8×8 pixels in
    [0, 1] (no Inception weights offline: it compares pixel statistics). Its floor, --fd_images
@@ -197,6 +199,45 @@ def inversion_rows(problem, specs: list, steps_list: list, guidance: dict) -> li
     return rows
 
 
+CENSUS = dict(
+    schedules=["uniform", "shift", "shift:0.5", "logit", "logit:3", "power", "power:7", "karras", "karras:3"],
+    steps=[1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 30, 50, 100],
+    intervals=[(0.0, 1.0), (0.1, 1.0), (0.1, 0.9), (0.5, 0.50000001), (0.2, 1 - 1e-9)],
+)
+
+
+REASONS = [("steps for the interval", "steps"), ("guidance interval", "interval"), ("float32 time nodes", "grid")]
+
+
+def census(cfg: float) -> dict:
+    """Every method × CENSUS on 64 points of the mixture (float32, as a trained net runs) at t_eps
+    0.05 and 0: how many settings are refused when made, how many sample, how many of those return a
+    non-finite value (the property tests/test_sampling.py checks)."""
+    from mixture import CLASSES, Mixture
+
+    net = Mixture()
+    z0, labels = net.noise(64, 0, dtype=torch.float32)
+    counts = dict(settings=0, refused=0, sampled=0, non_finite=0)
+    for method in METHODS:
+        for schedule in CENSUS["schedules"]:
+            for steps in CENSUS["steps"]:
+                for lo, hi in CENSUS["intervals"]:
+                    for t_eps in (0.05, 0.0):
+                        counts["settings"] += 1
+                        try:
+                            s = SamplerSettings(method, steps, cfg, lo, hi, schedule)
+                        except ValueError as e:
+                            counts["refused"] += 1
+                            why = next((w for k, w in REASONS if k in str(e)), "other")
+                            counts[f"refused: {why}"] = counts.get(f"refused: {why}", 0) + 1
+                            continue
+                        counts["sampled"] += 1
+                        out = sample(net, z0, labels, s, null_label=CLASSES, t_eps=t_eps)
+                        counts["non_finite"] += not bool(torch.isfinite(out).all())
+    print(f"census: {counts}", flush=True)
+    return counts
+
+
 def table(rows: list[dict], key: str, nfes: list) -> str:
     """A Markdown table: one row per (method, schedule), one column per NFE limit (Heun: its own NFE
     in brackets), the value `key` of the row with the most steps within the limit."""
@@ -287,6 +328,7 @@ def get_args_parser():
     a("--amplification", action="store_true", help="also measure the noise amplification of every point")
     a("--inversion", nargs="*", default=[], help="METHOD:SCHEDULE settings to invert (round trip)")
     a("--inversion_steps", nargs="+", type=int, default=[10, 20, 50])
+    a("--census", action="store_true", help="only count refused and non-finite settings over CENSUS (mixture)")
     a("--fd", nargs="*", default=[], help="METHOD:SCHEDULE:STEPS settings for the Fréchet distance (a model)")
     a("--fd_images", default=500, type=int)
     a("--fd_seeds", nargs="+", type=int, default=[1, 2])
@@ -326,12 +368,18 @@ def check_args(args, guidance: dict) -> tuple[list, list]:
     return [parse_point(p, guidance) for p in args.extra], [parse_point(p, guidance) for p in args.fd]
 
 
+@torch.no_grad()
 def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     guidance = dict(cfg=args.cfg, interval_min=args.interval_min, interval_max=args.interval_max)
+    if args.census:
+        counts = census(args.cfg)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": vars(args), "census": counts}, f, indent=1)
+        return 0
     extra, fd_points = check_args(args, guidance)
-    torch.set_grad_enabled(False)
     if args.problem == "mixture":
         problem = MixtureProblem(args.num_images, args.seed)
     else:

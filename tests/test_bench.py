@@ -282,3 +282,21 @@ def test_the_commands_of_docs_sampling_parse_with_their_scripts_flags():
             raise AssertionError(f"docs/sampling.md runs {script} with flags it does not take: {line}") from None
         seen.add(script)
     assert {"bench/solver_error.py", "bench/digits_data.py", "invert.py", "sample.py", "main_jit.py"} <= seen
+
+
+def test_solver_error_census_counts_refused_and_non_finite_settings(monkeypatch, tmp_path):
+    """--census on a small grid: the old NaN cases (power:7 = the former edm:7 at 30 steps, an interval
+    float32 cannot hold) are refused, everything else samples to finite values."""
+    import solver_error
+
+    torch.set_num_threads(1)
+    small = dict(schedules=["uniform", "power:7"], steps=[2, 30], intervals=[(0.1, 1.0), (0.5, 0.50000001)])
+    monkeypatch.setattr(solver_error, "CENSUS", small)
+    monkeypatch.setattr(solver_error, "METHODS", ("heun", "dpm++2m"))
+    path = tmp_path / "census.json"
+    assert solver_error.cli(["--census", "--cfg", "2.0", "--json", str(path)]) == 0
+    counts = json.loads(path.read_text())["census"]
+    assert counts["settings"] == 2 * 2 * 2 * 2 * 2 and counts["non_finite"] == 0
+    # refused: the narrow interval (16), power:7 at 30 steps with the good interval (2 methods × 2 t_eps)
+    assert counts["refused: interval"] == 16 and counts["refused: grid"] == 4
+    assert counts["sampled"] == counts["settings"] - counts["refused"] == 12
