@@ -6,7 +6,7 @@ README.md model card for the Hub. Pure functions of config.json's entries and me
 import os
 import string
 
-from sampling import SamplerSettings
+from sampling import SamplerSettings, upgrade_schedule
 
 # The fields of a metrics.jsonl eval record kept in config.json.
 RECORD_FIELDS = tuple(
@@ -50,7 +50,7 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
         best = min((r for r in sweeps if r["num_images"] == n), key=lambda r: r["fid"])
         return {
             **{k: best[k] for k in default_sampler()},
-            "schedule": best.get("schedule") or "uniform",
+            "schedule": upgrade_schedule(best.get("schedule") or "uniform"),  # (a record may hold an old name)
             "chosen_by": f"the best of {counts[n]} sweep points at epoch {last}: FID {best['fid']:.4f} on {n} images",
         }
     defaults = default_sampler()
@@ -67,6 +67,7 @@ def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -
     for key, flag in flags.items():
         value = args.get(flag)
         out[key] = defaults[key] if value is None else (value[0] if isinstance(value, (list, tuple)) else value)
+    out["schedule"] = upgrade_schedule(out["schedule"])
     return {**out, "chosen_by": "the training flags (no sweep in metrics.jsonl)"}
 
 

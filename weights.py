@@ -48,7 +48,7 @@ from model_jit_adapters import (
     strip_net,
     to_diffusers,
 )
-from sampling import SamplerSettings
+from sampling import SamplerSettings, upgrade_schedule
 from util import checkpoint, files
 from util import config as run_config
 from util.checkpoint import CheckpointError
@@ -304,6 +304,8 @@ def flag_values(config: dict) -> dict:
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         out[flag] = value
+    if isinstance(out["sampling_schedule"], str):  # a folder exported before a schedule was renamed
+        out["sampling_schedule"] = upgrade_schedule(out["sampling_schedule"])
     return out
 
 

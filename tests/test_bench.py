@@ -179,3 +179,124 @@ def test_gpu_check_commands_parse_with_each_scripts_flags(smoke):
             raise AssertionError(f"gpu_check.sh runs {script} with flags it does not take: {line}") from None
         seen.add(script)
     assert seen == set(parsers)
+
+
+def test_solver_error_tables_on_the_mixture(tmp_path, capsys):
+    """bench/solver_error.py --problem mixture (in process): the error of each sampler against the
+    converged solution falls with NFE, Heun at 20 NFE is a row, amplification and the inversion's
+    round trip are measured, and the JSON holds it all."""
+    import solver_error
+
+    torch.set_num_threads(1)  # 2-D points: a second thread only adds synchronisation
+    path = tmp_path / "mixture.json"
+    argv = ["--problem", "mixture", "--num_images", 100, "--ref_steps", 200, "--methods", "heun", "unipc2", "ab3"]
+    argv += ["--schedules", "uniform", "logit:3", "--nfe", 6, 10, 20, "--extra", "heun:uniform:20", "--amplification"]
+    argv += ["--inversion", "unipc2:logit:3", "--inversion_steps", 10, 40, "--json", path]
+    assert solver_error.cli([str(a) for a in argv]) == 0
+    out = json.loads(path.read_text())
+    assert out["units"] == "data units" and out["reference"]["nfe"] == 200 and out["reference"]["half_steps"] < 1e-3
+    rows = {(r["method"], r["schedule"], r["nfe"]): r for r in out["rows"]}
+    assert set(rows) >= {("heun", "uniform", 5), ("heun", "uniform", 19), ("unipc2", "logit:3", 10)}
+    for m, s in (("unipc2", "logit:3"), ("ab3", "uniform")):
+        errs = [rows[m, s, n]["rmse"] for n in (6, 10, 20)]
+        assert errs[0] > errs[1] > errs[2], errs
+    assert rows["unipc2", "logit:3", 10]["rmse"] < rows["heun", "uniform", 9]["rmse"]
+    assert all(r["amplification"] > 0.5 for r in out["rows"])
+    assert [r["steps"] for r in out["extra"]] == [20] and out["extra"][0]["nfe"] == 39
+    (a, b) = out["inversion"]
+    assert b["noise_rmse"] < a["noise_rmse"] and b["image_rmse"] < a["image_rmse"]
+    printed = capsys.readouterr().out
+    assert "| `unipc2` | `logit:3` |" in printed and "heun uniform 20 steps (39 NFE)" in printed
+
+
+@pytest.mark.parametrize(
+    "script,argv,message",
+    [
+        ("solver_error", ["--problem", "model"], "--problem model needs --resume"),
+        ("solver_error", ["--problem", "mixture", "--schedules", "edm:2"], "renamed: use power:2"),
+        ("solver_error", ["--problem", "mixture", "--extra", "heun:uniform:x"], "want METHOD:SCHEDULE:STEPS"),
+        ("solver_error", ["--problem", "mixture", "--fd", "heun:uniform:5"], "--fd needs a model"),
+        ("digits_data", ["--out", "OUT", "--size", "4"], "--size must be >= 8"),
+    ],
+)
+def test_solver_bench_scripts_exit_2_with_one_line(script, argv, message, tmp_path, capsys):
+    module = __import__(script)
+    assert module.cli([str(tmp_path / "o") if a == "OUT" else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_solver_error_on_a_model_checkpoint(tmp_path):
+    """--resume: the same tables on a (tiny) trained model's quantised images, in uint8 levels."""
+    import solver_error
+    from helpers import save_reference_checkpoint, tiny_denoiser
+
+    torch.set_num_threads(1)
+    ckpt = tmp_path / "checkpoint-last.pth"
+    save_reference_checkpoint(ckpt, tiny_denoiser(seed=1))
+    path = tmp_path / "model.json"
+    argv = ["--resume", ckpt, "--num_images", 6, "--batch", 4, "--ref_steps", 12, "--methods", "unipc2", "heun"]
+    argv += ["--schedules", "uniform", "--nfe", 3, 6, "--extra", "--inversion", "unipc2", "--inversion_steps", 3, 9]
+    assert solver_error.cli([str(a) for a in argv + ["--json", path]]) == 0
+    out = json.loads(path.read_text())
+    assert out["units"] == "uint8 levels" and [(r["method"], r["nfe"]) for r in out["rows"]] == [
+        ("unipc2", 3),
+        ("unipc2", 6),
+        ("heun", 3),
+        ("heun", 5),
+    ]
+    assert (
+        out["rows"][1]["rmse"] <= out["rows"][0]["rmse"]
+        and out["inversion"][1]["noise_rmse"] < out["inversion"][0]["noise_rmse"]
+    )
+
+
+def test_the_commands_of_docs_sampling_parse_with_their_scripts_flags():
+    """Every `python SCRIPT ...` line (with its continuations) in docs/sampling.md is accepted by the
+    argument parser of the script it runs."""
+    import shlex
+
+    import digits_data
+    import solver_error
+
+    import invert
+    import main_jit
+    import sample
+
+    parsers = {
+        "bench/solver_error.py": solver_error.parse_args,
+        "bench/digits_data.py": digits_data.parse_args,
+        "invert.py": invert.get_args_parser().parse_args,
+        "sample.py": sample.get_args_parser().parse_args,
+        "main_jit.py": main_jit.parse_args,
+    }
+    text = open(os.path.join(ROOT, "docs", "sampling.md")).read().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines() if line.strip().startswith("python ")]
+    seen = set()
+    for line in commands:
+        argv = shlex.split(line)
+        script = argv[1]
+        try:
+            parsers[script](argv[2:])
+        except SystemExit:
+            raise AssertionError(f"docs/sampling.md runs {script} with flags it does not take: {line}") from None
+        seen.add(script)
+    assert {"bench/solver_error.py", "bench/digits_data.py", "invert.py", "sample.py", "main_jit.py"} <= seen
+
+
+def test_solver_error_census_counts_refused_and_non_finite_settings(monkeypatch, tmp_path):
+    """--census on a small grid: the old NaN cases (power:7 = the former edm:7 at 30 steps, an interval
+    float32 cannot hold) are refused, everything else samples to finite values."""
+    import solver_error
+
+    torch.set_num_threads(1)
+    small = dict(schedules=["uniform", "power:7"], steps=[2, 30], intervals=[(0.1, 1.0), (0.5, 0.50000001)])
+    monkeypatch.setattr(solver_error, "CENSUS", small)
+    monkeypatch.setattr(solver_error, "METHODS", ("heun", "dpm++2m"))
+    path = tmp_path / "census.json"
+    assert solver_error.cli(["--census", "--cfg", "2.0", "--json", str(path)]) == 0
+    counts = json.loads(path.read_text())["census"]
+    assert counts["settings"] == 2 * 2 * 2 * 2 * 2 and counts["non_finite"] == 0
+    # refused: the narrow interval (16), power:7 at 30 steps with the good interval (2 methods × 2 t_eps)
+    assert counts["refused: interval"] == 16 and counts["refused: grid"] == 4
+    assert counts["sampled"] == counts["settings"] - counts["refused"] == 12

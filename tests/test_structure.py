@@ -18,12 +18,10 @@ KNOWN_LONG = {
     "util/checkpoint.py": "issue 34 rewrites its saving and loading",
     "engine_jit.py:train_one_epoch": "the training loop; not split while issues 34-36 change it",
     "bench/resume_memory.py:main": "issue 34's benchmark",
-    "bench/solver_error.py:main": "issue 35's benchmark",
 }
 KNOWN_TWICE = {
     "plot": "toy_manifold.py (issue 37) and util/sweep.py",
     "run": "toy_manifold.py (issue 37) and util/sweep.py",
-    "load_denoiser": "bench/solver_error.py (issue 35) and weights.py",
 }
 
 

@@ -339,7 +339,7 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
             "10",
             "--sampling_schedule",
             "uniform",
-            "edm:2",
+            "power:2",
             "--cfg",
             "2.0",
             "--interval_min",
@@ -348,12 +348,14 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
     )
     points = sweep.eval_points(flags, 6)
     assert [(p.sampler.method, p.sampler.schedule, p.sampler.steps) for p in points] == [
-        (m, s, n) for m in ("heun", "dpm++2m") for s in ("uniform", "edm:2") for n in (5, 10)
+        (m, s, n) for m in ("heun", "dpm++2m") for s in ("uniform", "power:2") for n in (5, 10)
     ]
     assert [p.sampler.nfe() for p in points] == [9, 19, 9, 19, 5, 10, 5, 10]
-    assert "dpm++2m 10 steps edm:2 (10 NFE)" in points[-1].label()
+    assert "dpm++2m 10 steps power:2 (10 NFE)" in points[-1].label()
     with pytest.raises(ValueError, match="schedule"):  # BadValue: exit status 2
         sweep.eval_points(main_jit.parse_args(["--sampling_schedule", "cosine"]), 6)
+    with pytest.raises(ValueError, match="renamed: use power:2"):  # a renamed schedule names its new spelling
+        sweep.eval_points(main_jit.parse_args(["--sampling_schedule", "edm:2"]), 6)
     records = [
         {
             "kind": "eval",
@@ -382,6 +384,8 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
 
 
 def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform():
+    """Records and folders written before the schedules were renamed (edm:ρ, logsnr:L) sample with
+    the same grid under the new names (power:ρ, logit:L)."""
     import model_card
     import weights
 
@@ -402,14 +406,16 @@ def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform
         for fid, m, n, s in ((5.0, "heun", 50, None), (4.0, "ab3", 10, "edm:2"))
     ]
     best = model_card.recommended_sampler({}, records, ema=1, epoch=3)
-    assert (best["method"], best["steps"], best["schedule"]) == ("ab3", 10, "edm:2")
+    assert (best["method"], best["steps"], best["schedule"]) == ("ab3", 10, "power:2")
     assert model_card.recommended_sampler({}, records[:1], ema=1, epoch=3)["schedule"] == "uniform"
     assert (
         model_card.recommended_sampler({"sampling_schedule": ["logsnr:3", "uniform"]}, [], ema=1, epoch=3)["schedule"]
-        == "logsnr:3"
+        == "logit:3"
     )
     values = weights.flag_values(
         {"sampler": {k: v for k, v in best.items() if k != "schedule"}}
     )  # a folder exported before
     assert weights.sampler_from(values) == SamplerSettings("ab3", 10, 2.0, 0.1, 1.0, "uniform")
-    assert weights.sampler_from(weights.flag_values({"sampler": best})).schedule == "edm:2"
+    assert weights.sampler_from(weights.flag_values({"sampler": best})).schedule == "power:2"
+    old_folder = weights.flag_values({"sampler": {**best, "schedule": "logsnr"}})
+    assert weights.sampler_from(old_folder).schedule == "logit:5"

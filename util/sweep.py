@@ -52,24 +52,31 @@ def add_sampler_args(group, sweep: bool = False):
         default="heun",
         choices=METHODS,
         **many,
-        help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), the multistep dpm++2m / dpm++3m "
-        f"(x̂ extrapolated in log(1/(1 - t))) and ab2 / ab3 (in t), 1 evaluation a step (sampling.py){also}",
+        help="ODE integrator: heun (2nd order, 2 evaluations a step), euler (1st), or a multistep solver, 1 evaluation "
+        "a step: dpm++2m / dpm++3m (DPM-Solver++), unipc2 / unipc3 (UniPC-bh2), ab2 / ab3 (x̂ extrapolated in t); "
+        f"see docs/sampling.md{also}",
     )
     a(
         "--num_sampling_steps",
         default=50,
         type=int,
         **many,
-        help=f"integration steps from t = 0 (noise) to t = 1 (image){also}",
+        help=f"integration steps from t = 0 (noise) to t = 1 (image), 1 to 1000{also}",
     )
     a(
         "--sampling_schedule",
         default="uniform",
         **many,
-        help=f"where the steps go: {', '.join(SCHEDULES)} (name or name:parameter, e.g. edm:2, logsnr:3, shift:0.5; "
-        f"denoiser.schedule_warp){also}",
+        help=f"where the steps go: {', '.join(SCHEDULES)} (name or name:parameter, e.g. logit:3, karras:7, power:2, "
+        f"shift:0.5; sampling_grid.py, docs/sampling.md){also}",
     )
-    a("--cfg", default=1.0, type=float, **many, help=f"classifier-free guidance scale (>= 0; 1 = no guidance){also}")
+    a(
+        "--cfg",
+        default=1.0,
+        type=float,
+        **many,
+        help=f"classifier-free guidance scale, in [0, 100] (1 = no guidance){also}",
+    )
     a(
         "--interval_min",
         default=0.0,
