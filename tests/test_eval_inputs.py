@@ -187,10 +187,19 @@ def test_the_decay_a_note_recommends_keeps_under_one_percent(steps):
     assert d**steps < 0.01 and 0.0 <= d < 1.0
 
 
-def test_a_summary_over_seeds_fails_the_run_when_a_seed_could_not_save_its_images():
-    """Before: --eval_seeds with --save_images on a full disk exited 0 (the summary dropped images_saved)."""
+def test_a_summary_over_seeds_is_strict_json_and_fails_the_run_when_a_seed_could_not_save_its_images(tmp_path):
+    """Before: --eval_seeds with --save_images on a full disk exited 0 (the summary dropped images_saved),
+    and the per-seed IS of fewer than 10 images went to metrics.jsonl as `NaN`, which is not JSON."""
+    from util.logger import RunLog
+
     result = dict(fid=1.0, inception_score=2.0, inception_score_std=0.1, num_images=4, seconds=1.0)
-    assert "images_saved" not in seeds.summarize([result, result])
+    log = RunLog(str(tmp_path))
+    log.record(seeds.summarize([result, {**result, "inception_score": float("nan")}]))
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert record["inception_score_seeds"] == [2.0, None] and record["inception_score"] is None
+    assert "images_saved" not in record
     assert seeds.summarize([{**result, "images_saved": True}] * 2)["images_saved"] is True
     assert (
         seeds.summarize([{**result, "images_saved": True}, {**result, "images_saved": False}])["images_saved"] is False

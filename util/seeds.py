@@ -29,7 +29,8 @@ def summarize(results: list[dict]) -> dict:
     std, score_seeds: [per seed]} for every score present, 'inception_score_std' the mean of the seeds'
     split stds, 'num_images' per seed, 'seconds' in all and, where some seed saved images,
     'images_saved': whether every one that did saved all. A NaN score (IS of fewer than 10 images; None
-    in a record read back from metrics.jsonl) makes its mean and std NaN."""
+    in a record read back from metrics.jsonl) makes its mean and std NaN, and is None among the per-seed
+    values (metrics.jsonl writes a record's NaN floats as null, but not those inside a list)."""
     if len(results) < 2:
         raise ValueError(f"a summary over seeds needs at least 2 results, got {len(results)}")
     out = {}
@@ -39,7 +40,7 @@ def summarize(results: list[dict]) -> dict:
         values = as_floats(r[key] for r in results)
         out[key] = float(values.mean())
         out[f"{key}_seed_std"] = float(values.std(ddof=1))
-        out[f"{key}_seeds"] = values.tolist()
+        out[f"{key}_seeds"] = [v if math.isfinite(v) else None for v in values.tolist()]  # JSON has no NaN
     out["inception_score_std"] = float(as_floats(r["inception_score_std"] for r in results).mean())
     out["num_images"] = results[0]["num_images"]
     out["seconds"] = float(sum(r["seconds"] for r in results))
