@@ -6,6 +6,7 @@ EMAs reconstructed from snapshots (`PostHocWeights`). Generation and scoring the
 util/evaluation.py and util/scorer.py."""
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,11 +110,13 @@ class Evaluation:
     --num_images (sweep.Point); spec: the rest of what is generated (each point sets its sampler and
     image count); scorer: FID / IS with one Inception network; log: a RunLog; output_dir: for
     --save_images folders and a sweep's csv / png; final_num_images: after a sweep, the best point
-    again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points;
+    again with this many images; stopper: SIGTERM / SIGUSR1 stop a sweep between points (and seeds);
     during_training: a sweep's files are named per epoch (sweep-epoch{N}.csv), else sweep.csv;
     weights_context: what else identifies the weights in the records (and when finished points are
-    matched): for post-hoc EMAs the step they are reconstructed at; eval_seeds: score each point with
-    this many noise seeds (spec.seed, spec.seed + 1, ...)."""
+    matched): `run_id`, the identity of the run that trained them (so that records of another run's
+    weights at the same path and epoch, e.g. a folder's snapshots replaced by a new run's, are not
+    taken for these), and for post-hoc EMAs the step they are reconstructed at; eval_seeds: score each
+    point with this many noise seeds (spec.seed, spec.seed + 1, ...)."""
 
     samplers: EMAWeights | PostHocWeights
     points: list
@@ -131,8 +134,8 @@ class Evaluation:
 
 def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> dict:
     """What, besides its point, every evaluation record holds and a finished sweep point is matched
-    on: the weights (checkpoint file, epoch) and what generation and scoring depend on (the scorer's
-    protocol: its files and their digests)."""
+    on: the weights (checkpoint file, epoch, ev.weights_context: the run that trained them) and what
+    generation and scoring depend on (the scorer's protocol: its files and their digests)."""
     s = ev.spec
     return dict(
         checkpoint=checkpoint,
@@ -148,10 +151,11 @@ def eval_context(ev: Evaluation, checkpoint: str | None, weights_epoch: int) -> 
     )
 
 
-def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict:
+def score_point(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool = False) -> dict | None:
     """The scores of one point, written as one record (metrics.jsonl, TensorBoard, console); the global
     RNG streams are left as they were. Returns the record: the point's settings, the scores and
-    `context` (eval_context). With ev.eval_seeds > 1, the summary of one record per seed (score_seeds)."""
+    `context` (eval_context). With ev.eval_seeds > 1, the summary of one record per seed (score_seeds;
+    None when a stop signal came between seeds)."""
     if ev.eval_seeds > 1:
         return score_seeds(ev, point, epoch=epoch, context=context, in_sweep=in_sweep)
     record = point_record(ev, point, score_seed(ev, point, ev.spec.seed), epoch=epoch, context=context)
@@ -215,16 +219,30 @@ def publish(ev: Evaluation, point, record: dict, *, in_sweep: bool):
     ev.log.record(record)
 
 
-def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool) -> dict:
+def stop_requested(ev: Evaluation) -> bool:
+    """Collective: whether SIGTERM / SIGUSR1 reached any rank (ev.stopper), so that all stop together."""
+    return distributed.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
+
+
+def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool) -> dict | None:
     """--eval_seeds N: the point scored with each seed (an "eval_seed" record each, a single-seed
-    evaluation's context with its seed; one found in metrics.jsonl is not scored again), then the
-    "eval" record of their summary (util.seeds.summarize: mean, std over seeds, per-seed values)."""
+    evaluation's context with its seed; one found in metrics.jsonl, as an "eval_seed" record or as the
+    "eval" record of a single-seed evaluation, is not scored again), then the "eval" record of their
+    summary (util.seeds.summarize: mean, std over seeds, per-seed values). A stop signal is heeded
+    before each seed to score: then None, the seeds scored so far kept in metrics.jsonl."""
     per_seed = []
     for k, seed in enumerate(seeds.seed_list(ev.spec.seed, ev.eval_seeds), 1):
         own = {**context, "seed": seed, "eval_seeds": 1}
-        record = sweep.finished_everywhere(ev.log.metrics_path, own, kind="eval_seed").get(point.key())
+        record = sweep.finished_everywhere(ev.log.metrics_path, own, kind=("eval_seed", "eval")).get(point.key())
         note = ", found in metrics.jsonl" if record else ""
         if record is None:
+            if stop_requested(ev):
+                again = "" if ev.during_training else "; rerun the same command to continue"
+                distributed.print0(
+                    f"evaluation stopped (signal) after {k - 1} of {ev.eval_seeds} seeds of {point.label()}: their "
+                    f"records are in metrics.jsonl{again}"
+                )
+                return None
             result = score_seed(ev, point, seed, f"-seed{seed}")
             record = point_record(ev, point, result, epoch=epoch, context=own, kind="eval_seed")
             ev.log.record(record)
@@ -261,8 +279,7 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
     if len(points) > 50:
         distributed.print0(sweep.cost_note(points))
 
-    def stop() -> bool:
-        return distributed.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
+    stop = functools.partial(stop_requested, ev)
 
     def score(p):
         return score_point(ev, p, epoch=epoch, context=context, in_sweep=True)

@@ -237,7 +237,7 @@ def check_args(args):
     if args.img_size % patch:
         raise BadValue(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
     positive = ("batch_size", "accum_iter", "gen_bsz", "epochs", "num_sampling_steps", "print_freq", "log_freq")
-    for name in (*positive, "save_last_freq", "class_num"):
+    for name in (*positive, "save_last_freq", "class_num", "img_size"):
         if min(sweep.as_list(getattr(args, name))) < 1:
             raise BadValue(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_gen and not args.resume and not args.phema:

@@ -101,13 +101,27 @@ def check(args):
         raise BadValue("--ref_features_num chooses the images of --ref_features: add --ref_features PATH")
     if args.ref_features_num is not None and args.ref_features_num <= prc.K:
         raise BadValue(f"--ref_features_num must be more than k = {prc.K}, got {args.ref_features_num}")
-    if args.batch_size < 1:
-        raise BadValue(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.img_size < 1:
+        raise BadValue(f"--batch_size and --img_size must be at least 1, got {args.batch_size} and {args.img_size}")
+    if args.seed < 0:
+        raise BadValue(f"--seed must be non-negative (it seeds numpy's generator), got {args.seed}")
 
 
 def images_to_read(args, n: int) -> np.ndarray:
     """The dataset indices to read: all of them, or only --ref_features_num random ones when nothing
-    else needs the whole set."""
+    else needs the whole set. BadValue, before any image is read, when --ref_features would hold no more
+    than k images (evaluation refuses such a file); a note when --ref_features_num asks for more than
+    the dataset's n images (it then holds all of them)."""
+    if args.ref_features and min(n, args.ref_features_num or n) <= prc.K:
+        raise BadValue(
+            f"--ref_features: precision and recall need more than k = {prc.K} reference images, {args.data_path} "
+            f"has {n}"
+        )
+    if args.ref_features and (args.ref_features_num or 0) > n:
+        distributed.print0(
+            f"note: --ref_features_num {args.ref_features_num} is more than the {n} images of {args.data_path}: "
+            "--ref_features holds all of them"
+        )
     if args.png_dir or args.stats or args.dinov2_stats:
         return np.arange(n, dtype=np.int64)
     return prc.subset(n, args.ref_features_num, args.seed)
@@ -148,15 +162,15 @@ def read_features(args, dataset, wanted: np.ndarray, inception, dinov2, device) 
 def write_outputs(args, pool, dino, wanted: np.ndarray, total: int):
     """Rank 0: the statistics and features files of all `wanted` images' features (in their order)."""
     if args.stats:
-        fid.save_stats(args.stats, fid.statistics(pool))
+        fid.save_stats(args.stats, fid.statistics(pool), args.img_size)
         distributed.print0(f"wrote Inception statistics of {pool.shape[0]} images to {args.stats}")
     if args.ref_features:
         chosen = prc.subset(total, args.ref_features_num, args.seed)
         rows = torch.from_numpy(np.searchsorted(wanted, chosen))
-        prc.save_features(args.ref_features, pool[rows], chosen, total)
+        prc.save_features(args.ref_features, pool[rows], chosen, total, args.img_size)
         distributed.print0(f"wrote the pool features of {len(chosen)} of {total} images to {args.ref_features}")
     if args.dinov2_stats:
-        fid.save_stats(args.dinov2_stats, fid.statistics(dino))
+        fid.save_stats(args.dinov2_stats, fid.statistics(dino), args.img_size)
         distributed.print0(f"wrote DINOv2 statistics of {dino.shape[0]} images to {args.dinov2_stats}")
 
 

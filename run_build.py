@@ -176,8 +176,17 @@ def sample_weights(config: RunConfig, denoiser, emas: list, device: torch.device
     return EMAWeights(emas, device, functools.partial(new_denoiser, config, device), compiled)
 
 
-def evaluation_of(config: RunConfig, inputs: Inputs, weights, log: RunLog, stopper: StopSignal) -> Evaluation | None:
-    """How the run evaluates (None: it does not)."""
+def trained_by(config: RunConfig, source: Source) -> str | None:
+    """The identity (run_id) of the run that trained the weights a run samples: the checkpoint's or
+    snapshots' with --evaluate_gen, else the run's own; None for weights written before runs had one."""
+    args = source.state.args if config.evaluate_gen and source.state is not None else config.as_dict()
+    return (args or {}).get("run_id")
+
+
+def evaluation_of(
+    config: RunConfig, inputs: Inputs, weights, log: RunLog, stopper: StopSignal, run_id: str | None = None
+) -> Evaluation | None:
+    """How the run evaluates (None: it does not); run_id: trained_by's."""
     if inputs.scoring is None:
         return None
     return Evaluation(
@@ -190,7 +199,7 @@ def evaluation_of(config: RunConfig, inputs: Inputs, weights, log: RunLog, stopp
         final_num_images=config.final_num_images,
         stopper=stopper,
         during_training=not config.evaluate_gen,
-        weights_context={"phema_step": config.phema_at} if config.phema else {},
+        weights_context={"run_id": run_id, **({"phema_step": config.phema_at} if config.phema else {})},
         eval_seeds=config.eval_seeds,
     )
 
@@ -233,7 +242,7 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
     torch.manual_seed(config.seed)
     denoiser, emas, phemas, optimizer = build_model(config, device)
     torch.manual_seed(config.seed + distributed.get_rank())
-    np.random.seed(config.seed + distributed.get_rank())
+    np.random.seed((config.seed + distributed.get_rank()) % 2**32)  # numpy's seeds end at 2**32 - 1
     checkpoints = Checkpointer(
         output_dir=config.output_dir,
         device=device,
@@ -257,7 +266,7 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
         weights=weights,
         log=log,
         stopper=stopper,
-        evaluation=evaluation_of(config, inputs, weights, log, stopper),
+        evaluation=evaluation_of(config, inputs, weights, log, stopper, trained_by(config, source)),
         data=data,
         lock=lock,
         snapshots=phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None,

@@ -216,7 +216,7 @@ def test_a_summary_over_seeds_is_mean_and_sample_std_of_the_seeds():
     assert out["inception_score_std"] == pytest.approx(0.1) and out["num_images"] == 8 and out["seconds"] == 6.0
     assert seeds.scores_text(out) == "FID 11.1667 ± 1.0408, IS 3.0000 ± 0.5000, precision 0.5500 ± 0.0500"
     assert seeds.scores_text(results[0]) == "FID 10.0000, IS 3.0000 ± 0.0000, precision 0.5000"
-    assert seeds.seed_list(5, 3) == [5, 6, 7]
+    assert list(seeds.seed_list(5, 3)) == [5, 6, 7]
     with pytest.raises(ValueError):
         seeds.summarize(results[:1])
 
@@ -282,17 +282,23 @@ def test_finished_points_need_the_same_seeds_and_protocol(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_ref_writes_a_random_subset_of_the_features_reading_only_those_images(tmp_path, inception_weights):
+def test_prepare_ref_writes_a_random_subset_of_the_features_reading_only_those_images(
+    tmp_path, inception_weights, capsys
+):
     """--ref_features with --ref_features_num alone reads only the drawn images; their features equal
-    the rows of the whole set's, the file records which images they are; bad combinations exit 2."""
+    the rows of the whole set's, the file records which images they are and their size; a number above
+    the dataset's size takes all (with a note); bad combinations exit 2."""
     make_image_folder(tmp_path / "data", classes=2, per_class=4)
     common = ["--data_path", str(tmp_path / "data"), "--img_size", "16", "--device", "cpu", "--num_workers", "0"]
     common += ["--inception_weights", inception_weights, "--batch_size", "4"]
-    prepare_ref.main(prepare_ref.parse_args([*common, "--ref_features", str(tmp_path / "all.npz")]))
+    everything = ["--ref_features", str(tmp_path / "all.npz"), "--ref_features_num", "100"]
+    prepare_ref.main(prepare_ref.parse_args([*common, *everything]))
+    assert "note: --ref_features_num 100 is more than the 8 images of" in capsys.readouterr().out
     part = ["--ref_features", str(tmp_path / "part.npz"), "--ref_features_num", "5", "--seed", "3"]
     prepare_ref.main(prepare_ref.parse_args([*common, *part]))
     with np.load(tmp_path / "all.npz") as a, np.load(tmp_path / "part.npz") as p:
         assert a["indices"].tolist() == list(range(8)) and int(p["total"]) == 8
+        assert int(a["img_size"]) == int(p["img_size"]) == 16
         assert p["indices"].tolist() == prc.subset(8, 5, 3).tolist()
         assert np.array_equal(p["features"], a["features"][p["indices"]])
     for argv, message in (
@@ -318,7 +324,7 @@ def test_the_evaluation_flags_work_or_are_refused_up_front(n, stats, weights):
             check_eval_flags(flags)
     else:
         check_eval_flags(flags)
-        assert seeds.seed_list(flags.seed, n) == list(range(n))
+        assert list(seeds.seed_list(flags.seed, n)) == list(range(n))
 
 
 def test_the_report_page_shows_the_spread_over_seeds_and_the_new_scores():

@@ -73,12 +73,18 @@ def architecture(state: dict, path: str = "--dinov2_weights") -> dict:
     grid = math.isqrt(tokens)
     if grid * grid != tokens or dim % HEAD_DIM:
         raise BadValue(f"{path}: a position embedding of {tokens} tokens or a width of {dim} is not a DINOv2 ViT's")
+    missing = [k for k in ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight") if k not in state]
+    if missing:
+        raise BadValue(f"{path}: not a DINOv2 ViT state dict (no {', '.join(missing)})")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith(".norm1.weight")})
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    if INPUT_SIZE % patch:
+        raise BadValue(f"{path}: patch size {patch} does not divide the {INPUT_SIZE} px input")
     return dict(
         dim=dim,
         depth=depth,
         heads=dim // HEAD_DIM,
-        patch=state["patch_embed.proj.weight"].shape[-1],
+        patch=patch,
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
         grid=grid,
     )
@@ -104,15 +110,12 @@ def hub_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
-def build_dinov2(state: dict, path: str = "--dinov2_weights") -> torch.nn.Module:
-    """timm's VisionTransformer of the state dict's shape for 224 px input, with its weights (float32,
-    eval, no gradients); the position embedding resized as the hub model does (hub_pos_embed)."""
+def vision_transformer(arch: dict) -> torch.nn.Module:
+    """timm's VisionTransformer of DINOv2 shape `arch` (architecture) for 224 px input, class token out
+    (on the current default device: the meta device checks a file's names and shapes without memory)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    arch = architecture(state, path)
-    if INPUT_SIZE % arch["patch"]:
-        raise BadValue(f"{path}: patch size {arch['patch']} does not divide the {INPUT_SIZE} px input")
-    net = VisionTransformer(
+    return VisionTransformer(
         img_size=INPUT_SIZE,
         patch_size=arch["patch"],
         embed_dim=arch["dim"],
@@ -123,14 +126,40 @@ def build_dinov2(state: dict, path: str = "--dinov2_weights") -> torch.nn.Module
         num_classes=0,
         global_pool="token",
     )
-    weights = {k: v for k, v in state.items() if k != "mask_token"}  # Meta's names are timm's, but for this
+
+
+def network_weights(state: dict, arch: dict) -> dict:
+    """The file's tensors under timm's names (Meta's are timm's, but for `mask_token`), the position
+    embedding resized as the hub model does (hub_pos_embed)."""
+    weights = {k: v for k, v in state.items() if k != "mask_token"}
     weights["pos_embed"] = hub_pos_embed(state["pos_embed"], INPUT_SIZE // arch["patch"])
-    try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
+    return weights
+
+
+def check_loads(state: dict, arch: dict, path: str = "--dinov2_weights"):
+    """BadValue (one line) unless the file's tensors are exactly those of the network of `arch`, name for
+    name and shape for shape (e.g. a plain timm ViT: no LayerScale, a classifier head), checked on the
+    meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in vision_transformer(arch).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in network_weights(state, arch).items()}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [f"{k} is {found[k]}, not {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise BadValue(
-            f"{path}: does not load into a DINOv2 {describe_architecture(arch)} ({str(e).splitlines()[0]})"
-        ) from None
+            f"{path}: does not load into a DINOv2 {describe_architecture(arch)} ({'; '.join(problems[:3])}{more})"
+        )
+
+
+def build_dinov2(state: dict, path: str = "--dinov2_weights") -> torch.nn.Module:
+    """timm's VisionTransformer of the state dict's shape for 224 px input, with its weights (float32,
+    eval, no gradients); the position embedding resized as the hub model does (hub_pos_embed)."""
+    arch = architecture(state, path)
+    check_loads(state, arch, path)
+    net = vision_transformer(arch)
+    net.load_state_dict(network_weights(state, arch), strict=True)
     return net.float().eval().requires_grad_(False)
 
 
@@ -148,11 +177,14 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 class DINOv2:
     """The DINOv2 feature extractor of `weights` on `device`: the file is read and checked at
-    construction (fail fast), the network built at the first batch."""
+    construction, names and shapes included (fail fast, before any image is generated), the network
+    built at the first batch."""
 
     def __init__(self, weights: str, device: torch.device):
         self.weights, self.device = weights, device
-        self.arch = architecture(read_state_dict(weights), weights)
+        state = read_state_dict(weights)
+        self.arch = architecture(state, weights)
+        check_loads(state, self.arch, weights)
         self._net = None
 
     @property

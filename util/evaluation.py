@@ -197,7 +197,8 @@ def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
     """What a run's evaluation (`config`: main_jit's; `points`: util.sweep.eval_points) generates and
     how it is scored; checks --num_images, --final_num_images and every file the scorer reads: the FID
     statistics, the Inception weights (downloaded now if not cached and not given), --ref_features,
-    --dinov2_weights and --dinov2_stats (default fid_stats/jit_in{img_size}_dinov2_stats.npz)."""
+    --dinov2_weights and --dinov2_stats (default fid_stats/jit_in{img_size}_dinov2_stats.npz); a
+    reference file that says it is of images of another size than --img_size is refused."""
     spec = GenerationSpec(
         num_images=config.num_images,
         class_num=config.class_num,
@@ -215,6 +216,7 @@ def scoring(config, points: list, device) -> tuple[GenerationSpec, Scorer]:
         ref_features=config.ref_features,
         dinov2_weights=config.dinov2_weights,
         dinov2_stats=config.dinov2_stats or default_dinov2_stats(config.img_size),
+        img_size=config.img_size,
     )
 
 
@@ -222,11 +224,17 @@ def default_dinov2_stats(img_size: int) -> str:
     return os.path.join("fid_stats", f"jit_in{img_size}_dinov2_stats.npz")
 
 
+SEED_LIMIT = 2**32  # numpy's legacy seeds (np.random.seed, the training's per-process streams) are below this
+
+
 def check_eval_flags(flags):
     """main_jit.py's evaluation flags that cannot work (BadValue), before any work: --eval_seeds at
-    least 1, --dinov2_stats only with --dinov2_weights."""
+    least 1, --seed in [0, 2**32) (numpy's seeds; evaluation noise needs it non-negative),
+    --dinov2_stats only with --dinov2_weights."""
     if flags.eval_seeds < 1:
         raise BadValue(f"--eval_seeds must be at least 1, got {flags.eval_seeds}")
+    if not 0 <= flags.seed < SEED_LIMIT:
+        raise BadValue(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {flags.seed}")
     if flags.dinov2_stats and not flags.dinov2_weights:
         raise BadValue("--dinov2_stats is read for FD-DINOv2: add --dinov2_weights (the DINOv2 ViT-L/14 weights file)")
 
@@ -272,11 +280,12 @@ def ema_notes(config, total_steps: int) -> list[str]:
 
 
 def smaller_decay(steps: int) -> str:
-    """The largest of 0.9999, 0.9998, 0.9995, 0.999, ... (three significant digits of 1 - d) whose
-    decay^steps is below 1%: what --ema_decay1 a run of `steps` steps can afford."""
+    """The largest of 0.9999, 0.9998, 0.9995, 0.999, ..., 0.9, 0.8, 0.5 whose decay^steps is below 1%:
+    what --ema_decay1 a run of `steps` steps can afford; "0.0" (the EMA is the trained weights) for a
+    run too short for any of them (under 7 steps)."""
     for digits in range(4, 0, -1):
         for lead in (1, 2, 5):
             d = 1 - lead * 10.0**-digits
             if d**steps < 0.01:
                 return f"{d:.{digits}f}"
-    return "0.9"
+    return "0.0"

@@ -101,19 +101,32 @@ def statistics(pool: torch.Tensor) -> dict:
     return fid_features_to_statistics(pool.contiguous())
 
 
-def save_stats(path: str, stats: dict):
-    """Write `mu` and `sigma` to an .npz file at exactly `path`, atomically (WriteError on failure)."""
+def save_stats(path: str, stats: dict, img_size: int | None = None):
+    """Write `mu` and `sigma` (and `img_size`, the side in px of the images they are of, when given:
+    load_stats checks it) to an .npz file at exactly `path`, atomically (WriteError on failure)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    size = {} if img_size is None else {"img_size": np.int64(img_size)}
     atomic_write(
         path,
-        lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"]),
+        lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], **size),
         needed=stats["mu"].nbytes + stats["sigma"].nbytes,
     )
 
 
-def load_stats(path: str, dim: int = FEATURE_DIM, flag: str = "--fid_stats") -> dict:
+def check_reference_size(found: int | None, img_size: int | None, what: str):
+    """BadValue when a reference file of images of `found` px (None: the file does not say, as the
+    reference release's) is used by an evaluation of `img_size` px (None: not checked)."""
+    if found is not None and img_size is not None and found != img_size:
+        raise BadValue(
+            f"{what} is of {found} px images, this evaluation's are {img_size} px: make it with "
+            f"`python prepare_ref.py --img_size {img_size} ...`"
+        )
+
+
+def load_stats(path: str, dim: int = FEATURE_DIM, flag: str = "--fid_stats", img_size: int | None = None) -> dict:
     """Read reference statistics ({'mu': (dim,), 'sigma': (dim, dim)}); one-line errors naming `flag`
-    (and the prepare_ref.py option that makes the file) when missing or bad."""
+    (and the prepare_ref.py option that makes the file) when missing or bad, or when the file says it
+    is of images of another size than `img_size` (check_reference_size)."""
     if not os.path.isfile(path):
         made_by = "--stats" if flag == "--fid_stats" else flag
         raise MissingFile(
@@ -123,14 +136,17 @@ def load_stats(path: str, dim: int = FEATURE_DIM, flag: str = "--fid_stats") -> 
     try:
         with np.load(path) as f:
             stats = {"mu": f["mu"], "sigma": f["sigma"]}
+            found = int(f["img_size"]) if "img_size" in f.files else None
     except Exception as e:  # not a zip, missing key, truncated
         raise BadValue(
-            f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})"
+            f"{flag} {path} is not a statistics file with arrays 'mu' and 'sigma' ({type(e).__name__}: {e})"
         ) from None
     if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
         raise BadValue(
-            f"{path}: expected mu ({dim},) and sigma ({dim}, {dim}), got {stats['mu'].shape} and {stats['sigma'].shape}"
+            f"{flag} {path}: expected mu ({dim},) and sigma ({dim}, {dim}), got {stats['mu'].shape} and "
+            f"{stats['sigma'].shape}"
         )
+    check_reference_size(found, img_size, f"{flag} {path}")
     return stats
 
 

@@ -218,7 +218,7 @@ def one_run(found: list[Snapshot], folder: str, run: str | None = None, flag: st
     for s in found:
         groups.setdefault(s.run, []).append(s)
     if run is not None:
-        matches = [r for r in groups if run_name(r) == run or (r or "").startswith(run)]
+        matches = [r for r in groups if run and run_name(r).startswith(run)]  # "": no run (each would match)
         if len(matches) != 1:
             which = "no run" if not matches else f"{len(matches)} runs"
             raise BadValue(f"{flag} {run}: {which} of {folder} match; it holds {describe_runs(groups)}")

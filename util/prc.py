@@ -10,7 +10,8 @@ within the radius of some generated image. The cost grows with (generated + refe
 It needs the reference set's features, not only their mean and covariance: prepare_ref.py
 --ref_features writes them, all images' or a random subset (--ref_features_num), as an .npz with
 `features` (N, 2048) float32, `indices` (N,) int64 (the images' positions in the dataset's sorted
-order) and `total` (the dataset's size). ImageNet's 1,281,167 images make 10.5 GB; a random 50,000
+order), `total` (the dataset's size) and `img_size` (their side in px; evaluation of another size refuses
+the file). ImageNet's 1,281,167 images make 10.5 GB; a random 50,000
 (the generated set's usual size) make 410 MB.
 """
 
@@ -20,6 +21,7 @@ import zipfile
 import numpy as np
 import torch
 
+from util import fid
 from util.errors import BadValue, MissingFile
 from util.files import atomic_write
 
@@ -37,20 +39,25 @@ def subset(total: int, num: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=num, replace=False)).astype(np.int64)
 
 
-def save_features(path: str, features: torch.Tensor, indices: np.ndarray, total: int):
-    """Write reference features (N, D) float32 with their dataset indices atomically to `path`."""
+def save_features(path: str, features: torch.Tensor, indices: np.ndarray, total: int, img_size: int | None = None):
+    """Write reference features (N, D) float32 with their dataset indices (and `img_size`, the side in
+    px of their images, when given: check_features checks it) atomically to `path`."""
     feats = features.numpy().astype(np.float32, copy=False)
+    size = {} if img_size is None else {"img_size": np.int64(img_size)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(
         path,
-        lambda f: np.savez(f, features=feats, indices=np.asarray(indices, dtype=np.int64), total=np.int64(total)),
+        lambda f: np.savez(
+            f, features=feats, indices=np.asarray(indices, dtype=np.int64), total=np.int64(total), **size
+        ),
         needed=feats.nbytes + 8 * len(indices),
     )
 
 
-def check_features(path: str, dim: int = 2048) -> int:
+def check_features(path: str, dim: int = 2048, img_size: int | None = None) -> int:
     """The number of reference images of a --ref_features file, from its header alone (the features
-    are read where they are used); one-line errors when it is missing or not (N > K, dim) float32."""
+    are read where they are used); one-line errors when it is missing, not (N > K, dim) float32, or of
+    images of another size than `img_size` (fid.check_reference_size; a file that does not say is not checked)."""
     if not os.path.isfile(path):
         raise MissingFile(
             f"--ref_features {path}: no such file; make it with `python prepare_ref.py --ref_features {path} ...` "
@@ -61,12 +68,15 @@ def check_features(path: str, dim: int = 2048) -> int:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
+        with np.load(path) as f:  # an .npz reads only the members asked for
+            found = int(f["img_size"]) if "img_size" in f.files else None
     except Exception as e:  # not a zip, no 'features', truncated
         raise BadValue(f"--ref_features {path}: not a features file ({type(e).__name__}: {e})") from None
     if len(shape) != 2 or shape[1] != dim or shape[0] <= K or dtype != np.float32:
         raise BadValue(
             f"--ref_features {path}: expected float32 features of shape (N > {K}, {dim}), got {dtype} {tuple(shape)}"
         )
+    fid.check_reference_size(found, img_size, f"--ref_features {path}")
     return shape[0]
 
 

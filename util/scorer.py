@@ -31,8 +31,9 @@ class Scorer:
     """FID against `fid_stats` and Inception Score with one Inception network; with `ref_features`
     (prepare_ref.py --ref_features) also precision and recall (k = 3) of the same pool features; with
     `dinov2_weights` also FD-DINOv2 against `dinov2_stats`. util.errors.BadInput kinds for a missing
-    or bad file, at construction (a collective: rank 0 hashes the files for the protocol; the
-    reference features are read by the rank that scores, at its first scoring)."""
+    or bad file, or one that says it is of images of another size than `img_size` (px; None: not
+    checked), at construction (a collective: rank 0 hashes the files for the protocol; the reference
+    features are read by the rank that scores, at its first scoring)."""
 
     def __init__(
         self,
@@ -43,16 +44,19 @@ class Scorer:
         ref_features: str | None = None,
         dinov2_weights: str | None = None,
         dinov2_stats: str | None = None,
+        img_size: int | None = None,
     ):
         self.fid_stats = fid_stats
-        self.stats = fid.load_stats(fid_stats)
+        self.stats = fid.load_stats(fid_stats, img_size=img_size)
         self.inception = fid.Inception(inception_weights, device)
         self.ref_features = ref_features
-        self.reference_count = prc.check_features(ref_features) if ref_features else None
+        self.reference_count = prc.check_features(ref_features, img_size=img_size) if ref_features else None
         self._reference = None  # the features themselves: read by the rank that scores, when it first does
         self.dinov2 = DINOv2(dinov2_weights, device) if dinov2_weights else None
         self.dinov2_stats_path = dinov2_stats
-        self.dinov2_stats = fid.load_stats(dinov2_stats, self.dinov2.dim, "--dinov2_stats") if self.dinov2 else None
+        self.dinov2_stats = (
+            fid.load_stats(dinov2_stats, self.dinov2.dim, "--dinov2_stats", img_size) if self.dinov2 else None
+        )
         self.protocol = broadcast_object(self._protocol() if is_main_process() else None)  # files hashed once
 
     @property

@@ -13,9 +13,9 @@ SCORES = ("fid", "inception_score", "precision", "recall", "fd_dinov2")  # each 
 NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall", "fd_dinov2": "FD-DINOv2"}
 
 
-def seed_list(base: int, n: int) -> list[int]:
-    """The N seeds of an evaluation at --seed base."""
-    return [base + k for k in range(n)]
+def seed_list(base: int, n: int) -> range:
+    """The N seeds of an evaluation at --seed base (a range: no list of N numbers is made up front)."""
+    return range(base, base + n)
 
 
 def as_floats(values) -> np.ndarray:
@@ -25,10 +25,12 @@ def as_floats(values) -> np.ndarray:
 
 def summarize(results: list[dict]) -> dict:
     """Per-seed results (dicts with the SCORES they have, 'inception_score_std', 'num_images',
-    'seconds'; seed order, at least 2) -> {score: mean, score_seed_std: sample std, score_seeds: [per
-    seed]} for every score present, 'inception_score_std' the mean of the seeds' split stds,
-    'num_images' per seed and 'seconds' in all. A NaN score (IS of fewer than 10 images; None in a
-    record read back from metrics.jsonl) makes its mean and std NaN."""
+    'seconds', perhaps 'images_saved'; seed order, at least 2) -> {score: mean, score_seed_std: sample
+    std, score_seeds: [per seed]} for every score present, 'inception_score_std' the mean of the seeds'
+    split stds, 'num_images' per seed, 'seconds' in all and, where some seed saved images,
+    'images_saved': whether every one that did saved all. A NaN score (IS of fewer than 10 images; None
+    in a record read back from metrics.jsonl) makes its mean and std NaN, and is None among the per-seed
+    values (metrics.jsonl writes a record's NaN floats as null, but not those inside a list)."""
     if len(results) < 2:
         raise ValueError(f"a summary over seeds needs at least 2 results, got {len(results)}")
     out = {}
@@ -38,10 +40,13 @@ def summarize(results: list[dict]) -> dict:
         values = as_floats(r[key] for r in results)
         out[key] = float(values.mean())
         out[f"{key}_seed_std"] = float(values.std(ddof=1))
-        out[f"{key}_seeds"] = values.tolist()
+        out[f"{key}_seeds"] = [v if math.isfinite(v) else None for v in values.tolist()]  # JSON has no NaN
     out["inception_score_std"] = float(as_floats(r["inception_score_std"] for r in results).mean())
     out["num_images"] = results[0]["num_images"]
     out["seconds"] = float(sum(r["seconds"] for r in results))
+    saved = [r["images_saved"] for r in results if "images_saved" in r]
+    if saved:  # --save_images: a seed whose PNGs could not all be written fails the run (exit status 1)
+        out["images_saved"] = all(saved)
     return out
 
 

@@ -205,10 +205,11 @@ def record_key(record: dict) -> tuple:
     )
 
 
-def eval_records(metrics_path: str | None, kind: str = "eval") -> list[dict]:
+def eval_records(metrics_path: str | None, kind: str | tuple = "eval") -> list[dict]:
     """The scored evaluation records ({"kind": kind} with a finite FID; "eval_seed": one seed's of an
-    --eval_seeds evaluation) of a metrics.jsonl, in file order; a line cut short by a kill is skipped;
-    [] without the file."""
+    --eval_seeds evaluation; a tuple: any of these kinds) of a metrics.jsonl, in file order; a line cut
+    short by a kill is skipped; [] without the file."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     records = []
     if not metrics_path or not os.path.isfile(metrics_path):
         return records
@@ -218,7 +219,7 @@ def eval_records(metrics_path: str | None, kind: str = "eval") -> list[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(r, dict) and r.get("kind") == kind and finite(r.get("fid")):
+            if isinstance(r, dict) and r.get("kind") in kinds and finite(r.get("fid")):
                 records.append(r)
     return records
 
@@ -226,7 +227,7 @@ def eval_records(metrics_path: str | None, kind: str = "eval") -> list[dict]:
 CONTEXT_DEFAULTS = {"eval_seeds": 1}  # what a record written before a context field existed had
 
 
-def finished(metrics_path: str, context: dict, kind: str = "eval") -> dict:
+def finished(metrics_path: str, context: dict, kind: str | tuple = "eval") -> dict:
     """{Point.key(): record} of the `kind` records in metrics_path whose values of `context`'s keys
     are equal (engine_eval.eval_context: the same weights, seeds, batch size, resolution, classes,
     reference statistics and scoring protocol; a key a record lacks has its CONTEXT_DEFAULTS value)."""
@@ -379,8 +380,9 @@ def plot(path: str, records: list[dict]):
 
 def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[dict], bool]:
     """Score the points in order, skipping those in `done` ({Point.key(): record}); score(point)
-    returns the point's record. should_stop() is asked before each point (all ranks must agree).
-    Returns (the records of all finished points, earlier ones included; whether it stopped early)."""
+    returns the point's record, or None when it stopped inside the point (between its noise seeds).
+    should_stop() is asked before each point (all ranks must agree). Returns (the records of all
+    finished points, earlier ones included; whether it stopped early)."""
     todo = [p for p in points if p.key() not in done]
     if len(todo) < len(points):
         print0(
@@ -394,7 +396,10 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
             return records, True
         print0(f"sweep point {i}/{len(todo)}: {p.label()}")
         t0 = time.time()
-        records.append(score(p))
+        record = score(p)
+        if record is None:
+            return records, True
+        records.append(record)
         dt = time.time() - t0
         images, seconds, left = images + p.num_images, seconds + dt, left - p.num_images
         print0(
@@ -404,7 +409,7 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
     return records, False
 
 
-def finished_everywhere(metrics_path: str, context: dict, kind: str = "eval") -> dict:
+def finished_everywhere(metrics_path: str, context: dict, kind: str | tuple = "eval") -> dict:
     """finished() as rank 0 reads it, on every rank (all must skip the same points)."""
     return broadcast_object(finished(metrics_path, context, kind) if is_main_process() else None)
 
