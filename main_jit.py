@@ -20,11 +20,12 @@ import torch
 
 import run_sources
 from denoiser import CONVERSIONS, Denoiser
-from engine_eval import EMAWeights, Evaluation, PostHocWeights, evaluate
+from engine_eval import EMAWeights, Evaluation, PostHocWeights, catch_up, evaluate
 from engine_jit import LoopConfig, RunIO, StepParts, build_optimizer, compile_fsdp_blocks, train_one_epoch
 from model_jit import ARCH_KNOBS, ATTN_IMPLS, JiT_models, preset_patch_size
-from util import distributed, grid, phema_files, phema_run, report, runlock, sharding, sweep
-from util.checkpoint import Checkpointer, Start, check_objective, match_emas, remove_stale_temporaries
+from util import distributed, grid, phema_files, phema_run, report, runlock, sharding, stop, sweep
+from util.checkpoint import remove_stale_temporaries
+from util.checkpointer import Checkpointer, Start, check_objective, match_emas
 from util.config import RunConfig, parse
 from util.data import Data, build_data
 from util.demo import write_demo_outputs
@@ -32,7 +33,7 @@ from util.ema import EMA, PowerEMA
 from util.errors import BadValue, exit_code
 from util.evaluation import scoring
 from util.logger import RunLog, hms
-from util.stop import StopRun, StopSignal
+from util.stop import GenerationStopped, StopRun, StopSignal
 from weights import DENOISER_DEFAULTS
 
 DEMO_DEFAULTS = dict(
@@ -626,13 +627,15 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
     checkpoints.args = config.as_dict()  # the run's settings, final: stored in every checkpoint
     if not config.evaluate_gen:
         checkpoints.check_free_space()
-    stopper = StopSignal()
+    if not config.evaluate_gen and not config.dry_run:  # what a killed attempt logged past the start goes
+        log.start_at(start.epoch, start.step, data.steps_per_epoch)
+    stopper = stop.install()  # cli installed it first
     if config.phema:  # each σ_rel's weights, reconstructed at step config.phema_at
         reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
         ema_weights = PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))
     else:
         ema_weights = EMAWeights(
-            emas, device, functools.partial(build_denoiser, config, device), use_compile(config, device)
+            emas, device, functools.partial(build_denoiser, config, torch.device("meta")), use_compile(config, device)
         )
     evaluation = (
         None
@@ -663,9 +666,15 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
             config.epochs,
             log,
             device,
+            stopper,
         )
     )
     return Run(config, parts, checkpoints, start, ema_weights, log, stopper, evaluation, data, lock, snapshots, grids)
+
+
+def eval_due(config, epoch: int) -> bool:
+    """Whether training evaluates after `epoch` (every --eval_freq epochs and after the last)."""
+    return epoch % config.eval_freq == 0 or epoch + 1 == config.epochs
 
 
 def train(run: Run) -> int:
@@ -684,31 +693,41 @@ def train(run: Run) -> int:
         f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else "")
     )
     t0 = time.time()
-    if run.grids:
-        run.grids.begin(
-            run.start,
-            run.weights,
-            data.steps_per_epoch * config.batch_size * config.accum_iter * distributed.get_world_size(),
-        )
     try:
+        stop.check(run.stopper, "during the set-up: nothing was trained since the checkpoint, exiting")
+        if run.grids:
+            run.grids.begin(
+                run.start,
+                run.weights,
+                data.steps_per_epoch * config.batch_size * config.accum_iter * distributed.get_world_size(),
+            )
+        before = run.start.epoch - 1  # its evaluation, if the run stopped after its checkpoint but before it ended
+        if run.evaluation and run.start.step == 0 and before >= 0 and eval_due(config, before):
+            catch_up(run.evaluation, before)
         for epoch in range(run.start.epoch, config.epochs):
             data.sampler.set_position(epoch, start_step * config.accum_iter * config.batch_size)
             saved_at_end = train_one_epoch(run.parts, data, loop, io, epoch=epoch, start_step=start_step)
             start_step = 0
             last = epoch + 1 == config.epochs
-            if run.grids and run.grids.due(epoch):
-                run.grids(epoch, run.weights)
-            if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
-                save(epoch, data.steps_per_epoch)
-            if epoch % 100 == 0 and epoch > 0:
-                save(epoch, data.steps_per_epoch, name=str(epoch))
-            if run.evaluation and (epoch % config.eval_freq == 0 or last):
-                if run.parts.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
+            try:
+                if run.grids and run.grids.due(epoch):
+                    run.grids(epoch, run.weights)
+                if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
+                    save(epoch, data.steps_per_epoch)
+                if epoch % 100 == 0 and epoch > 0:
+                    save(epoch, data.steps_per_epoch, name=str(epoch))
+                if run.evaluation and eval_due(config, epoch):
+                    if run.parts.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
+            except GenerationStopped as e:  # the epoch's end is saved (once): the rerun makes its grid / evaluation
+                spe = data.steps_per_epoch
+                if run.checkpoints.is_saved(epoch, spe, spe) or save(epoch, spe):
+                    raise StopRun(f"{e} after epoch {epoch}: checkpoint saved; rerun the same command") from e
+                raise
     except StopRun as e:
         distributed.print0(str(e))
-        return e.code if saves.last_ok else run.checkpoints.unsaved_exit()
+        return e.code if saves.last_ok else run.checkpoints.unsaved_exit(stopped=e.code == 0)
     finally:
         run.log.flush()
     if not saves.last_ok:
@@ -744,6 +763,7 @@ def main(args) -> int:
 def cli(argv=None) -> int:
     """The command line: exit status 2 for bad input (one line, no traceback), 1 for a run that
     failed, 0 when done (util.errors); a bug keeps its traceback."""
+    stop.install()  # first: SIGTERM / SIGUSR1 during the set-up are recorded, not lost (the run stops after it)
     args = parse_args(argv)
     try:
         code = exit_code(main, args)
