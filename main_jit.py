@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 
 This file parses the flags and wires the pieces: data (util.data), network and diffusion
-(model_jit, denoiser), checkpoints (util.checkpoint.Checkpointer), the loops (engine_jit).
+(model_jit, denoiser), checkpoints (util.checkpointer.Checkpointer), the loops (engine_jit).
 """
 
 import argparse

@@ -178,7 +178,7 @@ def test_an_elastic_restart_after_kill_9_resumes_exactly(data48, tmp_path, refer
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_lock_is_taken_over(data, tmp_path, start):
     out = tmp_path / "out"
     args = [*TINY, "--epochs", 1, "--data_path", data, "--output_dir", out, "--resume", out]
-    first = start("tests/launch_worker.py", "slow_steps=2", *args)  # 6 steps of 2 s
+    first = start("tests/launch_worker.py", "slow_steps=10", *args)  # 6 steps of 10 s: killed long before its end
     read_until(first, "training epochs")
     second = run_script("main_jit.py", *args, check=False)
     assert second.returncode == 2 and "is in use by another train run (pid" in second.stdout, second.stdout

@@ -1,6 +1,6 @@
-"""Checkpoints: the file format (one symmetric pair: TrainState <-> dict), atomic writes, safe
-loading (reference files included), finding the newest readable file, RNG state, and the
-`Checkpointer` that saves and restores a run's state.
+"""Checkpoints: the format (one symmetric pair: TrainState <-> dict), atomic writes, safe loading
+(reference files included), finding the newest readable checkpoint, and loading weights and AdamW
+state into modules. A run's saves and restores are util/checkpointer.py's `Checkpointer`.
 
 Layout (the reference's keys, plus ours): `model`, `model_ema1`, `model_ema2` (full state dicts of
 the denoiser, keys `net.*`), `optimizer`, `epoch` (last finished epoch), `args` (a plain dict; the

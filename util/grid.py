@@ -159,7 +159,7 @@ class GridWriter:
         )
 
     def begin(self, start, samplers, images_per_epoch: int):
-        """Collective, at the start of training from `start` (util.checkpoint.Start): print the plan,
+        """Collective, at the start of training from `start` (util.checkpointer.Start): print the plan,
         make the grid of the epoch before if the run stopped after its checkpoint but before it."""
         distributed.print0(self.plan(images_per_epoch))
         if start.step == 0:
