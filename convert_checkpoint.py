@@ -19,7 +19,7 @@ import sys
 
 from util import checkpoint, checkpoint_dcp, files
 from util.config import RunConfig, parse
-from util.errors import BadValue, exit_code
+from util.errors import BadValue, MissingFile, exit_code
 
 
 def get_args_parser():
@@ -39,6 +39,8 @@ def parse_args(argv=None) -> RunConfig:
 def main(args) -> str:
     """Convert; BadInput for bad input, WriteError for a file that could not be written (see cli).
     Returns the path written."""
+    if not os.path.exists(args.source):
+        raise MissingFile(f"{args.source}: no such file or folder")
     if os.path.isdir(args.output):
         raise BadValue(f"output {args.output} is a folder: name the file to write (e.g. checkpoint-last.pth)")
     if os.path.exists(args.output) and not args.overwrite:

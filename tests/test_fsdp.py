@@ -231,6 +231,36 @@ def test_fsdp_starts_from_other_weights_and_a_folder_resumes_as_its_file(data, t
     )
 
 
+@pytest.mark.slow
+def test_export_sample_and_evaluate_gen_read_a_folder_as_its_file(fsdp, tmp_path, online_eval):
+    """export.py and sample.py given the sharded run's folder do what they do given the file
+    convert_checkpoint.py makes of it; --evaluate_gen of the folder scores EMA 2 as the run's own last
+    evaluation did (one process each, no launcher)."""
+    import export
+    import main_jit
+    import sample
+    import weights
+
+    folder, file = fsdp["base"] / "straight" / "checkpoint-last.dcp", tmp_path / "checkpoint-last.pth"
+    assert convert_checkpoint.cli([str(folder), str(file)]) == 0
+    exported, grids = {}, {}
+    for form, source in (("folder", folder), ("file", file)):
+        assert export.cli([str(source), str(tmp_path / f"export-{form}")]) == 0
+        exported[form] = weights.load_exported(str(tmp_path / f"export-{form}"))[1]
+        png = tmp_path / f"grid-{form}.png"
+        flags = ["--resume", str(source), "--classes", "0", "2", "--per_class", "2", "--num_sampling_steps", "2"]
+        assert sample.cli([*flags, "--output", str(png), "--device", "cpu"]) == 0
+        grids[form] = png.read_bytes()
+    assert_same_tensors(exported["folder"], exported["file"])
+    assert_same_tensors(exported["folder"], fsdp["model_ema1"])
+    assert grids["folder"] == grids["file"]
+    flags = ["--evaluate_gen", "--resume", str(folder), "--output_dir", str(tmp_path / "eval"), "--device", "cpu"]
+    assert main_jit.cli([*map(str, online_eval[1:]), *flags]) == 0
+    (record,) = read_metrics(tmp_path / "eval", "eval")
+    assert record["checkpoint"] == str(folder) and record["ema"] == 2 and record["checkpoint_epoch"] == 1
+    assert record["fid"] == pytest.approx(fsdp["eval"]["fid"], rel=1e-4)  # this process runs 2 threads, the run 1
+
+
 TIMING = ("seconds", "time", "per_s")  # the wall-clock fields of an eval record
 
 
