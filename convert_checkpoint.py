@@ -8,8 +8,8 @@ full and bit for bit those of the folder, the AdamW state numbered as an unshard
 
 One process, no GPU, no process group; it holds the whole checkpoint in memory while it writes the
 file (atomically). The other way is not needed: an FSDP run resumes from a file directly (rank 0
-reads it memory-mapped and broadcasts each tensor). torch's own converter (`python -m
-torch.distributed.checkpoint.format_utils dcp_to_torch`) writes DCP's nested dict, not this format.
+reads it memory-mapped and broadcasts each tensor). torch's own converter
+(torch.distributed.checkpoint.format_utils.dcp_to_torch_save) writes DCP's nested dict, not this format.
 Exit status: 0 done, 2 bad input (one line on stderr), 1 the file could not be written.
 """
 
