@@ -19,6 +19,7 @@ its shards need, at any world size (DCP reshards). DCP's .metadata is a pickle: 
 unpickler that admits only DCP's own metadata classes (`SafeReader`).
 """
 
+import contextlib
 import io
 import os
 import pickle
@@ -45,6 +46,14 @@ def dcp():
     import torch.distributed.checkpoint as module
 
     return module
+
+
+@contextlib.contextmanager
+def one_process():
+    """Silences DCP's warning that it "assumes the intent" to work in a single process: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -109,8 +118,7 @@ def read_full(folder: str, part: tuple, metadata=None) -> dict:
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = torch.empty(md.size, dtype=md.properties.dtype)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with one_process():
         dcp().load(template, storage_reader=safe_reader(folder), no_dist=True)
     for key in part:
         template = template[key]
@@ -298,10 +306,10 @@ def write(path: str, tensors: dict, rest: dict, *, needed: int, group=None):
         error = _attempt(path, needed, lambda: _write_state(tmp, rest))
     error = distributed.broadcast_object(error)
     if error is None:
+        group, alone = group or distributed.control_group(), not distributed.is_dist()
         try:
-            dcp().save(
-                tensors, storage_writer=FileSystemWriter(tmp), process_group=group or distributed.control_group()
-            )
+            with one_process():
+                dcp().save(tensors, storage_writer=FileSystemWriter(tmp), process_group=group, no_dist=alone)
         except CheckpointException as e:
             cause = next(iter(e.failures.values()))[0]
             if not files.is_write_failure(cause):
