@@ -97,19 +97,20 @@ def read_state(folder: str) -> dict:
 
 
 def shapes(metadata, part: tuple) -> dict:
-    """{key: shape} of the tensors of one part (("model",), ("model_phema", "0"), ...) from the metadata."""
+    """{key: shape} of the tensors of a network's part (("model",), ("model_phema", "0"), ...) from the
+    metadata."""
     n = len(part)
     return {
-        ".".join(path[n:]) if part == ("optimizer",) else path[n]: tuple(metadata.state_dict_metadata[fqn].size)
+        path[n]: tuple(metadata.state_dict_metadata[fqn].size)
         for fqn, path in metadata.planner_data.items()
         if tuple(path[:n]) == part
     }
 
 
-def read_full(folder: str, part: tuple, metadata=None) -> dict:
+def read_full(folder: str, part: tuple) -> dict:
     """The full tensors of one part, read into this process (no process group): {key: tensor} for a
     network's part; for ("optimizer",), {parameter name: {"exp_avg": t, "exp_avg_sq": t}}."""
-    metadata = metadata or read_metadata(folder)
+    metadata = read_metadata(folder)
     template, n = {}, len(part)
     for fqn, path in metadata.planner_data.items():
         if tuple(path[:n]) == part:

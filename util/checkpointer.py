@@ -171,7 +171,11 @@ class Checkpointer:
                 ema_sds = None if state.model is None else state.ema_states(len(self.emas)) + phema_sds
                 sharding.load_full_state(self.denoiser, averages, self.optimizer, state.model, ema_sds, state.optimizer)
         except RuntimeError as e:
+            if distributed.is_collective_failure(e):  # a peer gone: a failed run (main_jit.cli), not bad input
+                raise
             raise does_not_fit(path, state.args, e) from None
+        except OSError as e:  # a sharded folder some rank cannot read
+            raise CheckpointError(str(e)) from None
         if self.optimizer is not None:
             place_steps(self.optimizer)
 

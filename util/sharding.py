@@ -301,25 +301,30 @@ def load_sharded(folder: str, denoiser: nn.Module, sources: list, optimizer=None
     each (module, part) of `sources` from that part (several modules may start from one part: an EMA
     added on resume from the model's), and with `optimizer` and optimizer_state (param_groups, steps
     of its train_state) the AdamW state. Each rank reads what its shards need, at any world size (DCP
-    reshards). Strict: a part whose keys or shapes differ from its module's, or a folder some rank
-    cannot read, raises RuntimeError on every rank before anything is loaded. The optimizer keeps its
-    own fused / foreach choice."""
+    reshards). Strict: a part whose keys or shapes differ from its module's raises RuntimeError, a
+    folder some rank cannot read OSError, on every rank before anything is loaded. The optimizer keeps
+    its own fused / foreach choice."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     from util import checkpoint_dcp, distributed
 
     try:
         metadata = checkpoint_dcp.read_metadata(folder)
-        error = " ".join(e for e in (mismatch(m, checkpoint_dcp.shapes(metadata, p)) for m, p in sources) if e)
+        mismatches = " ".join(e for e in (mismatch(m, checkpoint_dcp.shapes(metadata, p)) for m, p in sources) if e)
+        error = ("mismatch", f"Error(s) in loading state_dict: {mismatches}") if mismatches else None
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        error = f"cannot read {folder}: {type(e).__name__}: {e}"
-    errors = [e for e in distributed.all_gather_object(error or None) if e]
+        error = ("unreadable", f"cannot read {folder} on rank {distributed.get_rank()}: {type(e).__name__}: {e}")
+    errors = [e for e in distributed.all_gather_object(error) if e]
     if errors:  # every rank raises, none is left waiting in DCP's collectives
-        raise RuntimeError(f"Error(s) in loading state_dict: {errors[0]}")
+        kind, message = errors[0]
+        raise (RuntimeError if kind == "mismatch" else OSError)(message)
     rounds = []  # each part at most once per dcp.load
     for module, part in sources:
         free = next((r for r in rounds if part not in r), None)
-        (free if free is not None else rounds.append({}) or rounds[-1])[part] = module
+        if free is None:
+            free = {}
+            rounds.append(free)
+        free[part] = module
     for i, parts in enumerate(rounds):
         template, named = {}, None
         for part, module in parts.items():
