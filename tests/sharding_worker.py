@@ -214,6 +214,26 @@ def skip_check(parts: StepParts):
     return flags
 
 
+def evaluation_copy(fsdp: StepParts):
+    """EMA 1 of a sharded run in evaluation's copy (engine_eval.EMAWeights: built on the meta device,
+    materialised uninitialised, filled by unshard_into). Returns (every rank's copy's state dict, every
+    rank's [random ops drawn, RNG untouched, buffers as built, a copy of its own, the devices])."""
+    samplers = EMAWeights(fsdp.emas, torch.device("cpu"), make_denoiser=skeleton, compile_net=False)
+    rng = torch.get_rng_state()
+    with RandomOps() as drawn:
+        samplers.refresh([1])
+    rng_same = torch.equal(rng, torch.get_rng_state())
+    plain_ema = samplers(1)[0]
+    built = dict(base_denoiser().named_buffers())
+    buffers_equal = all(torch.equal(b, built[n]) for n, b in plain_ema.named_buffers())
+    checks = [drawn.count, rng_same, buffers_equal, plain_ema is not fsdp.emas[0].module]
+    checks.append({t.device.type for t in [*plain_ema.parameters(), *plain_ema.buffers()]})
+    gathered, everyone = [None, None], [None, None]
+    dist.all_gather_object(gathered, plain_ema.state_dict())
+    dist.all_gather_object(everyone, checks)
+    return gathered, everyone
+
+
 def main_train(dump):
     rank = dist.get_rank()
     out = {}
@@ -282,25 +302,9 @@ def main_train(dump):
             {k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh.optimizer.param_groups
         ]
 
-    # Every rank: the full EMA weights to sample from, in evaluation's copy (engine_eval.EMAWeights):
-    # built on the meta device, materialised uninitialised, filled by unshard_into.
-    samplers = EMAWeights(fsdp.emas, torch.device("cpu"), make_denoiser=skeleton, compile_net=False)
-    rng = torch.get_rng_state()
-    with RandomOps() as drawn:
-        samplers.refresh([1])
-    rng_same = torch.equal(rng, torch.get_rng_state())
-    plain_ema = samplers(1)[0]
-    gathered = [None, None]
-    dist.all_gather_object(gathered, plain_ema.state_dict())
-    reference = base_denoiser()
-    buffers_equal = all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in plain_ema.named_buffers())
-    checks = [drawn.count, rng_same, buffers_equal, plain_ema is not fsdp.emas[0].module]
-    checks.append({t.device.type for t in [*plain_ema.parameters(), *plain_ema.buffers()]})
-    everyone = [None, None]
-    dist.all_gather_object(everyone, checks)
+    gathered, out["eval_copy"] = evaluation_copy(fsdp)  # every rank: the full EMA weights to sample from
     if rank == 0:
         out["unshard_into"] = max(max_diff(g, fsdp_next[1][0]) for g in gathered)
-        out["eval_copy"] = everyone
 
     bad = dict(c["model"]) if c else None  # a checkpoint that does not fit: every rank must raise
     if bad:

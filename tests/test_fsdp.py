@@ -294,11 +294,7 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     the rerun does the evaluation first); kill -9 mid-epoch 1 (the rerun trains its first steps again).
     The weights, every EMA, the power EMAs, the optimizer, the snapshot files and grids byte for byte,
     the eval records and every train record (metrics.jsonl and TensorBoard: each step once) equal the
-    uninterrupted run's. Then on its snapshots: reconstruct_ema.py with three targets sums in float32
-    as in float64 (to float32 rounding) and leaves the files unchanged, and a stale snapshot of another
-    run is skipped and named."""
-    import reconstruct_ema
-
+    uninterrupted run's. Then on its snapshots, check_reconstruction."""
     out = fsdp["base"] / "run"
     args = [
         *TINY,
@@ -361,6 +357,15 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     assert len(read_metrics(out, "train")) == 12
     assert tensorboard_scalars(out, "train_loss") == tensorboard_scalars(straight, "train_loss")
     assert file_bytes(out / "samples") == file_bytes(straight / "samples")  # the grids too, byte for byte
+
+    check_reconstruction(out, capsys)
+
+
+def check_reconstruction(out, capsys):
+    """On a run's snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to
+    float32 rounding) and leaves the files unchanged, and a stale snapshot of another run is skipped and
+    named."""
+    import reconstruct_ema
 
     before = file_bytes(out / "phema")
     outputs = {}
