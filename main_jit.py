@@ -629,7 +629,7 @@ def build_run(args, config, device, *, lock: str | None, data: Data | None, sour
         checkpoints.check_free_space()
     if not config.evaluate_gen and not config.dry_run:  # what a killed attempt logged past the start goes
         log.start_at(start.epoch, start.step, data.steps_per_epoch)
-    stopper = stop.install()  # cli installed it first
+    stopper = stop.install(StopSignal)  # cli installed it first
     if config.phema:  # each σ_rel's weights, reconstructed at step config.phema_at
         reconstruct = functools.partial(phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0)
         ema_weights = PostHocWeights(denoiser, reconstruct, device, use_compile(config, device))

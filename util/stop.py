@@ -48,11 +48,11 @@ class StopSignal:
 _installed: StopSignal | None = None
 
 
-def install() -> StopSignal:
-    """This process's StopSignal, made at the first call (until its close())."""
+def install(factory=StopSignal) -> StopSignal:
+    """This process's StopSignal, made by `factory` at the first call (until its close())."""
     global _installed
     if _installed is None:
-        _installed = StopSignal()
+        _installed = factory()
     return _installed
 
 
