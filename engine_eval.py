@@ -15,7 +15,7 @@ import torch
 
 from util import distributed, seeds, sharding, sweep
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
-from util.stop import StopSignal
+from util.stop import GenerationStopped, StopSignal, requested_anywhere
 
 
 def compile_sampling_net(net):
@@ -28,10 +28,12 @@ def compile_sampling_net(net):
 class EMAWeights:
     """For each EMA, the denoiser that samples and a compiled stand-in of its net (or None). An
     unsharded EMA samples itself; a sharded one (FSDP) is gathered into a full copy on every rank,
-    made by `make_denoiser()` at the first use and refreshed by `refresh` (collective), so that
-    evaluation runs as in an unsharded run, each rank generating its share of the images. `release`
-    frees those copies (a full float32 network per EMA on every GPU) when an evaluation during
-    training is done."""
+    made at the first use and refreshed by `refresh` (collective), so that evaluation runs as in an
+    unsharded run, each rank generating its share of the images. `make_denoiser()` builds the
+    network on the meta device (it is called under `torch.device("meta")`): the copy is then
+    materialised on `device` only, uninitialised, and filled with the gathered weights (no copy on
+    the CPU, no random initialisation). `release` frees those copies (a full float32 network per EMA
+    on every GPU) when an evaluation during training is done."""
 
     def __init__(
         self, emas: list, device: torch.device, make_denoiser: Callable[[], torch.nn.Module], compile_net: bool
@@ -41,12 +43,13 @@ class EMAWeights:
 
     def refresh(self, ks):
         """Gather the sharded EMAs `ks` (1-based) into their copies; nothing for unsharded ones. The
-        global RNG streams are left as they were (building a copy initialises weights)."""
+        global RNG streams are not used."""
         for k in sorted(set(ks)):
             if sharding.is_sharded(self.emas[k - 1].module):
                 if k not in self.copies:
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        self.copies[k] = self.make_denoiser().eval().requires_grad_(False)
+                    with torch.device("meta"):
+                        skeleton = self.make_denoiser()
+                    self.copies[k] = skeleton.to_empty(device=self.device).eval().requires_grad_(False)
                 sharding.unshard_into(self.copies[k], self.emas[k - 1].module)
 
     def release(self):
@@ -173,8 +176,9 @@ def score_seed(ev: Evaluation, point, seed: int, folder_suffix: str = "") -> dic
         else None
     )
     denoiser, net = ev.samplers(point.weights)
+    should_stop = functools.partial(requested_anywhere, ev.stopper) if ev.stopper else None
     with torch.random.fork_rng(devices=[ev.samplers.device] if ev.samplers.device.type == "cuda" else []):
-        return score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir)
+        return score_images(denoiser, spec, ev.scorer, net=net, image_dir=image_dir, should_stop=should_stop)
 
 
 def point_record(ev: Evaluation, point, result: dict, *, epoch: int, context: dict, kind: str = "eval") -> dict:
@@ -219,11 +223,6 @@ def publish(ev: Evaluation, point, record: dict, *, in_sweep: bool):
     ev.log.record(record)
 
 
-def stop_requested(ev: Evaluation) -> bool:
-    """Collective: whether SIGTERM / SIGUSR1 reached any rank (ev.stopper), so that all stop together."""
-    return distributed.host_all_reduce_sum([float(ev.stopper.requested if ev.stopper else 0)])[0] > 0
-
-
 def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: bool) -> dict | None:
     """--eval_seeds N: the point scored with each seed (an "eval_seed" record each, a single-seed
     evaluation's context with its seed; one found in metrics.jsonl, as an "eval_seed" record or as the
@@ -236,7 +235,7 @@ def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
         record = sweep.finished_everywhere(ev.log.metrics_path, own, kind=("eval_seed", "eval")).get(point.key())
         note = ", found in metrics.jsonl" if record else ""
         if record is None:
-            if stop_requested(ev):
+            if requested_anywhere(ev.stopper):
                 again = "" if ev.during_training else "; rerun the same command to continue"
                 distributed.print0(
                     f"evaluation stopped (signal) after {k - 1} of {ev.eval_seeds} seeds of {point.label()}: their "
@@ -257,14 +256,22 @@ def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
 def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str | None = None) -> dict | None:
     """Evaluate the run's point, or sweep its points (then --final_num_images), with the current EMA
     weights (of `weights_epoch`, loaded from `checkpoint` if any). Call on every rank. Returns the
-    (best) point's record; None when a sweep was stopped. During training, the gathered copies of
-    sharded EMAs are freed afterwards (EMAWeights.release)."""
+    (best) point's record; None when a sweep was stopped. SIGTERM / SIGUSR1 (ev.stopper) also stop
+    it between two generation batches: outside training it then returns None (a rerun continues a
+    sweep where it stopped), during training it raises util.stop.GenerationStopped (the rerun
+    catches up, see `catch_up`). During training, the gathered copies of sharded EMAs are freed
+    afterwards (EMAWeights.release)."""
     ev.samplers.refresh(p.weights for p in ev.points)
     context = eval_context(ev, checkpoint, weights_epoch)
     try:
         if len(ev.points) == 1 and ev.final_num_images is None:
             return score_point(ev, ev.points[0], epoch=epoch, context=context)
         return run_sweep(ev, epoch=epoch, context=context)
+    except GenerationStopped:
+        if ev.during_training:
+            raise
+        distributed.print0("evaluation stopped (signal) between two generation batches; rerun the same command")
+        return None
     finally:
         if ev.during_training:
             ev.samplers.release()
@@ -279,7 +286,7 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
     if len(points) > 50:
         distributed.print0(sweep.cost_note(points))
 
-    stop = functools.partial(stop_requested, ev)
+    stop = functools.partial(requested_anywhere, ev.stopper)
 
     def score(p):
         return score_point(ev, p, epoch=epoch, context=context, in_sweep=True)
@@ -299,3 +306,16 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
         [dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done, should_stop=stop
     )
     return None if stopped else records[0]
+
+
+def catch_up(ev: Evaluation, epoch: int):
+    """Collective. At a resume after `epoch` (its checkpoint written, the run stopped, by a signal or a
+    kill, before the evaluation of its weights was done): evaluate it now if metrics.jsonl lacks a
+    scored record of one of its points (a sweep goes on where it stopped; sweep.finished)."""
+    context = eval_context(ev, None, epoch)
+    done = sweep.finished_everywhere(ev.log.metrics_path, context)
+    sizes = {r["num_images"] for r in done.values()}
+    if all(p.key() in done for p in ev.points) and ev.final_num_images in (None, *sizes):
+        return
+    distributed.print0(f"the evaluation of epoch {epoch} was not finished before the run stopped: evaluating now")
+    evaluate(ev, epoch=epoch, weights_epoch=epoch)

@@ -3,12 +3,11 @@
     python main_jit.py --demo                                    # built-in CPU/GPU demo, no data needed
     torchrun --nproc_per_node=8 main_jit.py --model JiT-B/16 ... # the reference's ImageNet commands
 
-This file parses the flags and wires the pieces, in two steps: `resolve` turns the flags into the
-run's complete, frozen config and reads where its weights come from (run_sources.Source), once;
-`build` (run_build.py) makes the run of them: data (util.data), network and diffusion (model_jit,
-denoiser), checkpoints (util.checkpoint.Checkpointer), evaluation (engine_eval). `setup` does the
-side effects between the two (the process group, the output folder's lock); `train` is the epoch
-loop over engine_jit.train_one_epoch.
+This file parses the flags and wires the pieces, in two steps: `resolve` turns the flags into the run's complete,
+frozen config and reads where its weights come from (run_sources.Source), once; `build` (run_build.py) makes the run
+of them: data (util.data), network and diffusion (model_jit, denoiser), checkpoints (util.checkpointer.Checkpointer),
+evaluation (engine_eval). `setup` does the side effects between the two (the process group, the output folder's lock);
+`train` is the epoch loop over engine_jit.train_one_epoch.
 """
 
 import argparse
@@ -21,17 +20,17 @@ import torch
 
 import run_sources
 from denoiser import CONVERSIONS
-from engine_eval import evaluate
+from engine_eval import catch_up, evaluate
 from engine_jit import LoopConfig, RunIO, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from run_build import Run, build, open_inputs
-from util import distributed, grid, phema_files, phema_run, report, runlock, sweep
+from util import distributed, grid, phema_files, phema_run, report, runlock, stop, sweep
 from util.config import RunConfig, parse
 from util.demo import write_demo_outputs
 from util.errors import BadValue, exit_code
 from util.evaluation import check_eval_flags
 from util.logger import hms
-from util.stop import StopRun
+from util.stop import GenerationStopped, StopRun
 from weights import DENOISER_DEFAULTS
 
 DEMO_DEFAULTS = dict(
@@ -330,6 +329,34 @@ def setup(args: RunConfig) -> Run:
         raise
 
 
+def eval_due(config: RunConfig, epoch: int) -> bool:
+    """Whether training evaluates after `epoch` (every --eval_freq epochs and after the last)."""
+    return epoch % config.eval_freq == 0 or epoch + 1 == config.epochs
+
+
+def end_epoch(run: Run, epoch: int, save, saved_at_end: bool):
+    """After training `epoch`: its sample grid, checkpoints (`save`, unless the loop saved at its end)
+    and evaluation, as due. A stop signal between two generation batches (GenerationStopped) saves the
+    epoch's end (once) and raises StopRun: the rerun makes the grid / evaluation (catch_up)."""
+    config, spe = run.config, run.data.steps_per_epoch
+    last = epoch + 1 == config.epochs
+    try:
+        if run.grids and run.grids.due(epoch):
+            run.grids(epoch, run.weights)
+        if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
+            save(epoch, spe)
+        if epoch % 100 == 0 and epoch > 0:
+            save(epoch, spe, name=str(epoch))
+        if run.evaluation and eval_due(config, epoch):
+            if run.parts.device.type == "cuda":
+                torch.cuda.empty_cache()
+            evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
+    except GenerationStopped as e:
+        if run.checkpoints.is_saved(epoch, spe, spe) or save(epoch, spe):
+            raise StopRun(f"{e} after epoch {epoch}: checkpoint saved; rerun the same command") from e
+        raise
+
+
 def train(run: Run) -> int:
     """The epoch loop: train, checkpoint, evaluate. Returns the exit status."""
     config, data, saves = run.config, run.data, run.checkpoints.log
@@ -346,31 +373,25 @@ def train(run: Run) -> int:
         f"training epochs {run.start.epoch}..{config.epochs - 1}" + (f" from step {start_step}" if start_step else "")
     )
     t0 = time.time()
-    if run.grids:
-        run.grids.begin(
-            run.start,
-            run.weights,
-            data.steps_per_epoch * config.batch_size * config.accum_iter * distributed.get_world_size(),
-        )
     try:
+        stop.raise_if_requested(run.stopper, "during the set-up: nothing was trained since the checkpoint, exiting")
+        if run.grids:
+            run.grids.begin(
+                run.start,
+                run.weights,
+                data.steps_per_epoch * config.batch_size * config.accum_iter * distributed.get_world_size(),
+            )
+        before = run.start.epoch - 1  # its evaluation, if the run stopped after its checkpoint but before it ended
+        if run.evaluation and run.start.step == 0 and before >= 0 and eval_due(config, before):
+            catch_up(run.evaluation, before)
         for epoch in range(run.start.epoch, config.epochs):
             data.sampler.set_position(epoch, start_step * config.accum_iter * config.batch_size)
             saved_at_end = train_one_epoch(run.parts, data, loop, io, epoch=epoch, start_step=start_step)
             start_step = 0
-            last = epoch + 1 == config.epochs
-            if run.grids and run.grids.due(epoch):
-                run.grids(epoch, run.weights)
-            if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
-                save(epoch, data.steps_per_epoch)
-            if epoch % 100 == 0 and epoch > 0:
-                save(epoch, data.steps_per_epoch, name=str(epoch))
-            if run.evaluation and (epoch % config.eval_freq == 0 or last):
-                if run.parts.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
+            end_epoch(run, epoch, save, saved_at_end)
     except StopRun as e:
         distributed.print0(str(e))
-        return e.code if saves.last_ok else run.checkpoints.unsaved_exit()
+        return e.code if saves.last_ok else run.checkpoints.unsaved_exit(stopped=e.code == 0)
     finally:
         run.log.flush()
     if not saves.last_ok:
@@ -406,6 +427,7 @@ def main(args: RunConfig) -> int:
 def cli(argv=None) -> int:
     """The command line: exit status 2 for bad input (one line, no traceback), 1 for a run that
     failed, 0 when done (util.errors); a bug keeps its traceback."""
+    stop.install()  # first: SIGTERM / SIGUSR1 during the set-up are recorded, not lost (the run stops after it)
     args = parse_args(argv)
     try:
         code = exit_code(main, args)

@@ -91,7 +91,7 @@ def parse_args(argv=None) -> RunConfig:
     return parse(get_args_parser(), argv)
 
 
-def check(args):
+def check_ref_args(args):
     """BadValue for a command that cannot work, before any work."""
     if not (args.png_dir or args.stats or args.ref_features or args.dinov2_stats):
         raise BadValue("nothing to do: give --png_dir, --stats, --ref_features and/or --dinov2_stats")
@@ -176,7 +176,7 @@ def write_outputs(args, pool, dino, wanted: np.ndarray, total: int):
 
 def main(args):
     """Write the PNGs, statistics and features; BadInput for bad input, WriteError for a failed write (see cli)."""
-    check(args)
+    check_ref_args(args)
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url)
     inception = fid.Inception(args.inception_weights, device) if args.stats or args.ref_features else None
     dinov2 = DINOv2(args.dinov2_weights, device) if args.dinov2_stats else None

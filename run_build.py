@@ -19,8 +19,9 @@ from engine_jit import StepParts, build_optimizer, compile_fsdp_blocks
 from model_jit import ARCH_KNOBS, JiT_models
 from model_jit_adapters import build_denoiser
 from run_sources import Source, adapt_init
-from util import distributed, grid, phema_files, phema_run, runlock, sharding, sweep
-from util.checkpoint import Checkpointer, Start, match_emas, remove_stale_temporaries
+from util import distributed, grid, phema_files, phema_run, runlock, sharding, stop, sweep
+from util.checkpoint import remove_stale_temporaries
+from util.checkpointer import Checkpointer, Start, match_emas
 from util.config import RunConfig
 from util.data import Data, build_data
 from util.ema import EMA, PowerEMA
@@ -144,7 +145,7 @@ def wrap_for_training(denoiser, config: RunConfig, device: torch.device):
 
 def load_start(config: RunConfig, source: Source, checkpoints: Checkpointer) -> Start:
     """Load the weights the run starts from into the live objects: the checkpoint of `source` (with
-    its EMAs matched to the run's: util.checkpoint.match_emas), else --init_from's, else none.
+    its EMAs matched to the run's: util.checkpointer.match_emas), else --init_from's, else none.
     Returns where the run starts."""
     if source.state is not None:
         match_emas(
@@ -173,7 +174,7 @@ def sample_weights(config: RunConfig, denoiser, emas: list, device: torch.device
             phema_run.reconstruct_at, config.phema, config.phema_at, log=distributed.print0, run=config.phema_run
         )
         return PostHocWeights(denoiser, reconstruct, device, compiled)
-    return EMAWeights(emas, device, functools.partial(new_denoiser, config, device), compiled)
+    return EMAWeights(emas, device, functools.partial(new_denoiser, config, torch.device("meta")), compiled)
 
 
 def trained_by(config: RunConfig, source: Source) -> str | None:
@@ -204,12 +205,14 @@ def evaluation_of(
     )
 
 
-def grids_of(config: RunConfig, inputs: Inputs, log: RunLog, device: torch.device) -> grid.GridWriter | None:
-    """The run's sample grids (None: evaluation, or --sample_every 0)."""
+def grids_of(
+    config: RunConfig, inputs: Inputs, log: RunLog, device: torch.device, stopper: StopSignal
+) -> grid.GridWriter | None:
+    """The run's sample grids (None: evaluation, or --sample_every 0); `stopper` stops one between batches."""
     if config.evaluate_gen or not config.sample_every:
         return None
     spec = grid.spec_from_flags(config, inputs.points[0].sampler, config.class_num)
-    return grid.GridWriter(config.output_dir, spec, config.sample_every, config.epochs, log, device)
+    return grid.GridWriter(config.output_dir, spec, config.sample_every, config.epochs, log, device, stopper)
 
 
 def print_start_notes(config: RunConfig, source: Source, data: Data | None):
@@ -255,7 +258,9 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
     start = load_start(config, source, checkpoints)
     if not config.evaluate_gen:
         checkpoints.check_free_space()
-    stopper = StopSignal()
+    if not config.evaluate_gen and not config.dry_run:  # what a killed attempt logged past the start goes
+        log.start_at(start.epoch, start.step, data.steps_per_epoch)
+    stopper = stop.install(StopSignal)  # main_jit.cli installed it first
     weights = sample_weights(config, denoiser, emas, device)
     done = start.epoch * data.steps_per_epoch + start.step if phemas else 0
     return Run(
@@ -270,5 +275,5 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
         data=data,
         lock=lock,
         snapshots=phema_run.run_writer(config, data.steps_per_epoch, done, denoiser, phemas) if phemas else None,
-        grids=grids_of(config, inputs, log, device),
+        grids=grids_of(config, inputs, log, device, stopper),
     )

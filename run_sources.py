@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from model_jit_adapters import adapt_for_init, describe_network, is_preset, preset_knob
 from util import checkpoint, phema_run, sweep
-from util.checkpoint import CheckpointError, TrainState, check_objective
+from util.checkpoint import CheckpointError, TrainState
+from util.checkpointer import check_objective
 from util.errors import BadValue
 from weights import (
     CONFIG,

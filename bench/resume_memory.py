@@ -109,8 +109,8 @@ def adamw_bytes(path: str) -> int:
     )
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def get_args_parser():
+    p = argparse.ArgumentParser("host memory of starting from a checkpoint", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="JiT-B/16")
     p.add_argument(
         "--img_size", type=int, default=32, help="the parameter count hardly depends on it (position embedding)"
@@ -122,75 +122,43 @@ def main(argv=None) -> int:
     p.add_argument("--interval_ms", type=float, default=50.0)
     p.add_argument("--workdir", default=None, help="keep the checkpoint and runs here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return get_args_parser().parse_args(argv)
+
+
+def measure_starts(args, work: str, env: dict) -> tuple[str, dict]:
+    """Make the checkpoint (once per --workdir) and run the starts; (its path, {mode: [peak of rank r]})."""
+    data = os.path.join(work, "data")
+    batch = 2
+    if not os.path.isdir(data):
+        make_images(data, args.class_num, batch * args.nproc, args.img_size)
+    common = ["--model", args.model, "--img_size", args.img_size, "--class_num", args.class_num, "--device", "cpu"]
+    common += ["--num_workers", 0, "--no_compile", "--data_path", data, "--warmup_epochs", 1, "--lr", 1e-4]
+    common += ["--phema_stds", *args.phema_stds] if args.phema_stds else []
+    ckpt = os.path.join(work, "source", "checkpoint-last.pth")
+    if not os.path.isfile(ckpt):  # one process, one step: every image in one batch
+        cmd = [sys.executable, "main_jit.py", *common, "--batch_size", batch * args.nproc * args.class_num]
+        cmd += ["--epochs", 1, "--output_dir", os.path.dirname(ckpt)]
+        subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    results = {}
+    for mode in ("none", *args.modes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "main_jit.py", *common]
+        cmd += ["--batch_size", batch, "--epochs", 2, "--dry_run"]
+        cmd += ["--output_dir", os.path.join(work, f"run-{mode}"), *([] if mode == "none" else [f"--{mode}", ckpt])]
+        results[mode] = peak_rss_anon([str(c) for c in cmd], env, args.nproc, args.interval_ms / 1000)[0]
+    return ckpt, results
+
+
+def main(args) -> dict:
+    """Make the checkpoint, run the three starts; print and return the report."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or tmp
-        data = os.path.join(work, "data")
-        batch = 2
-        if not os.path.isdir(data):
-            make_images(data, args.class_num, batch * args.nproc, args.img_size)
-        common = [
-            "--model",
-            args.model,
-            "--img_size",
-            args.img_size,
-            "--class_num",
-            args.class_num,
-            "--device",
-            "cpu",
-            "--num_workers",
-            0,
-            "--no_compile",
-            "--data_path",
-            data,
-            "--warmup_epochs",
-            1,
-            "--lr",
-            1e-4,
-        ]
-        common += ["--phema_stds", *args.phema_stds] if args.phema_stds else []
-        ckpt = os.path.join(work, "source", "checkpoint-last.pth")
-        if not os.path.isfile(ckpt):  # one process, one step: every image in one batch
-            cmd = [
-                sys.executable,
-                "main_jit.py",
-                *common,
-                "--batch_size",
-                batch * args.nproc * args.class_num,
-                "--epochs",
-                1,
-                "--output_dir",
-                os.path.dirname(ckpt),
-            ]
-            subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        ckpt, results = measure_starts(args, args.workdir or tmp, env)
         size, adamw = os.path.getsize(ckpt), adamw_bytes(ckpt)
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={args.nproc}",
-            "--master_addr=127.0.0.1",
-            "main_jit.py",
-            *common,
-            "--batch_size",
-            batch,
-            "--epochs",
-            2,
-            "--dry_run",
-        ]
-        results = {}
-        for mode in ("none", *args.modes):
-            extra = [] if mode == "none" else [f"--{mode}", ckpt]
-            cmd = [
-                str(c)
-                for c in launch[:5]
-                + [f"--master_port={free_port()}"]
-                + launch[5:]
-                + ["--output_dir", os.path.join(work, f"run-{mode}"), *extra]
-            ]
-            peaks, _ = peak_rss_anon(cmd, env, args.nproc, args.interval_ms / 1000)
-            results[mode] = peaks
     report = {
         "model": args.model,
         "img_size": args.img_size,
@@ -204,8 +172,7 @@ def main(argv=None) -> int:
     }
     print(
         f"{args.model} at {args.img_size}px: checkpoint {size / 2**30:.3f} GiB, AdamW moments {adamw / size:.2f}× of "
-        "it; "
-        f"{args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms"
+        f"it; {args.nproc} processes, peak RssAnon sampled every {args.interval_ms:g} ms"
     )
     print(
         "  without a checkpoint: " + ", ".join(f"rank {r} {b / 2**30:.3f} GiB" for r, b in enumerate(results["none"]))
@@ -227,8 +194,13 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    return report
+
+
+def cli(argv=None) -> int:
+    main(parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -16,9 +16,11 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denoiser import Denoiser  # noqa: E402
+from engine_eval import EMAWeights  # noqa: E402
 from engine_jit import StepParts, build_optimizer, train_step  # noqa: E402
 from model_jit import JiT_models  # noqa: E402
 from util import (
@@ -30,6 +32,26 @@ from util.ema import EMA  # noqa: E402
 STEPS, ACCUM, MICRO = 3, 2, 2  # optimiser steps, micro-batches per step, images per micro-batch
 DECAYS = (0.9, 0.8)  # fast EMAs, so that their differences show after 3 steps
 LR = 1e-3
+
+
+def skeleton():
+    """The network of base_denoiser, unperturbed: what evaluation builds on the meta device (no seed)."""
+    return Denoiser(JiT_models["JiT-XS/4"](input_size=16, num_classes=3, attn_drop=0.1, proj_drop=0.1), num_classes=3)
+
+
+class RandomOps(TorchDispatchMode):
+    """Counts random ops (uniform_, normal_, randn, ...) on tensors that are not on the meta device."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        random = any(w in func.__name__ for w in ("uniform", "normal", "rand", "bernoulli"))
+        if random and isinstance(result, torch.Tensor) and not result.is_meta:
+            self.count += 1
+        return result
 
 
 def base_denoiser(grad_checkpoint=False):
@@ -192,6 +214,26 @@ def skip_check(parts: StepParts):
     return flags
 
 
+def evaluation_copy(fsdp: StepParts):
+    """EMA 1 of a sharded run in evaluation's copy (engine_eval.EMAWeights: built on the meta device,
+    materialised uninitialised, filled by unshard_into). Returns (every rank's copy's state dict, every
+    rank's [random ops drawn, RNG untouched, buffers as built, a copy of its own, the devices])."""
+    samplers = EMAWeights(fsdp.emas, torch.device("cpu"), make_denoiser=skeleton, compile_net=False)
+    rng = torch.get_rng_state()
+    with RandomOps() as drawn:
+        samplers.refresh([1])
+    rng_same = torch.equal(rng, torch.get_rng_state())
+    plain_ema = samplers(1)[0]
+    built = dict(base_denoiser().named_buffers())
+    buffers_equal = all(torch.equal(b, built[n]) for n, b in plain_ema.named_buffers())
+    checks = [drawn.count, rng_same, buffers_equal, plain_ema is not fsdp.emas[0].module]
+    checks.append({t.device.type for t in [*plain_ema.parameters(), *plain_ema.buffers()]})
+    gathered, everyone = [None, None], [None, None]
+    dist.all_gather_object(gathered, plain_ema.state_dict())
+    dist.all_gather_object(everyone, checks)
+    return gathered, everyone
+
+
 def main_train(dump):
     rank = dist.get_rank()
     out = {}
@@ -260,11 +302,7 @@ def main_train(dump):
             {k: g[k] for k in ("fused", "foreach", "weight_decay")} for g in fresh.optimizer.param_groups
         ]
 
-    plain_ema = sharding.unshard_into(
-        base_denoiser(), fsdp.emas[0].module
-    )  # every rank: full EMA weights to sample from
-    gathered = [None, None]
-    dist.all_gather_object(gathered, plain_ema.state_dict())
+    gathered, out["eval_copy"] = evaluation_copy(fsdp)  # every rank: the full EMA weights to sample from
     if rank == 0:
         out["unshard_into"] = max(max_diff(g, fsdp_next[1][0]) for g in gathered)
 

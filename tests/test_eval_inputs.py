@@ -161,9 +161,9 @@ def test_prepare_ref_flags_work_or_are_refused_up_front(seed, img_size, batch, n
     args = prepare_ref.parse_args(argv + ([] if num is None else ["--ref_features_num", str(num)]))
     if seed < 0 or img_size < 1 or batch < 1 or (num is not None and num <= prc.K):
         with pytest.raises(BadValue):
-            prepare_ref.check(args)
+            prepare_ref.check_ref_args(args)
         return
-    prepare_ref.check(args)
+    prepare_ref.check_ref_args(args)
     if num is not None:  # the draw works for any dataset size above k
         total = int(np.random.default_rng(seed).integers(prc.K + 1, 50))
         assert len(prc.subset(total, num, seed)) == min(num, total)

@@ -1,6 +1,9 @@
 """main_jit.py --fsdp and --grad_checkpoint end to end (2 CPU processes, gloo): FSDP training equal to
-DDP (post-hoc EMA's power EMAs and snapshots included, and the sample grids), checkpoints moving FSDP <->
-DDP <-> reference format, SIGTERM and rerun bit-exact, bad input."""
+DDP (post-hoc EMA's power EMAs and snapshots included, and the sample grids), sharded checkpoints
+(torch.distributed.checkpoint folders) moving FSDP <-> DDP <-> one process <-> the reference's file by
+convert_checkpoint.py, FSDP starting from other weights (--init_from, an EMA added on resume),
+SIGTERM mid-epoch and mid-evaluation and kill -9, each rerun bit-exact and each step recorded once,
+bad input."""
 
 import os
 import signal
@@ -22,7 +25,8 @@ from helpers import (
 )
 from PIL import Image
 
-from util import phema_files
+import convert_checkpoint
+from util import checkpoint, checkpoint_dcp, phema_files
 
 ROUNDING = 1e-6  # float32 rounding: FSDP's reduce-scatter sums in another order than DDP's all-reduce
 # Power EMAs (post-hoc EMA) in the runs compared: 2 epochs of 6 steps, snapshots at steps 4, 8 and 12.
@@ -62,7 +66,7 @@ def online_eval(inception_weights, fid_ref_stats):
         "--num_images",
         12,
         "--gen_bsz",
-        6,
+        2,
         "--num_sampling_steps",
         2,
         "--cfg",
@@ -72,6 +76,12 @@ def online_eval(inception_weights, fid_ref_stats):
         "--inception_weights",
         inception_weights,
     ]
+
+
+def load_any(out) -> dict:
+    """The dict of the newest checkpoint in `out` (a file, or a sharded folder read whole)."""
+    state, _ = checkpoint.load_checkpoint(str(out))
+    return checkpoint_dcp.plain(checkpoint.to_dict(state))
 
 
 def eval_record(out) -> dict:
@@ -84,7 +94,7 @@ def ddp(data, tmp_path_factory, online_eval):
     """Two epochs with DDP and an online evaluation: the reference of the FSDP runs."""
     out = tmp_path_factory.mktemp("ddp")
     train(data, out, *online_eval, *PHEMA, "--sample_every", 1)
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out)}
+    return {**load_any(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out)}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +108,7 @@ def fsdp(data, tmp_path_factory, online_eval):
     assert "2 process(es) (FSDP)" in p.stdout
     os.rename(out, base / "straight")
     out = base / "straight"
-    return {**load_last(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out), "base": base}
+    return {**load_any(out), "eval": eval_record(out), "snapshots": snapshots(out), "grids": grids(out), "base": base}
 
 
 def grids(out) -> dict:
@@ -119,14 +129,28 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0):
 
 
 @pytest.mark.slow
-def test_fsdp_training_equals_ddp_and_writes_the_same_format(ddp, fsdp):
-    assert set(fsdp) - {"base"} == set(ddp) and REF_KEYS <= set(fsdp)
-    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
-    assert list(fsdp["optimizer"]["state"]) == list(ddp["optimizer"]["state"])
-    assert_same_state(fsdp, ddp, atol=ROUNDING)
+def test_fsdp_training_equals_ddp_and_converts_to_the_same_format(ddp, fsdp, tmp_path, capsys):
+    """The sharded run writes a folder (every rank its shards), no file; convert_checkpoint.py makes the
+    reference's file of it, in the format of the DDP run's, with the folder's tensors bit for bit."""
+    folder = fsdp["base"] / "straight"
+    assert [n for n in sorted(os.listdir(folder)) if n.startswith("checkpoint-")] == ["checkpoint-last.dcp"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.pth"} == set(
+        os.listdir(folder / "checkpoint-last.dcp")
+    )
+    file = tmp_path / "checkpoint-last.pth"
+    assert convert_checkpoint.cli([str(folder), str(file)]) == 0
+    assert "(epoch 1, resume at epoch 2, step 0, written by 2 processes)" in capsys.readouterr().out
+    assert convert_checkpoint.cli([str(folder), str(file)]) == 2  # no --overwrite
+    converted = torch.load(file, weights_only=True)
+    assert set(converted) == set(ddp) - {"eval", "snapshots", "grids"} and REF_KEYS <= set(converted)
+    assert converted["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    assert list(converted["optimizer"]["state"]) == list(ddp["optimizer"]["state"])
+    assert list(converted["model"]) == list(ddp["model"])
+    assert_same_state(converted, fsdp)  # bit for bit the folder's
+    assert_same_state(converted, ddp, atol=ROUNDING)
     fresh = tiny_denoiser()
     for key in ("model", "model_ema1", "model_ema2"):  # what the reference and sample.py load
-        fresh.load_state_dict(fsdp[key], strict=True)
+        fresh.load_state_dict(converted[key], strict=True)
 
 
 @pytest.mark.slow
@@ -169,7 +193,72 @@ def test_checkpoints_move_between_fsdp_and_ddp(data, tmp_path, ddp, first, then)
     train(data, tmp_path, *[f for f in [first] if f], epochs=1)
     p = train(data, tmp_path, *[f for f in [then] if f], "--resume", tmp_path)
     assert "resumed from" in p.stdout and "epoch 1, step 0" in p.stdout
-    assert_same_state(load_last(tmp_path), ddp, atol=ROUNDING)
+    assert_same_state(load_any(tmp_path), ddp, atol=ROUNDING)
+
+
+@pytest.mark.slow
+def test_fsdp_starts_from_other_weights_and_a_folder_resumes_as_its_file(data, tmp_path, fsdp, capsys):
+    """FSDP loading one state dict into several modules: --fsdp --init_from (the straight run's folder;
+    the model, both EMAs and both power EMAs start from its EMA 1) trains an epoch. Its checkpoint
+    folder, and the file convert_checkpoint.py makes of it, are each resumed under --fsdp adding
+    --ema_decay3 (EMA 3 starts from the model's weights), and each by one process (2 -> 1): a resume
+    from the folder equals the resume from the file, bit for bit, every EMA and power EMA included."""
+    a = tmp_path / "a"
+    p = train(data, a, "--fsdp", "--init_from", fsdp["base"] / "straight", *PHEMA, epochs=1)
+    assert "--init_from: the model and every EMA start from the ema1 weights of" in p.stdout, p.stdout
+    started = load_any(a)
+    assert started["resume"] == {"epoch": 1, "step": 0} and len(started["model_phema"]) == 2
+    folder, file = a / "checkpoint-last.dcp", tmp_path / "a.pth"
+    assert convert_checkpoint.cli([str(a), str(file)]) == 0
+    capsys.readouterr()
+    runs = {}
+    for form, source in (("folder", folder), ("file", file)):
+        for nproc, extra in ((2, ["--fsdp", "--ema_decay3", 0.9]), (None, [])):
+            out = tmp_path / f"{form}-{nproc}"
+            p = train(data, out, "--resume", source, *PHEMA, *extra, nproc=nproc)
+            assert f"resumed from {source}: epoch 1, step 0" in p.stdout, p.stdout
+            assert ("EMA 3 starts from the loaded weights" in p.stdout) == (nproc == 2)
+            runs[form, nproc] = load_any(out)
+    for nproc in (2, None):
+        x, y = runs["folder", nproc], runs["file", nproc]
+        assert_same_state(x, y)
+        for key in ("model_ema3", "model_phema") if nproc else ("model_phema",):
+            for a_sd, b_sd in zip(*((z[key] if isinstance(z[key], list) else [z[key]]) for z in (x, y))):
+                assert_same_tensors(a_sd, b_sd)
+    assert not torch.equal(
+        runs["folder", 2]["model_ema3"]["net.final_layer.linear.weight"],
+        started["model"]["net.final_layer.linear.weight"],
+    )
+
+
+@pytest.mark.slow
+def test_export_sample_and_evaluate_gen_read_a_folder_as_its_file(fsdp, tmp_path, online_eval, capsys):
+    """export.py and sample.py given the sharded run's folder do what they do given the file
+    convert_checkpoint.py makes of it; --evaluate_gen loads it (--dry_run: up to the evaluation, whose
+    cost is the Inception pass). One process each, no launcher."""
+    import export
+    import main_jit
+    import sample
+    import weights
+
+    folder, file = fsdp["base"] / "straight" / "checkpoint-last.dcp", tmp_path / "checkpoint-last.pth"
+    assert convert_checkpoint.cli([str(folder), str(file)]) == 0
+    exported, grids = {}, {}
+    for form, source in (("folder", folder), ("file", file)):
+        assert export.cli([str(source), str(tmp_path / f"export-{form}")]) == 0
+        exported[form] = weights.load_exported(str(tmp_path / f"export-{form}"))[1]
+        png = tmp_path / f"grid-{form}.png"
+        flags = ["--resume", str(source), "--classes", "0", "2", "--per_class", "2", "--num_sampling_steps", "2"]
+        assert sample.cli([*flags, "--output", str(png), "--device", "cpu"]) == 0
+        grids[form] = png.read_bytes()
+    assert_same_tensors(exported["folder"], exported["file"])
+    assert_same_tensors(exported["folder"], fsdp["model_ema1"])
+    assert grids["folder"] == grids["file"]
+    capsys.readouterr()
+    flags = ["--evaluate_gen", "--resume", str(folder), "--output_dir", str(tmp_path / "eval"), "--dry_run"]
+    assert main_jit.cli([*map(str, online_eval[1:]), *flags, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {folder}: epoch 2, step 0" in printed and "dry run:" in printed, printed
 
 
 TIMING = ("seconds", "time", "per_s")  # the wall-clock fields of an eval record
@@ -178,6 +267,14 @@ TIMING = ("seconds", "time", "per_s")  # the wall-clock fields of an eval record
 def same_records(a: list, b: list) -> bool:
     drop = lambda r: {k: v for k, v in r.items() if not any(w in k for w in TIMING)}  # noqa: E731
     return [drop(r) for r in a] == [drop(r) for r in b]
+
+
+def tensorboard_scalars(out, tag: str) -> list[tuple[int, float]]:
+    """[(x, value)] of a TensorBoard scalar as TensorBoard shows it (events a restart marker purges left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out)).Reload().Scalars(tag)
+    return [(e.step, e.value) for e in events]
 
 
 def file_bytes(folder) -> dict:
@@ -190,14 +287,14 @@ def file_bytes(folder) -> dict:
 
 @pytest.mark.slow
 def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data, fsdp, online_eval, start, capsys):
-    """The combination users make: FSDP on 2 processes + --phema_stds + --online_eval, SIGTERM
-    mid-epoch, the same command again: the weights, every EMA, the power EMAs, the optimizer, the
-    snapshot files byte for byte and the eval records equal the uninterrupted run's. Then on its
-    snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to float32
-    rounding) and leaves the files unchanged, and a stale snapshot of another run is refused and named
-    until --run picks the run."""
-    import reconstruct_ema
-
+    """The combination users make: FSDP on 2 processes + --phema_stds + --online_eval + sample grids,
+    stopped three ways, each time followed by the same command: SIGTERM mid-epoch; SIGTERM to one rank
+    between two generation batches of the evaluation after epoch 0 (each batch slowed by 1.5 s,
+    tests/launch_worker.py slow_eval: the ranks vote between batches, the epoch's checkpoint is there,
+    the rerun does the evaluation first); kill -9 mid-epoch 1 (the rerun trains its first steps again).
+    The weights, every EMA, the power EMAs, the optimizer, the snapshot files and grids byte for byte,
+    the eval records and every train record (metrics.jsonl and TensorBoard: each step once) equal the
+    uninterrupted run's. Then on its snapshots, check_reconstruction."""
     out = fsdp["base"] / "run"
     args = [
         *TINY,
@@ -216,15 +313,38 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
         1,
     ]
     proc = start("main_jit.py", *args, nproc=2)
-    read_until(proc, "training epochs")  # rank 0 prints it once its handler is in place
+    read_until(proc, "Epoch [0] [1/6]")
     os.kill(worker_pids(proc.pid)[0], signal.SIGTERM)  # one rank is enough: the ranks vote every step
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0 and "stop requested" in rest, rest
-    stopped = load_last(out)["resume"]
-    assert stopped["step"] > 0 and stopped != {"epoch": 2, "step": 0}  # mid-epoch
+    stopped = load_any(out)["resume"]
+    assert stopped["epoch"] == 0 and stopped["step"] > 0  # mid-epoch
+
+    proc = start("tests/launch_worker.py", "slow_eval=1.5", *args, nproc=2)
+    head = "".join(read_until(proc, "eval: rank 0 batch 1/3"))
+    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in head, head
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, rest
+    assert "stop requested (signal) between two generation batches after epoch 0: checkpoint saved" in rest, rest
+    assert load_any(out)["resume"] == {"epoch": 1, "step": 0} and not read_metrics(out, "eval")
+
+    proc = start("main_jit.py", *args, nproc=2)
+    head = "".join(read_until(proc, "Epoch [1] [3/6]"))
+    os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+    proc.stdout.read()
+    proc.wait(timeout=300)
+    assert "the evaluation of epoch 0 was not finished before the run stopped: evaluating now" in head, head
+    assert [r["epoch"] for r in read_metrics(out, "eval")] == [0]
+    assert read_metrics(out, "train")[-1]["epoch"] == 1  # steps of epoch 1 logged, after the newest checkpoint
+
     p = run_script("main_jit.py", *args, nproc=2)
-    assert f"epoch {stopped['epoch']}, step {stopped['step']}" in p.stdout
-    resumed = load_last(out)
+    assert (
+        "resumed from" in p.stdout
+        and "epoch 1, step 0" in p.stdout
+        and "record(s) after epoch 1, step 0 dropped" in p.stdout
+    )
+    resumed = load_any(out)
     assert_same_state(resumed, fsdp)
     assert resumed["args"]["run_id"] == fsdp["args"]["run_id"]
     for a, b in zip(resumed["model_phema"], fsdp["model_phema"]):  # the sharded power EMAs resume exactly
@@ -233,7 +353,19 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     assert file_bytes(out / "phema") == file_bytes(straight / "phema")  # each step once, byte for byte
     assert same_records(read_metrics(out, "eval"), read_metrics(straight, "eval"))
     assert len(read_metrics(out, "eval")) == 2
+    assert same_records(read_metrics(out, "train"), read_metrics(straight, "train"))  # each step once
+    assert len(read_metrics(out, "train")) == 12
+    assert tensorboard_scalars(out, "train_loss") == tensorboard_scalars(straight, "train_loss")
     assert file_bytes(out / "samples") == file_bytes(straight / "samples")  # the grids too, byte for byte
+
+    check_reconstruction(out, capsys)
+
+
+def check_reconstruction(out, capsys):
+    """On a run's snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to
+    float32 rounding) and leaves the files unchanged, and a stale snapshot of another run is refused and
+    named until --run picks the run."""
+    import reconstruct_ema
 
     before = file_bytes(out / "phema")
     outputs = {}
@@ -283,14 +415,15 @@ def test_a_reference_checkpoint_resumes_under_fsdp(data, tmp_path):
     ref = tmp_path / "ref.pth"
     save_reference_checkpoint(ref, tiny_denoiser().train(), epoch=0, steps=1)
     train(data, tmp_path / "out", "--fsdp", "--resume", ref)
-    steps = {float(s["step"]) for s in load_last(tmp_path / "out")["optimizer"]["state"].values()}
+    steps = {float(s["step"]) for s in load_any(tmp_path / "out")["optimizer"]["state"].values()}
     assert steps == {7.0}  # 1 step in the reference checkpoint + 6 here
 
 
 @pytest.mark.slow
 def test_an_fsdp_checkpoint_of_another_model_is_a_clear_error(data, tmp_path, fsdp):
-    path = tmp_path / "checkpoint-last.pth"
-    torch.save({k: v for k, v in fsdp.items() if k not in ("base", "grids")}, path)
+    """A sharded folder of another model: every rank reads its metadata and raises before loading
+    anything (exit 2 each); a damaged file that rank 0 alone reads: every rank exits 2 at once."""
+    path = fsdp["base"] / "straight" / "checkpoint-last.dcp"
     p = train(
         data, tmp_path / "out", "--fsdp", "--model", "JiT-T/4", "--resume", path, *PHEMA, "--dry_run", check=False
     )

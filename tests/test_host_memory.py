@@ -10,8 +10,10 @@ import pytest
 import torch
 from helpers import TINY_MODEL, tiny_denoiser
 
+from denoiser import Denoiser
 from engine_jit import build_optimizer
-from util import checkpoint
+from model_jit import JiT_models
+from util import checkpointer
 from util.ema import EMA
 
 
@@ -37,6 +39,12 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def tiny_network() -> Denoiser:
+    """The tiny preset's Denoiser as the run builds it (what evaluation builds on the meta device)."""
+    net = JiT_models[TINY_MODEL["model"]](input_size=TINY_MODEL["img_size"], num_classes=TINY_MODEL["class_num"])
+    return Denoiser(net, TINY_MODEL["class_num"])
+
+
 def trained_parts(steps: int):
     denoiser = tiny_denoiser().train()
     emas = [EMA(denoiser, 0.99), EMA(denoiser, 0.9)]
@@ -54,7 +62,7 @@ def test_a_resume_holds_only_the_adamw_moments_of_the_checkpoint(tmp_path):
     wide hidden layer, so that the file (tens of MB) stands out of the allocator's noise."""
     torch.manual_seed(0)
     denoiser, emas, optimizer = trained_parts(steps=1)
-    ckpt = checkpoint.Checkpointer(str(tmp_path), torch.device("cpu"), denoiser, emas, optimizer, {"model": "tiny"})
+    ckpt = checkpointer.Checkpointer(str(tmp_path), torch.device("cpu"), denoiser, emas, optimizer, {"model": "tiny"})
     padding = torch.nn.Parameter(torch.randn(3_000_000))  # 12 MB more per copy: model, EMAs, moments
     denoiser.register_parameter("padding", padding)
     for e in emas:
@@ -73,7 +81,7 @@ def test_a_resume_holds_only_the_adamw_moments_of_the_checkpoint(tmp_path):
     for e in fresh_emas:
         e.module.register_parameter("padding", torch.nn.Parameter(torch.zeros(3_000_000), requires_grad=False))
     fresh_opt.add_param_group({"params": [fresh.padding]})
-    loader = checkpoint.Checkpointer(str(tmp_path / "new"), torch.device("cpu"), fresh, fresh_emas, fresh_opt, {})
+    loader = checkpointer.Checkpointer(str(tmp_path / "new"), torch.device("cpu"), fresh, fresh_emas, fresh_opt, {})
     before = rss_anon()
     state, found = loader.load(str(tmp_path))  # the folder: its newest checkpoint
     loader.restore(state, found)
@@ -142,7 +150,7 @@ def test_an_evaluation_during_training_frees_the_gathered_copies_of_sharded_emas
         )
         held = {}
         for during_training in (True, False):
-            samplers = EMAWeights(emas, torch.device("cpu"), make_denoiser=tiny_denoiser, compile_net=False)
+            samplers = EMAWeights(emas, torch.device("cpu"), make_denoiser=tiny_network, compile_net=False)
             ev = Evaluation(
                 samplers,
                 [Point(1, spec.sampler, spec.num_images)],

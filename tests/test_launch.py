@@ -6,6 +6,7 @@ torchrun with 2 processes, bit for bit."""
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
 
-from util import distributed, runlock
+from util import distributed, nodes, runlock
 from util.errors import exit_code
 
 STANDINS = os.path.join(ROOT, "tests", "slurm_standins")
@@ -41,15 +42,15 @@ def wait_ok(proc, timeout=300) -> str:
 
 def test_gpu_index_is_the_local_rank_and_more_processes_than_gpus_is_bad_input(monkeypatch, capsys):
     assert [distributed.gpu_index(r, 8, 8) for r in (0, 3, 7)] == [0, 3, 7]
-    assert [distributed.gpu_index(r, 1, 8) for r in (0, 3, 7)] == [
-        0,
-        0,
-        0,
-    ]  # srun --gpus-per-task=1: one visible GPU per task
+    srun = [distributed.gpu_index(r, 1, 8) for r in (0, 3, 7)]  # srun --gpus-per-task=1: one visible GPU per task
+    assert srun == [0, 0, 0] and distributed.gpu_index(0, 1, 1, shared=True) == 0
     assert distributed.gpu_index(2, 0) == 2
     for local_rank, local_size in ((5, 8), (0, 8), (4, None)):  # every rank of the node knows, where the launcher says
-        with pytest.raises(distributed.BadInput, match=r"processes on this node but 4 visible GPUs"):
+        with pytest.raises(distributed.BadInput, match=r"processes on this node but 4 visible GPU\(s\)"):
             distributed.gpu_index(local_rank, 4, local_size)
+    for local_rank in (0, 1):  # torchrun's workers all see the one device
+        with pytest.raises(distributed.BadInput, match=r"^2 processes on this node but 1 visible GPU\(s\)"):
+            distributed.gpu_index(local_rank, 1, 2, shared=True)
     # through init, as torchrun --nproc_per_node=8 starts it on a node with 4 GPUs: exit 2, one line, before NCCL
     monkeypatch.setattr(distributed.torch.backends.cudnn, "benchmark", False)  # init sets it for CUDA: put back after
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
@@ -60,25 +61,55 @@ def test_gpu_index_is_the_local_rank_and_more_processes_than_gpus_is_bad_input(m
         monkeypatch.setenv(k, str(v))
     assert exit_code(distributed.init, "cuda") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 8 processes on this node but 4 visible GPUs") and err.count("\n") == 1, err
+    assert err.startswith("error: 8 processes on this node but 4 visible GPU(s)") and err.count("\n") == 1, err
 
 
-def test_the_network_line_names_each_backends_interface(monkeypatch):
+def test_the_nodes_are_checked_and_described_before_the_first_collective(monkeypatch):
+    """util.nodes: what each rank posts, the verdict and the lines rank 0 prints (pure functions)."""
     monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.setattr(distributed.socket, "gethostbyname", lambda host: "127.0.0.1")
-    line = distributed.network_note(["nccl", "gloo"], multi_node=True)
-    assert line.startswith(
-        "network: nccl on its own choice (NCCL_SOCKET_IFNAME unset); gloo on lo (127.0.0.1, what host name"
+    monkeypatch.setattr(nodes.socket, "gethostbyname", lambda host: "127.0.0.1")
+    here = nodes.local_info(["nccl", "gloo"])
+    assert here["gloo"] == [
+        "lo",
+        "127.0.0.1",
+        f"what host name {socket.gethostname()} resolves to; GLOO_SOCKET_IFNAME unset",
+    ]
+    error, lines = nodes.describe_nodes([here, here])  # two processes on one node: loopback works
+    assert error is None and lines[0] == (
+        "network: nccl on its own choice (NCCL_SOCKET_IFNAME unset); gloo on lo (127.0.0.1, what host name "
+        f"{socket.gethostname()} resolves to; GLOO_SOCKET_IFNAME unset)"
     )
-    assert line.endswith("loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME")
-    assert "loopback" not in distributed.network_note(["gloo"], multi_node=False)
-    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    assert lines[1] == f"processes: {socket.gethostname()}: 2 process(es) on {len(here['cpus'])} CPU(s)"
+    other = {**here, "host": "elsewhere"}
+    error, lines = nodes.describe_nodes([here, other])  # two nodes: loopback cannot work
+    assert lines == [] and error.startswith(f"gloo on node {socket.gethostname()} would use the loopback address")
+    assert "set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME)" in error
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
+    error, _ = nodes.describe_nodes([nodes.local_info(["gloo"])])
+    assert error == (
+        f"GLOO_SOCKET_IFNAME=nosuch0 on node {socket.gethostname()}: no such network interface with an IPv4 address "
+        "(ip -br addr lists them)"
+    )
+    cluster = [
+        {
+            "host": f"n{k}",
+            "gloo": ["eth0", f"10.0.0.{k}", "GLOO_SOCKET_IFNAME=eth0"],
+            "nccl": "ib0",
+            "nccl_used": True,
+            "cpus": [0] if k == 4 else list(range(64)),
+        }
+        for k in range(5)
+        for _ in range(8)
+    ]
+    error, lines = nodes.describe_nodes(cluster)
     assert (
-        distributed.network_note(["nccl", "gloo"], multi_node=True)
-        == "network: nccl on NCCL_SOCKET_IFNAME=ib0; gloo on GLOO_SOCKET_IFNAME=eth1"
+        error is None
+        and lines[0]
+        == "network: nccl on NCCL_SOCKET_IFNAME=ib0; gloo on eth0 (GLOO_SOCKET_IFNAME=eth0) at n0, n1, n2 and 2 more"
     )
+    assert lines[1] == "processes: n0, n1, n2 and 1 more: 8 process(es) on 64 CPU(s); n4: 8 process(es) on 1 CPU(s)"
+    assert lines[2].startswith("warning: the 8 processes on node n4 share 1 CPU(s)") and "--cpus-per-task" in lines[2]
 
 
 def test_stale_locks_are_those_of_dead_processes_here_or_of_the_same_job(tmp_path):
@@ -147,7 +178,7 @@ def test_an_elastic_restart_after_kill_9_resumes_exactly(data48, tmp_path, refer
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_lock_is_taken_over(data, tmp_path, start):
     out = tmp_path / "out"
     args = [*TINY, "--epochs", 1, "--data_path", data, "--output_dir", out, "--resume", out]
-    first = start("tests/launch_worker.py", "slow_steps", 2, *args)  # 6 steps of 2 s
+    first = start("tests/launch_worker.py", "slow_steps=10", *args)  # 6 steps of 10 s: killed long before its end
     read_until(first, "training epochs")
     second = run_script("main_jit.py", *args, check=False)
     assert second.returncode == 2 and "is in use by another train run (pid" in second.stdout, second.stdout
@@ -205,12 +236,15 @@ def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_bef
         "SCONTROL_REQUEUED": str(requeued),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2",
         "IFNAME": "lo",
-        "TRAIN_SCRIPT": "tests/launch_worker.py slow_save 8",
+        "TRAIN_SCRIPT": "tests/launch_worker.py slow_save=8",
+        "SLURM_CPUS_PER_TASK": "2",
     }
     args = [str(a) for a in train_args(data48, out)[:-4]]  # the script sets --output_dir and --resume
     job = start("", env=env, argv=["bash", SBATCH, *args])
     first = "".join(read_until(job, "Epoch [0] [2/6]"))
-    assert "network: gloo on GLOO_SOCKET_IFNAME=lo" in first, first
+    assert "network: gloo on lo (127.0.0.1, GLOO_SOCKET_IFNAME=lo)" in first, first
+    # srun got --cpus-per-task (the stand-in, as srun since Slurm 22.05, would give each task 1 CPU)
+    assert f"processes: {socket.gethostname()}: 2 process(es) on 2 CPU(s)" in first and "warning" not in first, first
     os.kill(job.pid, signal.SIGUSR1)
     rest = wait_ok(job)
     assert "USR1 (the time limit is near)" in rest and "stop requested" in rest and "checkpoint saved" in rest, rest
@@ -234,8 +268,7 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
     reference; a rank stuck for 20 s ends the run with a one-line error, exit 1, instead of a hang."""
     p = run_script(
         "tests/launch_worker.py",
-        "slow_save",
-        2,
+        "slow_save=2",
         *train_args(data48, tmp_path / "slow"),
         "--save_every_steps",
         0,
@@ -248,8 +281,7 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
     t0 = time.time()
     p = run_script(
         "tests/launch_worker.py",
-        "stuck",
-        20,
+        "stuck=20",
         *train_args(data48, tmp_path / "stuck"),
         "--dist_timeout",
         0.1,
@@ -281,3 +313,117 @@ def test_post_hoc_samplers_wait_for_rank_0s_reconstruction_at_one_barrier_per_ne
         samplers.refresh(stds)
     assert barriers == ([1, 2] if rank == 0 else [0, 0])  # after each reconstruction; none when nothing is new
     assert calls == ([[0.05, 0.1], [0.2]] if rank == 0 else [])
+
+
+def sbatch_env(out, requeued, **extra) -> dict:
+    """The environment of scripts/slurm/train.sbatch run through the stand-ins: 2 "nodes" of 1 GPU."""
+    return {
+        "PATH": f"{STANDINS}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_NAME": "jit",
+        "SLURM_CPUS_PER_TASK": "2",
+        "GPUS_PER_NODE": "1",
+        "MAX_RESTARTS": "0",
+        "OUTPUT_DIR": str(out),
+        "RDZV_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "SCONTROL_REQUEUED": str(requeued),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2",
+        "IFNAME": "lo",
+        **extra,
+    }
+
+
+@pytest.mark.slow
+def test_usr1_during_the_set_up_stops_the_workers_and_the_requeue_waits_a_bounded_time(data48, tmp_path, start):
+    """The workers start with USR1 ignored (the node task's trap) and are still setting up (8 s more,
+    tests/launch_worker.py slow_setup) when USR1 comes: they record it all the same (the handler is
+    installed first) and stop before training. The batch script waits for them at most SIGNAL_LEAD -
+    REQUEUE_MARGIN = 3 s, then requeues the job regardless."""
+    out, requeued = tmp_path / "out", tmp_path / "requeued"
+    env = sbatch_env(
+        out, requeued, TRAIN_SCRIPT="tests/launch_worker.py slow_setup=8", SIGNAL_LEAD="5", REQUEUE_MARGIN="2"
+    )
+    args = [str(a) for a in train_args(data48, out)[:-4]]
+    job = start("", env=env, argv=["bash", SBATCH, *args])
+    read_until(job, "launch_worker: setting up")
+    t0 = time.time()
+    os.kill(job.pid, signal.SIGUSR1)
+    lines = read_until(job, "requeueing anyway")
+    waited = time.time() - t0
+    rest = wait_ok(job)  # the script exits 0 once requeued; the output ends when the workers are gone
+    assert 2.5 < waited < 7 and "is requeued (after at most 3 s)" in "".join(lines), (waited, lines)
+    assert requeued.read_text().split() == ["4242"]
+    assert "stop requested (signal) during the set-up: nothing was trained since the checkpoint" in rest, rest
+    assert "Epoch [" not in rest and not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+
+
+@pytest.mark.slow
+def test_a_resume_frees_its_checkpoint_file_and_a_stop_whose_save_fails_is_final(data48, tmp_path, start):
+    """A CPU resume keeps nothing of the checkpoint file mapped (AdamW's step counters were views of
+    it), so the save that replaces it frees its disk space; a stop (SIGTERM) whose save fails (a full
+    disk, tests/launch_worker.py fail_saves_after) ends with status 0 under torchrun with restarts
+    left, and torchrun does not start the workers again."""
+    out = tmp_path / "out"
+    run_script("main_jit.py", *TINY, "--epochs", 1, "--data_path", data48, "--output_dir", out)
+    proc = start(
+        "tests/launch_worker.py",
+        "check_maps=1,fail_saves_after=1,slow_steps=0.5",
+        *train_args(data48, out),
+        torchrun=[
+            "--nproc_per_node",
+            2,
+            "--max-restarts",
+            1,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            free_port(),
+        ],
+    )
+    first = "".join(read_until(proc, "(resume at epoch 1, step 3)"))
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, first + rest
+    output = first + rest
+    for rank in (0, 1):
+        assert output.count(f"rank {rank} maps 0 deleted checkpoint file(s)") == 2, output  # after both saves
+    assert "deleted checkpoint file(s)" not in output.replace("maps 0 deleted", "")
+    assert "No space left on device" in rest and "stop requested" in rest, rest
+    assert f"the newest readable checkpoint is {out}/checkpoint-last.pth (resume at epoch 1, step 3)" in rest
+    assert "exit status 0 after the stop" in rest and "torchelastic restart" not in rest, rest
+
+
+@pytest.mark.slow
+def test_launches_that_cannot_work_stop_at_once_with_one_line(data48, tmp_path):
+    """Two "nodes" (fake host names) whose gloo would bind to loopback: every rank exits 2 before the
+    first collective, not after --dist_timeout; one visible GPU for 2 workers of one torchrun: exit 2."""
+    t0 = time.time()
+    p = run_script(
+        "tests/launch_worker.py",
+        "fake_hosts=1",
+        *train_args(data48, tmp_path / "a"),
+        nproc=2,
+        check=False,
+        env={"GLOO_SOCKET_IFNAME": ""},
+    )
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and time.time() - t0 < 60 and "Timeout" not in p.stdout, p.stdout
+    assert 1 <= len(errors) <= 2 and all(
+        e.startswith("error: gloo on node node0 would use the loopback address 127.0.1.1") and "spans 2 nodes" in e
+        for e in errors
+    ), p.stdout
+    p = run_script(
+        "tests/launch_worker.py",
+        "one_gpu=1",
+        *train_args(data48, tmp_path / "b"),
+        "--device",
+        "cuda",
+        nproc=2,
+        check=False,
+    )
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and 1 <= len(errors) <= 2, p.stdout
+    assert all(e.startswith("error: 2 processes on this node but 1 visible GPU(s)") for e in errors), p.stdout

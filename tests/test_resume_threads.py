@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_denoiser
 
 from engine_jit import build_optimizer
-from util import checkpoint
+from util import checkpointer
 from util.ema import EMA
 
 
@@ -28,23 +28,23 @@ def test_fixtures_of_every_scope_run_at_the_tests_thread_count(module_threads, s
     assert module_threads == session_threads == torch.get_num_threads()
 
 
-def checkpointer(folder) -> checkpoint.Checkpointer:
+def new_checkpointer(folder) -> checkpointer.Checkpointer:
     denoiser = tiny_denoiser().train()
     emas = [EMA(denoiser, 0.99), EMA(denoiser, 0.9)]
     optimizer = build_optimizer(denoiser, 1e-3, 0.0)
-    return checkpoint.Checkpointer(str(folder), torch.device("cpu"), denoiser, emas, optimizer, {"model": "tiny"})
+    return checkpointer.Checkpointer(str(folder), torch.device("cpu"), denoiser, emas, optimizer, {"model": "tiny"})
 
 
 def test_a_cpu_resume_at_another_thread_count_says_it_is_not_bit_exact(tmp_path, capsys):
     torch.set_num_threads(1)
-    assert checkpointer(tmp_path).save(0, 3, 6)
+    assert new_checkpointer(tmp_path).save(0, 3, 6)
     path = str(tmp_path / "checkpoint-last.pth")
     expected = torch.randn(4)  # the draw that follows the saved RNG state
     capsys.readouterr()
 
     for threads, noted in ((1, False), (2, True)):
         torch.set_num_threads(threads)
-        loader = checkpointer(tmp_path / "new")
+        loader = new_checkpointer(tmp_path / "new")
         start = loader.restore(*loader.load(path))
         out = capsys.readouterr().out
         assert (start.epoch, start.step) == (0, 3) and torch.equal(torch.randn(4), expected)  # RNG restored either way
@@ -53,8 +53,8 @@ def test_a_cpu_resume_at_another_thread_count_says_it_is_not_bit_exact(tmp_path,
 
     state, _ = loader.load(path)
     del state.rng[0]["threads"]  # a file written before the count was stored: nothing to compare
-    assert checkpoint.thread_note(state.rng[0], torch.device("cpu"), path) is None
+    assert checkpointer.thread_note(state.rng[0], torch.device("cpu"), path) is None
     state.rng[0]["threads"] = 1
     assert (
-        checkpoint.thread_note(state.rng[0], torch.device("cuda"), path) is None
+        checkpointer.thread_note(state.rng[0], torch.device("cuda"), path) is None
     )  # the GPU's sums do not depend on it

@@ -73,6 +73,15 @@ def test_checkpoints_move_between_fsdp_and_plain_runs(train_results):
 
 
 @pytest.mark.slow
+def test_the_evaluation_copy_of_a_sharded_ema_has_no_cpu_copy_or_random_init(train_results):
+    """engine_eval.EMAWeights builds its copy on the meta device, materialises it on the run's device
+    uninitialised and fills it (sharding.unshard_into; its weights: `unshard_into` above): no random
+    draw, the RNG untouched, the network's buffers (RoPE tables) as built, on every rank."""
+    for count, rng_same, buffers_equal, separate, devices in train_results["eval_copy"]:
+        assert count == 0 and rng_same and buffers_equal and separate and devices == {"cpu"}
+
+
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(train_results):
     for message in train_results["bad_checkpoint"]:
         assert "Missing key(s) in state_dict: net.final_layer.linear.bias." in message

@@ -15,9 +15,7 @@ MAX_FUNCTION_LINES = 80
 ENTRY_POINTS = {"get_args_parser", "parse_args", "main", "cli"}
 # Over a limit today, with who is changing it (remove an entry when it is no longer over).
 KNOWN_LONG = {
-    "util/checkpoint.py": "issue 34 rewrites its saving and loading",
     "engine_jit.py:train_one_epoch": "the training loop; not split while issues 34-36 change it",
-    "bench/resume_memory.py:main": "issue 34's benchmark",
 }
 KNOWN_TWICE = {
     "plot": "toy_manifold.py (issue 37) and util/sweep.py",

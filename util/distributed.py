@@ -11,11 +11,11 @@ import builtins
 import contextlib
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
+from util import nodes
 from util.errors import BadInput
 
 _control_group = None  # a gloo group for small host-side collectives (no GPU synchronisation)
@@ -71,6 +71,12 @@ def print_all(*args, **kwargs):
     _print(*prefix, *args, **kwargs)
 
 
+def control_group():
+    """The process group of the small host-side collectives (gloo; the default group in a CPU run);
+    None before `init` or without a process group."""
+    return _control_group
+
+
 def barrier():
     if is_dist():
         dist.barrier(group=_control_group)
@@ -102,67 +108,23 @@ def local_world_size() -> int | None:
     return None
 
 
-def gpu_index(local_rank: int, visible: int, local_size: int | None = None) -> int:
+def gpu_index(local_rank: int, visible: int, local_size: int | None = None, shared: bool = False) -> int:
     """The CUDA device of the process with this node-local rank when `visible` devices are visible
     and `local_size` processes run on the node (None: unknown): its local rank. One task per GPU
     under `srun --gpus-per-task=1` (or with CUDA_VISIBLE_DEVICES naming one device) sees a single
-    GPU, device 0, whatever its local rank. More processes than the several GPUs visible would put
-    two of them on one GPU, which NCCL refuses later with a less clear error: BadInput (exit 2)."""
-    if visible == 1:
+    GPU, device 0, whatever its local rank. Two processes on one GPU, which NCCL refuses later with a
+    less clear error, are BadInput (exit 2): more processes than the several GPUs visible, or one GPU
+    visible to the several processes of one launcher on the node (`shared`: torchrun, whose workers
+    all see the devices its environment names)."""
+    if visible == 1 and not (shared and (local_size or 1) > 1):
         return 0
-    if visible > 1 and max(local_rank + 1, local_size or 0) > visible:
+    if visible >= 1 and max(local_rank + 1, local_size or 0) > visible:
         raise BadInput(
-            f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPUs "
+            f"{max(local_rank + 1, local_size or 0)} processes on this node but {visible} visible GPU(s) "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one process "
-            "per GPU "
-            "(--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)"
+            "per GPU (--nproc_per_node, --ntasks-per-node), or make one GPU visible to each (srun --gpus-per-task=1)"
         )
     return local_rank
-
-
-def interface_of(address: str) -> str | None:
-    """The name of the network interface holding the IPv4 `address` (Linux), or None."""
-    import fcntl
-    import struct
-
-    for _, name in socket.if_nameindex():
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
-        except OSError:  # no IPv4 address
-            continue
-        if socket.inet_ntoa(packed[20:24]) == address:
-            return name
-    return None
-
-
-def network_note(backends: list[str], multi_node: bool) -> str:
-    """One line: the network interface of each backend's sockets. NCCL: NCCL_SOCKET_IFNAME, else its
-    own choice (InfiniBand / RoCE when present, else the first interface that is not loopback or
-    docker). Gloo (the control group, used every step): GLOO_SOCKET_IFNAME, else the address this
-    host's name resolves to, which on some clusters is loopback: then nodes cannot reach each other."""
-    parts = []
-    if "nccl" in backends:
-        nccl = os.environ.get("NCCL_SOCKET_IFNAME")
-        parts.append(
-            f"nccl on NCCL_SOCKET_IFNAME={nccl}" if nccl else "nccl on its own choice (NCCL_SOCKET_IFNAME unset)"
-        )
-    gloo = os.environ.get("GLOO_SOCKET_IFNAME")
-    if gloo:
-        parts.append(f"gloo on GLOO_SOCKET_IFNAME={gloo}")
-    else:
-        host = socket.gethostname()
-        try:
-            address = socket.gethostbyname(host)
-        except OSError:
-            address = "127.0.0.1"  # gloo falls back to loopback
-        loopback = address.startswith("127.")
-        parts.append(
-            f"gloo on {interface_of(address) or '?'} ({address}, what host name {host} resolves to; "
-            "GLOO_SOCKET_IFNAME unset)"
-            + (" - loopback: other nodes cannot reach it, set GLOO_SOCKET_IFNAME" if loopback and multi_node else "")
-        )
-    return "network: " + "; ".join(parts)
 
 
 def elastic_attempt() -> tuple[int, int] | None:
@@ -214,6 +176,19 @@ def elastic_store(rank: int, world_size: int, timeout: datetime.timedelta, attem
     return dist.PrefixStore(f"jit/attempt_{attempt}", store)
 
 
+def launch_store(rank: int, world_size: int, timeout: datetime.timedelta, dist_url: str):
+    """The store the processes meet through with --dist_url env://: torchrun's (elastic_store), or a
+    TCPStore at MASTER_ADDR:MASTER_PORT served by rank 0 (srun, OpenMPI, a hand-set environment, as
+    env:// makes it). None for another --dist_url (init_process_group makes its own)."""
+    if dist_url != "env://":
+        return None
+    attempt = elastic_attempt()
+    if attempt:
+        return elastic_store(rank, world_size, timeout, attempt[0])
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    return dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+
+
 def init(
     device: str | None = None, dist_on_itp: bool = False, dist_url: str = "env://", timeout_min: float = 30.0
 ) -> torch.device:
@@ -224,9 +199,10 @@ def init(
     this process's current CUDA device. Under a launcher each process takes the GPU of its local
     rank (gpu_index); the backend is NCCL on CUDA and gloo on CPU. timeout_min: how long any
     collective (a barrier included: the ranks waiting while rank 0 writes a checkpoint) may wait
-    for the others before the run fails. Returns the device.
+    for the others before the run fails. Before the first collective the ranks tell each other their
+    nodes through the launcher's store (util.nodes): a network that cannot work (gloo on loopback
+    across nodes) is BadInput on every rank. Returns the device.
     """
-    global _control_group
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -247,37 +223,43 @@ def init(
                 f"distributed launch needs {' and '.join(missing)} in the environment (or --dist_url tcp://host:port)"
             )
     if device.type == "cuda":
-        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count(), local_world_size()))
+        shared = "LOCAL_WORLD_SIZE" in os.environ  # torchrun: its workers see the same devices
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count(), local_world_size(), shared))
         torch.cuda.set_device(device)
+    _join(rank, world_size, device, dist_url, datetime.timedelta(minutes=timeout_min))
+    return device
+
+
+def _join(rank: int, world_size: int, device: torch.device, dist_url: str, timeout: datetime.timedelta):
+    """Check the nodes (util.nodes, through the launcher's store), then join the process group and make
+    the control group; rank 0 prints what the nodes use."""
+    global _control_group
     # torch._dynamo, imported after a process group exists (by torch.compile, torchvision or
     # torch-fidelity), keeps a reference to it that destroy_process_group cannot drop, and the group's
     # gloo threads then abort the process at exit (see shutdown). Imported before, it holds none.
     from torch import _dynamo  # noqa: F401
 
-    timeout = datetime.timedelta(minutes=timeout_min)
-    attempt = elastic_attempt()
-    where = (
-        {"store": elastic_store(rank, world_size, timeout, attempt[0])}
-        if attempt and dist_url == "env://"
-        else {"init_method": dist_url}
-    )
+    backends = ["nccl", "gloo"] if device.type == "cuda" else ["gloo"]
+    store = launch_store(rank, world_size, timeout, dist_url)
+    lines = None
+    if store is not None:
+        error, lines = nodes.exchange(store, rank, world_size, nodes.local_info(backends))
+        if error:
+            raise BadInput(error)
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=backends[0],
         world_size=world_size,
         rank=rank,
         timeout=timeout,
-        **where,
+        **({"store": store} if store is not None else {"init_method": dist_url}),
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    if lines is None:  # another --dist_url: told after the fact
+        lines = nodes.describe_nodes(all_gather_object(nodes.local_info(backends)))[1]
     barrier()
-    print0(
-        network_note(
-            ["nccl", "gloo"] if device.type == "cuda" else ["gloo"],
-            multi_node=world_size > (local_world_size() or world_size),
-        )
-    )
-    return device
+    for line in lines:
+        print0(line)
 
 
 def shutdown():

@@ -42,6 +42,7 @@ from util.distributed import (
 from util.errors import BadValue
 from util.files import atomic_write
 from util.scorer import Scorer
+from util.stop import GenerationStopped
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,26 @@ def rank_batches(num_images: int, gen_bsz: int, rank: int, world_size: int) -> l
     return [(k * gen_bsz, min((k + 1) * gen_bsz, num_images)) for k in ks]
 
 
-def generate_batches(denoiser, spec: GenerationSpec, device: torch.device, net=None):
+def generate_batches(denoiser, spec: GenerationSpec, device: torch.device, net=None, should_stop=None):
     """Yield (start, uint8 images (B, 3, img_size, img_size) on device) for this rank's batches of
-    `spec`, in index order. net: a stand-in for denoiser.net with its weights (e.g. compiled)."""
+    `spec`, in index order. net: a stand-in for denoiser.net with its weights (e.g. compiled).
+    should_stop: a collective callable (util.stop.requested_anywhere), asked before each batch and as
+    often on every rank (a rank with a batch fewer asks once more at the end); True raises
+    util.stop.GenerationStopped there."""
     batches = rank_batches(spec.num_images, spec.gen_bsz, get_rank(), get_world_size())
+    rounds = math.ceil(math.ceil(spec.num_images / spec.gen_bsz) / get_world_size())  # the most any rank has
 
     def draw(k):
         return initial_noise(spec.seed, range(*batches[k]), (3, spec.img_size, spec.img_size), denoiser.noise_scale)
 
+    def check():
+        if should_stop is not None and should_stop():
+            raise GenerationStopped("stop requested (signal) between two generation batches")
+
     with ThreadPoolExecutor(max_workers=1) as pool:  # draws the next batch's noise while this one samples
         pending = pool.submit(draw, 0) if batches else None
         for k, (start, stop) in enumerate(batches):
+            check()
             noise = pending.result().to(device)
             if k + 1 < len(batches):
                 pending = pool.submit(draw, k + 1)
@@ -112,6 +122,8 @@ def generate_batches(denoiser, spec: GenerationSpec, device: torch.device, net=N
             with autocast(device):
                 x = denoiser.generate(labels, spec.sampler, noise=noise, net=net)
             yield start, quantize(x)
+    for _ in range(len(batches), rounds):
+        check()
 
 
 def gather_rows(x: torch.Tensor, device: torch.device, chunk: int = 4096) -> torch.Tensor | None:
@@ -155,12 +167,15 @@ def save_pngs(images: torch.Tensor, start: int, folder: str, num_images: int):
         atomic_write(os.path.join(folder, f"{start + j:0{width}d}.png"), lambda f, pil=pil: pil.save(f, format="PNG"))
 
 
-def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, image_dir: str | None = None) -> dict:
+def score_images(
+    denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, image_dir: str | None = None, should_stop=None
+) -> dict:
     """Generate the images of `spec` with `denoiser` (an EMA) on every rank and score them.
 
-    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled). Generation runs under the
-    device's autocast; Inception (and DINOv2) in float32. image_dir: also keep the PNGs there (a full
-    disk stops the writing, not the scoring; then `images_saved` is False). Returns, on every rank,
+    Call on every rank. net: a stand-in for denoiser.net (e.g. compiled); should_stop: see
+    generate_batches (GenerationStopped between batches). Generation runs under the device's
+    autocast; Inception (and DINOv2) in float32. image_dir: also keep the PNGs there (a full disk
+    stops the writing, not the scoring; then `images_saved` is False). Returns, on every rank,
     scorer.scores' numbers ('fid', 'inception_score', 'inception_score_std', ...), 'num_images' and
     'seconds' (+ 'images_saved').
     """
@@ -172,7 +187,7 @@ def score_images(denoiser, spec: GenerationSpec, scorer: Scorer, *, net=None, im
     num_batches = len(rank_batches(spec.num_images, spec.gen_bsz, get_rank(), get_world_size()))
     report_every = max(1, num_batches // 10)
     features, png_error = [], None
-    for b, (start, images) in enumerate(generate_batches(denoiser, spec, device, net), 1):
+    for b, (start, images) in enumerate(generate_batches(denoiser, spec, device, net, should_stop), 1):
         if image_dir and png_error is None:
             try:
                 save_pngs(images, start, image_dir, spec.num_images)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sampling import SamplerSettings
-from util import distributed
+from util import distributed, stop
 from util.errors import BadValue
 from util.evaluation import gather_rows, initial_noise, quantize
 from util.viz import grid_array, write_png
@@ -137,11 +137,15 @@ class GridWriter:
     """The sample grids of a training run: after every `every` epochs (epochs every - 1, 2·every - 1,
     ...) and after the last, EMA 1 samples `spec`, each rank its share of the images; rank 0
     writes output_dir/samples/epoch-NNNN.png atomically and the picture to TensorBoard (tag
-    'samples', x = (epoch + 1)·1000). A grid that cannot be written is a warning (`failed` counts them)."""
+    'samples', x = (epoch + 1)·1000). A grid that cannot be written is a warning (`failed` counts them).
+    stopper: a util.stop.StopSignal; a stop requested on any rank before a grid is sampled raises
+    util.stop.GenerationStopped (the rerun makes the grid: `catch_up`)."""
 
-    def __init__(self, output_dir: str, spec: GridSpec, every: int, epochs: int, log, device: torch.device):
+    def __init__(
+        self, output_dir: str, spec: GridSpec, every: int, epochs: int, log, device: torch.device, stopper=None
+    ):
         self.output_dir, self.spec, self.every, self.epochs = output_dir, spec, every, epochs
-        self.log, self.device = log, device
+        self.log, self.device, self.stopper = log, device, stopper
         self.failed = 0
         self.timed = False
         self.clock = (time.time(), 0)  # (when, epochs trained since the start)
@@ -166,7 +170,7 @@ class GridWriter:
         )
 
     def begin(self, start, samplers, images_per_epoch: int):
-        """Collective, at the start of training from `start` (util.checkpoint.Start): print the plan,
+        """Collective, at the start of training from `start` (util.checkpointer.Start): print the plan,
         make the grid of the epoch before if the run stopped after its checkpoint but before it."""
         distributed.print0(self.plan(images_per_epoch))
         if start.step == 0:
@@ -195,6 +199,7 @@ class GridWriter:
         """Collective. The grid after `epoch`, sampled with EMA 1 of `samplers` (engine_eval.EMAWeights:
         a sharded EMA is gathered into a full copy on every rank first, and freed after). Returns its path (rank 0,
         when written)."""
+        stop.raise_if_requested(self.stopper, "before a sample grid")
         t0 = time.time()
         samplers.refresh([1])
         denoiser, net = samplers(1)

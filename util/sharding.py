@@ -20,6 +20,7 @@ torch's FSDP and distributed-checkpoint modules are imported at first use (about
 runs that do not shard never pay for them.
 """
 
+import pickle
 import sys
 
 import torch
@@ -192,11 +193,15 @@ def full_state(denoiser: nn.Module, emas, optimizer=None):
     return model_sd, ema_sds, optim_sd
 
 
-def mismatch(module: nn.Module, state_dict: dict) -> str | None:
-    """What keeps `state_dict` (full tensors) from loading strictly into `module` (sharded or
-    not), in load_state_dict's words, or None."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # DTensors report the full shape
-    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+def shapes_of(state_dict) -> dict:
+    """{key: shape} of a state dict's tensors (DTensors report the full shape)."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def mismatch(module: nn.Module, got: dict) -> str | None:
+    """What keeps tensors of the shapes `got` ({key: shape}, shapes_of) from loading strictly into
+    `module` (sharded or not), in load_state_dict's words, or None."""
+    want = shapes_of(module.state_dict())
     parts = []
     if missing := [k for k in want if k not in got]:
         parts.append(f"Missing key(s) in state_dict: {', '.join(missing)}.")
@@ -217,36 +222,124 @@ def load_full_state(denoiser: nn.Module, emas, optimizer, model_sd, ema_sds, opt
     its shard. optimizer None, or optim_sd None on rank 0: weights only. Strict: missing or
     unexpected keys and wrong shapes raise RuntimeError on every rank, before anything is loaded.
     The optimizer keeps its own fused / foreach choice."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     rank0 = dist.get_rank() == 0
+    modules = [denoiser] + [e.module for e in emas]
     verdict = [None, None]  # (error message, has optimizer state), decided on rank 0
     if rank0:
-        errors = [mismatch(denoiser, model_sd)] + [mismatch(e.module, sd) for e, sd in zip(emas, ema_sds)]
+        errors = [mismatch(m, shapes_of(sd)) for m, sd in zip(modules, [model_sd, *ema_sds])]
         verdict = [" ".join(e for e in errors if e) or None, optim_sd is not None]
     dist.broadcast_object_list(verdict, src=0)
     error, has_optim = verdict
     if error:  # every rank raises, none is left waiting in a broadcast
         raise RuntimeError(f"Error(s) in loading state_dict: {error}")
     opts = full_options(broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(denoiser, model_sd if rank0 else {}, options=opts)
-    for i, ema in enumerate(emas):
-        set_model_state_dict(ema.module, ema_sds[i] if rank0 else {}, options=opts)
+    # Each module gets its own dict: torch puts the module's sharded tensors into the dict it is given,
+    # and the next module given the same dict (an EMA starting from the model's weights) would fail.
+    for module, sd in zip(modules, [model_sd, *(ema_sds or [None] * len(emas))]):
+        set_model_state_dict(module, dict(sd) if rank0 else {}, options=opts)
     if optimizer is not None and has_optim:
-        names = optimizer_param_names(denoiser, optimizer)
-        impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
-        named = optim_state_by_name(optim_sd, names) if rank0 else {}
-        set_optimizer_state_dict(denoiser, optimizer, named, options=opts)
-        for g, kw in zip(optimizer.param_groups, impl):
-            g.update(kw)
+        named = optim_state_by_name(optim_sd, optimizer_param_names(denoiser, optimizer)) if rank0 else {}
+        load_optimizer_keeping_impl(denoiser, optimizer, named, opts)
 
 
-def unshard_into(plain: nn.Module, sharded: nn.Module):
-    """Collective. Copy a sharded module's full weights into an unsharded module of the same
-    architecture on every rank (e.g. the EMA net for sampling: evaluation code then runs as in a DDP run,
-    each rank on its own share of the images). Costs one full copy per rank."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def load_optimizer_keeping_impl(denoiser: nn.Module, optimizer, named: dict, options):
+    """set_optimizer_state_dict of a name-keyed state; the optimizer keeps its own fused / foreach choice."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    sd = get_model_state_dict(sharded, options=full_options())
-    plain.load_state_dict(sd)
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    set_optimizer_state_dict(denoiser, optimizer, named, options=options)
+    for g, kw in zip(optimizer.param_groups, impl):
+        g.update(kw)
+
+
+def unshard_into(plain: nn.Module, sharded: nn.Module) -> nn.Module:
+    """Collective. Copy a sharded module's full weights and its buffers into an unsharded module of the
+    same architecture on every rank (the EMA net for sampling: evaluation code then runs as in a DDP
+    run, each rank on its own share of the images), one parameter at a time: the full module copy plus
+    one gathered parameter, nothing more. Every parameter and buffer of `plain` is written, so it may
+    hold uninitialised memory (built on the meta device, then `to_empty`)."""
+    from torch.distributed.tensor import DTensor
+
+    params, buffers = dict(plain.named_parameters()), dict(plain.named_buffers())
+    with torch.no_grad():
+        for name, p in sharded.named_parameters():
+            params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        for name, b in sharded.named_buffers():
+            buffers[name].copy_(b)
     return plain
+
+
+# Sharded checkpoints (util/checkpoint_dcp.py): each rank writes and reads its own shards.
+
+
+def sharded_state(denoiser: nn.Module, parts: dict, optimizer=None):
+    """What a sharded checkpoint holds of the live objects, gathered nowhere: (tensors, param_groups,
+    steps). parts: {part (a tuple, e.g. ("model",), ("model_phema", "0")): sharded module}; tensors:
+    the nest DCP writes, each part's sharded state dict at its place and, with an optimizer, "optimizer":
+    {parameter name: {"exp_avg", "exp_avg_sq"}} (this rank's shards); param_groups: AdamW's groups
+    with parameters by name; steps: {parameter name: step counter (a CPU copy)}; both None without an
+    optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tensors = {}
+    for part, module in parts.items():
+        _set_nested(tensors, part, get_model_state_dict(module))
+    if optimizer is None:
+        return tensors, None, None
+    named = get_optimizer_state_dict(denoiser, optimizer)
+    tensors["optimizer"] = {n: {k: v for k, v in s.items() if k != "step"} for n, s in named["state"].items()}
+    steps = {n: s["step"].detach().cpu().clone() for n, s in named["state"].items()}
+    return tensors, named["param_groups"], steps
+
+
+def _set_nested(root: dict, path: tuple, value):
+    for key in path[:-1]:
+        root = root.setdefault(key, {})
+    root[path[-1]] = value
+
+
+def load_sharded(folder: str, denoiser: nn.Module, sources: list, optimizer=None, optimizer_state=None):
+    """Collective. Load the sharded checkpoint `folder` (util/checkpoint_dcp.py) into a sharded run:
+    each (module, part) of `sources` from that part (several modules may start from one part: an EMA
+    added on resume from the model's), and with `optimizer` and optimizer_state (param_groups, steps
+    of its train_state) the AdamW state. Each rank reads what its shards need, at any world size (DCP
+    reshards). Strict: a part whose keys or shapes differ from its module's raises RuntimeError, a
+    folder some rank cannot read OSError, on every rank before anything is loaded. The optimizer keeps
+    its own fused / foreach choice."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from util import checkpoint_dcp, distributed
+
+    try:
+        metadata = checkpoint_dcp.read_metadata(folder)
+        mismatches = " ".join(e for e in (mismatch(m, checkpoint_dcp.shapes(metadata, p)) for m, p in sources) if e)
+        error = ("mismatch", f"Error(s) in loading state_dict: {mismatches}") if mismatches else None
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        error = ("unreadable", f"cannot read {folder} on rank {distributed.get_rank()}: {type(e).__name__}: {e}")
+    errors = [e for e in distributed.all_gather_object(error) if e]
+    if errors:  # every rank raises, none is left waiting in DCP's collectives
+        kind, message = errors[0]
+        raise (RuntimeError if kind == "mismatch" else OSError)(message)
+    rounds = []  # each part at most once per dcp.load
+    for module, part in sources:
+        free = next((r for r in rounds if part not in r), None)
+        if free is None:
+            free = {}
+            rounds.append(free)
+        free[part] = module
+    for i, parts in enumerate(rounds):
+        template, named = {}, None
+        for part, module in parts.items():
+            _set_nested(template, part, get_model_state_dict(module))  # the live shards: loaded in place
+        if i == 0 and optimizer is not None and optimizer_state is not None:
+            named = get_optimizer_state_dict(denoiser, optimizer)
+            template["optimizer"] = {n: {k: v for k, v in s.items() if k != "step"} for n, s in named["state"].items()}
+        checkpoint_dcp.dcp().load(
+            template, storage_reader=checkpoint_dcp.safe_reader(folder), process_group=distributed.control_group()
+        )
+        if named is not None:
+            groups, steps = optimizer_state
+            state = {n: {**s, "step": steps[n]} for n, s in template["optimizer"].items()}
+            load_optimizer_keeping_impl(denoiser, optimizer, {"state": state, "param_groups": groups}, None)

@@ -1,15 +1,27 @@
 """Ending a run cleanly: `StopSignal` records the signals schedulers send before a kill (SIGTERM,
-SIGUSR1), which the loops poll; `StopRun` ends training with an exit status."""
+SIGUSR1), which the loops poll; `StopRun` ends training with an exit status; `GenerationStopped`
+ends a sample grid or an evaluation between two batches.
+
+An entry point calls `install()` first thing, so that a signal that arrives while the run is set up
+(reading data, building the model, loading a checkpoint) is recorded too: the workers of
+scripts/slurm/train.sbatch start with SIGUSR1 ignored, and until a handler is installed it is lost.
+"""
 
 import signal
 
+from util import distributed
+
 
 class StopRun(Exception):
-    """Raised to end training cleanly; `code` is the process exit status."""
+    """Raised to end training cleanly; `code` is the process exit status (0: a stop by signal)."""
 
     def __init__(self, message: str, code: int = 0):
         super().__init__(message)
         self.code = code
+
+
+class GenerationStopped(StopRun):
+    """A stop by signal seen between two generation batches of a sample grid or an evaluation."""
 
 
 class StopSignal:
@@ -26,5 +38,31 @@ class StopSignal:
         self.requested = signum
 
     def close(self):
+        global _installed
         for sig, handler in zip(self.SIGNALS, self.previous):
             signal.signal(sig, handler)
+        if _installed is self:
+            _installed = None
+
+
+_installed: StopSignal | None = None
+
+
+def install(factory=StopSignal) -> StopSignal:
+    """This process's StopSignal, made by `factory` at the first call (until its close())."""
+    global _installed
+    if _installed is None:
+        _installed = factory()
+    return _installed
+
+
+def requested_anywhere(stopper: StopSignal | None) -> bool:
+    """Collective (one host all-reduce): whether a stop was requested on any rank (None: never)."""
+    return distributed.host_all_reduce_sum([float(stopper.requested if stopper else 0)])[0] > 0
+
+
+def raise_if_requested(stopper: StopSignal | None, when: str):
+    """Collective: raise GenerationStopped when a stop was requested on any rank (`when`: where it is
+    seen, for the message: 'stop requested (signal) {when}')."""
+    if stopper is not None and requested_anywhere(stopper):
+        raise GenerationStopped(f"stop requested (signal) {when}")

@@ -1,0 +1,104 @@
+"""The sharded checkpoint folder (util/checkpoint_dcp.py) in one process: what is written reads back bit
+for bit, a part at a time; a full disk is one line and leaves the previous checkpoint; a save killed
+between its two renames is recovered; an incomplete or foreign folder is never taken for a checkpoint.
+The multi-process paths (every rank its shards, another world size, FSDP <-> DDP) are test_fsdp.py's."""
+
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from util import checkpoint, checkpoint_dcp, files
+
+
+def parts(seed: int) -> tuple[dict, dict]:
+    """(the tensors DCP writes, the rest) of a two-parameter 'model' with one EMA and AdamW state."""
+    g = torch.Generator().manual_seed(seed)
+    model = {"net.a": torch.randn(3, 4, generator=g), "net.b": torch.randn(4, generator=g)}
+    ema = {k: v + 1 for k, v in model.items()}
+    moments = {k: {"exp_avg": v * 2, "exp_avg_sq": v * v} for k, v in model.items()}
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.95), "fused": True, "params": ["net.b"]}, {"lr": 1e-3, "params": ["net.a"]}]
+    rest = dict(
+        epoch=seed,
+        args={"model": "tiny"},
+        resume={"epoch": seed + 1, "step": 0},
+        rng=None,
+        world_size=2,
+        phema_stds=[],
+        param_groups=groups,
+        steps={"net.a": torch.tensor(5.0), "net.b": torch.tensor(5.0)},
+        parts=["model", "model_ema1"],
+        order=list(model),
+    )
+    return {"model": model, "model_ema1": ema, "optimizer": moments}, rest
+
+
+def test_a_folder_reads_back_as_the_file_form_a_part_at_a_time(tmp_path):
+    tensors, rest = parts(0)
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, tensors, rest, needed=1000)
+    assert checkpoint_dcp.is_dcp(path) and os.listdir(tmp_path) == ["checkpoint-last.dcp"]  # no temporary left
+    state, found = checkpoint.load_checkpoint(str(tmp_path))
+    assert found == path and state.folder == path and state.epoch == 0 and state.start == {"epoch": 1, "step": 0}
+    assert state.model._data is None  # nothing read yet
+    for key, want in tensors["model"].items():
+        assert torch.equal(state.model[key], want)
+    assert list(state.model) == rest["order"] and torch.equal(state.emas[0]["net.a"], tensors["model_ema1"]["net.a"])
+    assert state.emas[1] is state.model  # no EMA 2 held: it starts from the model (from_dict)
+    optimizer = state.optimizer
+    assert [g["params"] for g in optimizer["param_groups"]] == [[0], [1]]  # numbered group by group
+    assert float(optimizer["state"][1]["step"]) == 5.0 and optimizer._moments is None  # a counter reads no moment
+    plain = checkpoint_dcp.plain(checkpoint.to_dict(state))
+    assert torch.equal(plain["optimizer"]["state"][1]["exp_avg_sq"], tensors["optimizer"]["net.a"]["exp_avg_sq"])
+    assert torch.equal(plain["optimizer"]["state"][0]["exp_avg"], tensors["optimizer"]["net.b"]["exp_avg"])
+    checkpoint_dcp.release_shards(state.model)
+    assert state.model._data is None and pickle.loads(pickle.dumps(state.model))._data is None
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).endswith(".distcp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(files.WriteError) as e:
+        checkpoint_dcp.write_folder(path, *parts(1), needed=123_000_000)
+    message = str(e.value)
+    assert message.startswith(f"could not write {path}: No space left on device (needs about 123.0 MB, ")
+    assert "\n" not in message and os.listdir(tmp_path) == ["checkpoint-last.dcp"]
+    assert checkpoint.load_checkpoint(path)[0].epoch == 0  # the previous one, intact
+
+
+def test_a_save_killed_between_its_renames_is_recovered_and_leftovers_are_removed(tmp_path):
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    aside = tmp_path / f".checkpoint-last.dcp.old-{os.getpid()}"
+    os.rename(path, aside)  # publish() renamed the old one aside, then the process was killed
+    (tmp_path / ".checkpoint-last.dcp.tmp-77").mkdir()  # and an unfinished save of another attempt
+    incomplete = tmp_path / "checkpoint-7.dcp"  # a folder without its metadata is no checkpoint
+    incomplete.mkdir()
+    assert checkpoint.candidates(str(tmp_path)) == []
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-7.dcp", "checkpoint-last.dcp"]
+    assert checkpoint.candidates(str(tmp_path)) == [path] and checkpoint.load_checkpoint(path)[0].epoch == 0
+
+
+def test_foreign_metadata_is_refused_before_it_runs(tmp_path):
+    path = tmp_path / "checkpoint-last.dcp"
+    checkpoint_dcp.write_folder(str(path), *parts(0), needed=1000)
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned > " + str(tmp_path / "pwned"),)
+
+    (path / checkpoint_dcp.METADATA).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot read checkpoint .*posix.system is not part of"):
+        checkpoint.load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
