@@ -18,12 +18,13 @@ import os
 import sys
 
 from util import checkpoint, checkpoint_dcp, files
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, MissingFile, exit_code
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("JiT checkpoint conversion", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("JiT checkpoint conversion", formatter_class=HelpFormatter)
     a = p.add_argument
     a("source", help="a sharded checkpoint folder (checkpoint-NAME.dcp), or a run folder: its newest checkpoint")
     a("output", help="the single-file checkpoint to write (e.g. checkpoint-last.pth)")

@@ -19,12 +19,13 @@ import sys
 import run_sources
 import weights
 from util import files, sweep
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("JiT export", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("JiT export", formatter_class=HelpFormatter)
     a = p.add_argument
     a("source", help="checkpoint file, run folder (its newest readable checkpoint-*.pth) or exported folder")
     a("output", help="folder to write (new or empty; --overwrite replaces an export there)")

@@ -27,6 +27,7 @@ import sample as sample_script
 from model_jit import JiT_models
 from sampling import invert
 from util import distributed
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.data import load_center_crop
 from util.errors import BadValue, MissingFile, exit_code
@@ -38,9 +39,7 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        "JiT ODE inversion", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser("JiT ODE inversion", add_help=True, formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--resume", required=True, help="checkpoint file, a folder holding checkpoint-*.pth, or an exported folder")
     a("--ema", default=1, type=int, choices=(1, 2, 3), help="which EMA's weights")

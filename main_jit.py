@@ -25,6 +25,7 @@ from engine_jit import LoopConfig, RunIO, train_one_epoch
 from model_jit import ATTN_IMPLS, JiT_models, preset_patch_size
 from run_build import Run, build, open_inputs
 from util import distributed, grid, phema_files, phema_run, report, runlock, stop, sweep
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.demo import write_demo_outputs
 from util.errors import BadValue, exit_code
@@ -57,9 +58,7 @@ DEMO_DEFAULTS = dict(
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(
-        "JiT training and evaluation", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser("JiT training and evaluation", add_help=True, formatter_class=HelpFormatter)
     # fmt: off
     g = p.add_argument_group("model")
     a = g.add_argument
@@ -182,8 +181,9 @@ def get_args_parser():
     a("--data_path", default="./data/imagenet", type=str,
       help="holds an ImageFolder tree under train/, or is an image store made by prepare_data.py")
     a("--class_num", default=1000, type=int, help="number of classes (labels 0 .. class_num - 1)")
-    a("--num_workers", default=12, type=int, help="DataLoader worker processes per GPU (0: load in the main process)")
-    a("--pin_mem", action="store_true", help="pin host memory of batches (CUDA only)")
+    a("--num_workers", default=12, type=int,
+      help="loader workers per GPU: DataLoader processes, or threads with a --data_path store (0: the main process)")
+    a("--pin_mem", action="store_true", help="pin host memory of batches (CUDA only; on by default)")
     a("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin host memory")
     p.set_defaults(pin_mem=True)
     a("--output_dir", default="./output_dir", help="checkpoints, log.txt, metrics.jsonl, TensorBoard events")

@@ -17,6 +17,7 @@ import os
 import sys
 
 from util import checkpoint, phema, phema_files
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
@@ -24,9 +25,7 @@ ACCUM = ("float64", "float32")  # names in util.checkpoint.DTYPES
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        "JiT post-hoc EMA reconstruction", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser("JiT post-hoc EMA reconstruction", formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--snapshots", required=True, help="folder of phema-*.pth snapshots (a run's output_dir/phema)")
     a("--std", default=[], type=float, nargs="+", help="target relative standard deviations σ_rel, each in (0, 0.2887)")

@@ -11,13 +11,14 @@ import argparse
 import os
 import sys
 
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import MissingFile, exit_code
 from util.report import NAME, write_report
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("JiT run report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("JiT run report", formatter_class=HelpFormatter)
     parser.add_argument("output_dirs", nargs="+", metavar="OUTPUT_DIR", help="run folders (main_jit.py --output_dir)")
     parser.add_argument("--output", default=None, help=f"the page to write (default: the first OUTPUT_DIR's {NAME})")
     return parser

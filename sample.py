@@ -21,6 +21,7 @@ import run_sources
 import weights
 from model_jit import JiT_models
 from util import distributed, grid
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 from util.sweep import add_sampler_args, sampler_settings
@@ -28,9 +29,7 @@ from util.viz import save_grid
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        "JiT sample grid", add_help=True, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser("JiT sample grid", add_help=True, formatter_class=HelpFormatter)
     a = parser.add_argument
     a(
         "--resume",

@@ -27,6 +27,7 @@ from engine_jit import StepMonitor, StepParts, build_optimizer, t_bin_edges, tra
 from model_jit import JiT_models  # noqa: E402
 from sampling import SamplerSettings  # noqa: E402
 from util import grid  # noqa: E402
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse  # noqa: E402
 from util.ema import EMA  # noqa: E402
 from util.errors import BadValue, exit_code  # noqa: E402
@@ -34,7 +35,7 @@ from util.files import write_json  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("JiT monitoring cost", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("JiT monitoring cost", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default="JiT-T/4")
     a("--img_size", default=32, type=int)

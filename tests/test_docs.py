@@ -304,3 +304,13 @@ def test_readme_lines_are_short_and_every_docs_page_is_linked():
 def test_docs_lines_are_at_most_120_characters_outside_code(page):
     long = [n for n, line in outside_code(page) if len(line) > 120]
     assert not long, f"{page}: lines over 120 characters outside code blocks: {long}"
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md has a row for each Python module of the top level and of util/ (a new module
+    gets its line there)."""
+    text = open(os.path.join(ROOT, "docs", "layout.md")).read()
+    modules = [os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))]
+    modules += [os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "util", "*.py")) if "__init__" not in p]
+    missing = sorted(m for m in modules if f"`{m}`" not in text)
+    assert not missing, f"not in docs/layout.md: {missing}"

@@ -149,6 +149,11 @@ def test_help_groups_every_flag_with_a_help_line():
     assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
     text = " ".join(parser.format_help().split())  # unwrapped
     assert "(default: JiT-B/16)" in text and "(default: 0.9999)" in text and "set by the launcher" in text
+    for action in parser._actions:  # each flag names its default at most once, and never as None / a switch's
+        line = " ".join(parser._get_formatter()._format_action(action).split())
+        assert line.count("default") <= 1 and "(default: None)" not in line, line
+        if action.nargs == 0:
+            assert "(default: True)" not in line and "(default: False)" not in line, line
 
 
 @pytest.mark.slow
