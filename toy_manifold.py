@@ -72,7 +72,7 @@ class ToyConfig:
 NOISE = 0.04  # the spiral's thickness: the standard deviation of the noise added to its curve
 
 
-def curve(s: torch.Tensor) -> torch.Tensor:
+def spiral_curve(s: torch.Tensor) -> torch.Tensor:
     """The spiral's curve at s in [0, 1]: (len(s), 2), 1.5 turns, radius 0.25 to 1."""
     angle, radius = 3 * math.pi * s, 0.25 + 0.75 * s
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
@@ -81,7 +81,7 @@ def curve(s: torch.Tensor) -> torch.Tensor:
 def spiral(n: int, generator) -> torch.Tensor:
     """(n, 2) points of the curve at s ~ U(0, 1), plus N(0, NOISE²) noise."""
     s = torch.rand(n, generator=generator)
-    return curve(s) + NOISE * torch.randn(n, 2, generator=generator)
+    return spiral_curve(s) + NOISE * torch.randn(n, 2, generator=generator)
 
 
 def embedding(D: int, generator) -> torch.Tensor:
@@ -113,7 +113,7 @@ class ExactNet(nn.Module):
     def __init__(self, P: torch.Tensor, pred: str, grid: int = 1500, chunk: int = 512):
         super().__init__()
         self.P, self.pred, self.chunk = P.double(), pred, chunk
-        self.c = curve((torch.arange(grid, dtype=torch.float64) + 0.5) / grid)  # (M, 2)
+        self.c = spiral_curve((torch.arange(grid, dtype=torch.float64) + 0.5) / grid)  # (M, 2)
 
     def posterior_mean(self, u: torch.Tensor, t: float) -> torch.Tensor:
         """E[c(s) + NOISE·n | u] for plane coordinates u (B, 2): Gaussian in n given s, mixed over s."""
@@ -203,7 +203,7 @@ def cached_cell(pred: str, D: int, cfg: ToyConfig, cache_dir: str | None) -> tup
     return samples, False
 
 
-def run(preds, dims, cfg: ToyConfig, log=print, cache_dir: str | None = None):
+def run_cells(preds, dims, cfg: ToyConfig, log=print, cache_dir: str | None = None):
     """Train, sample and score every (pred, D). Returns (samples {(pred, D): (n, 2)},
     scores {(pred, D): sliced W1}, data (n, 2), floor: the sliced W1 of two data sets of size n)."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -231,7 +231,7 @@ def table(scores: dict, floor: float) -> str:
     return "\n".join(lines)
 
 
-def plot(samples: dict, scores: dict, data: torch.Tensor, path: str, dpi: int = 120):
+def plot_cells(samples: dict, scores: dict, data: torch.Tensor, path: str, dpi: int = 120):
     """One panel per cell (rows: prediction target, columns: D): the samples over the data."""
     import matplotlib
 
@@ -330,7 +330,7 @@ def toy_config(args) -> ToyConfig:
     return ToyConfig(**{name: getattr(args, name) for name in names})
 
 
-def prepare_output(folder: str, cache: bool):
+def prepare_toy_output(folder: str, cache: bool):
     """Create the output folder (and cells/ in it) before any training; BadValue if it cannot be."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise BadValue(f"--output_dir {folder} is a file, not a folder")
@@ -343,7 +343,7 @@ def prepare_output(folder: str, cache: bool):
 def main(args) -> int:
     """Run the cells, write the figure and the table; BadValue for bad flags (see cli)."""
     cfg = toy_config(args)
-    prepare_output(args.output_dir, cache=not args.no_cache)
+    prepare_toy_output(args.output_dir, cache=not args.no_cache)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -357,10 +357,10 @@ def write_results(args, cfg: ToyConfig):
     """Run the cells of args.preds × args.dims; write the figure and the table to args.output_dir."""
     start = time.time()
     cache_dir = None if args.no_cache else os.path.join(args.output_dir, "cells")
-    samples, scores, data, floor = run(
+    samples, scores, data, floor = run_cells(
         list(dict.fromkeys(args.preds)), list(dict.fromkeys(args.dims)), cfg, cache_dir=cache_dir
     )
-    plot(samples, scores, data, os.path.join(args.output_dir, "toy_manifold.png"), dpi=args.dpi)
+    plot_cells(samples, scores, data, os.path.join(args.output_dir, "toy_manifold.png"), dpi=args.dpi)
     text = table(scores, floor)
     files.atomic_write(os.path.join(args.output_dir, "toy_manifold.md"), lambda f: f.write((text + "\n").encode()))
     print(f"{text}\nwrote {args.output_dir}/toy_manifold.png and toy_manifold.md ({time.time() - start:.0f} s)")

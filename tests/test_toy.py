@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import toy_manifold
 from denoiser import CONVERSIONS, TRUTHS, Denoiser
 from sampling import SamplerSettings, sample
-from toy_manifold import ExactNet, ToyConfig, ToyMLP, embedding, run, sliced_wasserstein, spiral
+from toy_manifold import ExactNet, ToyConfig, ToyMLP, embedding, run_cells, sliced_wasserstein, spiral
 
 
 def test_embedding_has_orthonormal_columns():
@@ -57,6 +57,7 @@ def test_exact_net_is_the_posterior_mean():
         torch.testing.assert_close(got, mc, rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_exact_eps_and_v_networks_sample_as_sharply_as_the_exact_x_network():
     """The repo's conversions and sampler are not what blurs ε- and v-prediction: given the exact network
     of each target, Heun-50 (t_eps 0.05, as the toy) lands as close to the data as with x-prediction."""
@@ -123,11 +124,12 @@ def test_the_t_eps_clip_of_the_target_only_caps_the_weight(pred, loss):
     torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_x_prediction_beats_eps_prediction_at_high_dimension():
     """A short seeded run at D = 512: x-prediction lands near the data, e-prediction far off it
     (seeds 0-4 give 0.04-0.06 and 26.4-26.9: the bounds are far from both)."""
     cfg = ToyConfig(steps=150, num_samples=500, sampling_steps=10, beta2=0.999)
-    _, scores, _, floor = run(["x", "eps"], [512], cfg, log=lambda msg: None)
+    _, scores, _, floor = run_cells(["x", "eps"], [512], cfg, log=lambda msg: None)
     assert scores["x", 512] < 0.2 and scores["eps", 512] > 5
     assert floor < 0.1
 
