@@ -34,6 +34,7 @@ import torch.nn as nn
 from denoiser import CONVERSIONS, Denoiser
 from sampling import SamplerSettings
 from util import files
+from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
 
@@ -258,18 +259,26 @@ def plot_cells(samples: dict, scores: dict, data: torch.Tensor, path: str, dpi: 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(
-        "JiT toy experiment (paper Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser("JiT toy experiment (paper Fig. 2)", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--output_dir", default="output_dir/toy", help="writes toy_manifold.png, toy_manifold.md and cells/ here")
     a("--preds", default=list(PREDS), nargs="+", choices=PREDS, help="prediction targets (figure rows)")
     a("--dims", default=list(DIMS), nargs="+", type=int, help=f"ambient dimensions D, 2 to {MAX_DIM} (figure columns)")
     a("--loss", default=ToyConfig.loss, choices=tuple(CONVERSIONS), help="the loss space (the paper's toy: v)")
-    a("--steps", default=ToyConfig.steps, type=int, help="training steps per cell")
+    a(
+        "--steps",
+        default=ToyConfig.steps,
+        type=int,
+        help="Adam steps per cell (with 2000, ε and v stay blurred at D = 2-16: docs/toy.md)",
+    )
     a("--batch_size", default=ToyConfig.batch_size, type=int, help="training batch")
     a("--lr", default=ToyConfig.lr, type=float, help="Adam's peak learning rate (cosine decay to 0)")
-    a("--beta2", default=ToyConfig.beta2, type=float, help="Adam's second-moment decay, in [0, 1)")
+    a(
+        "--beta2",
+        default=ToyConfig.beta2,
+        type=float,
+        help="Adam's second-moment decay, in [0, 1) (the repo's recipe; the paper gives none for the toy)",
+    )
     a("--P_mean", default=ToyConfig.P_mean, type=float, help="training times t = sigmoid(N(P_mean, P_std²))")
     a("--P_std", default=ToyConfig.P_std, type=float, help="see --P_mean")
     a("--t_eps", default=ToyConfig.t_eps, type=float, help="the clip of the divisions by 1 - t and t, in (0, 0.5]")
