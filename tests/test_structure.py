@@ -17,10 +17,7 @@ ENTRY_POINTS = {"get_args_parser", "parse_args", "main", "cli"}
 KNOWN_LONG = {
     "engine_jit.py:train_one_epoch": "the training loop; not split while issues 34-36 change it",
 }
-KNOWN_TWICE = {
-    "plot": "toy_manifold.py (issue 37) and util/sweep.py",
-    "run": "toy_manifold.py (issue 37) and util/sweep.py",
-}
+KNOWN_TWICE: dict[str, str] = {}
 
 
 def sources() -> dict[str, tuple[ast.Module, int]]:
