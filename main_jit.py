@@ -247,6 +247,7 @@ def check_args(args):
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     phema_run.check_phema_flags(args)
+    sweep.check_denoiser_flags(args)
     check_eval_flags(args)
     if not args.evaluate_gen:
         grid.check_grid_flags(args)

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from sampling import METHODS, SCHEDULES, SamplerSettings
+from sampling import METHODS, SCHEDULES, SamplerSettings, check_denoiser
 from util.distributed import broadcast_object, is_main_process, print0
 from util.errors import BadValue
 from util.files import WriteError, atomic_write
@@ -98,6 +98,15 @@ def sampler_settings(flags) -> SamplerSettings:
             interval_max=flags.interval_max,
             schedule=flags.sampling_schedule or "uniform",
         )
+    except ValueError as e:
+        raise BadValue(str(e)) from None
+
+
+def check_denoiser_flags(flags):
+    """BadValue (one line) for --noise_scale, --t_eps (with --pred) no sampler can run (sampling.check_denoiser),
+    before any work; a flag that is None or absent (the weights' value) is checked when the weights are built."""
+    try:
+        check_denoiser(getattr(flags, "noise_scale", None), getattr(flags, "t_eps", None), getattr(flags, "pred", None))
     except ValueError as e:
         raise BadValue(str(e)) from None
 
