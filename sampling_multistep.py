@@ -19,7 +19,8 @@ Each step is taken at order min(the method's, the nodes of the history) and lowe
 - a step of infinite length in λ (into t = 1 with t_eps = 0, or back to t = 0) is first order;
 - UniPC's corrector is left out after a step backwards longer than MAX_CORRECTED_BACK in λ: its
   coefficient grows as e^{|h|} there (the kernel e^{-(λ_t - λ)} runs backwards), and the first step of
-  an inversion out of t = 1, of length about log(1/t_eps), made inverted noise of size about 1/t_eps.
+  an inversion out of t = 1, of length about log(1/t_eps), made inverted noise of size about 1/t_eps
+  (tests/test_solvers.py).
 Every step works in either direction (t increasing: sampling; decreasing: inversion).
 """
 
