@@ -2,16 +2,20 @@
 prediction. Every value either samples (and inverts) to a finite, bounded result or is refused in one
 line, in the functions and before any work in every command that builds a denoiser."""
 
+import json
 import math
 import os
 import sys
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, save_reference_checkpoint, tiny_denoiser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+import export
+import invert as invert_script
 import main_jit
 import sample as sample_script
 from denoiser import CONVERSIONS
@@ -138,3 +142,42 @@ def test_commands_refuse_a_bad_denoiser_setting_before_any_work(cli, args, messa
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_exported_folder_whose_sampler_or_denoiser_cannot_run_is_refused_in_one_line(tmp_path, capsys):
+    """config.json written before the renames (edm:7 at 50 steps is power:7 now, whose float32 grid
+    holds t = 1 twice) or edited: sample.py and invert.py exit 2 with one line naming the file, and an
+    override of the sampler flags samples it."""
+    save_reference_checkpoint(tmp_path / "checkpoint-last.pth", tiny_denoiser(seed=1), epoch=1)
+    folder = tmp_path / "exported"
+    assert export.cli([str(tmp_path / "checkpoint-last.pth"), str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a" / "0.png")
+    commands = {
+        sample_script.cli: ["--per_class", "1", "--output", str(tmp_path / "grid.png")],
+        invert_script.cli: ["--images", str(tmp_path / "images"), "--output", str(tmp_path / "inverted")],
+    }
+    for change, message in (
+        ({"sampler": {**config["sampler"], "method": "dpm++3m", "schedule": "edm:7"}}, "schedule power:7 with 50"),
+        ({"sampler": {**config["sampler"], "cfg": math.nan}}, "the CFG scale must be"),
+        ({"denoiser": {**config["denoiser"], "t_eps": 1e-30}}, "t_eps must be 0 or in"),
+    ):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        for cli, args in commands.items():
+            code = cli(["--resume", str(folder), "--device", "cpu", *args])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and message in err, err
+            assert not os.path.exists(tmp_path / "grid.png") and not os.path.exists(tmp_path / "inverted")
+    (folder / "config.json").write_text(json.dumps({**config, "sampler": {**config["sampler"], "schedule": "edm:7"}}))
+    cli_args = [
+        "--resume",
+        str(folder),
+        "--device",
+        "cpu",
+        "--sampling_schedule",
+        "power:2",
+        "--num_sampling_steps",
+        "4",
+    ]
+    assert sample_script.cli([*cli_args, "--per_class", "1", "--output", str(tmp_path / "grid.png")]) == 0
