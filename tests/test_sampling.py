@@ -189,6 +189,25 @@ def test_metrics_records_holding_an_old_schedule_name_are_the_points_of_its_new_
     assert csv.count("\n") == 3 and ",power:2," in csv and ",logit:5," in csv
 
 
+def test_the_recommended_sampler_is_the_best_point_the_sampler_still_runs():
+    """An old sweep's best point heun 50 steps edm:7 is power:7 now, whose float32 grid holds t = 1
+    twice (refused): export recommends the best point that samples, not one every loader refuses."""
+    import model_card
+
+    base = dict(
+        checkpoint="c.pth", checkpoint_epoch=3, ema=1, num_images=6, cfg=2.0, interval_min=0.1, interval_max=1.0
+    )
+    records = [
+        {**base, "fid": 4.0, "method": "heun", "steps": 50, "schedule": "edm:7"},
+        {**base, "fid": 5.0, "method": "heun", "steps": 10, "schedule": "edm:7"},
+        {**base, "fid": 6.0, "method": "heun", "steps": 50},
+    ]
+    assert not model_card.runnable(records[0]) and model_card.runnable(records[1])
+    best = model_card.recommended_sampler({}, records, ema=1, epoch=3)
+    assert (best["method"], best["steps"], best["schedule"]) == ("heun", 10, "power:7")
+    SamplerSettings(**{k: best[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max", "schedule")})
+
+
 def test_karras_is_edms_sigma_spacing_from_pure_noise():
     """karras:ρ with N steps: t = 1/(1 + σ_i) at EDM's σ_i (eq. 5, σ in [0.002, 80]), i = 1..N - 1, with
     the first node (σ_max) at t = 0 and the last at t = 1 (σ = 0)."""
