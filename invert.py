@@ -142,7 +142,8 @@ def main(args: RunConfig) -> int:
     record["noise_scale"] = model.noise_scale
     atomic_write(os.path.join(args.output, "noise.pt"), lambda f: torch.save(record, f))
     print(
-        f"inverted {len(files)} images with {settings.method} {settings.steps} steps ({settings.nfe()} NFE) to "
+        f"inverted {len(files)} images with {settings.method} {settings.steps} steps "
+        f"({len(settings.evaluations(reverse=True))} NFE) to "
         f"{os.path.join(args.output, 'noise.pt')}: noise std {noise.std().item():.4f} (noise_scale {model.noise_scale})"
     )
     if args.roundtrip:

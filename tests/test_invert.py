@@ -74,6 +74,7 @@ def test_a_flat_folder_takes_the_class_label(checkpoint, images, tmp_path, capsy
     code, out, _ = run(capsys, "--resume", checkpoint, "--images", flat, "--class_label", 2, "--device", "cpu",
                        "--num_sampling_steps", 2, "--output", tmp_path)  # fmt: skip
     assert code == 0 and torch.load(tmp_path / "noise.pt", weights_only=False)["labels"].tolist() == [2, 2]
+    assert "with heun 2 steps (4 NFE)" in out  # Heun's second-order step everywhere backwards: 2 per step
 
 
 @pytest.mark.parametrize(

@@ -244,3 +244,23 @@ def test_unipc_inversion_stays_bounded_as_t_eps_falls(method):
     s = SamplerSettings(method=method, steps=50, cfg=2.0, interval_min=0.1)
     z = invert(mix, sample(mix, z0, y, s, null_label=CLASSES), y, s, null_label=CLASSES)
     assert (z - z0).pow(2).mean().sqrt() < 0.05
+
+
+def test_inversion_makes_the_evaluations_it_counts():
+    """SamplerSettings.evaluations(reverse=True) lists the inversion's network calls (times, guided or
+    not): Heun two per step (its second-order step everywhere, no Euler step backwards), the others one."""
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, z, t, y):
+            self.calls.append((float(t[0]), z.shape[0]))
+            return torch.zeros_like(z)
+
+    for method in ("heun", "euler", "dpm++2m", "unipc3", "ab3"):
+        s = SamplerSettings(method=method, steps=7, cfg=2.0, interval_min=0.1, interval_max=0.9, schedule="logit:3")
+        net = Recording()
+        invert(net, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), s, null_label=3)
+        expected = [(float(t), 4 if scale != 1 else 2) for t, scale in s.evaluations(reverse=True)]
+        assert net.calls == expected and len(expected) == (14 if method == "heun" else 7), method
