@@ -34,7 +34,8 @@ from util.evaluation import quantize, save_pngs
 from util.files import atomic_write
 from util.sweep import add_sampler_args, check_denoiser_flags, sampler_settings
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# torchvision's IMG_EXTENSIONS: the files training's ImageFolder reads (any case)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser():
