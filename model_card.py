@@ -7,6 +7,7 @@ import os
 import string
 
 from sampling import SamplerSettings, upgrade_schedule
+from util.sweep import record_sampler
 
 # The fields of a metrics.jsonl eval record kept in config.json.
 RECORD_FIELDS = tuple(
@@ -35,9 +36,8 @@ def records_of(records: list[dict], ema: int) -> list[dict]:
 def runnable(record: dict) -> bool:
     """Whether SamplerSettings accepts a sweep record's sampler today: a point of a sweep over an old
     schedule name may be a grid float32 cannot hold under the new name (edm:7 at 50 steps is power:7)."""
-    fields = {k: record.get(k, v) for k, v in default_sampler().items()}
     try:
-        SamplerSettings(**fields, schedule=upgrade_schedule(record.get("schedule") or "uniform"))
+        SamplerSettings(**record_sampler(record))
     except ValueError:
         return False
     return True
