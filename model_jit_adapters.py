@@ -266,6 +266,9 @@ def build_denoiser(network: dict, denoiser: dict, runtime: dict) -> Denoiser:
     """A freshly initialised Denoiser of JiT keywords `network` (config.json's), Denoiser keywords
     `denoiser` and how to run (`runtime`: attn_impl, grad_checkpoint). BadValue (one line), before the
     network is built, for a noise_scale or t_eps no sampler can run (sampling.check_denoiser)."""
+    empty = [k for k in ("noise_scale", "t_eps", "pred") if k in denoiser and denoiser[k] is None]
+    if empty:
+        raise BadValue(f"the denoiser's {', '.join(empty)} must be given, got None")
     try:
         check_denoiser(denoiser.get("noise_scale"), denoiser.get("t_eps"), denoiser.get("pred"))
     except ValueError as e:

@@ -120,6 +120,8 @@ def test_build_denoiser_refuses_settings_from_weights_before_building():
             build_denoiser(network, denoiser, {})
     with pytest.raises(BadValue, match="ε-prediction network needs t_eps > 0"):
         build_denoiser(network, {"pred": "eps", "t_eps": 0.0}, {})
+    with pytest.raises(BadValue, match="t_eps must be given, got None"):  # a config.json edited to null
+        build_denoiser(network, {"t_eps": None}, {})
 
 
 @pytest.mark.parametrize(
