@@ -322,6 +322,7 @@ def setup(args: RunConfig) -> Run:
     check_args(args)
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     config, source = resolve(args, distributed.get_world_size())
+    sweep.check_denoiser_flags(config)  # what the weights brought (--evaluate_gen), before the inputs are read
     inputs = open_inputs(config, device)
     lock = runlock.take(config.output_dir, "eval" if config.evaluate_gen else "train")
     try:

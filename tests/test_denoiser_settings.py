@@ -183,3 +183,17 @@ def test_an_exported_folder_whose_sampler_or_denoiser_cannot_run_is_refused_in_o
         "4",
     ]
     assert sample_script.cli([*cli_args, "--per_class", "1", "--output", str(tmp_path / "grid.png")]) == 0
+
+
+def test_evaluate_gen_refuses_a_checkpoint_t_eps_before_reading_the_inputs(tmp_path, capsys, monkeypatch):
+    """--evaluate_gen adopts the checkpoint's t_eps: one no sampler can run is refused right after the
+    checkpoint is read, before the FID statistics and Inception weights (absent here) are opened."""
+    path = tmp_path / "checkpoint-last.pth"
+    save_reference_checkpoint(path, tiny_denoiser(seed=1), epoch=1)
+    state = torch.load(path, weights_only=False)
+    state["args"].t_eps = 1e-30
+    torch.save(state, path)
+    monkeypatch.chdir(tmp_path)
+    code = main_jit.cli([*TINY, "--evaluate_gen", "--resume", str(path), "--output_dir", "out", "--num_images", "6"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "t_eps must be 0 or in" in err, err
