@@ -33,9 +33,10 @@ from util.data import load_center_crop
 from util.errors import BadValue, MissingFile, exit_code
 from util.evaluation import quantize, save_pngs
 from util.files import atomic_write
-from util.sweep import add_sampler_args, sampler_settings
+from util.sweep import add_sampler_args, check_denoiser_flags, sampler_settings
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# torchvision's IMG_EXTENSIONS: the files training's ImageFolder reads (any case)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser():
@@ -101,6 +102,12 @@ def read_images(files: list[str], size: int) -> torch.Tensor:
     return torch.stack(out).float() / 127.5 - 1
 
 
+def check_invertible(t_eps: float | None):
+    """BadValue for t_eps = 0 (None: not known yet): the velocity at t = 1, where inversion starts, is undefined."""
+    if t_eps is not None and t_eps <= 0:
+        raise BadValue("inversion needs t_eps > 0 (with t_eps = 0 the velocity at t = 1 is undefined)")
+
+
 def run_batches(fn, x: torch.Tensor, labels: torch.Tensor, batch: int, device) -> torch.Tensor:
     """fn(x batch, labels batch) over batches on `device`, concatenated on the CPU."""
     out = []
@@ -112,14 +119,15 @@ def run_batches(fn, x: torch.Tensor, labels: torch.Tensor, batch: int, device) -
 def main(args: RunConfig) -> int:
     """Invert the images (and regenerate them with --roundtrip); BadInput for bad input (see cli)."""
     settings = sampler_settings(args)  # BadValue before any work
+    check_denoiser_flags(args)
+    check_invertible(args.t_eps)
     if args.batch < 1:
         raise BadValue(f"--batch must be >= 1, got {args.batch}")
     files, labels = list_images(args.images, args.class_label)
     device = distributed.init(args.device)
     loaded = sample_script.load(args)
     model, settings = loaded.denoiser.to(device), loaded.sampler
-    if model.t_eps <= 0:
-        raise BadValue("inversion needs t_eps > 0 (with t_eps = 0 the velocity at t = 1 is undefined)")
+    check_invertible(model.t_eps)
     if max(labels) >= model.num_classes or min(labels) < 0:
         raise BadValue(f"class labels must be in [0, {model.num_classes}), got {min(labels)}..{max(labels)}")
     for note in loaded.notes:
@@ -134,7 +142,8 @@ def main(args: RunConfig) -> int:
     record["noise_scale"] = model.noise_scale
     atomic_write(os.path.join(args.output, "noise.pt"), lambda f: torch.save(record, f))
     print(
-        f"inverted {len(files)} images with {settings.method} {settings.steps} steps ({settings.nfe()} NFE) to "
+        f"inverted {len(files)} images with {settings.method} {settings.steps} steps "
+        f"({len(settings.evaluations(reverse=True))} NFE) to "
         f"{os.path.join(args.output, 'noise.pt')}: noise std {noise.std().item():.4f} (noise_scale {model.noise_scale})"
     )
     if args.roundtrip:

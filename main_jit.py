@@ -229,9 +229,8 @@ def parse_args(argv=None) -> RunConfig:
 
 
 def check_args(args):
-    """Fail fast, before any work, on flag values that cannot work (BadValue). Files are checked
-    where they are opened, before the expensive work too: the weights by resolve, the data and the
-    FID statistics and Inception weights by run_build.open_inputs."""
+    """Fail fast, before any work, on flag values that cannot work (BadValue). Files are checked where they are
+    opened, before the expensive work too: the weights by resolve, the rest by run_build.open_inputs."""
     patch = preset_patch_size(args.model)
     if args.img_size % patch:
         raise BadValue(f"--img_size {args.img_size} is not divisible by the patch size {patch} of {args.model}")
@@ -246,17 +245,17 @@ def check_args(args):
     if not args.evaluate_gen and args.ema_decay3 is None and 3 in sweep.as_list(args.ema):
         raise BadValue("--ema 3 samples a third EMA: train with --ema_decay3 (e.g. 0.9998)")
     phema_run.check_phema_flags(args)
+    sweep.check_denoiser_flags(args)
     check_eval_flags(args)
     if not args.evaluate_gen:
         grid.check_grid_flags(args)
 
 
 def derived_values(args: RunConfig, world_size: int) -> dict:
-    """What follows from the flags alone. lr: blr × global batch / 256 unless --lr is given;
-    data_path: the demo's shapes under output_dir; fsdp, grad_checkpoint: whether they apply
-    (several processes; a backward pass); single-valued sweep flags (--cfg, --interval_min,
-    --interval_max, --ema) as plain numbers; phema_stds: the power EMAs training keeps, ascending
-    (none for --evaluate_gen)."""
+    """What follows from the flags alone. lr: blr × global batch / 256 unless --lr is given; data_path: the
+    demo's shapes under output_dir; fsdp, grad_checkpoint: whether they apply (several processes; a backward
+    pass); single-valued sweep flags (--cfg, --interval_min, --interval_max, --ema) as plain numbers;
+    phema_stds: the power EMAs training keeps, ascending (none for --evaluate_gen)."""
     derived = {}
     for name in ("cfg", "interval_min", "interval_max", "ema"):  # one value: a plain number, as the reference's
         values = sweep.as_list(getattr(args, name))
@@ -320,6 +319,7 @@ def setup(args: RunConfig) -> Run:
     check_args(args)
     device = distributed.init(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     config, source = resolve(args, distributed.get_world_size())
+    sweep.check_denoiser_flags(config)  # what the weights brought (--evaluate_gen), before the inputs are read
     inputs = open_inputs(config, device)
     lock = runlock.take(config.output_dir, "eval" if config.evaluate_gen else "train")
     try:

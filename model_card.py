@@ -7,6 +7,7 @@ import os
 import string
 
 from sampling import SamplerSettings, upgrade_schedule
+from util.sweep import record_sampler
 
 # The fields of a metrics.jsonl eval record kept in config.json.
 RECORD_FIELDS = tuple(
@@ -32,13 +33,25 @@ def records_of(records: list[dict], ema: int) -> list[dict]:
     return out
 
 
+def runnable(record: dict) -> bool:
+    """Whether SamplerSettings accepts a sweep record's sampler today: a point of a sweep over an old
+    schedule name may be a grid float32 cannot hold under the new name (edm:7 at 50 steps is power:7)."""
+    try:
+        SamplerSettings(**record_sampler(record))
+    except ValueError:
+        return False
+    return True
+
+
 def recommended_sampler(args: dict, records: list[dict], ema: int, epoch: int) -> dict:
     """The best point of the run's sweep (metrics.jsonl records from a sweep, which name their
     checkpoint) for these weights: EMA `ema`, the sweep of this epoch (else the latest one before),
     among its points the most numerous image count, the lowest FID. Else the training flags (the
-    first value of a swept flag)."""
+    first value of a swept flag). Points whose sampler SamplerSettings refuses now are left out (see runnable)."""
     sweeps = [
-        r for r in records if "checkpoint" in r and r.get("ema", 1) == ema and (r.get("checkpoint_epoch") or 0) <= epoch
+        r
+        for r in records
+        if "checkpoint" in r and r.get("ema", 1) == ema and (r.get("checkpoint_epoch") or 0) <= epoch and runnable(r)
     ]
     if sweeps:
         last = max(r.get("checkpoint_epoch") or 0 for r in sweeps)

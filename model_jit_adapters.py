@@ -14,7 +14,9 @@ import torch
 
 from denoiser import Denoiser
 from model_jit import JiT, JiT_models, RMSNorm
+from sampling import check_denoiser
 from util.checkpoint import CheckpointError
+from util.errors import BadValue
 
 DIFFUSERS_CLASS = "JiTTransformer2DModel"
 LABEL_KEY = "net.y_embedder.embedding_table.weight"  # (class_num + 1, D), the null class last
@@ -262,7 +264,15 @@ def preset_knob(name: str, knob: str):
 
 def build_denoiser(network: dict, denoiser: dict, runtime: dict) -> Denoiser:
     """A freshly initialised Denoiser of JiT keywords `network` (config.json's), Denoiser keywords
-    `denoiser` and how to run (`runtime`: attn_impl, grad_checkpoint)."""
+    `denoiser` and how to run (`runtime`: attn_impl, grad_checkpoint). BadValue (one line), before the
+    network is built, for a noise_scale or t_eps no sampler can run (sampling.check_denoiser)."""
+    empty = [k for k in ("noise_scale", "t_eps", "pred") if k in denoiser and denoiser[k] is None]
+    if empty:
+        raise BadValue(f"the denoiser's {', '.join(empty)} must be given, got None")
+    try:
+        check_denoiser(denoiser.get("noise_scale"), denoiser.get("t_eps"), denoiser.get("pred"))
+    except ValueError as e:
+        raise BadValue(str(e)) from None
     return Denoiser(JiT(**network, **runtime), network["num_classes"], **denoiser)
 
 

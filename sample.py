@@ -24,7 +24,7 @@ from util import distributed, grid
 from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
-from util.sweep import add_sampler_args, sampler_settings
+from util.sweep import add_sampler_args, check_denoiser_flags, sampler_settings
 from util.viz import save_grid
 
 
@@ -94,6 +94,7 @@ def load(args: RunConfig) -> weights.Loaded:
 def main(args: RunConfig) -> int:
     """Sample the grid; BadInput for bad input (see cli)."""
     sampler_settings(args)  # BadValue before any work
+    check_denoiser_flags(args)
     device = distributed.init(args.device)
     loaded = load(args)
     model = loaded.denoiser.to(device)

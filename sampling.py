@@ -4,12 +4,14 @@ conventions.
 
 `SamplerSettings` is one sampler setting (method, steps, schedule, CFG scale and interval), checked
 when it is made: a setting either samples to a finite result or is refused there, in one line
-(ValueError). `sample` runs it; `invert` runs it from an image back to its noise. The reference's path
-is `heun_step` (Euler on the last interval) over linspace(0, 1, steps + 1) with `guided_velocity` and
+(ValueError); `check_denoiser` does the same for the denoiser's noise_scale, t_eps and prediction.
+`sample` runs it; `invert` runs it from an image back to its noise. The reference's path is
+`heun_step` (Euler on the last interval) over linspace(0, 1, steps + 1) with `guided_velocity` and
 `cfg_scale_at` (the CFG interval); the multistep solvers (sampling_multistep.py) and the schedules
 (sampling_grid.py) are additions.
 """
 
+import math
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -23,6 +25,9 @@ from sampling_multistep import MULTISTEP
 
 MAX_STEPS = 1000
 MAX_CFG = 100.0
+MIN_T_EPS = (
+    2.0**-24
+)  # float32's spacing of times just below 1: a smaller positive clip is below its resolution of 1 - t
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,29 @@ def check_interval(lo: float, hi: float):
         )
 
 
+def check_t_eps(t_eps: float, pred: str = "x", inverting: bool = False):
+    """ValueError (one line) unless the sampler can run a `pred` network with this clip: t_eps = 0 or
+    MIN_T_EPS <= t_eps < 1 (a smaller positive clip is below float32's resolution of 1 - t: it would
+    divide by a denormal, or act as 0 in some steps and not in others); an ε-network needs t_eps > 0
+    (its velocity (z - ε̂)/max(t, t_eps) is 0/0 at t = 0), inversion too (it starts at t = 1)."""
+    if not (t_eps == 0 or MIN_T_EPS <= t_eps < 1):  # NaN fails too
+        raise ValueError(f"t_eps must be 0 or in [{MIN_T_EPS:.3g}, 1) (2^-24 to 1), got {t_eps}")
+    if t_eps == 0 and pred == "eps":
+        raise ValueError("an ε-prediction network needs t_eps > 0: its velocity (z - ε̂)/max(t, t_eps) is 0/0 at t = 0")
+    if t_eps == 0 and inverting:
+        raise ValueError("inversion needs t_eps > 0: with t_eps = 0 the velocity at t = 1 is undefined")
+
+
+def check_denoiser(noise_scale: float | None, t_eps: float | None, pred: str | None):
+    """ValueError (one line) for denoiser settings no sampler can run: noise_scale (the std of the
+    initial noise) not a positive finite number, or a clip check_t_eps refuses for a `pred` network.
+    None: not known yet (a command line's flag left to the weights), not checked."""
+    if noise_scale is not None and not 0 < noise_scale < math.inf:  # NaN fails too
+        raise ValueError(f"noise_scale (the std of the noise) must be a positive finite number, got {noise_scale}")
+    if t_eps is not None:
+        check_t_eps(t_eps, pred or "x")
+
+
 def segment_cfg(grid: torch.Tensor, i: int, settings: SamplerSettings) -> float:
     """Guidance scale on the interval (grid[i], grid[i + 1]) of a grid whose nodes hold the guidance
     interval's ends: that of its midpoint (a node at an end is evaluated with the scale of the
@@ -156,9 +184,9 @@ METHODS = (*SAMPLERS, *MULTISTEP)
 
 
 def integrate(net, z, labels, settings: SamplerSettings, grid, *, null_label: int, t_eps: float, pred: str):
-    """z at grid[-1] from z at grid[0] over the float32 nodes `grid` (settings.grid() or its reverse)."""
-    if not 0 <= t_eps < 1:
-        raise ValueError(f"t_eps must be in [0, 1), got {t_eps}")
+    """z at grid[-1] from z at grid[0] over the float32 nodes `grid` (settings.grid() or its reverse);
+    ValueError (check_t_eps) for a clip t_eps the sampler cannot run."""
+    check_t_eps(t_eps, pred, inverting=bool(grid[0] > grid[-1]))
     ts = grid.to(z.device)
     if settings.method in MULTISTEP:
 
@@ -197,7 +225,5 @@ def invert(net, x, labels, settings: SamplerSettings, *, null_label: int, t_eps:
     the state at t = 1 (a sample or an image in [-1, 1]); labels: (B,). Returns (B, C, H, W). Heun takes
     its second-order step everywhere (the velocity at t = 1 is defined where t_eps > 0); ValueError for
     t_eps = 0 (the flow is singular at t = 1: no step can start there)."""
-    if t_eps <= 0:
-        raise ValueError("inversion needs t_eps > 0: with t_eps = 0 the velocity at t = 1 is undefined")
     grid = settings.grid().flip(0)
     return integrate(net, x, labels, settings, grid, null_label=null_label, t_eps=t_eps, pred=pred)

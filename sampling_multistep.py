@@ -16,7 +16,11 @@ Each step is taken at order min(the method's, the nodes of the history) and lowe
   first order and the one before at most second;
 - bounded step ratio: a step longer than MAX_RATIO times the one before (in the method's variable)
   is taken at first order, so D is never extrapolated far beyond the nodes it was fitted on;
-- a step of infinite length in λ (into t = 1 with t_eps = 0, or back to t = 0) is first order.
+- a step of infinite length in λ (into t = 1 with t_eps = 0, or back to t = 0) is first order;
+- UniPC's corrector is left out after a step backwards longer than MAX_CORRECTED_BACK in λ: its
+  coefficient grows as e^{|h|} there (the kernel e^{-(λ_t - λ)} runs backwards), and the first step of
+  an inversion out of t = 1, of length about log(1/t_eps), made inverted noise of size about 1/t_eps
+  (tests/test_solvers.py).
 Every step works in either direction (t increasing: sampling; decreasing: inversion).
 """
 
@@ -36,6 +40,7 @@ MULTISTEP = {
 LOWER_FINAL_BELOW = 15
 FINAL_ORDERS = (1, 2)  # the highest order of the last step, of the one before
 MAX_RATIO = 3.0
+MAX_CORRECTED_BACK = 1.0  # the longest step backwards (in λ) after which UniPC's corrector runs
 
 
 def rho(t: float, t_eps: float) -> float:
@@ -232,14 +237,15 @@ def integrate_multistep(method: str, z, times: list, scales: list, data_at, t_ep
     monotone in either direction). scales[i]: the guidance scale of step i; data_at(z, i, scale) -> D
     at node i. The history restarts where the scale changes (the guided velocity jumps there: no step
     extrapolates over it); UniPC's corrector runs at each new node of a step within one scale, but
-    not after the last step (no evaluation there)."""
+    not after the last step (no evaluation there) nor after a long step backwards (see the module
+    docstring)."""
     nodes = [Node(t, t_eps) for t in times]
     history, scale_before, last = [], None, None
     for i in range(len(times) - 1):
         d = data_at(z, i, scales[i])
         if scales[i] != scale_before:
             history = []
-        elif last is not None and method.startswith("unipc"):
+        elif last is not None and method.startswith("unipc") and nodes[i].lam - nodes[i - 1].lam > -MAX_CORRECTED_BACK:
             z_before, order_before = last
             z = unipc(z_before, nodes[i - 1], nodes[i], history, order_before, d_new=d)
         history = [(nodes[i], d), *history][:3]

@@ -391,11 +391,15 @@ def load_denoiser(source, overrides: dict | None = None, where: str | None = Non
     overrides = overrides or {}
     where = where or os.path.join(source, CONFIG)
     values, notes = merge_flags(config, overrides, where)
+    try:
+        sampler = sampler_from(values)
+    except ValueError as e:  # an old or edited recommendation (e.g. edm:7 at 50 steps, power:7 now)
+        raise BadValue(f"the sampler of {where}: {e} (choose one with the sampler flags)") from None
     runtime = {k: overrides[k] for k in RUNTIME_KEYWORDS if overrides.get(k) is not None}
     with torch.random.fork_rng(devices=[]):  # the fresh initialisation is overwritten: leave the RNG as it was
         model = _build(config, values, runtime)
     checkpoint.load_module(model, state_dict, where, values)
-    return Loaded(model.eval(), sampler_from(values), config, notes)
+    return Loaded(model.eval(), sampler, config, notes)
 
 
 def command_line_sampler(config: dict, flags) -> dict:

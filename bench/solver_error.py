@@ -357,7 +357,12 @@ def check_bench_args(args, guidance: dict) -> tuple[list, list]:
         raise BadValue("--problem model needs --resume (a checkpoint or exported folder)")
     if args.fd and (args.problem != "model" or not args.data_path):
         raise BadValue("--fd needs a model (--resume) and --data_path (its training images)")
+    positive = {"num_images": [args.num_images], "batch": [args.batch], "nfe": args.nfe, "fd_images": [args.fd_images]}
+    for name, values in {**positive, "inversion_steps": args.inversion_steps, "threads": [args.threads or 1]}.items():
+        if min(values) < 1:
+            raise BadValue(f"--{name} must be at least 1, got {' '.join(map(str, values))}")
     try:
+        SamplerSettings(method=args.ref_method, steps=args.ref_steps, **guidance)  # the reference
         for s in (*args.schedules, *(p.partition(":")[2] or "uniform" for p in args.inversion)):
             SamplerSettings(method="unipc2", schedule=s, **guidance)
     except ValueError as e:
@@ -365,6 +370,8 @@ def check_bench_args(args, guidance: dict) -> tuple[list, list]:
     for spec in args.inversion:
         if spec.partition(":")[0] not in METHODS:
             raise BadValue(f"--inversion {spec!r}: want METHOD:SCHEDULE with METHOD one of {', '.join(METHODS)}")
+        for steps in args.inversion_steps:
+            parse_point(f"{spec.partition(':')[0]}:{spec.partition(':')[2] or 'uniform'}:{steps}", guidance)
     return [parse_point(p, guidance) for p in args.extra], [parse_point(p, guidance) for p in args.fd]
 
 

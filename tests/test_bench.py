@@ -216,6 +216,15 @@ def test_solver_error_tables_on_the_mixture(tmp_path, capsys):
         ("solver_error", ["--problem", "mixture", "--schedules", "edm:2"], "renamed: use power:2"),
         ("solver_error", ["--problem", "mixture", "--extra", "heun:uniform:x"], "want METHOD:SCHEDULE:STEPS"),
         ("solver_error", ["--problem", "mixture", "--fd", "heun:uniform:5"], "--fd needs a model"),
+        ("solver_error", ["--problem", "mixture", "--num_images", "0"], "--num_images must be at least 1"),
+        ("solver_error", ["--problem", "mixture", "--nfe", "6", "0"], "--nfe must be at least 1, got 6 0"),
+        ("solver_error", ["--problem", "mixture", "--ref_steps", "5000"], "the sampler takes 1 to 1000 steps"),
+        ("solver_error", ["--problem", "mixture", "--inversion", "heun", "--inversion_steps", "0"], "at least 1"),
+        (
+            "solver_error",
+            ["--problem", "mixture", "--inversion", "unipc2:power:7", "--inversion_steps", "50"],
+            "float32",
+        ),
         ("digits_data", ["--out", "OUT", "--size", "4"], "--size must be >= 8"),
     ],
 )

@@ -74,6 +74,7 @@ def test_a_flat_folder_takes_the_class_label(checkpoint, images, tmp_path, capsy
     code, out, _ = run(capsys, "--resume", checkpoint, "--images", flat, "--class_label", 2, "--device", "cpu",
                        "--num_sampling_steps", 2, "--output", tmp_path)  # fmt: skip
     assert code == 0 and torch.load(tmp_path / "noise.pt", weights_only=False)["labels"].tolist() == [2, 2]
+    assert "with heun 2 steps (4 NFE)" in out  # Heun's second-order step everywhere backwards: 2 per step
 
 
 @pytest.mark.parametrize(
@@ -94,3 +95,25 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(checkpoint, images, 
     code, _, err = run(capsys, *base, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_image_files_training_reads_are_inverted(checkpoint, tmp_path, capsys):
+    """Every extension torchvision's ImageFolder reads (training's classes and files), any case, in any
+    mode PIL opens (grey, palette, RGBA, 16-bit grey), of any size (center-cropped to the model's)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    assert set(invert.EXTENSIONS) == set(IMG_EXTENSIONS)
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rgb.save(tmp_path / "a" / "0.TIF")
+    rgb.convert("L").save(tmp_path / "a" / "1.pgm")
+    rgb.save(tmp_path / "a" / "2.ppm")
+    rgb.convert("P").save(tmp_path / "b" / "0.png")
+    rgb.convert("RGBA").save(tmp_path / "b" / "1.webp")
+    Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(tmp_path / "b" / "2.tiff")
+    code, out, err = run(capsys, "--resume", checkpoint, "--images", tmp_path, "--device", "cpu",
+                         "--num_sampling_steps", 2, "--output", tmp_path / "out")  # fmt: skip
+    rec = torch.load(tmp_path / "out" / "noise.pt", weights_only=False)
+    assert code == 0 and rec["labels"].tolist() == [0, 0, 0, 1, 1, 1] and bool(torch.isfinite(rec["noise"]).all()), err

@@ -164,6 +164,50 @@ def test_the_renamed_schedules_are_refused_by_name_and_upgraded_from_files():
         torch.testing.assert_close(grid, torch.tensor(old).float(), rtol=0, atol=0)
 
 
+def test_metrics_records_holding_an_old_schedule_name_are_the_points_of_its_new_name(tmp_path):
+    """A sweep resumed over metrics.jsonl records written before the renames reuses them for the
+    points of the new names (the same grid), and the csv, names and NFE of such records (one written
+    before records held the NFE too) are computed, not a ValueError."""
+    import json
+
+    from util import sweep
+
+    rec = dict(kind="eval", ema=1, num_images=8, method="dpm++2m", steps=10, cfg=2.0, interval_min=0.1)
+    rec.update(interval_max=1.0, fid=5.0, inception_score=3.0)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({**rec, "schedule": s}) + "\n" for s in ("edm:2", "logsnr")))
+    points = sweep.grid(
+        emas=[1], interval_mins=[0.1], interval_maxs=[1.0], cfgs=[2.0], method="dpm++2m", steps=10,
+        num_images=8, schedule=["power:2", "logit:5"],
+    )  # fmt: skip
+    assert sorted(sweep.finished(str(path), {})) == sorted(p.key() for p in points)
+    records = sweep.eval_records(str(path))
+    assert [sweep.nfe_of(r) for r in records] == [10, 10]
+    assert sweep.sampler_name(records[0]) == "dpm++2m 10 steps power:2 (10 NFE)"
+    sweep.write_csv(str(tmp_path / "sweep.csv"), records)
+    csv = (tmp_path / "sweep.csv").read_text()
+    assert csv.count("\n") == 3 and ",power:2," in csv and ",logit:5," in csv
+
+
+def test_the_recommended_sampler_is_the_best_point_the_sampler_still_runs():
+    """An old sweep's best point heun 50 steps edm:7 is power:7 now, whose float32 grid holds t = 1
+    twice (refused): export recommends the best point that samples, not one every loader refuses."""
+    import model_card
+
+    base = dict(
+        checkpoint="c.pth", checkpoint_epoch=3, ema=1, num_images=6, cfg=2.0, interval_min=0.1, interval_max=1.0
+    )
+    records = [
+        {**base, "fid": 4.0, "method": "heun", "steps": 50, "schedule": "edm:7"},
+        {**base, "fid": 5.0, "method": "heun", "steps": 10, "schedule": "edm:7"},
+        {**base, "fid": 6.0, "method": "heun", "steps": 50},
+    ]
+    assert not model_card.runnable(records[0]) and model_card.runnable(records[1])
+    best = model_card.recommended_sampler({}, records, ema=1, epoch=3)
+    assert (best["method"], best["steps"], best["schedule"]) == ("heun", 10, "power:7")
+    SamplerSettings(**{k: best[k] for k in ("method", "steps", "cfg", "interval_min", "interval_max", "schedule")})
+
+
 def test_karras_is_edms_sigma_spacing_from_pure_noise():
     """karras:ρ with N steps: t = 1/(1 + σ_i) at EDM's σ_i (eq. 5, σ in [0.002, 80]), i = 1..N - 1, with
     the first node (σ_max) at t = 0 and the last at t = 1 (σ = 0)."""

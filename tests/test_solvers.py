@@ -224,3 +224,43 @@ def test_inversion_needs_t_eps_above_zero():
     x, y = mix.noise(4, 0)
     with pytest.raises(ValueError, match="t_eps > 0"):
         invert(mix, x, y, SamplerSettings(steps=4), null_label=CLASSES, t_eps=0.0)
+
+
+@pytest.mark.parametrize("method", ["unipc2", "unipc3"])
+def test_unipc_inversion_stays_bounded_as_t_eps_falls(method):
+    """The first step of an inversion, out of t = 1, is about log(1/t_eps) long in λ; UniPC's corrector
+    after it (a coefficient growing as e^{|h|}) made inverted noise of size about 1/t_eps (9475 at
+    t_eps 1e-4). Left out after such steps: the noise stays near its std at every t_eps, and the
+    round trip at the reference's t_eps and 50 steps keeps its accuracy (the corrector runs there)."""
+    mix = Mixture()
+    z0, y = mix.noise(64, 0)
+    for t_eps in (0.05, 1e-2, 1e-4, 1e-6):
+        for steps in (3, 20):
+            s = SamplerSettings(method=method, steps=steps, cfg=2.0, interval_min=0.1)
+            z = invert(
+                mix, sample(mix, z0, y, s, null_label=CLASSES, t_eps=t_eps), y, s, null_label=CLASSES, t_eps=t_eps
+            )
+            assert z.abs().max() < 6, (t_eps, steps, z.abs().max())
+    s = SamplerSettings(method=method, steps=50, cfg=2.0, interval_min=0.1)
+    z = invert(mix, sample(mix, z0, y, s, null_label=CLASSES), y, s, null_label=CLASSES)
+    assert (z - z0).pow(2).mean().sqrt() < 0.05
+
+
+def test_inversion_makes_the_evaluations_it_counts():
+    """SamplerSettings.evaluations(reverse=True) lists the inversion's network calls (times, guided or
+    not): Heun two per step (its second-order step everywhere, no Euler step backwards), the others one."""
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, z, t, y):
+            self.calls.append((float(t[0]), z.shape[0]))
+            return torch.zeros_like(z)
+
+    for method in ("heun", "euler", "dpm++2m", "unipc3", "ab3"):
+        s = SamplerSettings(method=method, steps=7, cfg=2.0, interval_min=0.1, interval_max=0.9, schedule="logit:3")
+        net = Recording()
+        invert(net, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), s, null_label=3)
+        expected = [(float(t), 4 if scale != 1 else 2) for t, scale in s.evaluations(reverse=True)]
+        assert net.calls == expected and len(expected) == (14 if method == "heun" else 7), method

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from sampling import METHODS, SCHEDULES, SamplerSettings
+from sampling import METHODS, SCHEDULES, SamplerSettings, check_denoiser, upgrade_schedule
 from util.distributed import broadcast_object, is_main_process, print0
 from util.errors import BadValue
 from util.files import WriteError, atomic_write
@@ -102,6 +102,15 @@ def sampler_settings(flags) -> SamplerSettings:
         raise BadValue(str(e)) from None
 
 
+def check_denoiser_flags(flags):
+    """BadValue (one line) for --noise_scale, --t_eps (with --pred) no sampler can run (sampling.check_denoiser),
+    before any work; a flag that is None or absent (the weights' value) is checked when the weights are built."""
+    try:
+        check_denoiser(getattr(flags, "noise_scale", None), getattr(flags, "t_eps", None), getattr(flags, "pred", None))
+    except ValueError as e:
+        raise BadValue(str(e)) from None
+
+
 def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -136,11 +145,8 @@ class Point:
 def sampler_name(record: dict) -> str:
     """'heun 50 steps (99 NFE)' (the schedule too if not uniform) of a record or a SamplerSettings as
     a dict."""
-    schedule = record.get("schedule") or "uniform"
-    nfe = (
-        record.get("nfe")
-        or SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
-    )
+    schedule = record_sampler(record)["schedule"]
+    nfe = nfe_of(record)
     return (
         f"{record['method']} {record['steps']} steps"
         + ("" if schedule == "uniform" else f" {schedule}")
@@ -194,15 +200,17 @@ def eval_points(flags, num_images: int) -> list[Point]:
     )
 
 
+def record_sampler(record: dict) -> dict:
+    """The SamplerSettings fields of a metrics.jsonl record or a Point's sampler as a dict: a field the
+    record was written without has its default, a schedule written before its rename its new name
+    (the same grid, sampling_grid.upgrade_schedule)."""
+    out = {k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}
+    return {**out, "schedule": upgrade_schedule(out["schedule"] or "uniform")}
+
+
 def record_key(record: dict) -> tuple:
-    """A metrics.jsonl eval record's Point.key() (a record written before a sampler field existed has
-    that field's default)."""
-    return (
-        record["ema"],
-        record.get(STD_COLUMN),
-        record["num_images"],
-        *(record.get(k, v) for k, v in asdict(SamplerSettings()).items()),
-    )
+    """A metrics.jsonl eval record's Point.key() (see record_sampler for older records)."""
+    return (record["ema"], record.get(STD_COLUMN), record["num_images"], *record_sampler(record).values())
 
 
 def eval_records(metrics_path: str | None, kind: str | tuple = "eval") -> list[dict]:
@@ -286,7 +294,7 @@ def write_csv(path: str, records: list[dict]):
     w.writeheader()
     w.writerows(
         sorted(
-            ({**r, "schedule": r.get("schedule") or "uniform", "nfe": nfe_of(r)} for r in records),
+            ({**r, "schedule": record_sampler(r)["schedule"], "nfe": nfe_of(r)} for r in records),
             key=lambda r: r["fid"] if finite(r["fid"]) else math.inf,
         )
     )
@@ -302,7 +310,7 @@ def nfe_of(record: dict) -> int:
     """A record's NFE (computed from its settings for a record written before records held it)."""
     if record.get("nfe") is not None:
         return record["nfe"]
-    return SamplerSettings(**{k: record.get(k, v) for k, v in asdict(SamplerSettings()).items()}).nfe()
+    return SamplerSettings(**record_sampler(record)).nfe()
 
 
 def plot_axes(records: list[dict]):
