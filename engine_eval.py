@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from util import distributed, seeds, sharding, sweep
+from util import distributed, seeds, sharding, sweep, sweep_report
 from util.evaluation import GenerationSpec, Scorer, image_folder_name, score_images
-from util.stop import GenerationStopped, StopSignal, requested_anywhere
+from util.stop import GenerationStopped, StopSignal, raise_if_requested, requested_anywhere
 
 
 def compile_sampling_net(net):
@@ -227,22 +227,22 @@ def score_seeds(ev: Evaluation, point, *, epoch: int, context: dict, in_sweep: b
     """--eval_seeds N: the point scored with each seed (an "eval_seed" record each, a single-seed
     evaluation's context with its seed; one found in metrics.jsonl, as an "eval_seed" record or as the
     "eval" record of a single-seed evaluation, is not scored again), then the "eval" record of their
-    summary (util.seeds.summarize: mean, std over seeds, per-seed values). A stop signal is heeded
-    before each seed to score: then None, the seeds scored so far kept in metrics.jsonl."""
+    summary (util.seeds.summarize: mean, std over seeds, per-seed values). A stop signal, before a seed
+    or between two generation batches, raises GenerationStopped saying how many seeds are kept."""
     per_seed = []
     for k, seed in enumerate(seeds.seed_list(ev.spec.seed, ev.eval_seeds), 1):
         own = {**context, "seed": seed, "eval_seeds": 1}
         record = sweep.finished_everywhere(ev.log.metrics_path, own, kind=("eval_seed", "eval")).get(point.key())
         note = ", found in metrics.jsonl" if record else ""
         if record is None:
-            if requested_anywhere(ev.stopper):
-                again = "" if ev.during_training else "; rerun the same command to continue"
-                distributed.print0(
-                    f"evaluation stopped (signal) after {k - 1} of {ev.eval_seeds} seeds of {point.label()}: their "
-                    f"records are in metrics.jsonl{again}"
-                )
-                return None
-            result = score_seed(ev, point, seed, f"-seed{seed}")
+            try:
+                raise_if_requested(ev.stopper, "before a seed")
+                result = score_seed(ev, point, seed, f"-seed{seed}")
+            except GenerationStopped as e:
+                raise GenerationStopped(
+                    f"stop requested (signal) after {k - 1} of {ev.eval_seeds} seeds of {point.label()}: their "
+                    "records are in metrics.jsonl"
+                ) from e
             record = point_record(ev, point, result, epoch=epoch, context=own, kind="eval_seed")
             ev.log.record(record)
         distributed.print0(f"eval seed {seed} ({k} of {ev.eval_seeds}{note}): {seeds.scores_text(record)}")
@@ -267,10 +267,10 @@ def evaluate(ev: Evaluation, *, epoch: int, weights_epoch: int, checkpoint: str 
         if len(ev.points) == 1 and ev.final_num_images is None:
             return score_point(ev, ev.points[0], epoch=epoch, context=context)
         return run_sweep(ev, epoch=epoch, context=context)
-    except GenerationStopped:
+    except GenerationStopped as e:
         if ev.during_training:
             raise
-        distributed.print0("evaluation stopped (signal) between two generation batches; rerun the same command")
+        distributed.print0(f"evaluation stopped: {e}; rerun the same command to continue")
         return None
     finally:
         if ev.during_training:
@@ -293,11 +293,8 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
 
     records, stopped = sweep.run(points, score, done=done, should_stop=stop)
     if stopped:
-        distributed.print0(
-            f"sweep stopped (signal) after {len(records)} of {len(points)} points; rerun the same command to continue"
-        )
-        return None
-    best = sweep.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
+        return sweep_stopped(ev, f"after {len(records)} of {len(points)} points")
+    best = sweep_report.report(records, ev.output_dir, f"sweep-epoch{epoch}" if ev.during_training else "sweep", ev.log)
     if ev.final_num_images is None or best is None:
         return best
     best_point = next(p for p in points if p.key() == sweep.record_key(best))
@@ -305,7 +302,15 @@ def run_sweep(ev: Evaluation, *, epoch: int, context: dict) -> dict | None:
     records, stopped = sweep.run(
         [dataclasses.replace(best_point, num_images=ev.final_num_images)], score, done=done, should_stop=stop
     )
-    return None if stopped else records[0]
+    return sweep_stopped(ev, "before the final point was scored") if stopped else records[0]
+
+
+def sweep_stopped(ev: Evaluation, where: str) -> None:
+    """A sweep stopped by a signal (`where`: how far it got): None with a line to rerun, or during
+    training GenerationStopped (the epoch's checkpoint is saved, the rerun finishes the sweep: catch_up)."""
+    if ev.during_training:
+        raise GenerationStopped(f"stop requested (signal) {where} of the sweep")
+    distributed.print0(f"sweep stopped (signal) {where}; rerun the same command to continue")
 
 
 def catch_up(ev: Evaluation, epoch: int):

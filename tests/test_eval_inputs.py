@@ -28,7 +28,7 @@ import engine_eval
 import main_jit
 import prepare_ref
 from sampling import SamplerSettings
-from util import dinov2, fid, phema_files, prc, seeds, sweep
+from util import dinov2, fid, phema_files, prc, seeds
 from util.errors import BadValue
 from util.evaluation import check_eval_flags, smaller_decay
 
@@ -219,17 +219,6 @@ def test_phema_run_names_unnamed_by_a_prefix_and_refuses_an_empty_name(tmp_path)
         phema_files.usable_snapshots(folder, run="")
 
 
-def test_a_sweep_stops_inside_a_point_when_its_scoring_says_so():
-    points = [sweep.Point(1, SamplerSettings(cfg=c), 4) for c in (1.0, 2.0)]
-    scored = []
-
-    def score(p):
-        scored.append(p.sampler.cfg)
-        return None  # stopped between the point's seeds
-
-    assert sweep.run(points, score, done={}, should_stop=lambda: False) == ([], True) and scored == [1.0]
-
-
 def seed_records(out) -> dict:
     """{(cfg, seed): [eval_seed records]} of a run folder."""
     found = {}
@@ -246,12 +235,14 @@ def assert_summary(summary: dict, per_seed: list[dict]):
 
 
 def signal_while_scoring(monkeypatch):
-    """SIGTERM to this process while engine_eval scores a seed (the run's StopSignal records it)."""
+    """SIGTERM to this process as engine_eval finishes scoring a seed (the run's StopSignal records it:
+    the next seed is not begun)."""
     score_seed = engine_eval.score_seed
 
     def signalled(*args, **kwargs):
+        result = score_seed(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
-        return score_seed(*args, **kwargs)
+        return result
 
     monkeypatch.setattr(engine_eval, "score_seed", signalled)
     return lambda: monkeypatch.setattr(engine_eval, "score_seed", score_seed)
@@ -288,8 +279,12 @@ def test_eval_seeds_are_reused_stopped_between_and_kept_to_their_run(
     assert main(*argv, "3.0") == 0
     text = capsys.readouterr().out
     assert "sweep: 1 of 2 points already finished" in text and "eval seed 1 (2 of 2" not in text
-    assert "evaluation stopped (signal) after 1 of 2 seeds of EMA 1, cfg 3.0" in text and "rerun the same" in text
-    assert "sweep stopped (signal) after 1 of 2 points" in text and sorted(seed_records(out)) == [(2.0, 1), (3.0, 0)]
+    assert "stop requested (signal) after 1 of 2 seeds of EMA 1, cfg 3.0" in text
+    assert "their records are in metrics.jsonl" in text
+    assert "sweep stopped (signal) after 1 of 2 points; rerun" in text and sorted(seed_records(out)) == [
+        (2.0, 1),
+        (3.0, 0),
+    ]
     restore()
     assert main(*argv, "3.0") == 0
     text = capsys.readouterr().out
@@ -308,7 +303,7 @@ def test_eval_seeds_are_reused_stopped_between_and_kept_to_their_run(
     signal_while_scoring(monkeypatch)
     assert main(*argv) == 0
     text = capsys.readouterr().out
-    assert "found in metrics.jsonl" not in text and "evaluation stopped (signal) after 1 of 2 seeds" in text
+    assert "found in metrics.jsonl" not in text and "stop requested (signal) after 1 of 2 seeds" in text
     new = read_metrics(out, "eval_seed")[-1]
     assert (new["run_id"], new["seed"], new["cfg"]) == ("run-b", 0, 2.0) and new["fid"] != single["fid"]
     assert read_metrics(out, "eval")[-1] == summary  # no summary of the stopped evaluation

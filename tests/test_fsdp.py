@@ -358,10 +358,10 @@ def test_fsdp_power_emas_and_online_eval_stopped_by_sigterm_rerun_bit_exact(data
     assert tensorboard_scalars(out, "train_loss") == tensorboard_scalars(straight, "train_loss")
     assert file_bytes(out / "samples") == file_bytes(straight / "samples")  # the grids too, byte for byte
 
-    check_reconstruction(out, capsys)
+    check_reconstruction(out, fsdp["args"]["run_id"], capsys)
 
 
-def check_reconstruction(out, capsys):
+def check_reconstruction(out, run_id: str, capsys):
     """On a run's snapshots: reconstruct_ema.py with three targets sums in float32 as in float64 (to
     float32 rounding) and leaves the files unchanged, and a stale snapshot of another run is refused and
     named until --run picks the run."""
@@ -404,7 +404,7 @@ def check_reconstruction(out, capsys):
     rec = ["--snapshots", str(out / "phema"), "--std", "0.07", "--output_dir", str(out / "rec-stale")]
     assert reconstruct_ema.cli(rec) == 2
     assert "run another-run (1 snapshot, step 16); pick one with --run RUN" in capsys.readouterr().err
-    assert reconstruct_ema.cli([*rec, "--run", fsdp["args"]["run_id"]]) == 0
+    assert reconstruct_ema.cli([*rec, "--run", run_id]) == 0
     assert os.listdir(out / "rec-stale") == [
         "ema-std0.07-step0000000012.pth"
     ]  # not step 16: the stale one sets nothing

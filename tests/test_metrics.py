@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare_ref
-from util import dinov2, fid, prc, seeds, sweep
+from util import dinov2, fid, prc, seeds, sweep, sweep_report
 from util.errors import BadValue, MissingFile
 from util.scorer import Scorer
 
@@ -224,7 +224,7 @@ def test_a_summary_over_seeds_is_mean_and_sample_std_of_the_seeds():
 def test_the_csv_has_the_new_scores_and_the_spread_over_seeds(tmp_path):
     base = dict(ema=1, cfg=1.0, interval_min=0.0, interval_max=1.0, method="heun", steps=2, num_images=8)
     plain = [{**base, "fid": 3.0, "inception_score": 2.0, "inception_score_std": 0.1}]
-    assert sweep.csv_columns(plain) == list(sweep.COLUMNS)
+    assert sweep_report.csv_columns(plain) == list(sweep_report.COLUMNS)
     summary = {
         **plain[0],
         "cfg": 2.0,
@@ -236,7 +236,7 @@ def test_the_csv_has_the_new_scores_and_the_spread_over_seeds(tmp_path):
         "recall_seed_std": 0.02,
         "eval_seeds": 3,
     }
-    columns = sweep.csv_columns([*plain, summary])
+    columns = sweep_report.csv_columns([*plain, summary])
     assert columns[:9] == [
         "fid",
         "fid_seed_std",
@@ -249,7 +249,7 @@ def test_the_csv_has_the_new_scores_and_the_spread_over_seeds(tmp_path):
         "recall_seed_std",
     ]
     assert columns[-1] == "eval_seeds" and "fd_dinov2" not in columns
-    sweep.write_csv(str(tmp_path / "s.csv"), [summary, *plain])
+    sweep_report.write_csv(str(tmp_path / "s.csv"), [summary, *plain])
     lines = (tmp_path / "s.csv").read_text().splitlines()
     assert (
         lines[0] == ",".join(columns)

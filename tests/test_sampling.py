@@ -170,7 +170,7 @@ def test_metrics_records_holding_an_old_schedule_name_are_the_points_of_its_new_
     before records held the NFE too) are computed, not a ValueError."""
     import json
 
-    from util import sweep
+    from util import sweep, sweep_report
 
     rec = dict(kind="eval", ema=1, num_images=8, method="dpm++2m", steps=10, cfg=2.0, interval_min=0.1)
     rec.update(interval_max=1.0, fid=5.0, inception_score=3.0)
@@ -184,7 +184,7 @@ def test_metrics_records_holding_an_old_schedule_name_are_the_points_of_its_new_
     records = sweep.eval_records(str(path))
     assert [sweep.nfe_of(r) for r in records] == [10, 10]
     assert sweep.sampler_name(records[0]) == "dpm++2m 10 steps power:2 (10 NFE)"
-    sweep.write_csv(str(tmp_path / "sweep.csv"), records)
+    sweep_report.write_csv(str(tmp_path / "sweep.csv"), records)
     csv = (tmp_path / "sweep.csv").read_text()
     assert csv.count("\n") == 3 and ",power:2," in csv and ",logit:5," in csv
 

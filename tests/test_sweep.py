@@ -26,7 +26,7 @@ import main_jit
 import run_build
 from sampling import SamplerSettings
 from util import checkpoint as ckpt_util
-from util import sweep
+from util import sweep, sweep_report
 from util.stop import StopSignal
 
 
@@ -371,16 +371,16 @@ def test_the_sampler_flags_are_sweep_axes_with_nfe_in_the_csv_and_the_plot_again
     ]
     old = {k: v for k, v in records[0].items() if k not in ("schedule", "nfe")}  # a record from before the sampler axes
     assert sweep.record_key(old) == points[0].key() and sweep.nfe_of(old) == 9
-    sweep.write_csv(str(tmp_path / "sweep.csv"), [old, *records[1:]])
+    sweep_report.write_csv(str(tmp_path / "sweep.csv"), [old, *records[1:]])
     with open(tmp_path / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["schedule"], int(r["nfe"])) for r in rows][0] == ("heun", "uniform", 19)
     assert sorted(int(r["nfe"]) for r in rows) == sorted(p.sampler.nfe() for p in points)
-    x, label, log_x, line_of, _ = sweep.plot_axes(records)
+    x, label, log_x, line_of, _ = sweep_report.plot_axes(records)
     assert (x, log_x) == ("nfe", True) and len({line_of(r) for r in records}) == 4  # one line per method and schedule
-    sweep.plot(str(tmp_path / "sweep.png"), records)
+    sweep_report.plot(str(tmp_path / "sweep.png"), records)
     assert Image.open(tmp_path / "sweep.png").size == (1000, 400)
-    assert sweep.plot_axes(records[:1])[0] == "cfg"  # one sampler: against the CFG scale as before
+    assert sweep_report.plot_axes(records[:1])[0] == "cfg"  # one sampler: against the CFG scale as before
 
 
 def test_an_exported_sampler_carries_the_schedule_and_older_folders_mean_uniform():

@@ -1,16 +1,10 @@
 """Sweeps of the sampling settings: every combination of EMA (a checkpoint's EMA 1, 2, 3, or
 post-hoc EMAs of several lengths σ_rel), guidance interval and CFG scale, scored with the same
 per-image seeds and one Inception network; the sampler (method, steps, schedule) is an axis too.
-Finished points are found again in metrics.jsonl, so a stopped sweep continues where it was; the
-results go to sweep.csv (sorted by FID, with each point's NFE, and precision, recall, FD-DINOv2 and
-the spread over --eval_seeds where the records have them) and sweep.png (FID and IS against the
-CFG scale, one line per EMA and interval; with post-hoc EMAs against σ_rel, one line per CFG scale
-and interval; with several samplers FID against NFE, one line per method and schedule). The
-sampler's command-line flags (shared by main_jit.py and sample.py) and the grid they give live here
-too."""
+Finished points are found again in metrics.jsonl, so a stopped sweep continues where it was; its
+sweep.csv and sweep.png are util/sweep_report.py's. The sampler's command-line flags (shared by
+main_jit.py and sample.py) and the grid they give live here too."""
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -21,24 +15,9 @@ from dataclasses import asdict, dataclass
 from sampling import METHODS, SCHEDULES, SamplerSettings, check_denoiser, upgrade_schedule
 from util.distributed import broadcast_object, is_main_process, print0
 from util.errors import BadValue
-from util.files import WriteError, atomic_write
 from util.logger import hms
+from util.stop import GenerationStopped
 
-COLUMNS = (
-    "fid",
-    "inception_score",
-    "inception_score_std",
-    "ema",
-    "cfg",
-    "interval_min",
-    "interval_max",
-    "method",
-    "steps",
-    "schedule",
-    "nfe",
-    "num_images",
-    "checkpoint_epoch",
-)
 STD_COLUMN = "ema_std"  # after "ema", in sweeps of post-hoc EMAs only
 
 
@@ -269,38 +248,6 @@ def has_std_axis(records: list[dict]) -> bool:
     return any(r.get(STD_COLUMN) is not None for r in records)
 
 
-def csv_columns(records: list[dict]) -> list[str]:
-    """COLUMNS, with what some record has: `ema_std` after `ema` (post-hoc EMAs); precision, recall and
-    fd_dinov2 after the IS; with several noise seeds, each score's `_seed_std` after it and
-    `eval_seeds` last."""
-    columns = list(COLUMNS)
-    if has_std_axis(records):
-        columns.insert(columns.index("ema") + 1, STD_COLUMN)
-    extra = [k for k in ("precision", "recall", "fd_dinov2") if any(k in r for r in records)]
-    at = columns.index("inception_score_std") + 1
-    columns[at:at] = extra
-    if any(r.get("eval_seeds", 1) > 1 for r in records):
-        for key in ("fid", "inception_score", *extra):
-            columns.insert(columns.index(key) + 1, f"{key}_seed_std")
-        columns.append("eval_seeds")
-    return columns
-
-
-def write_csv(path: str, records: list[dict]):
-    """The records as a table sorted by FID (best first; no finite FID last), columns csv_columns."""
-    columns = csv_columns(records)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(
-        sorted(
-            ({**r, "schedule": record_sampler(r)["schedule"], "nfe": nfe_of(r)} for r in records),
-            key=lambda r: r["fid"] if finite(r["fid"]) else math.inf,
-        )
-    )
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
 def has_sampler_axis(records: list[dict]) -> bool:
     """Whether the records are of more than one sampler (method, steps, schedule)."""
     return len({(r.get("method"), r.get("steps"), r.get("schedule") or "uniform") for r in records}) > 1
@@ -313,82 +260,9 @@ def nfe_of(record: dict) -> int:
     return SamplerSettings(**record_sampler(record)).nfe()
 
 
-def plot_axes(records: list[dict]):
-    """(x key, x label, log x, line key of a record, line label of a key) of plot(): against NFE with
-    several samplers (a line per method and schedule, and per the other settings that vary), against
-    σ_rel with post-hoc EMAs, else against the CFG scale."""
-    if has_sampler_axis(records):
-        parts = [
-            ("method", lambda r: r["method"]),
-            ("schedule", lambda r: r.get("schedule") or "uniform"),
-            ("weights", ema_name),
-            ("cfg", lambda r: f"cfg {r['cfg']}"),
-            ("interval", lambda r: f"interval ({r['interval_min']}, {r['interval_max']})"),
-        ]
-        varying = [(n, f) for n, f in parts if n in ("method", "schedule") or len({f(r) for r in records}) > 1]
-        return (
-            "nfe",
-            "network evaluations per image (NFE)",
-            True,
-            lambda r: tuple(f(r) for _, f in varying),
-            lambda key: ", ".join(str(k) for k in key),
-        )
-    if has_std_axis(records):
-        return (
-            STD_COLUMN,
-            "EMA length σ_rel",
-            True,
-            lambda r: (r["cfg"], r["interval_min"], r["interval_max"]),
-            lambda key: f"cfg {key[0]}, interval ({key[1]}, {key[2]})",
-        )
-    return (
-        "cfg",
-        "CFG scale",
-        False,
-        lambda r: (r["ema"], r["interval_min"], r["interval_max"]),
-        lambda key: f"EMA {key[0]}, interval ({key[1]}, {key[2]})",
-    )
-
-
-def plot(path: str, records: list[dict]):
-    """FID and IS against the CFG scale, one line per (EMA, interval); for post-hoc EMAs against
-    σ_rel (log scale), one line per (CFG scale, interval); with several samplers against NFE (log
-    scale), one line per method and schedule (see plot_axes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, x_label, log_x, line_of, label_of = plot_axes(records)
-    records = [{**r, "nfe": nfe_of(r)} for r in records]
-    lines = {}
-    for r in sorted(records, key=lambda r: r[x]):
-        lines.setdefault(line_of(r), []).append(r)
-    fig, (ax_fid, ax_is) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
-        xs = [r[x] for r in rs]
-        ax_fid.plot(xs, [r["fid"] if finite(r["fid"]) else math.nan for r in rs], marker="o", label=label_of(key))
-        ax_is.plot(
-            xs,
-            [r["inception_score"] if finite(r["inception_score"]) else math.nan for r in rs],
-            marker="o",
-            label=label_of(key),
-        )
-    for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
-        ax.set_xlabel(x_label)
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_ylabel(name)
-        ax.grid(True, alpha=0.3)
-    ax_fid.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-
-
 def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[dict], bool]:
     """Score the points in order, skipping those in `done` ({Point.key(): record}); score(point)
-    returns the point's record, or None when it stopped inside the point (between its noise seeds).
+    returns the point's record (or raises util.stop.GenerationStopped: a stop inside the point).
     should_stop() is asked before each point (all ranks must agree). Returns (the records of all
     finished points, earlier ones included; whether it stopped early)."""
     todo = [p for p in points if p.key() not in done]
@@ -404,10 +278,11 @@ def run(points: list[Point], score, *, done: dict, should_stop) -> tuple[list[di
             return records, True
         print0(f"sweep point {i}/{len(todo)}: {p.label()}")
         t0 = time.time()
-        record = score(p)
-        if record is None:
+        try:
+            records.append(score(p))
+        except GenerationStopped as e:  # inside the point: its finished seeds are kept
+            print0(f"sweep point {i}/{len(todo)}: {e}")
             return records, True
-        records.append(record)
         dt = time.time() - t0
         images, seconds, left = images + p.num_images, seconds + dt, left - p.num_images
         print0(
@@ -432,19 +307,3 @@ def cost_note(points: list[Point]) -> str:
         "evaluations, "
         f"{passes / 1e6:.1f}M network passes (the ETA follows after the first point)"
     )
-
-
-def report(records: list[dict], output_dir: str, name: str, log) -> dict | None:
-    """Print the best point; rank 0 writes {name}.csv and {name}.png (a failed write is reported
-    through `log`, a RunLog). Returns the best record (None if no FID is finite)."""
-    top = best(records)
-    print0(
-        f"best: {describe_record(top)}; sampler {sampler_name(top)}" if top else "best: none, no point has a finite FID"
-    )
-    if is_main_process():
-        try:
-            write_csv(os.path.join(output_dir, f"{name}.csv"), records)
-            plot(os.path.join(output_dir, f"{name}.png"), records)
-        except WriteError as e:
-            log.give_up(f"{name}.csv / .png", e)
-    return top
