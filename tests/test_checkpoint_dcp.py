@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from util import checkpoint, checkpoint_dcp, files
+from util import checkpoint, checkpoint_dcp, errors, files
 
 
 def parts(seed: int) -> tuple[dict, dict]:
@@ -102,3 +102,48 @@ def test_foreign_metadata_is_refused_before_it_runs(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot read checkpoint .*posix.system is not part of"):
         checkpoint.load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut", "empty"])
+def test_a_folder_with_a_damaged_shard_file_is_skipped_for_the_one_before(tmp_path, damage):
+    older, newest = str(tmp_path / "checkpoint-100.dcp"), str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(older, *parts(1), needed=1000)
+    checkpoint_dcp.write_folder(newest, *parts(2), needed=1000)
+    os.utime(os.path.join(older, checkpoint_dcp.METADATA), (1, 1))  # the older one by time, as on disk
+    shard = os.path.join(newest, "__0_0.distcp")
+    size = os.path.getsize(shard)
+    if damage == "missing":
+        os.remove(shard)
+    else:
+        os.truncate(shard, size // 2 if damage == "cut" else 0)
+    logged = []
+    state, found = checkpoint.load_checkpoint(str(tmp_path), log=logged.append)
+    assert found == older and state.epoch == 1 and torch.equal(state.model["net.a"], parts(1)[0]["model"]["net.a"])
+    assert logged[0].startswith(f"warning: cannot read checkpoint {newest}: shard file __0_0.distcp is ")
+    assert logged[1] == f"warning: resuming from the older checkpoint {older}"
+    with pytest.raises(checkpoint.CheckpointError, match="shard file __0_0.distcp is (missing|cut short)") as e:
+        checkpoint.load_checkpoint(newest)  # named: an error, never another checkpoint
+    assert "\n" not in str(e.value)
+
+
+def test_a_shard_file_of_garbage_is_one_line_of_bad_input_when_read(tmp_path):
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    shard = os.path.join(path, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.write(bytes(range(256)) * (os.path.getsize(shard) // 256))
+    state, _ = checkpoint.load_checkpoint(path)  # sizes right: found when the tensors are read
+    with pytest.raises(checkpoint_dcp.UnreadableFolder, match=f"^cannot read checkpoint {path}: ") as e:
+        state.model["net.a"]
+    assert isinstance(e.value, errors.BadInput) and "\n" not in str(e.value)  # exit 2, not DCP's BaseException
+
+
+def test_an_incomplete_folder_named_as_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    path = tmp_path / "checkpoint-last.dcp"
+    path.mkdir()  # a save that never finished, or a copy without its metadata
+    (path / "__0_0.distcp").write_bytes(b"")
+    for required in (True, False):  # --resume (required=False) would otherwise train from scratch
+        with pytest.raises(checkpoint.CheckpointError, match="is not a complete sharded checkpoint"):
+            checkpoint.load_checkpoint(str(path), required=required)
+        with pytest.raises(checkpoint.CheckpointError, match="is not a complete sharded checkpoint"):
+            checkpoint.load_checkpoint(str(path) + "/", required=required)

@@ -241,8 +241,15 @@ def _read(path: str) -> TrainState:
     if checkpoint_dcp.is_dcp(path):
         try:
             return dataclasses.replace(from_dict(checkpoint_dcp.read(path)), folder=path)
+        except checkpoint_dcp.UnreadableFolder as e:
+            raise CheckpointError(str(e)) from None
         except Exception as e:  # a damaged train_state.pth or .metadata
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is not a complete sharded checkpoint (it lacks {checkpoint_dcp.METADATA} or "
+            f"{checkpoint_dcp.STATE_FILE}: a save that did not finish, or a copy cut short)"
+        )
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -307,8 +314,8 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
         return None, None
     if not os.path.exists(source):
         raise CheckpointError(f"--resume {source}: no such file or folder")
-    if os.path.isfile(source) or checkpoint_dcp.is_dcp(source):
-        return _read(source), source
+    if os.path.isfile(source) or os.path.normpath(source).endswith(checkpoint_dcp.SUFFIX):
+        return _read(source), source  # a checkpoint named: read as it is, never searched as a run folder
     found = candidates(source)
     for i, path in enumerate(found):
         try:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from util import distributed, files
+from util.errors import BadInput
 
 SUFFIX = ".dcp"
 STATE_FILE = "train_state.pth"
@@ -87,8 +88,50 @@ def safe_reader(folder: str):
     return SafeReader(folder)
 
 
+class UnreadableFolder(BadInput, OSError):
+    """A sharded checkpoint whose files are missing, cut short or damaged (bad input: exit 2)."""
+
+
 def read_metadata(folder: str):
-    return safe_reader(folder).read_metadata()
+    """The folder's DCP metadata, once every file it names is present and long enough (check_shard_files)."""
+    metadata = safe_reader(folder).read_metadata()
+    check_shard_files(folder, metadata)
+    return metadata
+
+
+def check_shard_files(folder: str, metadata):
+    """UnreadableFolder naming the first shard file of `folder` that is missing or shorter than the
+    metadata's byte ranges into it (a copy cut short, a file deleted): found by a stat of each file,
+    before anything is read, so that a run folder's older checkpoint can be taken instead."""
+    needed = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        try:
+            have = os.path.getsize(os.path.join(folder, name))
+        except OSError as e:
+            raise UnreadableFolder(
+                f"cannot read checkpoint {folder}: shard file {name} is missing ({e.strerror})"
+            ) from None
+        if have < size:
+            raise UnreadableFolder(
+                f"cannot read checkpoint {folder}: shard file {name} is cut short ({have} bytes, "
+                f"its metadata needs {size})"
+            )
+
+
+@contextlib.contextmanager
+def reading(folder: str):
+    """Context: DCP's failure to read `folder` (a CheckpointException, which is a BaseException) as one
+    line, UnreadableFolder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        cause = next(iter(e.failures.values()))[0]
+        first = " ".join(str(cause).strip().splitlines()[:1])[:300]
+        raise UnreadableFolder(f"cannot read checkpoint {folder}: {type(cause).__name__}: {first}") from None
 
 
 def read_state(folder: str) -> dict:
@@ -119,7 +162,7 @@ def read_full(folder: str, part: tuple) -> dict:
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = torch.empty(md.size, dtype=md.properties.dtype)
-    with one_process():
+    with one_process(), reading(folder):
         dcp().load(template, storage_reader=safe_reader(folder), no_dist=True)
     for key in part:
         template = template[key]
