@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 
+import convert_checkpoint
 from util import checkpoint, checkpoint_dcp, errors, files
 
 
@@ -147,3 +148,24 @@ def test_an_incomplete_folder_named_as_a_checkpoint_is_an_error_not_a_fresh_star
             checkpoint.load_checkpoint(str(path), required=required)
         with pytest.raises(checkpoint.CheckpointError, match="is not a complete sharded checkpoint"):
             checkpoint.load_checkpoint(str(path) + "/", required=required)
+
+
+def test_convert_refuses_an_output_inside_its_checkpoint_or_in_no_folder_before_reading(tmp_path, capsys, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    before = {n: (tmp_path / "checkpoint-last.dcp" / n).read_bytes() for n in os.listdir(path)}
+    for source, output in (
+        (path, os.path.join(path, checkpoint_dcp.METADATA)),  # with --overwrite it replaced the metadata
+        (str(tmp_path), os.path.join(path, "..", "checkpoint-last.dcp", "x.pth")),
+    ):
+        assert convert_checkpoint.cli([source, output, "--overwrite"]) == 2
+        message = capsys.readouterr().err
+        assert message == f"error: output {output} is inside the checkpoint it converts: write it beside {path}\n"
+    assert {n: (tmp_path / "checkpoint-last.dcp" / n).read_bytes() for n in os.listdir(path)} == before
+    monkeypatch.setattr(checkpoint, "load_checkpoint", None)  # nothing is read: the output is checked first
+    missing = str(tmp_path / "no" / "checkpoint-last.pth")
+    assert convert_checkpoint.cli([path, missing]) == 2
+    assert capsys.readouterr().err == f"error: output {missing}: its folder {tmp_path / 'no'} does not exist\n"
+    monkeypatch.undo()
+    assert convert_checkpoint.cli([str(tmp_path), str(tmp_path / "checkpoint-last.pth")]) == 0
+    assert torch.equal(torch.load(tmp_path / "checkpoint-last.pth")["model"]["net.a"], parts(0)[0]["model"]["net.a"])

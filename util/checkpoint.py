@@ -235,6 +235,11 @@ def remove_stale_temporaries(folder: str, prefix: str = ".checkpoint-"):
         checkpoint_dcp.recover(folder, prefix)
 
 
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (some of torch's span several), at most 300 characters."""
+    return " ".join(str(error).split())[:300]
+
+
 def _read(path: str) -> TrainState:
     """One checkpoint, a file (its tensors memory-mapped, see load_checkpoint) or a sharded folder (its
     parts read when used). CheckpointError naming it if it is missing, truncated or not a checkpoint."""
@@ -244,7 +249,7 @@ def _read(path: str) -> TrainState:
         except checkpoint_dcp.UnreadableFolder as e:
             raise CheckpointError(str(e)) from None
         except Exception as e:  # a damaged train_state.pth or .metadata
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if os.path.isdir(path):
         raise CheckpointError(
             f"{path} is not a complete sharded checkpoint (it lacks {checkpoint_dcp.METADATA} or "
@@ -259,7 +264,7 @@ def _read(path: str) -> TrainState:
             except Exception:  # a file of torch < 1.6 (no zip archive), a file system without mmap: read it whole
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a JiT checkpoint (no 'model' entry)")
     return from_dict(ckpt)
