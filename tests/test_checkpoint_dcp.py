@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convert_checkpoint
+import export
 from util import checkpoint, checkpoint_dcp, errors, files
 
 
@@ -169,3 +170,12 @@ def test_convert_refuses_an_output_inside_its_checkpoint_or_in_no_folder_before_
     monkeypatch.undo()
     assert convert_checkpoint.cli([str(tmp_path), str(tmp_path / "checkpoint-last.pth")]) == 0
     assert torch.equal(torch.load(tmp_path / "checkpoint-last.pth")["model"]["net.a"], parts(0)[0]["model"]["net.a"])
+
+
+def test_export_refuses_to_write_into_a_run_folder_of_sharded_checkpoints_or_into_one(tmp_path):
+    path = tmp_path / "checkpoint-last.dcp"
+    checkpoint_dcp.write_folder(str(path), *parts(0), needed=1000)
+    with pytest.raises(errors.BadValue, match="holds checkpoints"):
+        export.check_output(str(tmp_path), overwrite=True)
+    with pytest.raises(errors.BadValue, match="is a sharded checkpoint"):
+        export.check_output(str(path), overwrite=True)
