@@ -374,7 +374,7 @@ def train(run: Run) -> int:
     )
     t0 = time.time()
     try:
-        stop.raise_if_requested(run.stopper, "during the set-up: nothing was trained since the checkpoint, exiting")
+        stop.raise_if_requested_at_set_up(run.stopper, run.start.path)
         if run.grids:
             run.grids.begin(
                 run.start,

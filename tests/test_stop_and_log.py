@@ -1,0 +1,51 @@
+"""Edges of a resumed or stopped run in one process: RunLog.start_at over a metrics.jsonl that a kill, a
+person or another tool left odd, and the set-up stop's message with and without a checkpoint."""
+
+import json
+import signal
+
+import pytest
+
+from util import stop
+from util.logger import RunLog
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_start_at_keeps_what_it_does_not_understand_and_drops_a_cut_line(tmp_path):
+    records = [
+        {"kind": "train", "epoch": 0, "step": 4},
+        {"kind": "train", "epoch": None, "step": 3},  # not a run's record: kept, and no TypeError
+        {"kind": "eval", "epoch": "5"},
+        {"kind": "train", "epoch": 1, "step": [1]},
+        {"kind": "eval", "epoch": 1, "checkpoint": "x/checkpoint-last.pth"},  # an --evaluate_gen: kept
+        {"kind": "eval", "epoch": 1},  # an evaluation during training after the start: done again
+        {"kind": "train", "epoch": 1, "step": 2},
+        {"kind": "train", "epoch": 1, "step": 4},  # after the start: trained again
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "epo')  # cut by a kill
+    log = RunLog(str(tmp_path))
+    try:
+        log.start_at(1, 2, 4)
+        log.start_at(1, 2, 4)  # a second resume in a row changes nothing
+    finally:
+        log.close()
+    assert [json.loads(x) for x in lines(path)] == records[:5] + [records[6]]
+
+
+def test_a_stop_during_the_set_up_says_whether_a_checkpoint_exists():
+    stopper = stop.StopSignal()
+    try:
+        stopper.requested = signal.SIGUSR1
+        with pytest.raises(stop.GenerationStopped, match="nothing was trained since the checkpoint, exiting"):
+            stop.raise_if_requested_at_set_up(stopper, "out/checkpoint-last.pth")
+        with pytest.raises(stop.StopRun, match="nothing was trained and no checkpoint exists yet") as e:
+            stop.raise_if_requested_at_set_up(stopper, None)
+        assert e.value.code == 0
+        stopper.requested = 0
+        stop.raise_if_requested_at_set_up(stopper, None)  # no signal: nothing raised
+    finally:
+        stopper.close()
