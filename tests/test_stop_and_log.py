@@ -5,7 +5,9 @@ import json
 import signal
 
 import pytest
+from helpers import TINY, save_reference_checkpoint, tiny_denoiser
 
+import main_jit
 from util import stop
 from util.logger import RunLog
 
@@ -49,3 +51,23 @@ def test_a_stop_during_the_set_up_says_whether_a_checkpoint_exists():
         stop.raise_if_requested_at_set_up(stopper, None)  # no signal: nothing raised
     finally:
         stopper.close()
+
+
+def test_an_evaluation_beside_a_training_run_leaves_the_temporaries_of_its_save(
+    tmp_path, data, inception_weights, fid_ref_stats
+):
+    """--evaluate_gen may run in a training run's folder (its own lock): starting, it must not delete the
+    temporary file or folder of a save in progress there (the save would fail and be lost)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    save_reference_checkpoint(out / "checkpoint-last.pth", tiny_denoiser(seed=1), epoch=1)
+    saving = [out / ".checkpoint-last.pth.tmp-999", out / ".checkpoint-last.dcp.tmp-999"]
+    saving[0].write_bytes(b"half a checkpoint")
+    saving[1].mkdir()
+    flags = ["--fid_stats", fid_ref_stats, "--inception_weights", inception_weights, "--num_images", "6"]
+    evaluate = [*TINY, *flags, "--evaluate_gen", "--resume", str(out), "--output_dir", str(out), "--dry_run"]
+    assert main_jit.cli([*evaluate, "--device", "cpu"]) == 0
+    assert all(p.exists() for p in saving)
+    train = [*TINY, "--resume", str(out), "--output_dir", str(out), "--dry_run", "--data_path", data]
+    assert main_jit.cli([*train, "--device", "cpu"]) == 0  # a training run's start removes them
+    assert not any(p.exists() for p in saving)
