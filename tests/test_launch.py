@@ -68,7 +68,7 @@ def test_the_nodes_are_checked_and_described_before_the_first_collective(monkeyp
     """util.nodes: what each rank posts, the verdict and the lines rank 0 prints (pure functions)."""
     monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.setattr(nodes.socket, "gethostbyname", lambda host: "127.0.0.1")
+    monkeypatch.setattr(nodes, "hostname_address", lambda host: "127.0.0.1")
     here = nodes.local_info(["nccl", "gloo"])
     assert here["gloo"] == [
         "lo",
@@ -88,7 +88,7 @@ def test_the_nodes_are_checked_and_described_before_the_first_collective(monkeyp
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
     error, _ = nodes.describe_nodes([nodes.local_info(["gloo"])])
     assert error == (
-        f"GLOO_SOCKET_IFNAME=nosuch0 on node {socket.gethostname()}: no such network interface with an IPv4 address "
+        f"GLOO_SOCKET_IFNAME=nosuch0 on node {socket.gethostname()}: no such network interface with an address "
         "(ip -br addr lists them)"
     )
     cluster = [

@@ -8,7 +8,7 @@ import pytest
 from helpers import TINY, save_reference_checkpoint, tiny_denoiser
 
 import main_jit
-from util import stop
+from util import nodes, stop
 from util.logger import RunLog
 
 
@@ -71,3 +71,35 @@ def test_an_evaluation_beside_a_training_run_leaves_the_temporaries_of_its_save(
     train = [*TINY, "--resume", str(out), "--output_dir", str(out), "--dry_run", "--data_path", data]
     assert main_jit.cli([*train, "--device", "cpu"]) == 0  # a training run's start removes them
     assert not any(p.exists() for p in saving)
+
+
+def test_gloo_over_ipv6_is_allowed_and_its_loopback_refused_across_nodes(monkeypatch, tmp_path):
+    """util.nodes as gloo chooses: the host name may resolve to IPv6 only, GLOO_SOCKET_IFNAME may name an
+    interface with only an IPv6 address (gloo binds to either); loopback (::1 too) cannot span nodes."""
+    table = tmp_path / "if_inet6"
+    table.write_text(
+        "fd000000000000000000000000000005 04 40 00 80      ib0\n00000000000000000000000000000001 01 80 10 80       lo\n"
+    )
+    assert nodes.ipv6_addresses(str(table)) == [("ib0", "fd00::5"), ("lo", "::1")]
+    assert nodes.ipv6_addresses(str(tmp_path / "none")) == []
+    monkeypatch.setattr(nodes, "ipv6_addresses", lambda: [("ib0", "fd00::5"), ("lo", "::1")])
+    monkeypatch.setattr(nodes, "ipv4_of", lambda interface: None)  # an IPv6-only machine
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for address, interface, error in (("fd00::5", "ib0", None), ("::1", "lo", "would use the loopback address ::1")):
+        monkeypatch.setattr(nodes, "hostname_address", lambda host, a=address: a)
+        here = nodes.local_info(["gloo"])
+        assert here["gloo"][:2] == [interface, address]
+        found, lines = nodes.describe_nodes([here, {**here, "host": "elsewhere"}])
+        assert (
+            (found is None and lines[0].startswith(f"network: gloo on {interface} (host name) at "))
+            if error is None
+            else (error in found and lines == [])
+        )
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")  # before: "no such network interface with an IPv4 address"
+    assert nodes.local_info(["gloo"])["gloo"][:2] == ["ib0", "fd00::5"]
+    assert nodes.describe_nodes([nodes.local_info(["gloo"])])[0] is None
+
+
+def test_the_host_name_resolves_as_gloo_resolves_it():
+    assert nodes.hostname_address("localhost") in ("127.0.0.1", "::1")  # resolvable and bindable here
+    assert nodes.hostname_address("no-such-host.invalid") is None  # gloo then falls back to loopback
