@@ -6,6 +6,7 @@ test_launch.py runs it with real workers."""
 import os
 import signal
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -49,3 +50,15 @@ def test_usr1_requeues_the_job_and_a_refused_requeue_ends_it_as_failed_saying_so
         assert "error: scontrol requeue 4242 failed: the job ends here; submit it again" in out
     else:
         assert code == 0 and requeued.read_text().split() == ["4242"], out
+
+
+def test_outside_a_slurm_job_or_without_scontrol_the_script_stops_with_one_line(tmp_path):
+    """Run with bash instead of sbatch (no SLURM_* variables), or scontrol missing: status 2 and one line,
+    before anything starts (before: bash's 'unbound variable', or a rendezvous on ':29500')."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run(["bash", SBATCH, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stderr.startswith("error: not a SLURM job (SLURM_JOB_ID, "), p.stderr
+    assert p.stderr.count("\n") == 1 and p.stdout == ""
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2")  # and no scontrol on PATH
+    p = subprocess.run(["bash", SBATCH, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "error: scontrol show hostnames n[1-2] named no node" in p.stderr, p.stderr
