@@ -179,3 +179,21 @@ def test_export_refuses_to_write_into_a_run_folder_of_sharded_checkpoints_or_int
         export.check_output(str(tmp_path), overwrite=True)
     with pytest.raises(errors.BadValue, match="is a sharded checkpoint"):
         export.check_output(str(path), overwrite=True)
+
+
+def test_a_publish_whose_second_rename_fails_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(dst) == path and ".tmp-" in str(src):  # the new folder into place: refused (a quota, an NFS error)
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(files.WriteError, match="Disk quota exceeded"):
+        checkpoint_dcp.write_folder(path, *parts(1), needed=1000)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint-last.dcp"]  # visible to every reader, not only after a restart
+    assert checkpoint.load_checkpoint(str(tmp_path))[0].epoch == 0

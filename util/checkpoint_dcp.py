@@ -308,12 +308,18 @@ def _fsync_folder(folder: str):
 def publish_folder(tmp: str, path: str):
     """Put the complete folder `tmp` in place as `path`, replacing an older one: the older is first
     renamed aside (.NAME.old-*), then `tmp` renamed to `path`, then the older deleted. A crash between
-    the two renames leaves no `path`; `recover` puts the older back."""
+    the two renames leaves no `path`; `recover` puts the older back. A second rename that fails puts it
+    back at once (the error is raised)."""
     old = None
     if os.path.exists(path):
         old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old:
+            os.rename(old, path)
+        raise
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
     if old:
         shutil.rmtree(old, ignore_errors=True)
