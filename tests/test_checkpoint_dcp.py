@@ -197,3 +197,18 @@ def test_a_publish_whose_second_rename_fails_puts_the_previous_folder_back(tmp_p
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["checkpoint-last.dcp"]  # visible to every reader, not only after a restart
     assert checkpoint.load_checkpoint(str(tmp_path))[0].epoch == 0
+
+
+def test_an_older_folder_that_could_not_be_deleted_does_not_fail_the_next_saves(tmp_path):
+    """NFS keeps a deleted folder whose files another process (an --evaluate_gen reading it) still has open
+    (.nfsXXXX): the next save of the same process must not rename onto it (before: "Directory not empty")."""
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    stuck = tmp_path / f".checkpoint-last.dcp.old-{os.getpid()}"
+    stuck.mkdir()
+    (stuck / ".nfs0000000000000001").write_bytes(b"still open elsewhere")
+    for epoch in (1, 2):
+        checkpoint_dcp.write_folder(path, *parts(epoch), needed=1000)
+        assert checkpoint.load_checkpoint(path)[0].epoch == epoch
+    checkpoint.remove_stale_temporaries(str(tmp_path))  # the next start: what is left over goes
+    assert os.listdir(tmp_path) == ["checkpoint-last.dcp"]

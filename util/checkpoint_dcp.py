@@ -24,6 +24,7 @@ import io
 import os
 import pickle
 import shutil
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -312,7 +313,9 @@ def publish_folder(tmp: str, path: str):
     back at once (the error is raised)."""
     old = None
     if os.path.exists(path):
-        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
+        # unique per save: an older one that could not be deleted (NFS keeps a folder whose files another
+        # process still has open) must not make every later save of this process fail
+        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}-{time.time_ns()}")
         os.rename(path, old)
     try:
         os.rename(tmp, path)
@@ -350,7 +353,7 @@ def write_folder(path: str, tensors: dict, rest: dict, *, needed: int, group=Non
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
 
-    tmp = temporary_name(path, str(distributed.broadcast_object(os.getpid())))
+    tmp = temporary_name(path, distributed.broadcast_object(f"{os.getpid()}-{time.time_ns()}"))
     error = None
     if distributed.is_main_process():
         error = _attempt(path, needed, lambda: _write_state(tmp, rest))
