@@ -212,3 +212,25 @@ def test_an_older_folder_that_could_not_be_deleted_does_not_fail_the_next_saves(
         assert checkpoint.load_checkpoint(path)[0].epoch == epoch
     checkpoint.remove_stale_temporaries(str(tmp_path))  # the next start: what is left over goes
     assert os.listdir(tmp_path) == ["checkpoint-last.dcp"]
+
+
+def test_a_folder_replaced_by_another_save_while_read_is_an_error_not_a_mix_of_two_saves(tmp_path):
+    """An --evaluate_gen (or export.py) beside a training run: the parts are read when used, and the run
+    may have published a new checkpoint-last.dcp by then (a file's contents stay those of the opened file;
+    a folder's do not): reading one must not give the new save's weights under the old one's epoch."""
+    path = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(path, *parts(0), needed=1000)
+    state, _ = checkpoint.load_checkpoint(path)
+    assert torch.equal(state.model["net.b"], parts(0)[0]["model"]["net.b"])  # read before the next save
+    checkpoint_dcp.release_shards(state.model)
+    checkpoint_dcp.write_folder(path, *parts(1), needed=1000)  # the training run saves meanwhile
+    for read in (
+        lambda: state.model["net.a"],
+        lambda: state.emas[0]["net.a"],
+        lambda: state.optimizer["state"][0]["exp_avg"],
+    ):
+        with pytest.raises(
+            checkpoint_dcp.UnreadableFolder, match="another save replaced it while this process read it"
+        ):
+            read()
+    assert checkpoint.load_checkpoint(path)[0].epoch == 1  # the command run again reads the new one

@@ -151,9 +151,18 @@ def shapes(metadata, part: tuple) -> dict:
     }
 
 
-def read_full(folder: str, part: tuple) -> dict:
+def version(folder: str) -> tuple[int, int]:
+    """Which save the folder holds now: (modification time in ns, size) of its .metadata, written last."""
+    st = os.stat(os.path.join(folder, METADATA))
+    return st.st_mtime_ns, st.st_size
+
+
+def read_full(folder: str, part: tuple, expected: tuple | None = None) -> dict:
     """The full tensors of one part, read into this process (no process group): {key: tensor} for a
-    network's part; for ("optimizer",), {parameter name: {"exp_avg": t, "exp_avg_sq": t}}."""
+    network's part; for ("optimizer",), {parameter name: {"exp_avg": t, "exp_avg_sq": t}}. `expected`:
+    the folder's `version` when its other contents were read; UnreadableFolder if another save has
+    replaced it since (a run saving there while this process reads: its parts would mix two saves)."""
+    _check_version(folder, expected)
     metadata = read_metadata(folder)
     template, n = {}, len(part)
     for fqn, path in metadata.planner_data.items():
@@ -165,22 +174,35 @@ def read_full(folder: str, part: tuple) -> dict:
             node[path[-1]] = torch.empty(md.size, dtype=md.properties.dtype)
     with one_process(), reading(folder):
         dcp().load(template, storage_reader=safe_reader(folder), no_dist=True)
+    _check_version(folder, expected)
     for key in part:
         template = template[key]
     return template
+
+
+def _check_version(folder: str, expected: tuple | None):
+    try:
+        same = expected is None or version(folder) == expected
+    except OSError:
+        same = False
+    if not same:
+        raise UnreadableFolder(
+            f"cannot read checkpoint {folder}: another save replaced it while this process read it (a run saving "
+            "there): run the command again"
+        )
 
 
 class Part(Mapping):
     """The full tensors of one network part of a DCP checkpoint as a read-only state dict ({key:
     tensor}), read when first used and kept until `release`. Pickles as its address only."""
 
-    def __init__(self, folder: str, part: tuple, order: list[str]):
-        self.folder, self.part, self.order = folder, part, order
+    def __init__(self, folder: str, part: tuple, order: list[str], expected: tuple | None = None):
+        self.folder, self.part, self.order, self.expected = folder, part, order, expected
         self._data = None
 
     def data(self) -> dict:
         if self._data is None:
-            found = read_full(self.folder, self.part)
+            found = read_full(self.folder, self.part, self.expected)
             self._data = {k: found[k] for k in self.order if k in found}
         return self._data
 
@@ -206,14 +228,14 @@ class OptimizerPart(Mapping):
     group by group. The step counters come from train_state.pth; the moments are read (all at once)
     when one is first used."""
 
-    def __init__(self, folder: str, groups: list[dict], steps: dict):
-        self.folder, self.groups, self.steps = folder, groups, steps
+    def __init__(self, folder: str, groups: list[dict], steps: dict, expected: tuple | None = None):
+        self.folder, self.groups, self.steps, self.expected = folder, groups, steps, expected
         self.names = [n for g in groups for n in g["params"]]
         self._moments = None
 
     def moments(self) -> dict:
         if self._moments is None:
-            self._moments = read_full(self.folder, ("optimizer",))
+            self._moments = read_full(self.folder, ("optimizer",), self.expected)
         return self._moments
 
     def release(self):
@@ -261,19 +283,24 @@ class _ParamState(Mapping):
 
 def read(folder: str) -> dict:
     """A DCP checkpoint as the dict of a single-file one (util.checkpoint.to_dict's keys), its parts
-    read when first used. OSError / RuntimeError / pickle errors for a damaged folder."""
+    read when first used (UnreadableFolder if another save has replaced the folder by then). OSError /
+    RuntimeError / pickle errors for a damaged folder."""
+    expected = version(folder)
     rest = read_state(folder)
     read_metadata(folder)  # fails now for a damaged folder, not at the first use
+    _check_version(folder, expected)
     order = rest["order"]
     ckpt = {k: rest[k] for k in ("epoch", "args", "resume", "rng", "world_size")}
     for key in rest["parts"]:
         if key != "model_phema":
-            ckpt[key] = Part(folder, (key,), order)
+            ckpt[key] = Part(folder, (key,), order, expected)
     if rest["phema_stds"]:
-        ckpt["model_phema"] = [Part(folder, ("model_phema", str(i)), order) for i in range(len(rest["phema_stds"]))]
+        ckpt["model_phema"] = [
+            Part(folder, ("model_phema", str(i)), order, expected) for i in range(len(rest["phema_stds"]))
+        ]
         ckpt["phema_stds"] = rest["phema_stds"]
     if rest["param_groups"] is not None:
-        ckpt["optimizer"] = OptimizerPart(folder, rest["param_groups"], rest["steps"])
+        ckpt["optimizer"] = OptimizerPart(folder, rest["param_groups"], rest["steps"], expected)
     return ckpt
 
 
