@@ -234,3 +234,19 @@ def test_a_folder_replaced_by_another_save_while_read_is_an_error_not_a_mix_of_t
         ):
             read()
     assert checkpoint.load_checkpoint(path)[0].epoch == 1  # the command run again reads the new one
+
+
+def test_a_run_folder_with_an_unfinished_sharded_folder_is_not_started_afresh_over_it(tmp_path):
+    unfinished = tmp_path / "checkpoint-last.dcp"  # a copy from another cluster, still under way
+    unfinished.mkdir()
+    (unfinished / "__0_0.distcp").write_bytes(b"\0" * 100)
+    for required in (True, False):  # --resume DIR (required=False) trained from scratch, then saved over it
+        with pytest.raises(checkpoint.CheckpointError, match="checkpoint-last.dcp is not a complete sharded"):
+            checkpoint.load_checkpoint(str(tmp_path), required=required)
+    older = str(tmp_path / "checkpoint-100.dcp")
+    checkpoint_dcp.write_folder(older, *parts(1), needed=1000)
+    logged = []
+    assert checkpoint.load_checkpoint(str(tmp_path), log=logged.append)[1] == older
+    assert logged == [
+        f"warning: {unfinished} is not a complete sharded checkpoint (no .metadata or train_state.pth): skipped"
+    ]

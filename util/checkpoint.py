@@ -322,6 +322,7 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
     if os.path.isfile(source) or os.path.normpath(source).endswith(checkpoint_dcp.SUFFIX):
         return _read(source), source  # a checkpoint named: read as it is, never searched as a run folder
     found = candidates(source)
+    _report_unfinished(source, found, log)
     for i, path in enumerate(found):
         try:
             state = _read(path)
@@ -336,6 +337,21 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
     if required:
         raise CheckpointError(f"{source} has no checkpoint-*.pth or checkpoint-*.dcp")
     return None, None
+
+
+def _report_unfinished(folder: str, found: list[str], log):
+    """Sharded folders in `folder` named as checkpoints but lacking their metadata (our saves never leave
+    one: a copy not finished, or damage): a warning each; CheckpointError when there is nothing else to
+    resume from, rather than a fresh start that would overwrite it."""
+    for path in sorted(glob.glob(os.path.join(folder, "checkpoint-*" + checkpoint_dcp.SUFFIX))):
+        if not (NAME.search(path) and os.path.isdir(path)) or checkpoint_dcp.is_dcp(path):
+            continue
+        what = (
+            f"{path} is not a complete sharded checkpoint (no {checkpoint_dcp.METADATA} or {checkpoint_dcp.STATE_FILE})"
+        )
+        if not found:
+            raise CheckpointError(f"--resume {folder}: {what}: finish copying it, or remove it to start afresh")
+        log(f"warning: {what}: skipped")
 
 
 def _load_on_every_rank(source: str, log, required: bool, main_only: bool):
