@@ -250,3 +250,17 @@ def test_a_run_folder_with_an_unfinished_sharded_folder_is_not_started_afresh_ov
     assert logged == [
         f"warning: {unfinished} is not a complete sharded checkpoint (no .metadata or train_state.pth): skipped"
     ]
+
+
+def test_a_file_and_a_folder_in_one_run_folder_the_newest_readable_is_taken(tmp_path):
+    folder = str(tmp_path / "checkpoint-last.dcp")
+    checkpoint_dcp.write_folder(folder, *parts(3), needed=1000)
+    os.utime(os.path.join(folder, checkpoint_dcp.METADATA), (100, 100))
+    file = tmp_path / "checkpoint-last.pth"  # newer (a DDP rerun of an FSDP run), but cut short
+    file.write_bytes(b"PK\x03\x04 cut short")
+    logged = []
+    state, found = checkpoint.load_checkpoint(str(tmp_path), log=logged.append)
+    assert found == folder and state.epoch == 3 and logged[0].startswith(f"warning: cannot read checkpoint {file}: ")
+    assert logged[1] == f"warning: resuming from the older checkpoint {folder}" and "\n" not in logged[0]
+    checkpoint.save(checkpoint.TrainState.weights_only(parts(4)[0]["model"], epoch=4), str(file))
+    assert checkpoint.load_checkpoint(str(tmp_path))[1] == str(file)  # readable and newer: the file
