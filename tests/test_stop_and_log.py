@@ -103,3 +103,7 @@ def test_gloo_over_ipv6_is_allowed_and_its_loopback_refused_across_nodes(monkeyp
 def test_the_host_name_resolves_as_gloo_resolves_it():
     assert nodes.hostname_address("localhost") in ("127.0.0.1", "::1")  # resolvable and bindable here
     assert nodes.hostname_address("no-such-host.invalid") is None  # gloo then falls back to loopback
+
+
+def test_debians_host_name_address_is_named_as_the_loopback_interface():
+    assert nodes.interface_of("127.0.1.1") == nodes.interface_of("127.0.0.1") == "lo"  # before: "?" for 127.0.1.1

@@ -48,6 +48,8 @@ def interface_of(address: str) -> str | None:
     """The name of the network interface holding `address` (IPv4 or IPv6; Linux), or None."""
     if ":" in address:
         return next((i for i, a in ipv6_addresses() if ipaddress.ip_address(a) == ipaddress.ip_address(address)), None)
+    if ipaddress.ip_address(address).is_loopback:  # 127.0.1.1 (Debian's host name) is lo's too
+        return next((name for _, name in socket.if_nameindex() if (ipv4_of(name) or "").startswith("127.")), None)
     return next((name for _, name in socket.if_nameindex() if ipv4_of(name) == address), None)
 
 
