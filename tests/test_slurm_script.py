@@ -62,3 +62,7 @@ def test_outside_a_slurm_job_or_without_scontrol_the_script_stops_with_one_line(
     env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2")  # and no scontrol on PATH
     p = subprocess.run(["bash", SBATCH, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "error: scontrol show hostnames n[1-2] named no node" in p.stderr, p.stderr
+    # a lead the requeue's arithmetic cannot use made the USR1 handler fail at the end: no save, no requeue
+    for bad in ({"SIGNAL_LEAD": "300s"}, {"SIGNAL_LEAD": "08"}, {"SIGNAL_LEAD": "20"}, {"REQUEUE_MARGIN": "-1"}):
+        p = subprocess.run(["bash", SBATCH], env={**env, **bad}, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and p.stderr.startswith("error: SIGNAL_LEAD=") and p.stderr.count("\n") == 1, bad
