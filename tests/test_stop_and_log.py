@@ -3,6 +3,7 @@ person or another tool left odd, and the set-up stop's message with and without 
 
 import json
 import signal
+from types import SimpleNamespace
 
 import pytest
 from helpers import TINY, save_reference_checkpoint, tiny_denoiser
@@ -107,3 +108,33 @@ def test_the_host_name_resolves_as_gloo_resolves_it():
 
 def test_debians_host_name_address_is_named_as_the_loopback_interface():
     assert nodes.interface_of("127.0.1.1") == nodes.interface_of("127.0.0.1") == "lo"  # before: "?" for 127.0.1.1
+
+
+@pytest.mark.parametrize("epoch", [100, 101])
+def test_a_stop_during_the_grid_of_a_keep_epoch_still_writes_its_numbered_checkpoint(epoch):
+    """The grid comes before the epoch's saves: a stop in it saved checkpoint-last only, and the rerun starts
+    after the epoch, so checkpoint-100 (every 100 epochs) was never written."""
+    saved = []
+
+    class Grids:
+        def due(self, e):
+            return True
+
+        def __call__(self, e, weights):
+            raise stop.GenerationStopped("stop requested (signal) between two generation batches")
+
+    class Checkpoints:
+        def is_saved(self, *position):
+            return bool(saved)
+
+    run = SimpleNamespace(
+        config=SimpleNamespace(epochs=600, save_last_freq=5),
+        data=SimpleNamespace(steps_per_epoch=6),
+        grids=Grids(),
+        weights=None,
+        checkpoints=Checkpoints(),
+        evaluation=None,
+    )
+    with pytest.raises(stop.StopRun, match=f"after epoch {epoch}: checkpoint saved") as e:
+        main_jit.end_epoch(run, epoch, lambda ep, step, name="last": saved.append((ep, step, name)) or True, False)
+    assert e.value.code == 0 and saved == [(epoch, 6, "last")] + ([(100, 6, "100")] if epoch == 100 else [])
