@@ -138,3 +138,20 @@ def test_a_stop_during_the_grid_of_a_keep_epoch_still_writes_its_numbered_checkp
     with pytest.raises(stop.StopRun, match=f"after epoch {epoch}: checkpoint saved") as e:
         main_jit.end_epoch(run, epoch, lambda ep, step, name="last": saved.append((ep, step, name)) or True, False)
     assert e.value.code == 0 and saved == [(epoch, 6, "last")] + ([(100, 6, "100")] if epoch == 100 else [])
+
+
+def test_a_record_appended_after_a_cut_line_is_kept_on_a_line_of_its_own(tmp_path):
+    """An --evaluate_gen appends to the metrics.jsonl of a training run that was killed mid-line (it does not
+    clean the file as a training start does): its record was glued to the cut line and lost with it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "epoch": 0, "step": 4}\n{"kind": "train", "epo')
+    log = RunLog(str(tmp_path))
+    try:
+        log.record({"kind": "eval", "epoch": 1, "checkpoint": "x.pth", "fid": 3.5})
+        log.start_at(2, 0, 6)  # the training run's next start drops the cut line only
+    finally:
+        log.close()
+    assert [json.loads(x) for x in lines(path)] == [
+        {"kind": "train", "epoch": 0, "step": 4},
+        {"kind": "eval", "epoch": 1, "checkpoint": "x.pth", "fid": 3.5},
+    ]
