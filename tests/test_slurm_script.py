@@ -31,7 +31,8 @@ def launch(tmp_path, start, **extra):
     requeued = tmp_path / "requeued"
     env = sbatch_env(tmp_path / "out", requeued, PYTHON=str(launcher), SIGNAL_LEAD="6", REQUEUE_MARGIN="2", **extra)
     job = start("", env=env, argv=["bash", SBATCH, "--epochs", "1"])
-    read_until(job, "stand-in launcher: waiting")
+    for _ in range(2):  # both "nodes" (their handler installed: a USR1 before it would be ignored)
+        read_until(job, "stand-in launcher: waiting")
     return job, requeued
 
 
