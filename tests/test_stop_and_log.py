@@ -25,6 +25,7 @@ def test_start_at_keeps_what_it_does_not_understand_and_drops_a_cut_line(tmp_pat
         {"kind": "train", "epoch": 1, "step": [1]},
         {"kind": "eval", "epoch": 1, "checkpoint": "x/checkpoint-last.pth"},  # an --evaluate_gen: kept
         {"kind": "eval", "epoch": 1},  # an evaluation during training after the start: done again
+        {"kind": "eval_seed", "epoch": 1, "seed": 1},  # and its seeds' (they were kept, and reused by it)
         {"kind": "train", "epoch": 1, "step": 2},
         {"kind": "train", "epoch": 1, "step": 4},  # after the start: trained again
     ]
@@ -36,7 +37,7 @@ def test_start_at_keeps_what_it_does_not_understand_and_drops_a_cut_line(tmp_pat
         log.start_at(1, 2, 4)  # a second resume in a row changes nothing
     finally:
         log.close()
-    assert [json.loads(x) for x in lines(path)] == records[:5] + [records[6]]
+    assert [json.loads(x) for x in lines(path)] == records[:5] + [records[7]]
 
 
 def test_a_stop_during_the_set_up_says_whether_a_checkpoint_exists():
