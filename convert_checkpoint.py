@@ -46,9 +46,15 @@ def main(args) -> str:
         raise BadValue(f"output {args.output} is a folder: name the file to write (e.g. checkpoint-last.pth)")
     if os.path.exists(args.output) and not args.overwrite:
         raise BadValue(f"output {args.output} exists (pass --overwrite to replace it)")
+    if not os.path.isdir(parent := os.path.dirname(os.path.abspath(args.output))):
+        raise MissingFile(f"output {args.output}: its folder {parent} does not exist")
     state, path = checkpoint.load_checkpoint(args.source, log=lambda msg: print(msg, file=sys.stderr))
     if state.folder is None:
-        raise BadValue(f"{path} is a single-file checkpoint already: nothing to convert")
+        raise BadValue(
+            f"{path} is a single-file checkpoint already: nothing to convert (name a .dcp folder to convert it)"
+        )
+    if os.path.commonpath([os.path.realpath(path), os.path.realpath(parent)]) == os.path.realpath(path):
+        raise BadValue(f"output {args.output} is inside the checkpoint it converts: write it beside {path}")
     checkpoint.save_atomic(checkpoint_dcp.plain(checkpoint.to_dict(state)), args.output)
     print(
         f"converted {path} (epoch {state.epoch}, resume at epoch {state.start['epoch']}, step {state.start['step']}, "

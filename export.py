@@ -18,7 +18,7 @@ import sys
 
 import run_sources
 import weights
-from util import files, sweep
+from util import checkpoint_dcp, files, sweep
 from util.cli import HelpFormatter
 from util.config import RunConfig, parse
 from util.errors import BadValue, exit_code
@@ -60,8 +60,10 @@ def check_output(folder: str, overwrite: bool):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise BadValue(f"output {folder} is a file, not a folder")
     present = os.listdir(folder) if os.path.isdir(folder) else []
-    if any(n.startswith("checkpoint-") and n.endswith(".pth") for n in present):
+    if any(n.startswith("checkpoint-") and n.endswith((".pth", ".dcp")) for n in present):
         raise BadValue(f"output {folder} holds checkpoints (a run folder): export to another folder")
+    if checkpoint_dcp.is_dcp(folder):
+        raise BadValue(f"output {folder} is a sharded checkpoint: export to another folder")
     if present and not overwrite:
         raise BadValue(f"output {folder} is not empty (pass --overwrite to replace an export there)")
 

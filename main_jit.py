@@ -222,8 +222,7 @@ def get_args_parser():
 
 
 def parse_args(argv=None) -> RunConfig:
-    """The flags as given (a frozen util.config.RunConfig; `given`: the flags typed). --demo's values
-    replace the defaults, not what was typed."""
+    """The flags as given (a frozen util.config.RunConfig; `given`: the flags typed; --demo's values as defaults)."""
     config = parse(get_args_parser(), argv)
     return parse(get_args_parser(), argv, DEMO_DEFAULTS) if config.demo else config
 
@@ -335,24 +334,25 @@ def eval_due(config: RunConfig, epoch: int) -> bool:
 
 
 def end_epoch(run: Run, epoch: int, save, saved_at_end: bool):
-    """After training `epoch`: its sample grid, checkpoints (`save`, unless the loop saved at its end)
-    and evaluation, as due. A stop signal between two generation batches (GenerationStopped) saves the
-    epoch's end (once) and raises StopRun: the rerun makes the grid / evaluation (catch_up)."""
+    """After `epoch`: its sample grid, checkpoints (`save`; not if the loop saved at its end), evaluation, as due."""
     config, spe = run.config, run.data.steps_per_epoch
-    last = epoch + 1 == config.epochs
+    last, keep = epoch + 1 == config.epochs, epoch % 100 == 0 and epoch > 0  # keep: checkpoint-{epoch} is due
     try:
         if run.grids and run.grids.due(epoch):
             run.grids(epoch, run.weights)
         if (epoch % config.save_last_freq == 0 or last) and not saved_at_end:
             save(epoch, spe)
-        if epoch % 100 == 0 and epoch > 0:
+        if keep:
+            keep = False
             save(epoch, spe, name=str(epoch))
         if run.evaluation and eval_due(config, epoch):
             if run.parts.device.type == "cuda":
                 torch.cuda.empty_cache()
             evaluate(run.evaluation, epoch=epoch, weights_epoch=epoch)
-    except GenerationStopped as e:
+    except GenerationStopped as e:  # a stop between two generation batches: save what is due, raise StopRun
         if run.checkpoints.is_saved(epoch, spe, spe) or save(epoch, spe):
+            if keep:  # not written before the stop, and the rerun starts after this epoch
+                save(epoch, spe, name=str(epoch))
             raise StopRun(f"{e} after epoch {epoch}: checkpoint saved; rerun the same command") from e
         raise
 
@@ -374,7 +374,7 @@ def train(run: Run) -> int:
     )
     t0 = time.time()
     try:
-        stop.raise_if_requested(run.stopper, "during the set-up: nothing was trained since the checkpoint, exiting")
+        stop.raise_if_requested_at_set_up(run.stopper, run.start.path)
         if run.grids:
             run.grids.begin(
                 run.start,

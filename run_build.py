@@ -234,7 +234,7 @@ def build(config: RunConfig, source: Source, inputs: Inputs, *, device: torch.de
     """The run of `config` (main_jit.resolve), once its output folder is this run's (`lock`, from
     util.runlock.take): its log, the demo's data, model, EMAs and optimizer, the weights `source`
     names loaded, evaluation and sample grids. `device`: distributed.init's."""
-    if distributed.is_main_process():
+    if distributed.is_main_process() and not config.evaluate_gen:  # an evaluation may run beside a training run's save
         remove_stale_temporaries(config.output_dir)
     log = RunLog(config.output_dir)
     data = build_data(config, device) if config.demo else inputs.data  # the demo generates its shapes first

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import engine_jit  # noqa: E402
 import main_jit  # noqa: E402
-from util import checkpointer, evaluation, files  # noqa: E402
+from util import checkpointer, evaluation, files, nodes  # noqa: E402
 
 modes = dict(item.split("=") for item in sys.argv[1].split(","))
 argv = sys.argv[2:]
@@ -97,7 +97,7 @@ if "check_maps" in modes:
     wrap(checkpointer.Checkpointer, "save", after=count_maps)
 if "fake_hosts" in modes:
     socket.gethostname = lambda: f"node{rank}"
-    socket.gethostbyname = lambda host: "127.0.1.1"
+    nodes.hostname_address = lambda host: "127.0.1.1"
 if "one_gpu" in modes:
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: 1

@@ -68,7 +68,7 @@ def test_the_nodes_are_checked_and_described_before_the_first_collective(monkeyp
     """util.nodes: what each rank posts, the verdict and the lines rank 0 prints (pure functions)."""
     monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.setattr(nodes.socket, "gethostbyname", lambda host: "127.0.0.1")
+    monkeypatch.setattr(nodes, "hostname_address", lambda host: "127.0.0.1")
     here = nodes.local_info(["nccl", "gloo"])
     assert here["gloo"] == [
         "lo",
@@ -88,7 +88,7 @@ def test_the_nodes_are_checked_and_described_before_the_first_collective(monkeyp
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
     error, _ = nodes.describe_nodes([nodes.local_info(["gloo"])])
     assert error == (
-        f"GLOO_SOCKET_IFNAME=nosuch0 on node {socket.gethostname()}: no such network interface with an IPv4 address "
+        f"GLOO_SOCKET_IFNAME=nosuch0 on node {socket.gethostname()}: no such network interface with an address "
         "(ip -br addr lists them)"
     )
     cluster = [
@@ -356,7 +356,7 @@ def test_usr1_during_the_set_up_stops_the_workers_and_the_requeue_waits_a_bounde
     rest = wait_ok(job)  # the script exits 0 once requeued; the output ends when the workers are gone
     assert 2.5 < waited < 7 and "is requeued (after at most 3 s)" in "".join(lines), (waited, lines)
     assert requeued.read_text().split() == ["4242"]
-    assert "stop requested (signal) during the set-up: nothing was trained since the checkpoint" in rest, rest
+    assert "during the set-up: nothing was trained and no checkpoint exists yet (a rerun starts afresh)" in rest, rest
     assert "Epoch [" not in rest and not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
 
 

@@ -235,14 +235,26 @@ def remove_stale_temporaries(folder: str, prefix: str = ".checkpoint-"):
         checkpoint_dcp.recover(folder, prefix)
 
 
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (some of torch's span several), at most 300 characters."""
+    return " ".join(str(error).split())[:300]
+
+
 def _read(path: str) -> TrainState:
     """One checkpoint, a file (its tensors memory-mapped, see load_checkpoint) or a sharded folder (its
     parts read when used). CheckpointError naming it if it is missing, truncated or not a checkpoint."""
     if checkpoint_dcp.is_dcp(path):
         try:
             return dataclasses.replace(from_dict(checkpoint_dcp.read(path)), folder=path)
+        except checkpoint_dcp.UnreadableFolder as e:
+            raise CheckpointError(str(e)) from None
         except Exception as e:  # a damaged train_state.pth or .metadata
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is not a complete sharded checkpoint (it lacks {checkpoint_dcp.METADATA} or "
+            f"{checkpoint_dcp.STATE_FILE}: a save that did not finish, or a copy cut short)"
+        )
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -252,7 +264,7 @@ def _read(path: str) -> TrainState:
             except Exception:  # a file of torch < 1.6 (no zip archive), a file system without mmap: read it whole
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a JiT checkpoint (no 'model' entry)")
     return from_dict(ckpt)
@@ -307,9 +319,10 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
         return None, None
     if not os.path.exists(source):
         raise CheckpointError(f"--resume {source}: no such file or folder")
-    if os.path.isfile(source) or checkpoint_dcp.is_dcp(source):
-        return _read(source), source
+    if os.path.isfile(source) or os.path.normpath(source).endswith(checkpoint_dcp.SUFFIX):
+        return _read(source), source  # a checkpoint named: read as it is, never searched as a run folder
     found = candidates(source)
+    _report_unfinished(source, found, log)
     for i, path in enumerate(found):
         try:
             state = _read(path)
@@ -324,6 +337,21 @@ def load_checkpoint(source: str, log=print, *, required: bool = True, main_only:
     if required:
         raise CheckpointError(f"{source} has no checkpoint-*.pth or checkpoint-*.dcp")
     return None, None
+
+
+def _report_unfinished(folder: str, found: list[str], log):
+    """Sharded folders in `folder` named as checkpoints but lacking their metadata (our saves never leave
+    one: a copy not finished, or damage): a warning each; CheckpointError when there is nothing else to
+    resume from, rather than a fresh start that would overwrite it."""
+    for path in sorted(glob.glob(os.path.join(folder, "checkpoint-*" + checkpoint_dcp.SUFFIX))):
+        if not (NAME.search(path) and os.path.isdir(path)) or checkpoint_dcp.is_dcp(path):
+            continue
+        what = (
+            f"{path} is not a complete sharded checkpoint (no {checkpoint_dcp.METADATA} or {checkpoint_dcp.STATE_FILE})"
+        )
+        if not found:
+            raise CheckpointError(f"--resume {folder}: {what}: finish copying it, or remove it to start afresh")
+        log(f"warning: {what}: skipped")
 
 
 def _load_on_every_rank(source: str, log, required: bool, main_only: bool):

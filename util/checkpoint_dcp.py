@@ -24,12 +24,14 @@ import io
 import os
 import pickle
 import shutil
+import time
 import warnings
 from collections.abc import Mapping
 
 import torch
 
 from util import distributed, files
+from util.errors import BadInput
 
 SUFFIX = ".dcp"
 STATE_FILE = "train_state.pth"
@@ -87,8 +89,50 @@ def safe_reader(folder: str):
     return SafeReader(folder)
 
 
+class UnreadableFolder(BadInput, OSError):
+    """A sharded checkpoint whose files are missing, cut short or damaged (bad input: exit 2)."""
+
+
 def read_metadata(folder: str):
-    return safe_reader(folder).read_metadata()
+    """The folder's DCP metadata, once every file it names is present and long enough (check_shard_files)."""
+    metadata = safe_reader(folder).read_metadata()
+    check_shard_files(folder, metadata)
+    return metadata
+
+
+def check_shard_files(folder: str, metadata):
+    """UnreadableFolder naming the first shard file of `folder` that is missing or shorter than the
+    metadata's byte ranges into it (a copy cut short, a file deleted): found by a stat of each file,
+    before anything is read, so that a run folder's older checkpoint can be taken instead."""
+    needed = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        try:
+            have = os.path.getsize(os.path.join(folder, name))
+        except OSError as e:
+            raise UnreadableFolder(
+                f"cannot read checkpoint {folder}: shard file {name} is missing ({e.strerror})"
+            ) from None
+        if have < size:
+            raise UnreadableFolder(
+                f"cannot read checkpoint {folder}: shard file {name} is cut short ({have} bytes, "
+                f"its metadata needs {size})"
+            )
+
+
+@contextlib.contextmanager
+def reading(folder: str):
+    """Context: DCP's failure to read `folder` (a CheckpointException, which is a BaseException) as one
+    line, UnreadableFolder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        cause = next(iter(e.failures.values()))[0]
+        first = " ".join(str(cause).strip().splitlines()[:1])[:300]
+        raise UnreadableFolder(f"cannot read checkpoint {folder}: {type(cause).__name__}: {first}") from None
 
 
 def read_state(folder: str) -> dict:
@@ -107,9 +151,18 @@ def shapes(metadata, part: tuple) -> dict:
     }
 
 
-def read_full(folder: str, part: tuple) -> dict:
+def version(folder: str) -> tuple[int, int]:
+    """Which save the folder holds now: (modification time in ns, size) of its .metadata, written last."""
+    st = os.stat(os.path.join(folder, METADATA))
+    return st.st_mtime_ns, st.st_size
+
+
+def read_full(folder: str, part: tuple, expected: tuple | None = None) -> dict:
     """The full tensors of one part, read into this process (no process group): {key: tensor} for a
-    network's part; for ("optimizer",), {parameter name: {"exp_avg": t, "exp_avg_sq": t}}."""
+    network's part; for ("optimizer",), {parameter name: {"exp_avg": t, "exp_avg_sq": t}}. `expected`:
+    the folder's `version` when its other contents were read; UnreadableFolder if another save has
+    replaced it since (a run saving there while this process reads: its parts would mix two saves)."""
+    _check_version(folder, expected)
     metadata = read_metadata(folder)
     template, n = {}, len(part)
     for fqn, path in metadata.planner_data.items():
@@ -119,24 +172,37 @@ def read_full(folder: str, part: tuple) -> dict:
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = torch.empty(md.size, dtype=md.properties.dtype)
-    with one_process():
+    with one_process(), reading(folder):
         dcp().load(template, storage_reader=safe_reader(folder), no_dist=True)
+    _check_version(folder, expected)
     for key in part:
         template = template[key]
     return template
+
+
+def _check_version(folder: str, expected: tuple | None):
+    try:
+        same = expected is None or version(folder) == expected
+    except OSError:
+        same = False
+    if not same:
+        raise UnreadableFolder(
+            f"cannot read checkpoint {folder}: another save replaced it while this process read it (a run saving "
+            "there): run the command again"
+        )
 
 
 class Part(Mapping):
     """The full tensors of one network part of a DCP checkpoint as a read-only state dict ({key:
     tensor}), read when first used and kept until `release`. Pickles as its address only."""
 
-    def __init__(self, folder: str, part: tuple, order: list[str]):
-        self.folder, self.part, self.order = folder, part, order
+    def __init__(self, folder: str, part: tuple, order: list[str], expected: tuple | None = None):
+        self.folder, self.part, self.order, self.expected = folder, part, order, expected
         self._data = None
 
     def data(self) -> dict:
         if self._data is None:
-            found = read_full(self.folder, self.part)
+            found = read_full(self.folder, self.part, self.expected)
             self._data = {k: found[k] for k in self.order if k in found}
         return self._data
 
@@ -162,14 +228,14 @@ class OptimizerPart(Mapping):
     group by group. The step counters come from train_state.pth; the moments are read (all at once)
     when one is first used."""
 
-    def __init__(self, folder: str, groups: list[dict], steps: dict):
-        self.folder, self.groups, self.steps = folder, groups, steps
+    def __init__(self, folder: str, groups: list[dict], steps: dict, expected: tuple | None = None):
+        self.folder, self.groups, self.steps, self.expected = folder, groups, steps, expected
         self.names = [n for g in groups for n in g["params"]]
         self._moments = None
 
     def moments(self) -> dict:
         if self._moments is None:
-            self._moments = read_full(self.folder, ("optimizer",))
+            self._moments = read_full(self.folder, ("optimizer",), self.expected)
         return self._moments
 
     def release(self):
@@ -217,19 +283,24 @@ class _ParamState(Mapping):
 
 def read(folder: str) -> dict:
     """A DCP checkpoint as the dict of a single-file one (util.checkpoint.to_dict's keys), its parts
-    read when first used. OSError / RuntimeError / pickle errors for a damaged folder."""
+    read when first used (UnreadableFolder if another save has replaced the folder by then). OSError /
+    RuntimeError / pickle errors for a damaged folder."""
+    expected = version(folder)
     rest = read_state(folder)
     read_metadata(folder)  # fails now for a damaged folder, not at the first use
+    _check_version(folder, expected)
     order = rest["order"]
     ckpt = {k: rest[k] for k in ("epoch", "args", "resume", "rng", "world_size")}
     for key in rest["parts"]:
         if key != "model_phema":
-            ckpt[key] = Part(folder, (key,), order)
+            ckpt[key] = Part(folder, (key,), order, expected)
     if rest["phema_stds"]:
-        ckpt["model_phema"] = [Part(folder, ("model_phema", str(i)), order) for i in range(len(rest["phema_stds"]))]
+        ckpt["model_phema"] = [
+            Part(folder, ("model_phema", str(i)), order, expected) for i in range(len(rest["phema_stds"]))
+        ]
         ckpt["phema_stds"] = rest["phema_stds"]
     if rest["param_groups"] is not None:
-        ckpt["optimizer"] = OptimizerPart(folder, rest["param_groups"], rest["steps"])
+        ckpt["optimizer"] = OptimizerPart(folder, rest["param_groups"], rest["steps"], expected)
     return ckpt
 
 
@@ -265,12 +336,20 @@ def _fsync_folder(folder: str):
 def publish_folder(tmp: str, path: str):
     """Put the complete folder `tmp` in place as `path`, replacing an older one: the older is first
     renamed aside (.NAME.old-*), then `tmp` renamed to `path`, then the older deleted. A crash between
-    the two renames leaves no `path`; `recover` puts the older back."""
+    the two renames leaves no `path`; `recover` puts the older back. A second rename that fails puts it
+    back at once (the error is raised)."""
     old = None
     if os.path.exists(path):
-        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
+        # unique per save: an older one that could not be deleted (NFS keeps a folder whose files another
+        # process still has open) must not make every later save of this process fail
+        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}-{time.time_ns()}")
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old:
+            os.rename(old, path)
+        raise
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -301,7 +380,7 @@ def write_folder(path: str, tensors: dict, rest: dict, *, needed: int, group=Non
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
 
-    tmp = temporary_name(path, str(distributed.broadcast_object(os.getpid())))
+    tmp = temporary_name(path, distributed.broadcast_object(f"{os.getpid()}-{time.time_ns()}"))
     error = None
     if distributed.is_main_process():
         error = _attempt(path, needed, lambda: _write_state(tmp, rest))

@@ -91,11 +91,14 @@ def atomic_write(path: str, write, *, needed: int | None = None):
 
 def append_line(path: str, line: str):
     """Append one line to a text file in a single write; if it fails, the file is cut back to its
-    previous length (no partial line) and WriteError raised."""
+    previous length (no partial line) and WriteError raised. After a last line cut short (a process
+    killed while writing it) the line starts on a line of its own, not glued to it."""
     data = (line.rstrip("\n") + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            data = b"\n" + data
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, "short write")

@@ -149,16 +149,20 @@ class RunLog:
     @staticmethod
     def kept_at_start(line: str, epoch: int, step: int) -> bool:
         """Whether a metrics.jsonl line stays when a run starts `step` steps into `epoch` (start_at):
-        a train record up to that point, an evaluation during training of an earlier epoch, any other
-        record. A line cut short by a kill does not."""
+        a train record up to that point, an evaluation during training (or one seed's) of an earlier epoch, any other
+        record. A line cut short by a kill does not; a record whose epoch or step is not a number (not
+        written by a run) stays."""
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             return False
         if not isinstance(r, dict):
             return False
+        at = (r.get("epoch", -1), r.get("step", 0))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in at):
+            return True
         if r.get("kind") == "train":
-            return (r.get("epoch", -1), r.get("step", 0)) <= (epoch, step)
-        if r.get("kind") == "eval" and r.get("checkpoint") is None:
-            return r.get("epoch", -1) < epoch
+            return at <= (epoch, step)
+        if r.get("kind") in ("eval", "eval_seed") and r.get("checkpoint") is None:  # eval_seed: one seed's scores
+            return at[0] < epoch
         return True

@@ -10,6 +10,7 @@ else to the address the host name resolves to, which on some clusters is loopbac
 (InfiniBand / RoCE when present, else the first interface that is not loopback or docker).
 """
 
+import ipaddress
 import json
 import os
 import socket
@@ -28,24 +29,57 @@ def ipv4_of(interface: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
+def ipv6_addresses(path: str = "/proc/net/if_inet6") -> list[tuple[str, str]]:
+    """(interface, IPv6 address) of every IPv6 address of this machine (Linux; none where unreadable)."""
+    try:
+        with open(path) as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return []
+    return [(r[5], str(ipaddress.IPv6Address(bytes.fromhex(r[0])))) for r in rows if len(r) == 6]
+
+
+def address_of(interface: str) -> str | None:
+    """An address of a network interface, IPv4 first, else IPv6 (gloo binds to either), or None."""
+    return ipv4_of(interface) or next((a for i, a in ipv6_addresses() if i == interface), None)
+
+
 def interface_of(address: str) -> str | None:
-    """The name of the network interface holding the IPv4 `address` (Linux), or None."""
+    """The name of the network interface holding `address` (IPv4 or IPv6; Linux), or None."""
+    if ":" in address:
+        return next((i for i, a in ipv6_addresses() if ipaddress.ip_address(a) == ipaddress.ip_address(address)), None)
+    if ipaddress.ip_address(address).is_loopback:  # 127.0.1.1 (Debian's host name) is lo's too
+        return next((name for _, name in socket.if_nameindex() if (ipv4_of(name) or "").startswith("127.")), None)
     return next((name for _, name in socket.if_nameindex() if ipv4_of(name) == address), None)
 
 
+def hostname_address(host: str) -> str | None:
+    """The address gloo binds to without GLOO_SOCKET_IFNAME: the first of what `host` resolves to (IPv4 or
+    IPv6) that a socket of this machine can bind; None: none (gloo then falls back to loopback)."""
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind((address[0], 0, *address[2:]))
+        except OSError:
+            continue
+        return address[0]
+    return None
+
+
 def local_info(backends: list[str]) -> dict:
-    """This process: host, gloo [interface, IPv4 address (None: GLOO_SOCKET_IFNAME names no such
-    interface), how it was chosen], NCCL_SOCKET_IFNAME (with NCCL), its CPUs (affinity)."""
+    """This process: host, gloo [interface, address (None: GLOO_SOCKET_IFNAME names no such interface),
+    how it was chosen], NCCL_SOCKET_IFNAME (with NCCL), its CPUs (affinity)."""
     host = socket.gethostname()
     chosen = os.environ.get("GLOO_SOCKET_IFNAME")
     if chosen:
         interface = chosen.split(",")[0]
-        gloo = [interface, ipv4_of(interface), f"GLOO_SOCKET_IFNAME={chosen}"]
+        gloo = [interface, address_of(interface), f"GLOO_SOCKET_IFNAME={chosen}"]
     else:
-        try:
-            address = socket.gethostbyname(host)
-        except OSError:
-            address = "127.0.0.1"  # gloo falls back to loopback
+        address = hostname_address(host) or "127.0.0.1"  # gloo falls back to loopback
         gloo = [interface_of(address) or "?", address, f"what host name {host} resolves to; GLOO_SOCKET_IFNAME unset"]
     nccl = os.environ.get("NCCL_SOCKET_IFNAME") if "nccl" in backends else None
     return {"host": host, "gloo": gloo, "nccl": nccl, "nccl_used": "nccl" in backends, "cpus": cpus()}
@@ -75,8 +109,8 @@ def describe_nodes(infos: list[dict]) -> tuple[str | None, list[str]]:
     for host, procs in by_host.items():
         interface, address, how = procs[0]["gloo"]
         if address is None:
-            return f"{how} on node {host}: no such network interface with an IPv4 address (ip -br addr lists them)", []
-        if address.startswith("127.") and len(by_host) > 1:
+            return f"{how} on node {host}: no such network interface with an address (ip -br addr lists them)", []
+        if ipaddress.ip_address(address).is_loopback and len(by_host) > 1:
             return (
                 f"gloo on node {host} would use the loopback address {address} ({how}) but the job spans "
                 f"{len(by_host)} nodes, which cannot reach it: set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to "

@@ -336,9 +336,10 @@ def load_sharded(folder: str, denoiser: nn.Module, sources: list, optimizer=None
         if i == 0 and optimizer is not None and optimizer_state is not None:
             named = get_optimizer_state_dict(denoiser, optimizer)
             template["optimizer"] = {n: {k: v for k, v in s.items() if k != "step"} for n, s in named["state"].items()}
-        checkpoint_dcp.dcp().load(
-            template, storage_reader=checkpoint_dcp.safe_reader(folder), process_group=distributed.control_group()
-        )
+        with checkpoint_dcp.reading(folder):
+            checkpoint_dcp.dcp().load(
+                template, storage_reader=checkpoint_dcp.safe_reader(folder), process_group=distributed.control_group()
+            )
         if named is not None:
             groups, steps = optimizer_state
             state = {n: {**s, "step": steps[n]} for n, s in template["optimizer"].items()}

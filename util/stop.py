@@ -66,3 +66,10 @@ def raise_if_requested(stopper: StopSignal | None, when: str):
     seen, for the message: 'stop requested (signal) {when}')."""
     if stopper is not None and requested_anywhere(stopper):
         raise GenerationStopped(f"stop requested (signal) {when}")
+
+
+def raise_if_requested_at_set_up(stopper: StopSignal | None, checkpoint: str | None):
+    """Collective: raise_if_requested before the first step, the message saying what a rerun starts from
+    (`checkpoint`: the one resumed, None: none, and none was written)."""
+    since = "since the checkpoint" if checkpoint else "and no checkpoint exists yet (a rerun starts afresh)"
+    raise_if_requested(stopper, f"during the set-up: nothing was trained {since}, exiting")
