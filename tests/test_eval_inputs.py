@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     TINY_MODEL,
+    main_jit_here,
     make_image_folder,
     make_standin_dinov2_weights,
     read_metrics,
@@ -109,10 +110,6 @@ def eval_argv(checkpoint, out, inception_weights, stats, *extra) -> list[str]:
     return [str(a) for a in argv]
 
 
-def main(*argv) -> int:
-    return main_jit.main(main_jit.parse_args(list(argv)))
-
-
 def test_reference_files_of_another_size_stop_main_before_any_work(
     tmp_path, checkpoint, inception_weights, fid_ref_stats
 ):
@@ -129,7 +126,7 @@ def test_reference_files_of_another_size_stop_main_before_any_work(
             extra += ["--dinov2_weights", make_standin_dinov2_weights(str(tmp_path / "dino.pth"))]
         argv = eval_argv(checkpoint, tmp_path / "out", inception_weights, fid_ref_stats, *extra)
         with pytest.raises(BadValue, match=rf"--{flag} {path} is of 32 px images, this evaluation's are 16 px"):
-            main(*argv)
+            main_jit_here(*argv)
         assert not (tmp_path / "out").exists()
 
 
@@ -267,16 +264,16 @@ def test_eval_seeds_are_reused_stopped_between_and_kept_to_their_run(
     old |= dict(seconds=1.0, ema=1, eval_seeds=2, **vars(SamplerSettings(steps=2, cfg=3.0)))
     (out / "metrics.jsonl").write_text(json.dumps(old) + "\n")
     argv = eval_argv(ck, out, inception_weights, fid_ref_stats, "--eval_seeds", "2", "--cfg", "2.0")
-    assert main(*argv, "--eval_seeds", "1") == 0  # one seed
+    assert main_jit_here(*argv, "--eval_seeds", "1") == 0  # one seed
     (single,) = read_metrics(out, "eval")[1:]
     assert single["run_id"] == "run-a" and single["eval_seeds"] == 1 and single["seed"] == 0
-    assert main(*argv) == 0
+    assert main_jit_here(*argv) == 0
     assert "eval seed 0 (1 of 2, found in metrics.jsonl)" in capsys.readouterr().out
     first = read_metrics(out, "eval")[-1]
     assert_summary(first, [single, *read_metrics(out, "eval_seed")])
 
     restore = signal_while_scoring(monkeypatch)
-    assert main(*argv, "3.0") == 0
+    assert main_jit_here(*argv, "3.0") == 0
     text = capsys.readouterr().out
     assert "sweep: 1 of 2 points already finished" in text and "eval seed 1 (2 of 2" not in text
     assert "stop requested (signal) after 1 of 2 seeds of EMA 1, cfg 3.0" in text
@@ -286,7 +283,7 @@ def test_eval_seeds_are_reused_stopped_between_and_kept_to_their_run(
         (3.0, 0),
     ]
     restore()
-    assert main(*argv, "3.0") == 0
+    assert main_jit_here(*argv, "3.0") == 0
     text = capsys.readouterr().out
     assert "eval seed 0 (1 of 2, found in metrics.jsonl)" in text and text.count("found in metrics.jsonl") == 1
     found = seed_records(out)
@@ -301,7 +298,7 @@ def test_eval_seeds_are_reused_stopped_between_and_kept_to_their_run(
 
     write_checkpoint(ck, seed=2, run_id="run-b")  # another run's weights, same file, same epoch
     signal_while_scoring(monkeypatch)
-    assert main(*argv) == 0
+    assert main_jit_here(*argv) == 0
     text = capsys.readouterr().out
     assert "found in metrics.jsonl" not in text and "stop requested (signal) after 1 of 2 seeds" in text
     new = read_metrics(out, "eval_seed")[-1]

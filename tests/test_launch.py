@@ -12,7 +12,17 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, TINY, assert_same_state, free_port, load_last, read_until, run_script, worker_pids
+from helpers import (
+    ROOT,
+    TINY,
+    assert_same_state,
+    free_port,
+    load_last,
+    main_jit_here,
+    read_until,
+    run_script,
+    worker_pids,
+)
 
 from util import distributed, nodes, runlock
 from util.errors import exit_code
@@ -219,7 +229,7 @@ def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_bef
     """The sbatch script itself, its srun and scontrol replaced by stand-ins that run here: USR1 (the
     time limit's warning) reaches the workers (through srun and each node's task, not through
     torchrun), which save, the job is requeued, and the requeued job continues to the uninterrupted
-    result. The save takes 8 s (tests/launch_worker.py slow_save) and torchrun's shutdown timeout is
+    result. The save takes 5 s (tests/launch_worker.py slow_save) and torchrun's shutdown timeout is
     2 s: a SIGTERM through torchrun (or srun, which makes it a SIGKILL) would lose it."""
     out, requeued = tmp_path / "out", tmp_path / "requeued"
     env = {
@@ -236,7 +246,7 @@ def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_bef
         "SCONTROL_REQUEUED": str(requeued),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2",
         "IFNAME": "lo",
-        "TRAIN_SCRIPT": "tests/launch_worker.py slow_save=8",
+        "TRAIN_SCRIPT": "tests/launch_worker.py slow_save=5",
         "SLURM_CPUS_PER_TASK": "2",
     }
     args = [str(a) for a in train_args(data48, out)[:-4]]  # the script sets --output_dir and --resume
@@ -265,7 +275,7 @@ def test_the_sbatch_script_runs_two_nodes_and_a_slow_save_on_usr1_is_written_bef
 def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_path, reference):
     """--dist_timeout 0.1 (6 s): rank 0's checkpoint writes taking 2 s more each keep the other rank
     waiting (in a collective with the same timeout) without failing, and the run equals the
-    reference; a rank stuck for 20 s ends the run with a one-line error, exit 1, instead of a hang."""
+    reference; a rank stuck for 12 s ends the run with a one-line error, exit 1, instead of a hang."""
     p = run_script(
         "tests/launch_worker.py",
         "slow_save=2",
@@ -281,7 +291,7 @@ def test_dist_timeout_waits_for_a_slow_save_and_ends_a_stuck_run(data48, tmp_pat
     t0 = time.time()
     p = run_script(
         "tests/launch_worker.py",
-        "stuck=20",
+        "stuck=12",
         *train_args(data48, tmp_path / "stuck"),
         "--dist_timeout",
         0.1,
@@ -338,13 +348,13 @@ def sbatch_env(out, requeued, **extra) -> dict:
 
 @pytest.mark.slow
 def test_usr1_during_the_set_up_stops_the_workers_and_the_requeue_waits_a_bounded_time(data48, tmp_path, start):
-    """The workers start with USR1 ignored (the node task's trap) and are still setting up (8 s more,
+    """The workers start with USR1 ignored (the node task's trap) and are still setting up (6 s more,
     tests/launch_worker.py slow_setup) when USR1 comes: they record it all the same (the handler is
     installed first) and stop before training. The batch script waits for them at most SIGNAL_LEAD -
     REQUEUE_MARGIN = 3 s, then requeues the job regardless."""
     out, requeued = tmp_path / "out", tmp_path / "requeued"
     env = sbatch_env(
-        out, requeued, TRAIN_SCRIPT="tests/launch_worker.py slow_setup=8", SIGNAL_LEAD="5", REQUEUE_MARGIN="2"
+        out, requeued, TRAIN_SCRIPT="tests/launch_worker.py slow_setup=6", SIGNAL_LEAD="5", REQUEUE_MARGIN="2"
     )
     args = [str(a) for a in train_args(data48, out)[:-4]]
     job = start("", env=env, argv=["bash", SBATCH, *args])
@@ -367,7 +377,7 @@ def test_a_resume_frees_its_checkpoint_file_and_a_stop_whose_save_fails_is_final
     disk, tests/launch_worker.py fail_saves_after) ends with status 0 under torchrun with restarts
     left, and torchrun does not start the workers again."""
     out = tmp_path / "out"
-    run_script("main_jit.py", *TINY, "--epochs", 1, "--data_path", data48, "--output_dir", out)
+    assert main_jit_here(*TINY, "--epochs", 1, "--data_path", data48, "--output_dir", out) == 0
     proc = start(
         "tests/launch_worker.py",
         "check_maps=1,fail_saves_after=1,slow_steps=0.5",

@@ -11,7 +11,17 @@ import textwrap
 
 import pytest
 import torch
-from helpers import ROOT, TINY, assert_same_state, load_last, make_image_folder, read_metrics, read_until, run_script
+from helpers import (
+    ROOT,
+    TINY,
+    assert_same_state,
+    load_last,
+    main_jit_here,
+    make_image_folder,
+    read_metrics,
+    read_until,
+    run_script,
+)
 
 import main_jit
 from denoiser import Denoiser
@@ -302,12 +312,12 @@ def test_a_real_full_disk(data, small_disk):
 @pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error_and_a_folder_falls_back(data, tmp_path):
     out = tmp_path / "out"
-    run_script("main_jit.py", *TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data, "--output_dir", out)
+    assert main_jit_here(*TINY, "--epochs", "2", "--save_last_freq", "1", "--data_path", data, "--output_dir", out) == 0
     last = out / "checkpoint-last.pth"
     older = out / "checkpoint-1.pth"
     os.rename(last, older)
     os.utime(older, (1, 1))  # make it the older one
-    run_script("main_jit.py", *TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out)
+    assert main_jit_here(*TINY, "--epochs", "3", "--data_path", data, "--output_dir", out, "--resume", out) == 0
     blob = last.read_bytes()
     last.write_bytes(blob[: len(blob) // 2])
     p = run_script(
@@ -409,7 +419,7 @@ def test_a_run_of_non_finite_steps_stops_without_saving(data, tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_with_another_world_size_works_and_says_so(data, tmp_path):
     out = tmp_path / "out"
-    run_script("main_jit.py", *TINY, "--epochs", "1", "--data_path", data, "--output_dir", out)
+    assert main_jit_here(*TINY, "--epochs", "1", "--data_path", data, "--output_dir", out) == 0
     p = run_script(
         "main_jit.py", *TINY, "--epochs", "2", "--data_path", data, "--output_dir", out, "--resume", out, nproc=2
     )

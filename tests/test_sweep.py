@@ -14,6 +14,7 @@ from helpers import (
     TINY,
     TINY_MODEL,
     load_last,
+    main_jit_here,
     read_metrics,
     read_until,
     run_script,
@@ -71,14 +72,10 @@ def eval_args(checkpoint, out, inception_weights, fid_ref_stats, *extra):
     ]
 
 
-def main(*argv) -> int:
-    return main_jit.main(main_jit.parse_args([str(a) for a in argv]))
-
-
 @pytest.mark.slow
 def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, inception_weights, fid_ref_stats, capsys):
     common = eval_args(checkpoint, tmp_path / "sweep", inception_weights, fid_ref_stats)
-    assert main(*common, "--cfg", 2.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
+    assert main_jit_here(*common, "--cfg", 2.0, "--interval_min", 0.0, 0.3, "--ema", 1, 2) == 0
     out = capsys.readouterr().out
     records = read_metrics(tmp_path / "sweep", "eval")
     assert len(records) == 4 and len({sweep.record_key(r) for r in records}) == 4
@@ -98,7 +95,7 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
     for r in [records[1], records[2]]:  # two points, run on their own
         single = tmp_path / f"single{r['ema']}{r['cfg']}{r['interval_min']}"
         assert (
-            main(
+            main_jit_here(
                 *eval_args(checkpoint, single, inception_weights, fid_ref_stats),
                 "--cfg",
                 r["cfg"],
@@ -126,7 +123,7 @@ def test_each_point_of_a_sweep_equals_a_single_run(checkpoint, tmp_path, incepti
 def test_a_single_point_run_writes_the_same_record_as_a_sweep_point(
     checkpoint, tmp_path, inception_weights, fid_ref_stats
 ):
-    assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 2.0) == 0
+    assert main_jit_here(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", 2.0) == 0
     (r,) = read_metrics(tmp_path, "eval")  # a single point's record holds its EMA and checkpoint as a sweep's does
     assert r["ema"] == 1 and r["checkpoint"] == str(checkpoint) and r["cfg"] == 2.0 and r["checkpoint_epoch"] == 7
     assert not (tmp_path / "sweep.csv").exists()
@@ -135,7 +132,7 @@ def test_a_single_point_run_writes_the_same_record_as_a_sweep_point(
 @pytest.mark.slow
 def test_final_num_images_evaluates_the_best_point_again(checkpoint, tmp_path, inception_weights, fid_ref_stats):
     assert (
-        main(
+        main_jit_here(
             *eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats),
             "--cfg",
             1.0,
@@ -216,12 +213,14 @@ def test_finished_points_match_all_settings_the_checkpoint_and_its_epoch(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_third_ema_round_trip(data, tmp_path, inception_weights, fid_ref_stats):
+def test_a_third_ema_round_trip(data, tmp_path, inception_weights, fid_ref_stats, capsys):
     """Train with --ema_decay3; the checkpoint adds model_ema3 (the reference's keys unchanged and
     loadable); resume keeps it; --evaluate_gen --ema 3 and sample.py --ema 3 sample it."""
     out = tmp_path / "out"
     train = [*TINY, "--ema_decay3", "0.9", "--data_path", data, "--output_dir", out]
-    run_script("main_jit.py", *train, "--epochs", 1)
+    assert (
+        main_jit_here(*train, "--epochs", 1) == 0
+    )  # in this process: the commands' own processes are tested elsewhere
     ckpt = load_last(out)
     assert REF_KEYS | {"model_ema3"} <= set(ckpt)
     fresh = tiny_denoiser()
@@ -230,34 +229,23 @@ def test_a_third_ema_round_trip(data, tmp_path, inception_weights, fid_ref_stats
     assert not torch.equal(
         ckpt["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema1"]["net.final_layer.linear.weight"]
     )
-    p = run_script("main_jit.py", *train, "--epochs", 2, "--resume", out)
+    capsys.readouterr()
+    assert main_jit_here(*train, "--epochs", 2, "--resume", out) == 0
     resumed = load_last(out)
-    assert "epoch 1, step 0" in p.stdout and resumed["epoch"] == 1 and "model_ema3" in resumed
+    assert "epoch 1, step 0" in capsys.readouterr().out and resumed["epoch"] == 1 and "model_ema3" in resumed
     assert not torch.equal(
         resumed["model_ema3"]["net.final_layer.linear.weight"], ckpt["model_ema3"]["net.final_layer.linear.weight"]
     )
 
     last = out / "checkpoint-last.pth"
-    p = run_script("main_jit.py", *eval_args(last, tmp_path / "eval", inception_weights, fid_ref_stats), "--ema", 3)
+    assert main_jit_here(*eval_args(last, tmp_path / "eval", inception_weights, fid_ref_stats), "--ema", 3) == 0
     (r,) = read_metrics(tmp_path / "eval", "eval")
     assert r["ema"] == 3 and np.isfinite(r["fid"])
-    run_script(
-        "sample.py",
-        "--resume",
-        last,
-        "--ema",
-        3,
-        "--classes",
-        0,
-        1,
-        "--per_class",
-        1,
-        "--num_sampling_steps",
-        2,
-        "--output",
-        tmp_path / "grid.png",
-        "--device",
-        "cpu",
+    import sample
+
+    argv = [str(a) for a in ("--resume", last, "--ema", 3, "--classes", 0, 1, "--per_class", 1)]
+    assert (
+        sample.cli([*argv, "--num_sampling_steps", "2", "--output", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
     )
     assert (tmp_path / "grid.png").exists()
 
@@ -265,7 +253,7 @@ def test_a_third_ema_round_trip(data, tmp_path, inception_weights, fid_ref_stats
 @pytest.mark.slow
 def test_ema_3_on_a_checkpoint_without_one_is_a_clear_error(checkpoint, tmp_path, inception_weights, fid_ref_stats):
     with pytest.raises(ckpt_util.CheckpointError, match="has no model_ema3"):
-        main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--ema", 1, 3)
+        main_jit_here(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--ema", 1, 3)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -322,7 +310,10 @@ def test_a_sweep_of_more_than_50_points_prints_its_cost_first(
 ):
     monkeypatch.setattr(run_build, "StopSignal", Stopped)
     cfgs = [f"{1 + i / 10:.1f}" for i in range(26)]
-    assert main(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", *cfgs, "--ema", 1, 2) == 0
+    assert (
+        main_jit_here(*eval_args(checkpoint, tmp_path, inception_weights, fid_ref_stats), "--cfg", *cfgs, "--ema", 1, 2)
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sweep of 52 points: 312 images" in out and "M network passes" in out
     assert "sweep stopped (signal) after 0 of 52 points" in out
