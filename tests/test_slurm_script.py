@@ -10,13 +10,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import read_until
 from test_launch import SBATCH, sbatch_env
 
 LAUNCHER = f"""#!/bin/bash
-{sys.executable} -c "import signal, time
+{sys.executable} -c "import os, signal, time
 signal.signal(signal.SIGUSR1, lambda *_: exit(0))  # as the workers do (USR1 is ignored when they start)
-print('stand-in launcher: waiting', flush=True)
+os.write(1, b'stand-in launcher: waiting\\n')  # one write: the two nodes' lines do not interleave
 time.sleep(60)" &
 wait $!
 """
@@ -31,8 +30,11 @@ def launch(tmp_path, start, **extra):
     requeued = tmp_path / "requeued"
     env = sbatch_env(tmp_path / "out", requeued, PYTHON=str(launcher), SIGNAL_LEAD="6", REQUEUE_MARGIN="2", **extra)
     job = start("", env=env, argv=["bash", SBATCH, "--epochs", "1"])
-    for _ in range(2):  # both "nodes" (their handler installed: a USR1 before it would be ignored)
-        read_until(job, "stand-in launcher: waiting")
+    seen = ""
+    while seen.count("stand-in launcher: waiting") < 2:  # both "nodes" (a USR1 before their handler is ignored)
+        line = job.stdout.readline()
+        assert line, f"the stand-in nodes did not both start:\n{seen}"
+        seen += line
     return job, requeued
 
 
