@@ -158,22 +158,27 @@ def test_two_nodes_by_rendezvous_and_by_node_rank_equal_one_launcher(data48, tmp
         assert_same_state(load_last(out), reference)
 
 
+def elastic(max_restarts: int) -> list:
+    """torchrun's options for 2 workers here that it restarts up to `max_restarts` times."""
+    return [
+        "--nproc_per_node",
+        2,
+        "--max-restarts",
+        max_restarts,
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        free_port(),
+    ]
+
+
 @pytest.mark.slow
 def test_an_elastic_restart_after_kill_9_resumes_exactly(data48, tmp_path, reference, start):
     out = tmp_path / "out"
     proc = start(
         "main_jit.py",
         *train_args(data48, out),
-        torchrun=[
-            "--nproc_per_node",
-            2,
-            "--max-restarts",
-            2,
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            free_port(),
-        ],
+        torchrun=elastic(2),
     )
     read_until(proc, "(resume at epoch 0, step 3)")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
@@ -382,16 +387,7 @@ def test_a_resume_frees_its_checkpoint_file_and_a_stop_whose_save_fails_is_final
         "tests/launch_worker.py",
         "check_maps=1,fail_saves_after=1,slow_steps=0.5",
         *train_args(data48, out),
-        torchrun=[
-            "--nproc_per_node",
-            2,
-            "--max-restarts",
-            1,
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            free_port(),
-        ],
+        torchrun=elastic(1),
     )
     first = "".join(read_until(proc, "(resume at epoch 1, step 3)"))
     os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
